@@ -1,0 +1,36 @@
+# reflow-supervisor — every target creates .venv and installs what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: run test bench soak system-deps clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,microsandbox]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+# bubblewrap is the sandbox where microVMs cannot boot; install it when we may.
+system-deps:
+	@command -v bwrap >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	  else echo "bubblewrap (bwrap) is missing and cannot be installed without root: apt-get install bubblewrap" >&2; exit 1; fi; }
+
+run: $(STAMP) system-deps
+	$(PY) -m supervisor run -c reflow.yaml
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q -m "not slow"
+
+soak: $(STAMP) system-deps
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP) system-deps
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .reflow .pytest_cache .hypothesis

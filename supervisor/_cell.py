@@ -1,0 +1,288 @@
+"""ActorCell: one process of the graph, its mailbox, and the one worker serving it.
+
+A cell owns, inside its ``run`` task: the sandboxed worker it took from the
+pool, a watcher on that worker's exit, and the loop that feeds the worker one
+message at a time. It *returns* only when asked to stop; any failure of the
+worker leaves ``run`` as an exception for its supervisor to judge. The
+mailbox belongs to the cell object, not the task, so messages queued while
+the cell restarts wait for the next worker instead of being lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import orjson
+import trio
+
+from ._channel import ChannelClosed
+from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
+                      ResourceLimitExceeded)
+from ._sandbox._base import ExitInfo, Worker
+from ._state import StateTxn, state_prefix
+
+if TYPE_CHECKING:
+    from ._discovery import ComponentSpec
+    from ._host import Host
+
+__all__ = ["ActorCell", "Envelope", "ProcessSpec", "WorkerDied"]
+
+log = logging.getLogger("supervisor.actor")
+_message_ids = itertools.count(1)
+
+
+class WorkerDied(Exception):
+    """The cell's sandbox died under it; ``exit`` says how."""
+
+    def __init__(self, actor: str, exit: ExitInfo):
+        super().__init__(f"actor {actor!r} {exit.describe()}")
+        self.actor = actor
+        self.exit = exit
+
+
+class ScriptLoadFailed(Exception):
+    """The script did not load in its sandbox (syntax error, import error, …)."""
+
+    def __init__(self, actor: str, error: dict):
+        data = error.get("data") or {}
+        where = next(iter(reversed(data.get("traceback") or [])), "")
+        super().__init__(f"actor {actor!r} failed to load: {error.get('message')}" + (f" ({where})" if where else ""))
+        self.error = error
+
+
+@attrs.frozen
+class ProcessSpec:
+    """A process of the network: a component, its config and its supervision settings."""
+
+    name: str
+    component: ComponentSpec
+    config: dict = attrs.field(factory=dict)
+    restart: str = "permanent"
+    timeout: float | None = None
+    max_deliveries: int = 5
+    memory: int | None = None
+
+
+@attrs.define(eq=False)
+class Envelope:
+    """One message for a cell and the one-shot answer its sender waits for."""
+
+    inputs: dict[str, Any]                      # port -> typed wire message
+    message_id: str = attrs.field(factory=lambda: f"m{next(_message_ids)}")
+    on_output: Callable[[str, dict], None] | None = None
+    config: dict | None = None
+    outputs: dict | None = None
+    emitted: list = attrs.field(factory=list)
+    error: ActorError | None = None
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+    def resolve(self, outputs: dict) -> None:
+        if not self.done.is_set():
+            self.outputs = outputs
+            self.done.set()
+
+    def fail(self, error: ActorError) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+    async def wait(self) -> dict:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return {"message_id": self.message_id, "outputs": self.outputs,
+                "emitted": [{"port": p, "message": m} for p, m in self.emitted]}
+
+
+def _death_error(name: str, exit: ExitInfo) -> ActorError:
+    if exit.limit:
+        return ResourceLimitExceeded(exit.limit, f"actor {name!r} exceeded its {exit.limit} limit")
+    return ActorFailed(f"actor {name!r} {exit.describe()}", {"type": "WorkerDied", **exit.to_data(),
+                                                             "message": exit.describe()})
+
+
+class ActorCell:
+    def __init__(self, process: ProcessSpec, host: Host):
+        self.process = process
+        self.name = process.name
+        self.host = host
+        cfg = host.config
+        self._send, self._recv = trio.open_memory_channel[Envelope](cfg.workspace.mailbox.max_pending)
+        self.tier: str | None = None
+        self.worker: Worker | None = None
+        self.current: Envelope | None = None
+        self.processed = 0
+        self._rid = itertools.count(1)
+        self.prefix = state_prefix(cfg.workspace.redis.namespace, self.name)
+        self.default_ttl = cfg.workspace.redis.ttl
+        self.max_output = cfg.workspace.sandbox.max_output
+        self.subscribers: dict[int, Callable[[str, str, dict, str], None]] = {}
+
+    @property
+    def component(self) -> ComponentSpec:
+        return self.process.component
+
+    # -- the outside ------------------------------------------------------
+    def submit(self, env: Envelope) -> None:
+        """Queue a message; raises Overloaded when the mailbox is full."""
+        try:
+            self._send.send_nowait(env)
+        except trio.WouldBlock:
+            raise Overloaded(f"actor {self.name!r} has {self.host.config.workspace.mailbox.max_pending} "
+                             "messages waiting; retry later", {"actor": self.name}) from None
+
+    def pending(self) -> int:
+        return self._send.statistics().current_buffer_used
+
+    def fail_queued(self, error: ActorError) -> None:
+        """Answer every queued message with ``error`` (the cell will not run again)."""
+        while True:
+            try:
+                self._recv.receive_nowait().fail(error)
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+
+    # -- the task ---------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Take a worker, load the script, serve messages until cancelled.
+
+        Raises:
+            WorkerDied: the sandbox died (crash, kill, resource limit).
+            ActorTimedOut: a message ran past its timeout; the worker was killed.
+            ScriptLoadFailed: the script does not load.
+        """
+        worker = await self.host.pool.acquire(self.component.runtime)
+        self.worker, self.tier = worker, worker.tier
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch, worker, nursery.cancel_scope)
+                await self._load(worker)
+                log.debug("script loaded into worker", extra={"actor": self.name, "pid": worker.pid})
+                task_status.started()
+                await self._serve(worker)
+        finally:
+            with trio.CancelScope(shield=True):
+                await worker.aclose()
+                self.host.pool.release(worker)
+                self.worker = None
+                if self.current is not None:
+                    exit = worker.exit_info or ExitInfo()
+                    self.current.fail(_death_error(self.name, exit) if worker.exit_info
+                                      else ActorStopped(f"actor {self.name!r} was stopped"))
+                    self.current = None
+        if worker.exit_info is not None:
+            raise WorkerDied(self.name, worker.exit_info)
+
+    async def _watch(self, worker: Worker, scope: trio.CancelScope) -> None:
+        await worker.wait()
+        scope.cancel()
+
+    async def _request(self, worker: Worker, method: str, params: dict) -> int:
+        rid = next(self._rid)
+        await worker.channel.send(orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params}))
+        return rid
+
+    async def _load(self, worker: Worker) -> None:
+        c = self.component
+        rid = await self._request(worker, "load", {
+            "source": c.source, "filename": c.file.name, "entry": c.entry, "actor_id": self.name,
+            "config": self.process.config, "limits": self._limits()})
+        reply = await self._reply(worker, rid, None, None)
+        if "error" in reply:
+            raise ScriptLoadFailed(self.name, reply["error"])
+
+    def _limits(self) -> dict:
+        sb = self.host.config.workspace.sandbox
+        rt = sb.python if self.component.runtime == "python" else sb.javascript
+        memory = self.process.memory or self.component.memory or rt.memory
+        return {"memory": memory, "cpu_seconds": sb.cpu_seconds, "nproc": sb.max_processes}
+
+    async def _serve(self, worker: Worker) -> None:
+        async for env in self._recv:
+            self.current = env
+            await self._handle(worker, env)
+            self.current = None
+
+    async def _handle(self, worker: Worker, env: Envelope) -> None:
+        txn = StateTxn(self.host.redis, self.prefix, self.default_ttl)
+        timeout = self.process.timeout or self.component.timeout
+        rid = await self._request(worker, "process", {
+            "actor_id": self.name, "payload": env.inputs, "message_id": env.message_id,
+            "config": self.process.config if env.config is None else env.config,
+            "timestamp": int(time.time() * 1000)})
+        with trio.move_on_after(timeout if timeout else float("inf")) as scope:
+            reply = await self._reply(worker, rid, env, txn)
+        if scope.cancelled_caught:
+            env.fail(ActorTimedOut(f"actor {self.name!r} took longer than {timeout:g}s", {"timeout": timeout}))
+            self.current = None
+            worker.kill(limit="time")
+            await worker.wait()
+            raise ActorTimedOut(f"actor {self.name!r} timed out after {timeout:g}s; its worker was killed")
+        if "error" in reply:
+            err = reply["error"]
+            if err.get("code") == ResourceLimitExceeded.code:
+                limit = (err.get("data") or {}).get("limit", "memory")
+                env.fail(ResourceLimitExceeded(limit, f"actor {self.name!r} exceeded its {limit} limit"))
+                self.current = None
+                worker.kill(limit=limit)
+                await worker.wait()
+                return
+            env.fail(ActorFailed(f"actor {self.name!r} failed: {err.get('message')}", err.get("data")))
+            return
+        outputs = (reply.get("result") or {}).get("outputs") or {}
+        routed = env.emitted + [(p, m) for p, m in outputs.items() if (p, m) not in env.emitted]
+        try:
+            await self.host.commit(self, txn, routed, env)
+        except ActorError as exc:
+            env.fail(exc)
+            return
+        self.processed += 1
+        env.resolve(outputs)
+        self.host.publish(self, routed, env.message_id)
+
+    async def _reply(self, worker: Worker, rid: int, env: Envelope | None, txn: StateTxn | None) -> dict:
+        """Read frames until the reply to ``rid``, serving state calls and outputs meanwhile."""
+        channel = worker.channel
+        start = channel.bytes_received
+        while True:
+            try:
+                frame = await channel.receive()
+            except ChannelClosed:
+                await worker.wait()  # the watcher cancels us once the exit is known
+                raise
+            if channel.bytes_received - start > self.max_output:
+                worker.kill(limit="output")
+                await worker.wait()
+            msg = orjson.loads(frame)
+            method = msg.get("method")
+            if method is None:
+                if msg.get("id") == rid:
+                    return msg
+                continue
+            params = msg.get("params") or {}
+            if method == "state" and txn is not None:
+                await self._state_call(worker, msg.get("id"), txn, params)
+            elif method == "output" and env is not None:
+                port, message = params.get("port"), params.get("message")
+                env.emitted.append((port, message))
+                if env.on_output is not None:
+                    env.on_output(port, message)
+            elif method == "log":
+                log.info("script output", extra={"actor": self.name, "stream": params.get("stream"),
+                                                 "text": str(params.get("text"))[:512]})
+
+    async def _state_call(self, worker: Worker, sid: Any, txn: StateTxn, params: dict) -> None:
+        try:
+            args = params.get("args") or []
+            if not isinstance(args, list):
+                raise InvalidParams("state args must be a list")
+            result = await txn.call(params.get("op"), args)
+            reply = {"jsonrpc": "2.0", "id": sid, "result": result}
+        except ActorError as exc:
+            reply = {"jsonrpc": "2.0", "id": sid, "error": exc.to_error()}
+        await worker.channel.send(orjson.dumps(reply))

@@ -1,0 +1,283 @@
+"""``python -m supervisor`` — run, discover, check-config, call, status.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or config error. Errors are one
+sentence on stderr; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command line or configuration: exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=None, help="reflow.yaml (default: ./reflow.yaml if present)")
+    common.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                        help="host log level (or REFLOW_LOG)")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    p = argparse.ArgumentParser(prog="python -m supervisor", parents=[common],
+                                description="Run sandboxed Python and JavaScript script actors under supervision.")
+    sub = p.add_subparsers(dest="command")
+    run = sub.add_parser("run", parents=[common], help="run the host (the default)")
+    run.add_argument("scripts", nargs="*", metavar="SCRIPT", help="extra .py/.js scripts to serve")
+    d = sub.add_parser("discover", parents=[common], help="list discovered actors")
+    d.add_argument("--json", action="store_true")
+    sub.add_parser("check-config", parents=[common], help="validate the config")
+    c = sub.add_parser("call", parents=[common], help="send one message and print every output")
+    c.add_argument("actor")
+    c.add_argument("inputs", nargs="*", metavar="port=JSON")
+    c.add_argument("--url", default=None)
+    c.add_argument("--token", default=None)
+    c.add_argument("--timeout", type=float, default=None)
+    s = sub.add_parser("status", parents=[common], help="print the live supervision tree")
+    s.add_argument("--url", default=None)
+    s.add_argument("--token", default=None)
+    s.add_argument("--json", action="store_true")
+    return p
+
+
+def _config_path(arg: str | None) -> Path | None:
+    if arg is not None:
+        return Path(arg)
+    default = Path("reflow.yaml")
+    return default if default.exists() else None
+
+
+def _load_config(arg: str | None) -> Any:
+    from ._config import ConfigError, load_config
+
+    try:
+        return load_config(_config_path(arg))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "run"
+    try:
+        if command == "run":
+            return _run(args)
+        if command == "discover":
+            return _discover(args)
+        if command == "check-config":
+            return _check_config(args)
+        if command == "call":
+            return _call(args)
+        if command == "status":
+            return _status(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace) -> int:
+    import trio
+
+    from ._host import Host, HostError
+    from ._log import setup_logging
+
+    setup_logging("debug" if args.debug and not args.log_level else args.log_level)
+    config = _load_config(args.config)
+    ws = config.workspace.websocket
+    if not _is_loopback(ws.host) and not ws.token:
+        raise UsageError(f"workspace.websocket.host is {ws.host!r}, not a loopback address: set "
+                         "workspace.websocket.token (or REFLOW_TOKEN) so clients must authenticate")
+    for s in getattr(args, "scripts", []):
+        if not Path(s).is_file():
+            raise UsageError(f"no such script: {s}")
+    host = Host(config, extra_scripts=getattr(args, "scripts", []))
+    try:
+        trio.run(host.main)
+    except HostError as exc:
+        raise UsageError(str(exc)) from exc
+    except BaseExceptionGroup as eg:  # unwrap a single cause so the user sees one sentence
+        leaves = _leaves(eg)
+        host_errors = [e for e in leaves if isinstance(e, HostError)]
+        if host_errors:
+            raise UsageError(str(host_errors[0])) from eg
+        if all(isinstance(e, KeyboardInterrupt) for e in leaves):
+            return EXIT_OK
+        raise leaves[0] from eg
+    return EXIT_OK
+
+
+def _leaves(eg: BaseException) -> list[BaseException]:
+    if isinstance(eg, BaseExceptionGroup):
+        return [leaf for e in eg.exceptions for leaf in _leaves(e)]
+    return [eg]
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _discover(args: argparse.Namespace) -> int:
+    from ._discovery import discover
+
+    config = _load_config(args.config)
+    ws = config.workspace
+    found = discover(ws.root, ws.script_patterns, ws.excluded_paths, ws.scripts, discover_scripts=ws.discover_scripts)
+    if args.json:
+        out = {"actors": [_component_json(c) for c in found.components],
+               "problems": [{"file": str(p.file), "line": p.line, "message": p.message} for p in found.problems]}
+        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    else:
+        for c in found.components:
+            ports = f"in: {', '.join(c.inports) or '-'}  out: {', '.join(c.outports) or '-'}"
+            print(f"{c.name:24} {c.runtime:10} {ports}  ({_rel(c.file)}:{c.line})")
+        for p in found.problems:
+            print(f"broken: {_rel(p.file)}:{p.line}: {p.message}")
+    return EXIT_OK
+
+
+def _component_json(c: Any) -> dict:
+    return {"name": c.name, "runtime": c.runtime, "file": str(c.file), "line": c.line, "inports": list(c.inports),
+            "outports": list(c.outports), "description": c.description, "version": c.version,
+            "tags": list(c.tags), "category": c.category, "await_all_inports": c.await_all_inports,
+            "dynamic_ports": c.dynamic_ports, "memory": c.memory, "timeout": c.timeout,
+            "state_backend": c.state_backend, "config_schema": c.config_schema}
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load_config(args.config)
+    where = config.path or "defaults (no reflow.yaml)"
+    print(f"{where}: ok")
+    return EXIT_OK
+
+
+def _url(args: argparse.Namespace) -> str:
+    if args.url:
+        return args.url
+    config = _load_config(args.config)
+    info = config.workspace.state_dir / "host.json"
+    if info.exists():
+        try:
+            return orjson.loads(info.read_bytes())["url"]
+        except (ValueError, KeyError):
+            pass
+    ws = config.workspace.websocket
+    return f"ws://{ws.host}:{ws.port}/"
+
+
+def _call(args: argparse.Namespace) -> int:
+    import trio
+
+    from .client import RpcError, open_client
+
+    inputs: dict[str, Any] = {}
+    for item in args.inputs:
+        port, sep, raw = item.partition("=")
+        if not sep or not port:
+            raise UsageError(f"expected port=JSON, got {item!r}")
+        try:
+            inputs[port] = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            inputs[port] = raw  # a bare word is a string: n=hello
+    url = _url(args)
+    token = args.token or os.environ.get("REFLOW_TOKEN")
+
+    async def go() -> int:
+        async with open_client(url, token=token) as client:
+            outputs = client.on_notification("output")
+
+            async def show_streamed() -> None:
+                async for note in outputs:
+                    p = note["params"]
+                    print(f"{p['port']}: {orjson.dumps(p['data']).decode()}", flush=True)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(show_streamed)
+                try:
+                    result = await client.request("process", {"actor_id": args.actor, "payload": inputs,
+                                                              **({"timeout": args.timeout} if args.timeout else {})})
+                except RpcError as exc:
+                    print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
+                    if exc.data and args.debug:
+                        print(orjson.dumps(exc.data, option=orjson.OPT_INDENT_2).decode(), file=sys.stderr)
+                    return EXIT_FAILURE
+                finally:
+                    nursery.cancel_scope.cancel()
+            for port, value in result["outputs"].items():
+                print(f"{port}: {orjson.dumps(value).decode()}")
+            return EXIT_OK
+
+    try:
+        return trio.run(go)
+    except OSError as exc:
+        raise RuntimeError(f"cannot reach the host at {url}: {exc}") from exc
+
+
+def _status(args: argparse.Namespace) -> int:
+    import trio
+
+    from .client import open_client
+
+    url = _url(args)
+
+    async def go() -> dict:
+        async with open_client(url, token=args.token or os.environ.get("REFLOW_TOKEN")) as client:
+            return await client.status()
+
+    try:
+        tree = trio.run(go)
+    except OSError as exc:
+        raise RuntimeError(f"cannot reach the host at {url}: {exc}") from exc
+    if args.json:
+        print(orjson.dumps(tree, option=orjson.OPT_INDENT_2).decode())
+        return EXIT_OK
+    _print_tree(tree, 0)
+    pools = tree.get("pools") or {}
+    for rt, p in pools.items():
+        print(f"pool {rt}: warm {p['warm']}, live {p['live']}/{p['max_size']}")
+    return EXIT_OK
+
+
+def _print_tree(node: dict, depth: int) -> None:
+    pad = "  " * depth
+    kind = node.get("kind")
+    extra = f" strategy={node.get('strategy')}" if kind == "supervisor" else \
+        f" tier={node.get('tier')} pending={node.get('pending')} processed={node.get('processed')}"
+    line = f"{pad}{node['name']} [{kind}] {node.get('state')} restarts={node.get('restarts')}{extra}"
+    err = node.get("last_error")
+    if err:
+        line += f"  last_error={err.get('type')}: {err.get('message')}"
+    print(line)
+    for child in node.get("children") or []:
+        _print_tree(child, depth + 1)

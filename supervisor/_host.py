@@ -1,0 +1,372 @@
+"""The host: assembles Redis, the pools, the supervision tree and the API.
+
+``Host.main`` is the root task of ``python -m supervisor run``::
+
+    Host nursery
+    ├── embedded redis-server (unless redis.url)     _redis.serve_embedded_redis
+    ├── Redis client (reader tasks)                  _redis.open_redis
+    ├── WorkerPool (warm sandboxes, refill)          _pool.WorkerPool.serve
+    ├── Supervisor "root" → Supervisor "network" → one ActorCell per process
+    └── WebSocket API                                _server.serve_api
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+
+from . import _policy as policy
+from ._cell import ActorCell, Envelope, ProcessSpec, ScriptLoadFailed
+from ._config import Config
+from ._discovery import ComponentSpec, Discovery, discover
+from ._errors import ActorError, ActorFailed, ActorStopped, UnknownActor
+from ._pool import WorkerPool
+from ._protocol import wrap
+from ._redis import RedisError, RedisUnavailable, open_redis, serve_embedded_redis
+from ._sandbox import select_backend
+from ._sandbox._base import SandboxBackend, SandboxUnavailable, WorkerSpec
+from ._tree import PermanentFailure, Supervisor
+
+__all__ = ["Host", "HostError"]
+
+log = logging.getLogger("supervisor.host")
+
+
+class HostError(Exception):
+    """The host cannot start as configured (exit code 2); the message says why."""
+
+
+class CellChild:
+    """Adapts an ActorCell to the supervisor's child interface."""
+
+    kind = "actor"
+
+    def __init__(self, cell: ActorCell, restart_type: policy.RestartType):
+        self.cell = cell
+        self.name = cell.name
+        self.restart_type = restart_type
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self.cell.run(task_status=task_status)
+        except ScriptLoadFailed as exc:
+            raise PermanentFailure(str(exc)) from exc
+
+    def on_stopped(self, error: BaseException | None) -> None:
+        why = f": {error}" if error else ""
+        self.cell.fail_queued(ActorStopped(f"actor {self.name!r} is not running{why}"))
+
+    def status(self) -> dict:
+        c = self.cell
+        w = c.worker
+        return {"name": c.name, "kind": "actor", "component": c.component.name,
+                "runtime": c.component.runtime, "tier": c.tier, "pid": w.pid if w else None,
+                "pending": c.pending(), "processed": c.processed}
+
+
+def _policy_from(sup_cfg: Any) -> policy.Policy:
+    b = sup_cfg.backoff
+    return policy.Policy(strategy=policy.Strategy(sup_cfg.strategy), max_restarts=sup_cfg.max_restarts,
+                         max_seconds=sup_cfg.max_seconds, backoff_min=b.min, backoff_max=b.max,
+                         jitter=b.jitter, reset_after=b.reset)
+
+
+class Host:
+    def __init__(self, config: Config, *, extra_scripts: Sequence[str] = (),
+                 backend: SandboxBackend | None = None):
+        self.config = config
+        self.extra_scripts = tuple(extra_scripts)
+        self.backend = backend
+        self.discovery: Discovery | None = None
+        self.cells: dict[str, ActorCell] = {}
+        self.unavailable: dict[str, str] = {}   # component name -> why it cannot run
+        self.routes: dict[tuple[str, str], list[tuple[str, str]]] = collections.defaultdict(list)
+        self._fan_in: dict[str, dict[str, collections.deque]] = {}
+        self.root: Supervisor | None = None
+        self.pool: WorkerPool | None = None
+        self.redis: Any = None
+        self.url: str | None = None
+        self.started = trio.Event()
+        self.stopping = False
+        self._cancel: trio.CancelScope | None = None
+
+    # -- assembly -----------------------------------------------------------
+    def discover(self) -> Discovery:
+        ws = self.config.workspace
+        scripts = [*ws.scripts, *self.extra_scripts]
+        self.discovery = discover(ws.root, ws.script_patterns, ws.excluded_paths, scripts,
+                                  discover_scripts=ws.discover_scripts)
+        for p in self.discovery.problems:
+            log.error("script not loaded: %s", p)
+        return self.discovery
+
+    def plan(self) -> list[ProcessSpec]:
+        """The processes to run: the network's, or one per discovered component."""
+        assert self.discovery is not None
+        comps = {c.name: c for c in self.discovery.components}
+        sup = self.config.supervision
+        net = self.config.network
+        specs: list[ProcessSpec] = []
+        problems: list[str] = []
+        if net is None:
+            items = [(c.name, c.name, None) for c in self.discovery.components]
+        else:
+            items = [(name, p.component, p.config) for name, p in net.processes.items()]
+        for name, comp_name, net_config in items:
+            comp = comps.get(comp_name)
+            if comp is None:
+                problems.append(f"network.processes.{name}.component: unknown component {comp_name!r}"
+                                f" (discovered: {', '.join(sorted(comps)) or 'none'})")
+                continue
+            ov = sup.actors.get(name)
+            config = dict(net_config) if net_config is not None else dict((ov.config if ov else None) or {})
+            specs.append(ProcessSpec(
+                name=name, component=comp, config=config,
+                restart=ov.restart if ov else "permanent",
+                timeout=(ov.timeout if ov and ov.timeout is not None else comp.timeout),
+                max_deliveries=ov.max_deliveries if ov else 5,
+                memory=(ov.memory if ov and ov.memory else comp.memory)))
+        if net is not None:
+            by_name = {s.name: s for s in specs}
+            for i, conn in enumerate(net.connections):
+                tgt = by_name.get(conn.tgt.process)
+                if tgt is not None and not tgt.component.dynamic_ports and conn.tgt.port not in tgt.component.inports:
+                    problems.append(f"network.connections[{i}].tgt.port: {tgt.component.name} has no inport "
+                                    f"{conn.tgt.port!r} (inports: {', '.join(tgt.component.inports)})")
+                src = by_name.get(conn.src.process) if conn.src is not None else None
+                if src is not None and not src.component.dynamic_ports and conn.src.port not in (
+                        *src.component.outports, "error"):
+                    problems.append(f"network.connections[{i}].src.port: {src.component.name} has no outport "
+                                    f"{conn.src.port!r} (outports: {', '.join(src.component.outports)})")
+                if conn.src is not None:
+                    self.routes[(conn.src.process, conn.src.port)].append((conn.tgt.process, conn.tgt.port))
+        if problems:
+            raise HostError("\n".join(problems))
+        return specs
+
+    def _build_tree(self, specs: list[ProcessSpec]) -> Supervisor:
+        sup = self.config.supervision
+        children = []
+        for spec in specs:
+            cell = ActorCell(spec, self)
+            self.cells[spec.name] = cell
+            if spec.component.await_all_inports:
+                self._fan_in[spec.name] = {p: collections.deque() for p in spec.component.inports}
+            children.append(CellChild(cell, policy.RestartType(spec.restart)))
+        # Groups nest supervisors with their own policies under "network".
+        grouped: dict[str, Supervisor] = {}
+        for gname, g in sup.groups.items():
+            members = [c for c in children if c.name in g.members]
+            grouped[gname] = Supervisor(gname, _policy_from(g), members)
+        in_group = {m for g in sup.groups.values() for m in g.members}
+        top = [c for c in children if c.name not in in_group] + list(grouped.values())
+        network = Supervisor("network", _policy_from(sup), top)
+        return Supervisor("root", _policy_from(sup), [network])
+
+    def _worker_specs(self) -> dict[str, WorkerSpec]:
+        sb = self.config.workspace.sandbox
+        specs = {}
+        for rt, rc in (("python", sb.python), ("javascript", sb.javascript)):
+            specs[rt] = WorkerSpec(runtime=rt, memory=rc.memory, cpu=rc.cpu, cpu_seconds=sb.cpu_seconds,
+                                   max_processes=sb.max_processes, tmp_size=sb.tmp_size, max_output=sb.max_output)
+        return specs
+
+    # -- the API's view -----------------------------------------------------
+    def cell(self, name: Any) -> ActorCell:
+        if isinstance(name, str):
+            cell = self.cells.get(name)
+            if cell is not None:
+                return cell
+            # Reflow's process call names a component or "component:instance".
+            base = name.split(":", 1)[0]
+            for c in self.cells.values():
+                if c.component.name in (name, base) or c.name == base:
+                    return c
+        raise UnknownActor(name)
+
+    def list_actors(self) -> list[dict]:
+        out = []
+        tree = {c["name"]: c for c in self._flat_status()}
+        for name, cell in self.cells.items():
+            c = cell.component
+            st = tree.get(name, {})
+            out.append({"name": name, "component": c.name, "runtime": c.runtime, "inports": list(c.inports),
+                        "outports": list(c.outports), "description": c.description, "version": c.version,
+                        "file": c.file.name, "status": st.get("state", "stopped"), "tier": cell.tier})
+        for comp, why in self.unavailable.items():
+            out.append({"name": comp, "component": comp, "status": "unavailable", "reason": why})
+        return out
+
+    def _flat_status(self) -> list[dict]:
+        if self.root is None:
+            return []
+        out, todo = [], [self.root.status()]
+        while todo:
+            node = todo.pop()
+            out.append(node)
+            todo.extend(node.get("children") or [])
+        return out
+
+    def status(self) -> dict:
+        tree = self.root.status() if self.root else {"name": "root", "kind": "supervisor", "state": "stopped",
+                                                     "restarts": 0, "last_error": None, "children": []}
+        tree["pools"] = self.pool.status() if self.pool else {}
+        tree["backend"] = self.backend.name if self.backend else None
+        tree["redis"] = {"url": self.redis.describe() if self.redis else None,
+                         "connected": bool(self.redis and self.redis.connected)}
+        return tree
+
+    async def restart_actor(self, name: str) -> None:
+        cell = self.cell(name)
+        worker = cell.worker
+        if worker is not None:
+            worker.kill()
+
+    # -- what cells call ----------------------------------------------------
+    async def commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope) -> None:
+        """Commit one message's state changes (one MULTI/EXEC) and route its outputs."""
+        cmds = txn.commands()
+        if cmds:
+            try:
+                await self.redis.transaction(cmds)
+            except (RedisUnavailable, RedisError) as exc:
+                raise ActorFailed(f"actor {cell.name!r}: state not committed: {exc}",
+                                  {"type": type(exc).__name__, "message": str(exc)}) from exc
+        for port, message in routed:
+            for tgt, tport in self.routes.get((cell.name, port), ()):
+                await self.deliver(tgt, tport, message)
+
+    async def deliver(self, process: str, port: str, message: dict) -> None:
+        target = self.cells.get(process)
+        if target is None:
+            return
+        buffers = self._fan_in.get(process)
+        if buffers is None:
+            await target._send.send(Envelope(inputs={port: message}))
+            return
+        if port in buffers:
+            buffers[port].append(message)
+        if all(buffers.values()):
+            await target._send.send(Envelope(inputs={p: q.popleft() for p, q in buffers.items()}))
+
+    def publish(self, cell: ActorCell, routed: list, message_id: str) -> None:
+        for callback in list(cell.subscribers.values()):
+            for port, message in routed:
+                callback(cell.name, port, message, message_id)
+
+    # -- the task -------------------------------------------------------------
+    def select_backend(self) -> SandboxBackend:
+        if self.backend is None:
+            try:
+                self.backend = select_backend(self.config.workspace.sandbox.backend)
+            except SandboxUnavailable as exc:
+                raise HostError(str(exc)) from exc
+        if self.backend.name == "process":
+            log.warning("SANDBOX BACKEND 'process' HAS NO ISOLATION: scripts run as plain host processes "
+                        "with the host's privileges. Use it only for trusted scripts.")
+            print("WARNING: workspace.sandbox.backend is 'process': scripts run WITHOUT ANY ISOLATION",
+                  file=sys.stderr)
+        for what in self.backend.limits_not_enforced():
+            log.warning("not enforced by the %s backend on this machine: %s", self.backend.name, what)
+        return self.backend
+
+    async def main(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled or signalled; SIGINT/SIGTERM stop gracefully, a second one at once."""
+        if self.discovery is None:
+            self.discover()
+        specs = self.plan()
+        backend = self.select_backend()
+        ws = self.config.workspace
+        self.pool = WorkerPool(backend, self._worker_specs(), preload=ws.sandbox.pool.preload_count,
+                               max_size=ws.sandbox.pool.max_size, idle_timeout=ws.sandbox.pool.idle_timeout)
+        self.root = self._build_tree(specs)
+        from ._server import serve_api
+
+        with trio.CancelScope() as self._cancel:
+            async with trio.open_nursery() as nursery:
+                self._nursery_for_drain = nursery
+                nursery.start_soon(self._signals, nursery.cancel_scope)
+                url = ws.redis.url
+                if url is None:
+                    url = await nursery.start(serve_embedded_redis, ws.state_dir)
+                async with open_redis(url) as redis:
+                    self.redis = redis
+                    try:
+                        await redis.execute("PING")
+                    except RedisUnavailable as exc:
+                        raise HostError(str(exc)) from exc
+                    async with trio.open_nursery() as inner:
+                        await inner.start(self.pool.serve)
+                        await inner.start(self._run_root)
+                        server = await inner.start(serve_api, self)
+                        self.url = f"ws://{ws.websocket.host}:{server.port}/"
+                        self._write_host_file(server.port)
+                        log.info("rpc server started", extra={"url": self.url})
+                        self._send_iips()
+                        self.started.set()
+                        task_status.started(self)
+                        await trio.sleep_forever()
+
+    async def _run_root(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        assert self.root is not None
+        try:
+            await self.root.run(task_status=task_status)
+        except Exception as exc:
+            log.critical("the supervision tree gave up: %s", exc)
+            self.root.on_stopped(exc)
+            raise
+
+    def _send_iips(self) -> None:
+        net = self.config.network
+        if net is None:
+            return
+        for conn in net.connections:
+            if conn.src is None and conn.tgt.process in self.cells:
+                target = self.cells[conn.tgt.process]
+                target.submit(Envelope(inputs={conn.tgt.port: wrap(conn.data)}))
+
+    def _write_host_file(self, port: int) -> None:
+        state_dir: Path = self.config.workspace.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        info = {"url": f"ws://{self.config.workspace.websocket.host}:{port}/", "pid": _pid(), "started": time.time()}
+        (state_dir / "host.json").write_bytes(orjson.dumps(info))
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if self.stopping:
+                    log.warning("second signal: stopping now")
+                    scope.cancel()
+                    return
+                self.stopping = True
+                log.info("shutting down (%s): draining in-flight messages", signal.Signals(signum).name)
+                self._nursery_for_drain.start_soon(self._shutdown, scope)
+
+    async def _shutdown(self, scope: trio.CancelScope) -> None:
+        """Drain (bounded by shutdown_grace), stop the tree in reverse start order, then end."""
+        grace = self.config.supervision.shutdown_grace
+        with trio.move_on_after(grace) as drain:
+            # Polled, not event-driven: shutdown is rare and cells stay simpler.
+            while any(c.current is not None or c.pending() for c in self.cells.values()):
+                await trio.sleep(0.02)
+        if drain.cancelled_caught:
+            log.warning("messages still in flight after %gs; stopping anyway", grace)
+        if self.root is not None:
+            await self.root.stop_children()
+        log.info("stopped")
+        scope.cancel()
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

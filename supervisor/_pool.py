@@ -1,0 +1,134 @@
+"""Warm worker pools, one per runtime.
+
+``preload_count`` workers per runtime are kept started and ready (interpreter
+and SDK loaded, handshake done), so taking one costs a list pop instead of a
+sandbox start. ``max_size`` caps the live sandboxes of a runtime (warm plus
+serving); ``idle_timeout`` retires warm workers beyond ``preload_count``.
+A worker leaves the pool for exactly one actor and is never taken back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from ._sandbox._base import SandboxBackend, Worker, WorkerSpec, WorkerStartError
+
+__all__ = ["WorkerPool"]
+
+log = logging.getLogger("supervisor.pool")
+
+
+class _RuntimePool:
+    def __init__(self, runtime: str, spec: WorkerSpec, preload: int, max_size: int):
+        self.runtime = runtime
+        self.spec = spec
+        self.preload = preload
+        self.warm: list[tuple[Worker, float]] = []
+        self.limiter = trio.Semaphore(max_size)
+        self.max_size = max_size
+        self.wanted = trio.Event()
+        self.started = 0
+        self.failed_starts = 0
+        self.last_error: str | None = None
+
+    @property
+    def live(self) -> int:
+        return self.max_size - self.limiter.value
+
+
+class WorkerPool:
+    def __init__(self, backend: SandboxBackend, specs: dict[str, WorkerSpec], *,
+                 preload: int, max_size: int, idle_timeout: float):
+        self.backend = backend
+        self._pools = {rt: _RuntimePool(rt, spec, preload, max_size) for rt, spec in specs.items()}
+        self.idle_timeout = idle_timeout
+        self._closed = False
+
+    def status(self) -> dict:
+        return {rt: {"warm": len(p.warm), "live": p.live, "max_size": p.max_size, "started": p.started,
+                     "failed_starts": p.failed_starts, "last_error": p.last_error}
+                for rt, p in self._pools.items()}
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keep each runtime's warm set filled until cancelled; close every warm worker on exit."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for p in self._pools.values():
+                    nursery.start_soon(self._refill, p)
+                task_status.started()
+        finally:
+            self._closed = True
+            with trio.CancelScope(shield=True):
+                for p in self._pools.values():
+                    while p.warm:
+                        w, _ = p.warm.pop()
+                        await w.aclose()
+                        p.limiter.release()
+
+    async def _refill(self, p: _RuntimePool) -> None:
+        while True:
+            while len(p.warm) < p.preload and p.limiter.value > 0 and p.failed_starts < 3:
+                p.limiter.acquire_nowait()
+                try:
+                    w = await self._start(p)
+                except WorkerStartError:
+                    p.limiter.release()
+                    await trio.sleep(min(5.0, 0.1 * 2 ** p.failed_starts))
+                    continue
+                p.warm.append((w, time.monotonic()))
+            p.wanted = trio.Event()
+            with trio.move_on_after(max(1.0, self.idle_timeout / 4)):
+                await p.wanted.wait()
+            self._retire_idle(p)
+            if p.failed_starts >= 3:
+                p.failed_starts = 2  # retry one start per period
+
+    def _retire_idle(self, p: _RuntimePool) -> None:
+        now = time.monotonic()
+        while len(p.warm) > p.preload and now - p.warm[0][1] > self.idle_timeout:
+            w, _ = p.warm.pop(0)
+            w.kill()
+            p.limiter.release()
+
+    async def _start(self, p: _RuntimePool) -> Worker:
+        try:
+            w = await self.backend.start(p.spec)
+        except WorkerStartError as exc:
+            p.failed_starts += 1
+            p.last_error = str(exc)
+            log.error("could not start a %s worker: %s", p.runtime, exc)
+            raise
+        p.failed_starts = 0
+        p.started += 1
+        return w
+
+    async def acquire(self, runtime: str) -> Worker:
+        """A warm worker for ``runtime`` (started now if none is warm).
+
+        Waits while ``max_size`` sandboxes of that runtime are live.
+        Raises WorkerStartError, SandboxUnavailable.
+        """
+        p = self._pools[runtime]
+        while p.warm:
+            w, _ = p.warm.pop()
+            p.wanted.set()
+            if w.exit_info is None:
+                return w
+            p.limiter.release()
+        await p.limiter.acquire()
+        p.wanted.set()
+        try:
+            return await self._start(p)
+        except BaseException:
+            p.limiter.release()
+            raise
+
+    def release(self, worker: Worker) -> None:
+        """A worker taken with ``acquire`` is gone (closed by its cell)."""
+        p = self._pools.get(worker.runtime)
+        if p is not None:
+            p.limiter.release()
+            p.wanted.set()

@@ -1,0 +1,42 @@
+"""The ``process`` backend: a plain child process, NO isolation.
+
+Runs only when named in the config (``workspace.sandbox.backend: process``),
+and the host says so loudly at startup. Useful where namespaces are not
+available and the scripts are trusted, and as a measurement baseline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from ._base import SandboxBackend, SandboxUnavailable, Worker, WorkerSpec
+from ._bubblewrap import runtime_dir
+from ._spawn import limits_arg, spawn_worker
+
+__all__ = ["ProcessBackend"]
+
+
+class ProcessBackend(SandboxBackend):
+    name = "process"
+    tier = "none"
+
+    def argv(self, spec: WorkerSpec) -> list[str]:
+        rt = runtime_dir()
+        if spec.runtime == "python":
+            exe = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+            return [exe, "-I", "-S", "-B", str(rt / "python" / "reflow_worker.py"), limits_arg(spec)]
+        if spec.runtime == "javascript":
+            node = shutil.which("node")
+            if node is None:
+                raise SandboxUnavailable("Node.js is not installed: JavaScript actors cannot run")
+            return [os.path.realpath(node), str(rt / "js" / "reflow_worker.js"), limits_arg(spec)]
+        raise SandboxUnavailable(f"unknown runtime {spec.runtime!r}")
+
+    def limits_not_enforced(self) -> tuple[str, ...]:
+        return ("isolation (filesystem, network, environment, processes)",)
+
+    async def start(self, spec: WorkerSpec) -> Worker:
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+        return await spawn_worker(self.argv(spec), spec, tier=self.tier, shell_status=False, env=env)

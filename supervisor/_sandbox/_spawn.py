@@ -1,0 +1,153 @@
+"""Spawning a sandbox as a host child process, tied to the host's lifetime.
+
+Why not ``trio.run_process``: it forks from a worker thread, and Linux fires a
+child's parent-death signal when that *thread* exits (trio parks idle threads
+for ~10 s), so ``bwrap --die-with-parent`` started that way is SIGKILLed about
+ten seconds later. We fork from the trio thread itself (``subprocess.Popen``
+uses vfork here, ~1 ms), so the death signal is tied to the host's main thread,
+which lives exactly as long as the host. Exit is awaited through a pidfd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Sequence
+
+import orjson
+import trio
+
+from .._channel import ChannelClosed, LineChannel
+from ._base import ExitInfo, Worker, WorkerSpec, WorkerStartError
+
+__all__ = ["HostProcessWorker", "spawn_worker"]
+
+log = logging.getLogger("supervisor.sandbox")
+
+READY_TIMEOUT = 15.0
+
+
+class HostProcessWorker(Worker):
+    def __init__(self, proc: subprocess.Popen, channel: LineChannel, *, tier: str,
+                 runtime: str, shell_status: bool, spec: WorkerSpec):
+        self._proc = proc
+        self.channel = channel
+        self.tier = tier
+        self.runtime = runtime
+        self.spec = spec
+        self.exit_info: ExitInfo | None = None
+        self.limit_hint: str | None = None  # set by whoever killed it for a limit
+        self.ready_info: dict = {}
+        self._shell_status = shell_status
+        self._pidfd = os.pidfd_open(proc.pid)
+        self._exited = trio.Event()
+        self._waiting = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def inner_pids(self) -> list[int]:
+        """Host pids of every process inside the sandbox (for tests and cleanup)."""
+        out: list[int] = []
+        todo = [self._proc.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                kids = []
+            out.extend(kids)
+            todo.extend(kids)
+        return out
+
+    async def wait(self) -> ExitInfo:
+        if self.exit_info is not None:
+            return self.exit_info
+        if self._waiting:
+            await self._exited.wait()
+            assert self.exit_info is not None
+            return self.exit_info
+        self._waiting = True
+        try:
+            await trio.lowlevel.wait_readable(self._pidfd)
+            rc = self._proc.wait()
+            info = ExitInfo.from_returncode(rc, via_shell_status=self._shell_status)
+            if self.limit_hint is not None:
+                info = ExitInfo(code=info.code, signal=info.signal, limit=self.limit_hint)
+            elif info.signal == signal.SIGXCPU:
+                info = ExitInfo(code=info.code, signal=info.signal, limit="cpu")
+            self.exit_info = info
+            try:
+                os.close(self._pidfd)
+            except OSError:
+                pass
+            self._exited.set()
+            return info
+        finally:
+            self._waiting = False
+
+    def kill(self, *, limit: str | None = None) -> None:
+        if limit is not None and self.limit_hint is None:
+            self.limit_hint = limit
+        if self.exit_info is None:
+            try:
+                self._proc.kill()
+            except ProcessLookupError:
+                pass
+
+
+async def spawn_worker(argv: Sequence[str], spec: WorkerSpec, *, tier: str,
+                       shell_status: bool, pass_fd_arg: bool = True,
+                       env: dict[str, str] | None = None) -> HostProcessWorker:
+    """Start ``argv`` with one end of a socketpair inherited; wait for ``ready``.
+
+    The child's fd number is appended to argv. Raises WorkerStartError when the
+    worker dies or stays silent for READY_TIMEOUT seconds.
+    """
+    host_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        fd = child_sock.fileno()
+        args = [*argv, str(fd)] if pass_fd_arg else list(argv)
+        debug = log.isEnabledFor(logging.DEBUG)
+        proc = subprocess.Popen(  # noqa: S603 - argv is built by us, never by a script
+            args, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=None if debug else subprocess.DEVNULL, env=env if env is not None else {},
+            start_new_session=True,
+        )
+    finally:
+        child_sock.close()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(host_sock))
+    worker = HostProcessWorker(proc, LineChannel(stream), tier=tier, runtime=spec.runtime,
+                               shell_status=shell_status, spec=spec)
+    try:
+        with trio.fail_after(READY_TIMEOUT):
+            frame = await worker.channel.receive()
+        msg = orjson.loads(frame)
+        if msg.get("method") != "ready":
+            raise WorkerStartError(f"worker sent {msg.get('method')!r} before ready")
+        worker.ready_info = msg.get("params") or {}
+    except (ChannelClosed, trio.TooSlowError, ValueError, WorkerStartError) as exc:
+        await worker.aclose()
+        info = worker.exit_info
+        why = info.describe() if info else "did not start"
+        if isinstance(exc, trio.TooSlowError):
+            why = f"said nothing for {READY_TIMEOUT:.0f}s"
+        raise WorkerStartError(f"{spec.runtime} worker {why} before it was ready") from exc
+    except BaseException:
+        await worker.aclose()
+        raise
+    log.debug("sandbox created", extra={"tier": tier, "runtime": spec.runtime, "pid": proc.pid})
+    return worker
+
+
+def limits_arg(spec: WorkerSpec) -> str:
+    """The limits the in-sandbox runtime applies to itself before loading user code."""
+    return orjson.dumps({
+        "memory": spec.memory, "cpu_seconds": spec.cpu_seconds, "nproc": spec.max_processes,
+        "nofile": spec.max_open_files, "fsize": spec.file_size,
+    }).decode()

@@ -1,0 +1,330 @@
+"""The WebSocket JSON-RPC 2.0 API (CONTRACT §4), a thin trio shell.
+
+Each connection owns a reader (this handler's task), a writer task draining a
+bounded queue (a client that stops reading is disconnected instead of growing
+host memory), and one task per in-flight request, each in its own cancel
+scope so ``$/cancelRequest`` and disconnects cancel exactly what they should.
+Frames are decoded and validated by the pure :mod:`supervisor._protocol`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import trio
+import trio_websocket
+
+from . import _protocol as proto
+from ._cell import Envelope
+from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
+
+if TYPE_CHECKING:
+    from ._host import Host
+
+__all__ = ["serve_api"]
+
+log = logging.getLogger("supervisor.rpc")
+SEND_QUEUE = 1024
+_MESSAGE_METHODS = frozenset({"actor.call", "actor.send", "process"})
+_sub_ids = itertools.count(1)
+
+
+async def serve_api(host: Host, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the API on ``workspace.websocket``; reports the WebSocketServer through task_status."""
+    cfg = host.config.workspace.websocket
+    api = Api(host)
+    await trio_websocket.serve_websocket(
+        api.handle, cfg.host, cfg.port, None, max_message_size=cfg.max_frame_size,
+        message_queue_size=8, connect_timeout=10, disconnect_timeout=5, task_status=task_status)
+
+
+class Api:
+    def __init__(self, host: Host):
+        self.host = host
+        self.cfg = host.config.workspace.websocket
+        self.connections = 0
+        self.methods: dict[str, Callable[[Connection, Any], Any]] = {
+            "actors.list": self.actors_list,
+            "actor.call": self.actor_call,
+            "actor.send": self.actor_send,
+            "actor.subscribe": self.actor_subscribe,
+            "actor.unsubscribe": self.actor_unsubscribe,
+            "actor.restart": self.actor_restart,
+            "supervisor.status": self.supervisor_status,
+            "process": self.process,
+        }
+
+    async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
+        token = self.cfg.token
+        if token is not None:
+            auth = dict(request.headers).get(b"authorization", b"")
+            if not hmac.compare_digest(auth, b"Bearer " + token.encode()):
+                await request.reject(401, body=b"unauthorized: send Authorization: Bearer <token>\n")
+                return
+        if self.connections >= self.cfg.max_connections or self.host.stopping:
+            await request.reject(503, body=b"too many connections\n")
+            return
+        ws = await request.accept()
+        self.connections += 1
+        try:
+            await Connection(self, ws).run()
+        finally:
+            self.connections -= 1
+
+    # -- methods ------------------------------------------------------------
+    async def actors_list(self, conn: Connection, params: Any) -> Any:
+        return {"actors": self.host.list_actors()}
+
+    async def supervisor_status(self, conn: Connection, params: Any) -> Any:
+        return self.host.status()
+
+    async def actor_call(self, conn: Connection, params: Any) -> Any:
+        p = _object(params, required=("actor", "inputs"))
+        cell = self.host.cell(p["actor"])
+        inputs = p["inputs"]
+        if not isinstance(inputs, dict):
+            raise InvalidParams("inputs must be an object of port -> value")
+        env = Envelope(inputs=_wrap_all(inputs))
+        cell.submit(env)
+        timeout = _timeout(p.get("timeout"))
+        with trio.move_on_after(timeout) as scope:
+            return await env.wait()
+        assert scope.cancelled_caught
+        raise ActorTimedOut(f"no answer from {cell.name!r} within {timeout:g}s", {"timeout": timeout})
+
+    async def actor_send(self, conn: Connection, params: Any) -> Any:
+        p = _object(params, required=("actor", "port", "value"))
+        cell = self.host.cell(p["actor"])
+        if not isinstance(p["port"], str):
+            raise InvalidParams("port must be a string")
+        env = Envelope(inputs={p["port"]: _wrap(p["value"])})
+        cell.submit(env)
+        return {"message_id": env.message_id}
+
+    async def actor_subscribe(self, conn: Connection, params: Any) -> Any:
+        p = _object(params, required=("actor",))
+        cell = self.host.cell(p["actor"])
+        port = p.get("port")
+        sid = f"sub{next(_sub_ids)}"
+
+        def deliver(actor: str, out_port: str, message: dict, message_id: str) -> None:
+            if port is None or port == out_port:
+                conn.notify("actor.output", {"subscription": sid, "actor": actor, "port": out_port,
+                                             "message": message, "message_id": message_id})
+
+        key = id(deliver)
+        cell.subscribers[key] = deliver
+        conn.subscriptions[sid] = (cell, key)
+        return {"subscription": sid}
+
+    async def actor_unsubscribe(self, conn: Connection, params: Any) -> Any:
+        p = _object(params, required=("subscription",))
+        entry = conn.subscriptions.pop(p["subscription"], None)
+        if entry is None:
+            raise InvalidParams(f"no subscription {p['subscription']!r} on this connection")
+        cell, key = entry
+        cell.subscribers.pop(key, None)
+        return {}
+
+    async def actor_restart(self, conn: Connection, params: Any) -> Any:
+        p = _object(params, required=("actor",))
+        await self.host.restart_actor(p["actor"])
+        return {}
+
+    async def process(self, conn: Connection, params: Any) -> Any:
+        """Reflow's WebSocketScriptActor call: plain JSON values both ways."""
+        p = _object(params, required=("actor_id", "payload"))
+        cell = self.host.cell(p["actor_id"])
+        payload = p["payload"]
+        if not isinstance(payload, dict):
+            raise InvalidParams("payload must be an object of port -> value")
+        actor_id = p["actor_id"]
+
+        def stream(port: str, message: dict) -> None:
+            conn.notify("output", {"actor_id": actor_id, "port": port, "data": proto.unwrap(message),
+                                   "timestamp": p.get("timestamp")})
+
+        config = p.get("config")
+        env = Envelope(inputs={k: proto.wrap(v) for k, v in payload.items()}, on_output=stream,
+                       config=config if isinstance(config, dict) and config else None)
+        cell.submit(env)
+        result = await env.wait()
+        return {"outputs": {k: proto.unwrap(v) for k, v in result["outputs"].items()}}
+
+
+def _object(params: Any, required: tuple[str, ...]) -> dict:
+    if not isinstance(params, dict):
+        raise InvalidParams("params must be an object")
+    missing = [k for k in required if k not in params]
+    if missing:
+        raise InvalidParams(f"missing param{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
+    return params
+
+
+def _wrap(value: Any) -> dict:
+    try:
+        return proto.wrap(value)
+    except (ValueError, TypeError) as exc:
+        raise InvalidParams(f"bad message value: {exc}") from exc
+
+
+def _wrap_all(inputs: dict) -> dict:
+    return {str(k): _wrap(v) for k, v in inputs.items()}
+
+
+def _timeout(value: Any) -> float:
+    if value is None:
+        return float("inf")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise InvalidParams("timeout must be a positive number of seconds")
+    return float(value)
+
+
+class Connection:
+    def __init__(self, api: Api, ws: trio_websocket.WebSocketConnection):
+        self.api = api
+        self.ws = ws
+        self.in_flight: dict[Any, trio.CancelScope] = {}
+        self.subscriptions: dict[str, tuple[Any, int]] = {}
+        self._send, self._recv = trio.open_memory_channel[bytes | str](SEND_QUEUE)
+        self._nursery: trio.Nursery | None = None
+
+    def queue(self, data: bytes) -> None:
+        """Queue a frame; a client that lets SEND_QUEUE frames pile up is cut off."""
+        try:
+            self._send.send_nowait(data.decode())
+        except trio.WouldBlock:
+            log.warning("client %s is not reading; closing it", self.ws.remote)
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+        except trio.ClosedResourceError:
+            pass
+
+    def notify(self, method: str, params: dict) -> None:
+        self.queue(orjson.dumps({"jsonrpc": "2.0", "method": method, "params": params}))
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._keepalive)
+                while True:
+                    try:
+                        frame = await self.ws.get_message()
+                    except trio_websocket.ConnectionClosed:
+                        break
+                    self._dispatch(frame)
+                nursery.cancel_scope.cancel()
+        finally:
+            for cell, key in self.subscriptions.values():
+                cell.subscribers.pop(key, None)
+            self.subscriptions.clear()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.ws.aclose()
+
+    async def _writer(self) -> None:
+        async for data in self._recv:
+            try:
+                await self.ws.send_message(data)
+            except trio_websocket.ConnectionClosed:
+                return
+
+    async def _keepalive(self) -> None:
+        interval = self.api.cfg.ping_interval
+        if not interval:
+            return
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(interval) as scope:
+                try:
+                    await self.ws.ping()
+                except (trio_websocket.ConnectionClosed, ValueError):
+                    return
+            if scope.cancelled_caught:
+                log.warning("client %s did not answer a ping in %gs; closing it", self.ws.remote, interval)
+                assert self._nursery is not None
+                self._nursery.cancel_scope.cancel()
+                return
+
+    def _dispatch(self, data: bytes | str) -> None:
+        frame = proto.decode_frame(data)
+        assert self._nursery is not None
+        if not frame.is_batch and len(frame.items) == 1:
+            item = frame.items[0]
+            if isinstance(item, proto.Request):
+                self._nursery.start_soon(self._answer_one, item)
+            else:
+                reply = self._immediate(item)
+                if reply is not None:
+                    self.queue(proto.reply_frame([reply], False))
+            return
+        self._nursery.start_soon(self._answer_batch, frame)
+
+    def _immediate(self, item: Any) -> Any:
+        """Handle what needs no task: notifications, invalid entries, stray responses."""
+        if isinstance(item, proto.Invalid):
+            return proto.invalid_to_reply(item)
+        if isinstance(item, proto.Notification):
+            if item.method == "$/cancelRequest" and isinstance(item.params, dict):
+                scope = self.in_flight.get(_id_key(item.params.get("id")))
+                if scope is not None:
+                    scope.cancel()
+        return None
+
+    async def _answer_one(self, req: proto.Request) -> None:
+        reply = await self._call(req)
+        self.queue(proto.reply_frame([reply], False))
+
+    async def _answer_batch(self, frame: Any) -> None:
+        replies: list[Any] = []
+
+        async def one(req: proto.Request) -> None:
+            replies.append(await self._call(req))
+
+        async with trio.open_nursery() as nursery:
+            for item in frame.items:
+                if isinstance(item, proto.Request):
+                    nursery.start_soon(one, item)
+                else:
+                    r = self._immediate(item)
+                    if r is not None:
+                        replies.append(r)
+        data = proto.reply_frame(replies, True)
+        if data is not None:
+            self.queue(data)
+
+    async def _call(self, req: proto.Request) -> Any:
+        method = self.api.methods.get(req.method)
+        if method is None:
+            return proto.error_response(req.id, proto.METHOD_NOT_FOUND, f"method not found: {req.method}")
+        if self.api.host.stopping and req.method in _MESSAGE_METHODS:
+            return proto.error_response(req.id, Overloaded.code, "the host is shutting down; retry later")
+        key = _id_key(req.id)
+        if len(self.in_flight) >= self.api.cfg.max_in_flight:
+            return proto.error_response(req.id, Overloaded.code, f"more than {self.api.cfg.max_in_flight} "
+                                        "requests in flight on this connection; retry later")
+        scope = trio.CancelScope()
+        self.in_flight[key] = scope
+        try:
+            with scope:
+                result = await method(self, req.params)
+                return proto.Response(req.id, result)
+            return proto.error_response(req.id, RequestCancelled.code, "request cancelled")
+        except ActorError as exc:
+            return proto.error_response(req.id, exc.code, exc.message, exc.data)
+        except Exception as exc:  # a bug of ours must not take the connection down
+            log.exception("internal error in %s", req.method)
+            return proto.error_response(req.id, proto.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+        finally:
+            if self.in_flight.get(key) is scope:
+                del self.in_flight[key]
+
+
+def _id_key(rid: Any) -> Any:
+    return (type(rid).__name__, rid)

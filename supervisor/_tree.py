@@ -1,0 +1,272 @@
+"""The supervision tree's trio shell: run children, report exits, apply decisions.
+
+Every decision is made by the pure :func:`supervisor._policy.decide`; this
+module only starts and cancels child tasks and sleeps through backoff. A
+child is anything with ``name``, ``run(task_status=...)`` and ``status()``:
+an :class:`~supervisor._cell.ActorCell` wrapper or another :class:`Supervisor`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import trio
+
+from . import _policy as policy
+
+__all__ = ["Supervisor", "SupervisorGaveUp", "Child"]
+
+log = logging.getLogger("supervisor.tree")
+
+
+class SupervisorGaveUp(Exception):
+    """A supervisor exceeded its restart intensity and failed to its parent."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"supervisor {name!r} gave up: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class PermanentFailure(Exception):
+    """A child failure that restarting cannot fix (e.g. a script that does not load).
+
+    The child is marked failed and left stopped; it does not count toward intensity.
+    """
+
+
+class Child(Protocol):
+    name: str
+    restart_type: policy.RestartType
+
+    async def run(self, *, task_status: Any = ...) -> None: ...
+
+    def status(self) -> dict: ...
+
+    def on_stopped(self, error: BaseException | None) -> None: ...
+
+
+class _StartSignal:
+    """A task_status whose ``started()`` just sets an event (the child may fail before it)."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+
+    def started(self, value: object = None) -> None:
+        self.event.set()
+
+
+class _Node:
+    def __init__(self, child: Child):
+        self.child = child
+        self.state = "stopped"
+        self.restarts = 0
+        self.started_at: float | None = None
+        self.last_error: dict | None = None
+        self.scope: trio.CancelScope | None = None
+        self.exited = trio.Event()
+        self.timer: trio.CancelScope | None = None
+
+
+def error_info(exc: BaseException) -> dict:
+    return {"type": type(exc).__name__, "message": str(exc), "at": time.time()}
+
+
+class Supervisor:
+    """An OTP-style supervisor of child tasks.
+
+    ``run`` starts the children in order and returns only when cancelled; when
+    its policy says give up it raises :class:`SupervisorGaveUp` (after stopping
+    every child) so that its own parent can decide.
+    """
+
+    kind = "supervisor"
+
+    def __init__(self, name: str, pol: policy.Policy, children: Sequence[Child], *,
+                 restart_type: policy.RestartType = policy.RestartType.PERMANENT,
+                 rng: random.Random | None = None):
+        self.name = name
+        self.policy = pol
+        self.restart_type = restart_type
+        self._nodes = {c.name: _Node(c) for c in children}
+        self._rng = rng or random.Random()
+        self.state = "stopped"
+        self.restarts = 0
+        self.last_error: dict | None = None
+        self.started_at: float | None = None
+        self._nursery: trio.Nursery | None = None
+        self._events: trio.MemorySendChannel | None = None
+
+    # -- introspection ----------------------------------------------------
+    def children(self) -> list[Child]:
+        return [n.child for n in self._nodes.values()]
+
+    def status(self) -> dict:
+        out = {"name": self.name, "kind": "supervisor", "strategy": self.policy.strategy.value,
+               "state": self.state, "restarts": self.restarts, "last_error": self.last_error,
+               "uptime": _uptime(self.started_at), "children": []}
+        for node in self._nodes.values():
+            st = node.child.status()
+            if not (st.get("kind") == "supervisor" and node.state == "running"):
+                st["state"] = node.state  # a running supervisor reports its own (e.g. failed)
+            st.update(restarts=node.restarts, last_error=node.last_error or st.get("last_error"),
+                      uptime=_uptime(node.started_at))
+            out["children"].append(st)
+        return out
+
+    def on_stopped(self, error: BaseException | None) -> None:
+        for node in self._nodes.values():
+            node.child.on_stopped(error)
+
+    def find(self, name: str) -> Any:
+        for node in self._nodes.values():
+            if node.child.name == name:
+                return node.child
+            if isinstance(node.child, Supervisor):
+                found = node.child.find(name)
+                if found is not None:
+                    return found
+        return None
+
+    # -- the task ---------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self._pstate = policy.initial_state(self.policy,
+                                            [(n, node.child.restart_type) for n, node in self._nodes.items()])
+        send, recv = trio.open_memory_channel[tuple[str, BaseException | None]](float("inf"))
+        self._events = send
+        self.state = "starting"
+        self.started_at = time.monotonic()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for name in list(self._nodes):
+                    await self._start(name)
+                self.state = "running"
+                task_status.started()
+                async for name, error in recv:
+                    node = self._nodes.get(name)
+                    if node is None:
+                        continue
+                    if isinstance(error, PermanentFailure):
+                        node.state = "failed"
+                        node.last_error = error_info(error)
+                        node.child.on_stopped(error)
+                        log.error("%s", error, extra={"actor": name, "supervisor": self.name})
+                        continue
+                    abnormal = error is not None
+                    if abnormal:
+                        node.last_error = error_info(error)
+                        log.error("child failed: %s", error,
+                                  extra={"child": name, "supervisor": self.name, "error_type": type(error).__name__})
+                    self._pstate, actions = policy.decide(self._pstate, policy.ChildExited(
+                        name, abnormal, time.monotonic(), jitter_u=self._rng.uniform(-1, 1),
+                        reason=str(error) if error else "normal"))
+                    for action in actions:
+                        await self._apply(action)
+        except SupervisorGaveUp:
+            self.state = "failed"
+            raise
+        finally:
+            if self.state != "failed":
+                self.state = "stopped"
+            self._nursery = None
+
+    async def _apply(self, action: Any) -> None:
+        if isinstance(action, policy.Escalate):
+            self.last_error = {"type": "SupervisorGaveUp", "message": action.reason, "at": time.time()}
+            for name in reversed(list(self._nodes)):
+                await self._stop(name)
+                self._nodes[name].state = "failed" if self._nodes[name].state != "stopped" else "stopped"
+            err = SupervisorGaveUp(self.name, action.reason)
+            self.on_stopped(err)
+            log.error("%s", err, extra={"supervisor": self.name})
+            raise err
+        if isinstance(action, policy.Restart):
+            for name in action.stop_order:
+                await self._stop(name)
+            for name in action.children:
+                node = self._nodes[name]
+                node.restarts += 1
+                node.state = "backing-off" if action.delay > 0 else "restarting"
+            self.restarts += 1
+            assert self._nursery is not None
+            self._nursery.start_soon(self._restart_later, action.children, action.delay)
+            return
+        child = getattr(action, "child", None)
+        if child in self._nodes:
+            node = self._nodes[child]
+            await self._stop(child)
+            node.state = "stopped"
+            node.child.on_stopped(None)
+            if isinstance(action, policy.Remove):
+                del self._nodes[child]
+
+    async def _restart_later(self, names: tuple[str, ...], delay: float) -> None:
+        with trio.CancelScope() as timer:
+            for name in names:
+                self._nodes[name].timer = timer
+            await trio.sleep(delay)
+            for name in names:
+                if name in self._nodes:
+                    await self._start(name)
+
+    async def _start(self, name: str) -> None:
+        node = self._nodes[name]
+        if node.scope is not None:
+            return  # already running
+        node.state = "starting"
+        node.exited = trio.Event()
+        signal = _StartSignal()
+        node.scope = trio.CancelScope()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._child_task, node, node.scope, signal)
+        await signal.event.wait()
+        if node.scope is not None:
+            node.state = "running"
+            node.started_at = time.monotonic()
+            self._pstate, _ = policy.decide(self._pstate, policy.ChildStarted(name, node.started_at))
+
+    async def _child_task(self, node: _Node, scope: trio.CancelScope, signal: _StartSignal) -> None:
+        error: BaseException | None = None
+        with scope:
+            try:
+                await node.child.run(task_status=signal)
+            except Exception as exc:  # a child's failure is data for the policy, not ours
+                error = exc
+        intentional = scope.cancel_called
+        node.scope = None
+        node.started_at = None
+        signal.event.set()
+        node.exited.set()
+        if not intentional and self._events is not None:
+            if error is None:
+                node.state = "stopped"
+            self._events.send_nowait((node.child.name, error))
+
+    async def _stop(self, name: str) -> None:
+        node = self._nodes.get(name)
+        if node is None:
+            return
+        if node.timer is not None:
+            node.timer.cancel()
+            node.timer = None
+        if node.scope is not None:
+            node.scope.cancel()
+            await node.exited.wait()
+        node.state = "stopped"
+
+    async def stop_children(self) -> None:
+        """Stop every child in reverse start order (as OTP does at shutdown)."""
+        for name in reversed(list(self._nodes)):
+            child = self._nodes[name].child
+            if isinstance(child, Supervisor):
+                await child.stop_children()
+            await self._stop(name)
+
+
+def _uptime(started_at: float | None) -> float | None:
+    return None if started_at is None else round(time.monotonic() - started_at, 3)

@@ -1,0 +1,266 @@
+"""The in-sandbox Python worker: say ready, load one script, serve its messages.
+
+Runs as ``python3 -I -S -B reflow_worker.py LIMITS_JSON FD`` inside the
+sandbox. Talks newline-delimited JSON-RPC 2.0 over the inherited socket FD.
+Stays on the standard library and imports lazily (``asyncio`` costs ~30 ms):
+a script's coroutine is driven directly unless the script uses asyncio.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import reflow  # noqa: E402
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_loads = json.loads
+
+
+def _apply_limits(limits):
+    import resource
+
+    def cap(which, value):
+        if value is None:
+            return
+        value = int(value)
+        try:
+            resource.setrlimit(which, (value, value))
+        except (ValueError, OSError):
+            pass
+
+    cap(resource.RLIMIT_CORE, 0)
+    cap(resource.RLIMIT_AS, limits.get("memory"))
+    cpu = limits.get("cpu_seconds")
+    if cpu:
+        soft = max(1, int(cpu))
+        try:
+            resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+        except (ValueError, OSError):
+            pass
+    cap(resource.RLIMIT_NOFILE, limits.get("nofile"))
+    cap(resource.RLIMIT_FSIZE, limits.get("fsize"))
+    if os.getuid() != 0:  # RLIMIT_NPROC counts every process of the uid: meaningless for root
+        cap(resource.RLIMIT_NPROC, limits.get("nproc"))
+
+
+class Channel:
+    def __init__(self, fd, out_fd=None):
+        self.fd = fd
+        self.out_fd = fd if out_fd is None else out_fd
+        self.buf = b""
+        self.pending = []  # frames read while waiting for a specific reply
+
+    def send(self, obj):
+        data = (_dumps(obj) + "\n").encode()
+        view = memoryview(data)
+        while view:
+            n = os.write(self.out_fd, view)
+            view = view[n:]
+
+    def receive(self):
+        if self.pending:
+            return self.pending.pop(0)
+        while True:
+            i = self.buf.find(b"\n")
+            if i >= 0:
+                line, self.buf = self.buf[:i], self.buf[i + 1:]
+                return _loads(line)
+            chunk = os.read(self.fd, 1 << 18)
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+
+
+class Worker:
+    def __init__(self, chan):
+        self.chan = chan
+        self.fn = None
+        self.filename = "actor.py"
+        self.config = {}
+        self.actor_id = None
+        self.next_id = 0
+        self.uses_asyncio = False
+        self.loop = None
+        self.current = None  # id of the message being processed
+
+    # -- calls from the script -------------------------------------------
+    def state_call(self, op, args):
+        self.next_id += 1
+        rid = "s%d" % self.next_id
+        self.chan.send({"jsonrpc": "2.0", "id": rid, "method": "state", "params": {"op": op, "args": args}})
+        while True:
+            msg = self.chan.receive()
+            if msg.get("id") == rid and "method" not in msg:
+                if "error" in msg:
+                    err = msg["error"]
+                    raise reflow.ActorError(err.get("message", "state call failed"), err.get("code"))
+                return msg.get("result")
+            if msg.get("method") == "shutdown":
+                os._exit(0)
+            self.chan.pending.append(msg)
+
+    def emit(self, port, wire):
+        self.chan.send({"jsonrpc": "2.0", "method": "output", "params": {"id": self.current, "port": port, "message": wire}})
+
+    # -- requests from the host ------------------------------------------
+    def load(self, params):
+        if params.get("limits"):
+            _apply_limits(params["limits"])
+        source = params["source"]
+        self.filename = params.get("filename") or "actor.py"
+        self.config = params.get("config") or {}
+        self.actor_id = params.get("actor_id")
+        self.uses_asyncio = "asyncio" in source
+        code = compile(source, self.filename, "exec")
+        module = type(sys)("__actor__")
+        module.__file__ = self.filename
+        sys.modules["__actor__"] = module
+        exec(code, module.__dict__)  # noqa: S102 - this is the sandbox; running it is the point
+        entry = params.get("entry")
+        fn = reflow._registry[-1] if reflow._registry else module.__dict__.get(entry or "process")
+        if fn is None or not callable(fn):
+            raise RuntimeError(f"{self.filename} defines no @actor function and no process(context)")
+        self.fn = fn
+        return {}
+
+    def process(self, params):
+        payload = {port: reflow.Message.from_wire(v) for port, v in (params.get("payload") or {}).items()}
+        config = params.get("config")
+        ctx = reflow.ActorContext(payload, self.config if config is None else config,
+                                  params.get("actor_id") or self.actor_id, params.get("timestamp"))
+        result = self.fn(ctx)
+        if hasattr(result, "__await__"):
+            result = self.run_coroutine(result)
+        return {"outputs": self.outputs(result, ctx)}
+
+    def run_coroutine(self, coro):
+        if self.uses_asyncio:
+            import asyncio
+
+            if self.loop is None:
+                self.loop = asyncio.new_event_loop()
+            return self.loop.run_until_complete(_as_coroutine(coro))
+        if not hasattr(coro, "send"):
+            coro = _as_coroutine(coro)
+        try:
+            while True:
+                yielded = coro.send(None)
+                if yielded is not None:
+                    coro.throw(RuntimeError(
+                        "the actor awaited something that needs an event loop; import asyncio in the script to get one"))
+        except StopIteration as stop:
+            return stop.value
+
+    def outputs(self, result, ctx):
+        if result is None:
+            return {}
+        if isinstance(result, dict):
+            return {str(port): reflow.Message.infer(v).to_wire() for port, v in result.items()}
+        fn_meta = getattr(self.fn, "__reflow_actor__", {})
+        outs = fn_meta.get("outports") or []
+        if len(outs) == 1:
+            return {outs[0]: reflow.Message.infer(result).to_wire()}
+        raise TypeError(f"return a dict of port -> value, not a {type(result).__name__}")
+
+    def error_data(self, exc):
+        import traceback
+
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == self.filename]
+        lines = [f'File "{f.filename}", line {f.lineno}, in {f.name}' + (f": {f.line}" if f.line else "")
+                 for f in frames]
+        if isinstance(exc, SyntaxError) and exc.filename == self.filename:
+            lines.append(f'File "{exc.filename}", line {exc.lineno}')
+        return {"type": type(exc).__name__, "message": str(exc), "traceback": lines}
+
+    def serve(self):
+        chan = self.chan
+        while True:
+            try:
+                msg = chan.receive()
+            except EOFError:
+                return
+            method = msg.get("method")
+            rid = msg.get("id")
+            if method == "shutdown":
+                return
+            if rid is None or method not in ("load", "process", "ping"):
+                if rid is not None:
+                    chan.send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": f"method not found: {method}"}})
+                continue
+            self.current = rid
+            try:
+                if method == "process":
+                    result = self.process(msg.get("params") or {})
+                elif method == "load":
+                    result = self.load(msg.get("params") or {})
+                else:
+                    result = {}
+                chan.send({"jsonrpc": "2.0", "id": rid, "result": result})
+            except MemoryError:
+                self.fn = None
+                chan.send({"jsonrpc": "2.0", "id": rid, "error": {
+                    "code": -32005, "message": "memory limit exceeded", "data": {"limit": "memory"}}})
+                os._exit(3)
+            except Exception as exc:  # a script's failure is the message's, not the worker's
+                code = -32002
+                data = self.error_data(exc)
+                if isinstance(exc, reflow.ActorError) and exc.code is not None:
+                    data["code"] = exc.code
+                try:
+                    chan.send({"jsonrpc": "2.0", "id": rid, "error": {
+                        "code": code, "message": f"{data['type']}: {data['message']}", "data": data}})
+                except ValueError:  # an unserialisable message in the traceback text
+                    chan.send({"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": data["type"]}})
+            finally:
+                self.current = None
+
+
+async def _as_coroutine(awaitable):
+    return await awaitable
+
+
+class _Stream:
+    """sys.stdout/sys.stderr for scripts: text goes to the host's log as notifications."""
+
+    def __init__(self, chan, name):
+        self.chan, self.name = chan, name
+
+    def write(self, text):
+        if text:
+            self.chan.send({"jsonrpc": "2.0", "method": "log", "params": {"stream": self.name, "text": text[:4096]}})
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
+def main():
+    limits = _loads(sys.argv[-2])
+    _apply_limits(limits)
+    if sys.argv[-1] == "stdio":  # a microVM has no inherited fd: the channel is stdin/stdout
+        chan = Channel(os.dup(0), os.dup(1))
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+    else:
+        chan = Channel(int(sys.argv[-1]))
+    worker = Worker(chan)
+    reflow._state_call = worker.state_call
+    reflow._emit = worker.emit
+    sys.stdout = _Stream(chan, "stdout")
+    sys.stderr = _Stream(chan, "stderr")
+    chan.send({"jsonrpc": "2.0", "method": "ready", "params": {"runtime": "python", "pid": os.getpid()}})
+    try:
+        worker.serve()
+    except BrokenPipeError:
+        pass
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

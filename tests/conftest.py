@@ -1,0 +1,158 @@
+"""Shared fixtures: a real host process on a temporary workspace, and a real client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import trio
+
+from supervisor.client import open_client
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "scripts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_workspace(root: Path, scripts: dict[str, str], config: str = "", *, port: int | None = None,
+                    backend: str = "bubblewrap") -> Path:
+    """A workspace with ``scripts`` (name -> source) and a reflow.yaml; returns the config path."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, src in scripts.items():
+        (root / name).write_text(textwrap.dedent(src))
+    port = port or free_port()
+    cfg = root / "reflow.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        workspace:
+          root: .
+          script_patterns: ["**/*.actor.py", "**/*.actor.js"]
+          sandbox:
+            backend: {backend}
+            pool: {{preload_count: 1, max_size: 20}}
+          websocket: {{host: 127.0.0.1, port: {port}}}
+        """) + textwrap.dedent(config))
+    return cfg
+
+
+class HostProcess:
+    """``python -m supervisor run`` as a real child process."""
+
+    def __init__(self, config: Path, *args: str, env: dict | None = None):
+        self.config = config
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.url: str | None = None
+        self.log = config.parent / "host.log"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.config.parent / ".reflow"
+
+    async def start(self, timeout: float = 30) -> str:
+        info = self.state_dir / "host.json"
+        if info.exists():
+            info.unlink()
+        self.logf = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "-c", str(self.config), *self.args],
+                                     cwd=self.config.parent, stdout=self.logf, stderr=subprocess.STDOUT, env=self.env)
+        with trio.fail_after(timeout):
+            while not info.exists():
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"host exited with {self.proc.returncode}:\n{self.log.read_text()}")
+                await trio.sleep(0.05)  # polling a file the host writes once it serves
+        self.url = orjson.loads(info.read_bytes())["url"]
+        return self.url
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        with trio.fail_after(timeout):
+            while self.proc.poll() is None:
+                await trio.sleep(0.05)
+        self.logf.close()
+        return self.proc.returncode
+
+    async def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.signal(signal.SIGTERM)
+        try:
+            return await self.wait(20)
+        except trio.TooSlowError:
+            self.proc.kill()
+            return await self.wait(5)
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+@pytest.fixture
+async def make_host(tmp_path):
+    hosts: list[HostProcess] = []
+
+    async def make(scripts: dict[str, str], config: str = "", *args: str, start: bool = True,
+                   backend: str = "bubblewrap", env: dict | None = None) -> HostProcess:
+        cfg = write_workspace(tmp_path / f"ws{len(hosts)}", scripts, config, backend=backend)
+        h = HostProcess(cfg, *args, env=env)
+        hosts.append(h)
+        if start:
+            await h.start()
+        return h
+
+    yield make
+    with trio.CancelScope(shield=True):
+        for h in hosts:
+            await h.stop()
+
+
+def children_of(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(x) for x in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+async def wait_for(predicate, timeout: float = 10, interval: float = 0.02):
+    """Poll ``predicate`` (sync or async) until truthy; fail after ``timeout``."""
+    with trio.fail_after(timeout):
+        while True:
+            r = predicate()
+            if hasattr(r, "__await__"):
+                r = await r
+            if r:
+                return r
+            await trio.sleep(interval)
+
+
+__all__ = ["HostProcess", "children_of", "cmdline", "free_port", "open_client", "wait_for", "write_workspace",
+           "EXAMPLES", "ROOT"]
