@@ -22,7 +22,7 @@ import trio
 
 from ._channel import ChannelClosed
 from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
-                      ResourceLimitExceeded)
+                      ResourceLimitExceeded, single_error)
 from ._sandbox._base import ExitInfo, Worker
 from ._state import StateTxn, state_prefix
 
@@ -122,6 +122,7 @@ class ActorCell:
         self.default_ttl = cfg.workspace.redis.ttl
         self.max_output = cfg.workspace.sandbox.max_output
         self.subscribers: dict[int, Callable[[str, str, dict, str], None]] = {}
+        self.stopped_reason: str | None = None
 
     @property
     def component(self) -> ComponentSpec:
@@ -129,7 +130,14 @@ class ActorCell:
 
     # -- the outside ------------------------------------------------------
     def submit(self, env: Envelope) -> None:
-        """Queue a message; raises Overloaded when the mailbox is full."""
+        """Queue a message.
+
+        Raises:
+            Overloaded: the mailbox is full.
+            ActorStopped: the cell is stopped and its supervisor will not restart it.
+        """
+        if self.stopped_reason is not None:
+            raise ActorStopped(self.stopped_reason, {"actor": self.name})
         try:
             self._send.send_nowait(env)
         except trio.WouldBlock:
@@ -140,7 +148,8 @@ class ActorCell:
         return self._send.statistics().current_buffer_used
 
     def fail_queued(self, error: ActorError) -> None:
-        """Answer every queued message with ``error`` (the cell will not run again)."""
+        """Refuse new messages and answer every queued one with ``error`` (the cell will not run again)."""
+        self.stopped_reason = error.message
         while True:
             try:
                 self._recv.receive_nowait().fail(error)
@@ -156,15 +165,24 @@ class ActorCell:
             ActorTimedOut: a message ran past its timeout; the worker was killed.
             ScriptLoadFailed: the script does not load.
         """
+        self.stopped_reason = None
         worker = await self.host.pool.acquire(self.component.runtime)
         self.worker, self.tier = worker, worker.tier
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch, worker, nursery.cancel_scope)
-                await self._load(worker)
-                log.debug("script loaded into worker", extra={"actor": self.name, "pid": worker.pid})
-                task_status.started()
-                await self._serve(worker)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch, worker, nursery.cancel_scope)
+                    await self._load(worker)
+                    log.debug("script loaded into worker", extra={"actor": self.name, "pid": worker.pid})
+                    task_status.started()
+                    await self._serve(worker)
+            except BaseExceptionGroup as group:
+                # The watcher never raises, so a group here holds the serving loop's one
+                # failure: give the supervisor that error, not a wrapper around it.
+                error = single_error(group)
+                if error is None:
+                    raise
+                raise error from None
         finally:
             with trio.CancelScope(shield=True):
                 await worker.aclose()
@@ -253,8 +271,7 @@ class ActorCell:
             try:
                 frame = await channel.receive()
             except ChannelClosed:
-                await worker.wait()  # the watcher cancels us once the exit is known
-                raise
+                raise WorkerDied(self.name, await worker.wait()) from None
             if channel.bytes_received - start > self.max_output:
                 worker.kill(limit="output")
                 await worker.wait()

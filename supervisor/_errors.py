@@ -12,7 +12,7 @@ from typing import Any
 __all__ = [
     "ActorError", "UnknownActor", "ActorFailed", "ActorTimedOut", "Overloaded",
     "ResourceLimitExceeded", "Unauthorized", "ActorStopped", "InvalidParams", "RequestCancelled",
-    "error_code",
+    "error_code", "single_error",
 ]
 
 PARSE_ERROR = -32700
@@ -89,6 +89,25 @@ class Unauthorized(ActorError):
 
 class RequestCancelled(ActorError):
     code = REQUEST_CANCELLED
+
+
+def single_error(group: BaseException) -> Exception | None:
+    """The one real failure inside a (nested) exception group, ignoring cancellations; else None.
+
+    trio wraps whatever leaves a nursery in an ExceptionGroup; at a task boundary
+    the supervisor wants the failure itself, not the wrapper.
+    """
+    leaves: list[BaseException] = []
+    todo = [group]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        elif not isinstance(e, (KeyboardInterrupt, SystemExit)) and type(e).__name__ != "Cancelled":
+            leaves.append(e)
+    if len(leaves) == 1 and isinstance(leaves[0], Exception):
+        return leaves[0]
+    return None
 
 
 def error_code(exc: BaseException) -> int:

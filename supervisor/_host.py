@@ -34,7 +34,7 @@ from ._protocol import wrap
 from ._redis import RedisError, RedisUnavailable, open_redis, serve_embedded_redis
 from ._sandbox import select_backend
 from ._sandbox._base import SandboxBackend, SandboxUnavailable, WorkerSpec
-from ._tree import PermanentFailure, Supervisor
+from ._tree import PermanentFailure, Supervisor, SupervisorGaveUp
 
 __all__ = ["Host", "HostError"]
 
@@ -172,10 +172,13 @@ class Host:
         network = Supervisor("network", _policy_from(sup), top)
         return Supervisor("root", _policy_from(sup), [network])
 
-    def _worker_specs(self) -> dict[str, WorkerSpec]:
+    def _worker_specs(self, specs_needed: list[ProcessSpec]) -> dict[str, WorkerSpec]:
         sb = self.config.workspace.sandbox
+        needed = {p.component.runtime for p in specs_needed}
         specs = {}
         for rt, rc in (("python", sb.python), ("javascript", sb.javascript)):
+            if rt not in needed:
+                continue
             specs[rt] = WorkerSpec(runtime=rt, memory=rc.memory, cpu=rc.cpu, cpu_seconds=sb.cpu_seconds,
                                    max_processes=sb.max_processes, tmp_size=sb.tmp_size, max_output=sb.max_output)
         return specs
@@ -286,7 +289,7 @@ class Host:
         specs = self.plan()
         backend = self.select_backend()
         ws = self.config.workspace
-        self.pool = WorkerPool(backend, self._worker_specs(), preload=ws.sandbox.pool.preload_count,
+        self.pool = WorkerPool(backend, self._worker_specs(specs), preload=ws.sandbox.pool.preload_count,
                                max_size=ws.sandbox.pool.max_size, idle_timeout=ws.sandbox.pool.idle_timeout)
         self.root = self._build_tree(specs)
         from ._server import serve_api
@@ -320,10 +323,12 @@ class Host:
         assert self.root is not None
         try:
             await self.root.run(task_status=task_status)
-        except Exception as exc:
-            log.critical("the supervision tree gave up: %s", exc)
+        except SupervisorGaveUp as exc:
+            # OTP would end the node here. We keep the API up so that status shows what
+            # failed and callers get -32002 instead of a refused connection.
+            log.critical("the supervision tree gave up: %s; the host keeps answering status", exc)
             self.root.on_stopped(exc)
-            raise
+            await trio.sleep_forever()
 
     def _send_iips(self) -> None:
         net = self.config.network

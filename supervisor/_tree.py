@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import trio
 
 from . import _policy as policy
+from ._errors import single_error
 
 __all__ = ["Supervisor", "SupervisorGaveUp", "Child"]
 
@@ -100,6 +101,7 @@ class Supervisor:
         self.started_at: float | None = None
         self._nursery: trio.Nursery | None = None
         self._events: trio.MemorySendChannel | None = None
+        self._last_exited: str | None = None
 
     # -- introspection ----------------------------------------------------
     def children(self) -> list[Child]:
@@ -158,6 +160,7 @@ class Supervisor:
                         log.error("%s", error, extra={"actor": name, "supervisor": self.name})
                         continue
                     abnormal = error is not None
+                    self._last_exited = name
                     if abnormal:
                         node.last_error = error_info(error)
                         log.error("child failed: %s", error,
@@ -170,6 +173,12 @@ class Supervisor:
         except SupervisorGaveUp:
             self.state = "failed"
             raise
+        except BaseExceptionGroup as group:
+            error = single_error(group)
+            if isinstance(error, SupervisorGaveUp):
+                self.state = "failed"
+                raise error from None
+            raise
         finally:
             if self.state != "failed":
                 self.state = "stopped"
@@ -180,7 +189,8 @@ class Supervisor:
             self.last_error = {"type": "SupervisorGaveUp", "message": action.reason, "at": time.time()}
             for name in reversed(list(self._nodes)):
                 await self._stop(name)
-                self._nodes[name].state = "failed" if self._nodes[name].state != "stopped" else "stopped"
+            if self._last_exited in self._nodes:
+                self._nodes[self._last_exited].state = "failed"
             err = SupervisorGaveUp(self.name, action.reason)
             self.on_stopped(err)
             log.error("%s", err, extra={"supervisor": self.name})

@@ -1,0 +1,121 @@
+"""Supervision with real crashing scripts in a real host process."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import trio
+
+from conftest import children_of, cmdline, open_client, wait_for
+from supervisor.client import RpcError
+
+CRASHER = '''
+import os, time
+from reflow import actor
+
+@actor(name="Crasher", inports=["how"], outports=["ok"], timeout=1)
+def crash(context):
+    how = context.get_input("how")
+    if how == "raise":
+        raise ValueError("boom")
+    if how == "exit":
+        os._exit(7)
+    if how == "segv":
+        import ctypes
+        ctypes.string_at(0)
+    if how == "loop":
+        while True:
+            pass
+    return {"ok": True}
+'''
+
+STEADY = '''
+from reflow import actor
+
+@actor(name="Steady", inports=["x"], outports=["y"])
+def steady(context):
+    return {"y": context.get_input("x")}
+'''
+
+
+def _node(status: dict, name: str) -> dict:
+    todo = [status]
+    while todo:
+        n = todo.pop()
+        if n["name"] == name and n.get("kind") == "actor":
+            return n
+        todo += n.get("children") or []
+    raise KeyError(name)
+
+
+async def test_crash_kinds_fail_the_call_and_restart_the_worker(make_host):
+    host = await make_host({"crasher.actor.py": CRASHER, "steady.actor.py": STEADY},
+                           "supervision: {max_restarts: 10, max_seconds: 60}\n")
+    async with open_client(host.url) as c:
+        with pytest.raises(RpcError) as err:
+            await c.call("Crasher", {"how": "raise"})
+        assert err.value.code == -32002 and err.value.data["type"] == "ValueError"
+        assert err.value.data["traceback"][-1].startswith('File "crasher.actor.py", line 9')
+        assert _node(await c.status(), "Crasher")["restarts"] == 0  # a raise is the message's failure only
+
+        expected = {"exit": ("exit_code", 7), "segv": ("signal", signal.SIGSEGV)}
+        for restarts, (how, (key, value)) in enumerate(expected.items(), start=1):
+            with pytest.raises(RpcError) as err:
+                await c.call("Crasher", {"how": how})
+            assert err.value.code == -32002 and err.value.data[key] == value
+            assert (await c.call("Crasher", {"how": "ok"}))["outputs"]["ok"]["value"] is True
+            assert _node(await c.status(), "Crasher")["restarts"] == restarts
+
+        with pytest.raises(RpcError) as err:
+            await c.call("Crasher", {"how": "loop"})
+        assert err.value.code == -32003
+        assert (await c.call("Crasher", {"how": "ok"}))["outputs"]["ok"]["value"] is True
+        node = _node(await c.status(), "Crasher")
+        assert node["restarts"] == 3 and node["last_error"]["type"] == "ActorTimedOut"
+        assert (await c.call("Steady", {"x": 5}))["outputs"]["y"]["value"] == 5
+        assert _node(await c.status(), "Steady")["restarts"] == 0
+
+
+async def test_exceeded_intensity_escalates_and_status_shows_it(make_host):
+    host = await make_host({"crasher.actor.py": CRASHER, "steady.actor.py": STEADY},
+                           "supervision: {max_restarts: 1, max_seconds: 30, backoff: {min: 1ms, max: 10ms}}\n")
+    async with open_client(host.url) as c:
+        crashes = 0
+        while (await c.status())["state"] != "failed":
+            with pytest.raises(RpcError) as err:
+                await c.call("Crasher", {"how": "exit"}, timeout=10)
+            assert err.value.code == -32002
+            crashes += 1
+            assert crashes < 10
+        # network gave up twice (1 restart allowed each time), so the root gave up too.
+        status = await c.status()
+        network = status["children"][0]
+        assert network["state"] == "failed" and status["last_error"]["type"] == "SupervisorGaveUp"
+        assert "more than 1 restarts" in status["last_error"]["message"]
+        with pytest.raises(RpcError) as err:
+            await c.call("Steady", {"x": 1}, timeout=5)
+        assert err.value.code == -32002 and "not running" in err.value.message
+
+
+async def test_sigterm_drains_and_leaves_no_process_behind(make_host):
+    slow = STEADY.replace('return {"y"', 'import time; time.sleep(0.5); return {"y"')
+    host = await make_host({"steady.actor.py": slow})
+    async with open_client(host.url) as c:
+        assert (await c.call("Steady", {"x": 1}))["outputs"]["y"]["value"] == 1
+        descendants = children_of(host.proc.pid)
+        assert any("redis-server" in cmdline(p) for p in descendants)
+        assert any("bwrap" in cmdline(p) for p in descendants)
+        results = []
+
+        async def call(i):
+            results.append((await c.call("Steady", {"x": i}))["outputs"]["y"]["value"])
+
+        async with trio.open_nursery() as n:
+            n.start_soon(call, 2)
+            await trio.sleep(0.1)  # the call is in the worker
+            host.signal(signal.SIGTERM)
+    assert results == [2]
+    assert await host.wait(30) == 0
+    for pid in descendants:
+        assert not cmdline(pid), f"left behind: {pid} {cmdline(pid)}"
