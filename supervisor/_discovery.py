@@ -270,6 +270,7 @@ def _extract_js(path: Path, text: str) -> ComponentSpec:
                               f"the actor metadata is not a plain object literal: {detail}") from None
         if not isinstance(raw, dict):
             raise ScriptError(path, line, "actor(...) needs an object literal")
+        raw = _join_surrogates(raw)
         meta = _meta(path, line, raw)
         fm = _JS_FUNC_AFTER.match(text, end + 1)
         entry = fm.group(1) if fm and fm.group(1) else None
@@ -283,6 +284,20 @@ def _extract_js(path: Path, text: str) -> ComponentSpec:
                              inports=(), outports=(), dynamic_ports=True,
                              description=_leading_comment(text, text.rfind("\n", 0, pm.start()) + 1))
     raise ScriptError(path, 1, "no @actor({...}) / actor({...}, fn) and no async function process(context)")
+
+
+def _join_surrogates(v: Any) -> Any:
+    """json5 leaves an escaped surrogate pair (``\\ud800\\udc00``) as two code points; JS joins them."""
+    if isinstance(v, str):
+        try:
+            return v.encode("utf-16", "surrogatepass").decode("utf-16")
+        except UnicodeDecodeError:
+            return v
+    if isinstance(v, list):
+        return [_join_surrogates(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _join_surrogates(x) for k, x in v.items()}
+    return v
 
 
 def _in_comment_or_string(text: str, pos: int) -> bool:

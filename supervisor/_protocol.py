@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,12 +134,16 @@ def _decode_one(obj: Any) -> Incoming:
     return ErrorResponse(rid, ErrorObject(err["code"], err["message"], err.get("data")))
 
 
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
 def _loads(data: bytes | str) -> Any:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        # orjson rejects integers beyond 64 bits, which JSON allows; the stdlib reads them.
-        return json.loads(data)
+    # orjson reads integers beyond 64 bits as floats (losing digits); JSON allows any
+    # size, so frames with such long digit runs go through the stdlib instead.
+    raw = data.encode() if isinstance(data, str) else data
+    if _LONG_NUMBER.search(raw):
+        return json.loads(raw)
+    return orjson.loads(raw)
 
 
 def decode_frame(data: bytes | str) -> Frame:

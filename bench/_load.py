@@ -1,0 +1,81 @@
+"""Load shapes shared by every WebSocket target: sequential latency, N-in-flight throughput, batch frames."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+import trio
+import trio_websocket
+
+__all__ = ["batch_throughput", "latency", "throughput"]
+
+Call = Callable[[int], Awaitable[object]]
+
+
+async def latency(call: Call, n: int, warmup: int) -> list[float]:
+    """Seconds per call, one call in flight at a time (after ``warmup`` unrecorded calls)."""
+    for i in range(warmup):
+        await call(i)
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        await call(i)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+async def throughput(call: Call, total: int, inflight: int) -> float:
+    """Calls per second with ``inflight`` concurrent callers sharing ``total`` calls."""
+    counter = itertools.count()
+
+    async def worker() -> None:
+        while (i := next(counter)) < total:
+            await call(i)
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as n:
+        for _ in range(inflight):
+            n.start_soon(worker)
+    return total / (time.perf_counter() - t0)
+
+
+async def batch_throughput(url: str, make_request: Callable[[int], dict], batches: int, size: int,
+                           outstanding: int = 4) -> float:
+    """Messages per second sending ``batches`` JSON-RPC batch frames of ``size`` requests,
+    at most ``outstanding`` frames unanswered. Raises RuntimeError if any reply is an error."""
+    total = batches * size
+    window = trio.Semaphore(outstanding)
+    done = trio.Event()
+    errors: list[dict] = []
+
+    async with trio_websocket.open_websocket_url(url, max_message_size=64 * 2**20) as ws:
+        async def reader() -> None:
+            got = 0
+            while got < total:
+                msg = orjson.loads(await ws.get_message())
+                items = msg if isinstance(msg, list) else [msg]
+                before, got = got, got + len(items)
+                errors.extend(it["error"] for it in items if "error" in it)
+                for _ in range(got // size - before // size):
+                    window.release()
+            done.set()
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            rid = 0
+            for _ in range(batches):
+                await window.acquire()
+                frame = []
+                for _ in range(size):
+                    rid += 1
+                    frame.append(make_request(rid))
+                await ws.send_message(orjson.dumps(frame).decode())
+            await done.wait()
+        elapsed = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} batch items failed, e.g. {errors[0]}")
+    return total / elapsed
