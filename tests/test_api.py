@@ -1,0 +1,138 @@
+"""The WebSocket API with a raw client: spec answers to bad frames, cancel, auth, send/subscribe, the graph."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+import pytest
+import trio
+import trio_websocket
+
+from conftest import EXAMPLES, ROOT, open_client, write_workspace
+from supervisor.client import RpcError
+
+DOUBLE = '''
+import time
+from reflow import actor
+
+@actor(name="Double", inports=["x", "sleep"], outports=["y"])
+def double(context):
+    time.sleep(context.get_input("sleep", 0))
+    return {"y": context.get_input("x") * 2}
+'''
+
+SUM = '''
+from reflow import actor
+
+@actor(name="Sum", inports=["a", "b"], outports=["total"], await_all_inports=True)
+def total(context):
+    n = context.get_state().increment("seen")
+    return {"total": context.get_input("a") + context.get_input("b") + 0 * n}
+'''
+
+
+async def raw(ws, frame):
+    await ws.send_message(frame)
+    return orjson.loads(await ws.get_message())
+
+
+async def test_bad_frames_get_spec_answers_and_never_hurt_other_calls(make_host):
+    host = await make_host({"double.actor.py": DOUBLE})
+    async with trio_websocket.open_websocket_url(host.url) as ws, open_client(host.url) as other:
+        async with trio.open_nursery() as n:
+            results = []
+
+            async def slow_other():
+                results.append(await other.call("Double", {"x": 4, "sleep": 0.5}))
+            n.start_soon(slow_other)
+            assert (await raw(ws, "{nope"))["error"]["code"] == -32700
+            assert (await raw(ws, "[]"))["error"]["code"] == -32600
+            assert [r["error"]["code"] for r in await raw(ws, "[1, 2]")] == [-32600, -32600]
+            r = await raw(ws, '{"jsonrpc": "2.0", "id": "a", "method": "no.such"}')
+            assert r == {"jsonrpc": "2.0", "id": "a", "error": {"code": -32601, "message": "method not found: no.such"}}
+            r = await raw(ws, '{"jsonrpc": "2.0", "id": 3, "method": "actor.call", "params": {"actor": "Double"}}')
+            assert r["id"] == 3 and r["error"]["code"] == -32602 and "inputs" in r["error"]["message"]
+            batch = await raw(ws, '[{"jsonrpc": "2.0", "id": 1, "method": "actor.call", "params": '
+                                  '{"actor": "Double", "inputs": {"x": 1}}}, {"jsonrpc": "2.0", "method": "x"}, '
+                                  '{"jsonrpc": "2.0", "id": 2, "method": "actors.list"}]')
+            assert sorted(r["id"] for r in batch) == [1, 2]
+            # a notification-only frame gets no answer: the next answer is for the next request
+            await ws.send_message('{"jsonrpc": "2.0", "method": "actors.list"}')
+            assert (await raw(ws, '{"jsonrpc": "2.0", "id": 9, "method": "actors.list"}'))["id"] == 9
+        assert results[0]["outputs"]["y"]["value"] == 8
+
+
+async def test_cancel_request_answers_minus_32800(make_host):
+    host = await make_host({"double.actor.py": DOUBLE})
+    async with trio_websocket.open_websocket_url(host.url) as ws:
+        await ws.send_message('{"jsonrpc": "2.0", "id": 7, "method": "actor.call", "params": '
+                              '{"actor": "Double", "inputs": {"x": 1, "sleep": 5}}}')
+        await ws.send_message('{"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": 7}}')
+        with trio.fail_after(3):
+            r = orjson.loads(await ws.get_message())
+        assert r["id"] == 7 and r["error"]["code"] == -32800
+
+
+async def test_send_and_subscribe(make_host):
+    host = await make_host({"double.actor.py": DOUBLE})
+    async with open_client(host.url) as c:
+        sub = await c.request("actor.subscribe", {"actor": "Double", "port": "y"})
+        notes = c.on_notification(sub["subscription"])
+        mid = await c.send("Double", "x", 21)
+        with trio.fail_after(10):
+            note = (await notes.receive())["params"]
+        assert note == {"subscription": sub["subscription"], "actor": "Double", "port": "y",
+                        "message": {"type": "integer", "value": 42}, "message_id": mid}
+        assert await c.request("actor.unsubscribe", sub) == {}
+        with pytest.raises(RpcError) as err:
+            await c.request("actor.unsubscribe", sub)
+        assert err.value.code == -32602
+
+
+async def test_graph_routes_iips_and_waits_for_all_inports(make_host):
+    config = """\
+network:
+  processes:
+    d1: {component: Double}
+    d2: {component: Double}
+    sum: {component: Sum}
+  connections:
+    - {src: {process: d1, port: y}, tgt: {process: sum, port: a}}
+    - {src: {process: d2, port: y}, tgt: {process: sum, port: b}}
+    - {data: 5, tgt: {process: d2, port: x}}
+"""
+    host = await make_host({"double.actor.py": DOUBLE, "sum.actor.py": SUM}, config)
+    async with open_client(host.url) as c:
+        sub = await c.request("actor.subscribe", {"actor": "sum"})
+        notes = c.on_notification(sub["subscription"])
+        await c.send("d1", "x", 1)
+        with trio.fail_after(10):
+            note = (await notes.receive())["params"]
+        assert note["port"] == "total" and note["message"]["value"] == 2 + 10
+
+
+async def test_token_required_when_set(make_host):
+    host = await make_host({"double.actor.py": DOUBLE}, env={"REFLOW_TOKEN": "s3cret"})
+    with pytest.raises(trio_websocket.HandshakeError):
+        async with open_client(host.url):
+            pass
+    async with open_client(host.url, token="s3cret") as c:
+        assert (await c.call("Double", {"x": 2}))["outputs"]["y"]["value"] == 4
+
+
+def test_non_loopback_without_token_refuses_to_start(tmp_path):
+    cfg = write_workspace(tmp_path, {"double.actor.py": DOUBLE})
+    cfg.write_text(cfg.read_text().replace("host: 127.0.0.1", "host: 0.0.0.0"))
+    r = subprocess.run([sys.executable, "-m", "supervisor", "run", "-c", str(cfg)], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path)
+    assert r.returncode == 2 and "token" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_network_component_is_a_startup_error(tmp_path):
+    cfg = write_workspace(tmp_path, {"double.actor.py": DOUBLE},
+                          "network:\n  processes: {p: {component: Nope}}\n")
+    r = subprocess.run([sys.executable, "-m", "supervisor", "run", "-c", str(cfg)], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path)
+    assert r.returncode == 2 and "network.processes.p.component: unknown component 'Nope'" in r.stderr
