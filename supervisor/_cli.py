@@ -238,10 +238,7 @@ def _call(args: argparse.Namespace) -> int:
                 print(f"{port}: {orjson.dumps(value).decode()}")
             return EXIT_OK
 
-    try:
-        return trio.run(go)
-    except OSError as exc:
-        raise RuntimeError(f"cannot reach the host at {url}: {exc}") from exc
+    return _connecting(url, lambda: trio.run(go))
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -255,10 +252,7 @@ def _status(args: argparse.Namespace) -> int:
         async with open_client(url, token=args.token or os.environ.get("REFLOW_TOKEN")) as client:
             return await client.status()
 
-    try:
-        tree = trio.run(go)
-    except OSError as exc:
-        raise RuntimeError(f"cannot reach the host at {url}: {exc}") from exc
+    tree = _connecting(url, lambda: trio.run(go))
     if args.json:
         print(orjson.dumps(tree, option=orjson.OPT_INDENT_2).decode())
         return EXIT_OK
@@ -267,6 +261,23 @@ def _status(args: argparse.Namespace) -> int:
     for rt, p in pools.items():
         print(f"pool {rt}: warm {p['warm']}, live {p['live']}/{p['max_size']}")
     return EXIT_OK
+
+
+def _connecting(url: str, fn: Any) -> Any:
+    """Run a client; a refused or failed connection becomes one sentence."""
+    import trio_websocket
+
+    from .client import ConnectionLost
+
+    try:
+        return fn()
+    except (OSError, trio_websocket.HandshakeError, ConnectionLost) as exc:
+        why = exc.__cause__ or exc
+        if isinstance(exc, trio_websocket.ConnectionRejected) or isinstance(why, trio_websocket.ConnectionRejected):
+            rej = exc if isinstance(exc, trio_websocket.ConnectionRejected) else why
+            raise RuntimeError(f"the host at {url} refused the connection (HTTP {rej.status_code}); "
+                               "a token may be needed: --token or REFLOW_TOKEN") from exc
+        raise RuntimeError(f"cannot reach the host at {url}: {why or type(why).__name__}") from exc
 
 
 def _print_tree(node: dict, depth: int) -> None:

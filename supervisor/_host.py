@@ -287,7 +287,8 @@ class Host:
         if self.discovery is None:
             self.discover()
         specs = self.plan()
-        backend = self.select_backend()
+        # A microVM boot probe can take seconds: keep it off the trio thread.
+        backend = await trio.to_thread.run_sync(self.select_backend)
         ws = self.config.workspace
         self.pool = WorkerPool(backend, self._worker_specs(specs), preload=ws.sandbox.pool.preload_count,
                                max_size=ws.sandbox.pool.max_size, idle_timeout=ws.sandbox.pool.idle_timeout)

@@ -311,9 +311,14 @@ class Connection:
                                         "requests in flight on this connection; retry later")
         scope = trio.CancelScope()
         self.in_flight[key] = scope
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
+            log.debug("rpc request", extra={"id": req.id, "method": req.method, "peer": str(self.ws.remote)})
         try:
             with scope:
                 result = await method(self, req.params)
+                if debug:
+                    log.debug("rpc reply", extra={"id": req.id, "method": req.method})
                 return proto.Response(req.id, result)
             return proto.error_response(req.id, RequestCancelled.code, "request cancelled")
         except ActorError as exc:

@@ -10,12 +10,15 @@ it dies; a worker is never handed to a second actor.
 from __future__ import annotations
 
 import abc
+import logging
 import signal as _signal
 
 import attrs
 import trio
 
 from .._channel import LineChannel
+
+_log = logging.getLogger("supervisor.sandbox")
 
 __all__ = ["ExitInfo", "SandboxBackend", "SandboxUnavailable", "Worker", "WorkerSpec"]
 
@@ -110,7 +113,9 @@ class Worker(abc.ABC):
     async def aclose(self) -> None:
         self.kill()
         with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await self.wait()
+            info = await self.wait()
+            _log.debug("sandbox cleaned up", extra={"runtime": self.runtime, "pid": self.pid,
+                                                    "exit": info.describe()})
             try:
                 await self.channel.aclose()
             except Exception:

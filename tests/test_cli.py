@@ -1,0 +1,43 @@
+"""The CLI against a real host: call prints streamed and final outputs, status prints the tree."""
+
+from __future__ import annotations
+
+import trio
+
+from conftest import EXAMPLES
+
+
+async def _cli(*args: str, cwd) -> tuple[int, str, str]:
+    import sys
+
+    r = await trio.run_process([sys.executable, "-m", "supervisor", *args], capture_stdout=True, capture_stderr=True,
+                               check=False, cwd=cwd)
+    return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+
+async def test_call_and_status_commands(make_host):
+    host = await make_host({"t.actor.py": (EXAMPLES / "test_actor.py").read_text()
+                            .replace("async def process", "from reflow import actor\n\n"
+                                     "@actor(name='T', inports=['value'], outports=['status', 'result'])\n"
+                                     "async def process")}, "", "--log-level", "debug")
+    cwd = host.config.parent
+    rc, out, err = await _cli("call", "T", "value=21", "-c", str(host.config), cwd=cwd)
+    assert rc == 0, err
+    assert out.splitlines()[:2] == ['status: "processing"', "result: 42"]
+    rc, out, err = await _cli("status", "-c", str(host.config), cwd=cwd)
+    assert rc == 0, err
+    assert "root [supervisor] running" in out and "T [actor] running" in out and "tier=namespaces" in out
+    rc, out, err = await _cli("call", "Nope", "x=1", "--url", host.url, cwd=cwd)
+    assert rc == 1 and "unknown actor 'Nope' (-32001)" in err
+    rc, out, err = await _cli("call", "T", "oops", "--url", host.url, cwd=cwd)
+    assert rc == 2 and "port=JSON" in err
+    log = host.output()
+    for event in ("sandbox created", "rpc server started", "script loaded into worker", "rpc request"):
+        assert event in log, event
+    await host.stop()
+    assert "sandbox cleaned up" in host.output()
+
+
+async def test_status_without_a_host_is_one_clear_sentence(tmp_path):
+    rc, out, err = await _cli("status", "--url", "ws://127.0.0.1:9/", cwd=tmp_path)
+    assert rc == 1 and err.startswith("error: cannot reach the host") and "Traceback" not in err
