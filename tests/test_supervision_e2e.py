@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from conftest import children_of, cmdline, open_client, wait_for
-from supervisor.client import RpcError
+from supervisor.client import ConnectionLost, RpcError
 
 CRASHER = '''
 import os, time
@@ -117,5 +117,69 @@ async def test_sigterm_drains_and_leaves_no_process_behind(make_host):
             host.signal(signal.SIGTERM)
     assert results == [2]
     assert await host.wait(30) == 0
+    for pid in descendants:
+        assert not cmdline(pid), f"left behind: {pid} {cmdline(pid)}"
+
+
+def _restarts(status: dict) -> dict[str, int]:
+    out, todo = {}, [status]
+    while todo:
+        n = todo.pop()
+        if n.get("kind") == "actor":
+            out[n["name"]] = n["restarts"]
+        todo += n.get("children") or []
+    return out
+
+
+@pytest.mark.parametrize("strategy,expected", [
+    ("one_for_all", {"a": 1, "b": 1, "c": 1, "solo": 0}),
+    ("rest_for_one", {"a": 0, "b": 1, "c": 1, "solo": 0}),
+])
+async def test_group_strategies_restart_exactly_the_predicted_children(make_host, strategy, expected):
+    config = f"""\
+network:
+  processes:
+    a: {{component: Crasher}}
+    b: {{component: Crasher}}
+    c: {{component: Crasher}}
+    solo: {{component: Steady}}
+supervision:
+  max_restarts: 5
+  max_seconds: 60
+  groups:
+    trio: {{members: [a, b, c], strategy: {strategy}, max_restarts: 5, max_seconds: 60}}
+"""
+    host = await make_host({"crasher.actor.py": CRASHER, "steady.actor.py": STEADY}, config)
+    async with open_client(host.url) as c:
+        pids = {n: _node(await c.status(), n)["pid"] for n in ("a", "b", "c", "solo")}
+        with pytest.raises(RpcError):
+            await c.call("b", {"how": "exit"})
+        for name in ("a", "b", "c"):
+            assert (await c.call(name, {"how": "ok"}, timeout=10))["outputs"]["ok"]["value"] is True
+        status = await c.status()
+        assert _restarts(status) == expected
+        for name, n in expected.items():
+            assert (_node(status, name)["pid"] != pids[name]) == bool(n)
+        group = status["children"][0]["children"][-1]
+        assert group["name"] == "trio" and group["strategy"] == strategy
+
+
+async def test_second_signal_stops_at_once(make_host):
+    slow = STEADY.replace('return {"y"', 'import time; time.sleep(60); return {"y"')
+    host = await make_host({"steady.actor.py": slow}, "supervision: {shutdown_grace: 60s}\n")
+    async with open_client(host.url) as c:
+        descendants = children_of(host.proc.pid)
+        async with trio.open_nursery() as n:
+            async def call():
+                with pytest.raises((RpcError, ConnectionLost)):
+                    await c.call("Steady", {"x": 1})
+            n.start_soon(call)
+            await trio.sleep(0.3)  # the call is in the worker
+            host.signal(signal.SIGTERM)
+            await trio.sleep(0.3)  # the host is draining
+            assert host.proc.poll() is None
+            host.signal(signal.SIGINT)
+            assert await host.wait(5) == 0
+            n.cancel_scope.cancel()
     for pid in descendants:
         assert not cmdline(pid), f"left behind: {pid} {cmdline(pid)}"
