@@ -258,13 +258,18 @@ class Connection:
         if not frame.is_batch and len(frame.items) == 1:
             item = frame.items[0]
             if isinstance(item, proto.Request):
-                self._nursery.start_soon(self._answer_one, item)
+                admitted = self._admit(item)
+                if isinstance(admitted, proto.ErrorResponse):
+                    self.queue(proto.reply_frame([admitted], False))
+                else:
+                    self._nursery.start_soon(self._answer_one, item, admitted)
             else:
                 reply = self._immediate(item)
                 if reply is not None:
                     self.queue(proto.reply_frame([reply], False))
             return
-        self._nursery.start_soon(self._answer_batch, frame)
+        admitted = [self._admit(i) if isinstance(i, proto.Request) else None for i in frame.items]
+        self._nursery.start_soon(self._answer_batch, frame, admitted)
 
     def _immediate(self, item: Any) -> Any:
         """Handle what needs no task: notifications, invalid entries, stray responses."""
@@ -277,20 +282,22 @@ class Connection:
                     scope.cancel()
         return None
 
-    async def _answer_one(self, req: proto.Request) -> None:
-        reply = await self._call(req)
+    async def _answer_one(self, req: proto.Request, scope: trio.CancelScope) -> None:
+        reply = await self._call(req, scope)
         self.queue(proto.reply_frame([reply], False))
 
-    async def _answer_batch(self, frame: Any) -> None:
+    async def _answer_batch(self, frame: Any, admitted: list[Any]) -> None:
         replies: list[Any] = []
 
-        async def one(req: proto.Request) -> None:
-            replies.append(await self._call(req))
+        async def one(req: proto.Request, scope: trio.CancelScope) -> None:
+            replies.append(await self._call(req, scope))
 
         async with trio.open_nursery() as nursery:
-            for item in frame.items:
-                if isinstance(item, proto.Request):
-                    nursery.start_soon(one, item)
+            for item, adm in zip(frame.items, admitted):
+                if isinstance(adm, proto.ErrorResponse):
+                    replies.append(adm)
+                elif isinstance(item, proto.Request):
+                    nursery.start_soon(one, item, adm)
                 else:
                     r = self._immediate(item)
                     if r is not None:
@@ -299,18 +306,23 @@ class Connection:
         if data is not None:
             self.queue(data)
 
-    async def _call(self, req: proto.Request) -> Any:
-        method = self.api.methods.get(req.method)
-        if method is None:
+    def _admit(self, req: proto.Request) -> trio.CancelScope | proto.ErrorResponse:
+        """Register a request's cancel scope now, before its task runs, so that a
+        ``$/cancelRequest`` in the very next frame finds it; or refuse it."""
+        if req.method not in self.api.methods:
             return proto.error_response(req.id, proto.METHOD_NOT_FOUND, f"method not found: {req.method}")
         if self.api.host.stopping and req.method in _MESSAGE_METHODS:
             return proto.error_response(req.id, Overloaded.code, "the host is shutting down; retry later")
-        key = _id_key(req.id)
         if len(self.in_flight) >= self.api.cfg.max_in_flight:
             return proto.error_response(req.id, Overloaded.code, f"more than {self.api.cfg.max_in_flight} "
                                         "requests in flight on this connection; retry later")
         scope = trio.CancelScope()
-        self.in_flight[key] = scope
+        self.in_flight[_id_key(req.id)] = scope
+        return scope
+
+    async def _call(self, req: proto.Request, scope: trio.CancelScope) -> Any:
+        method = self.api.methods[req.method]
+        key = _id_key(req.id)
         debug = log.isEnabledFor(logging.DEBUG)
         if debug:
             log.debug("rpc request", extra={"id": req.id, "method": req.method, "peer": str(self.ws.remote)})

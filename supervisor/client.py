@@ -1,14 +1,20 @@
-"""A trio client for the host's WebSocket API (used by the CLI's ``call`` and ``status``).
+"""A trio client for the host's WebSocket API (the CLI's ``call`` and ``status`` use it).
 
 ``async with open_client(url, token=...) as c: await c.call("Calc", {"a": 1})``.
-Each call is a pending slot keyed by its id; the connection's reader resolves
-it. A lost connection fails every pending call with :class:`ConnectionLost`.
+
+Each call is a pending slot keyed by its id, resolved by the connection's
+reader. When the connection is lost every pending call fails with
+:class:`ConnectionLost` — never hangs, and is never silently sent again
+unless the caller marked it ``idempotent=True``. With ``reconnect=True`` (the
+default) the client reconnects with exponential backoff and jitter and
+re-subscribes every live subscription, which keeps delivering.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,28 +34,78 @@ class RpcError(Exception):
 
 
 class ConnectionLost(Exception):
-    """The connection to the host broke while calls were pending."""
+    """The connection to the host broke while the call was pending (or could not be made)."""
+
+
+class _Sub:
+    def __init__(self, params: dict, send: trio.MemorySendChannel):
+        self.params = params
+        self.send = send
+        self.server_id: str | None = None
 
 
 class Client:
-    def __init__(self, ws: trio_websocket.WebSocketConnection):
-        self._ws = ws
+    def __init__(self, url: str, *, token: str | None, max_message_size: int, reconnect: bool,
+                 backoff: tuple[float, float] = (0.05, 5.0)):
+        self.url = url
+        self._headers = [(b"Authorization", f"Bearer {token}".encode())] if token else None
+        self._max = max_message_size
+        self._reconnect = reconnect
+        self._backoff = backoff
         self._ids = itertools.count(1)
+        self._ws: trio_websocket.WebSocketConnection | None = None
+        self._connected = trio.Event()
         self._pending: dict[int, tuple[trio.Event, list]] = {}
         self._notifications: dict[str, trio.MemorySendChannel] = {}
-        self._lost: str | None = None
+        self._subs: dict[int, _Sub] = {}
+        self._lost: str | None = "not connected yet"
+        self.connections = 0
 
-    async def _reader(self) -> None:
+    # -- the connection loop ------------------------------------------------------------
+    async def _run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        failures = 0
+        first = True
+        while True:
+            try:
+                async with trio_websocket.open_websocket_url(
+                        self.url, extra_headers=self._headers, max_message_size=self._max,
+                        connect_timeout=10, disconnect_timeout=2) as ws:
+                    failures = 0
+                    self._ws, self._lost = ws, None
+                    self.connections += 1
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._reader, ws, nursery.cancel_scope)
+                        self._connected.set()
+                        if first:
+                            first = False
+                            task_status.started()
+                        nursery.start_soon(self._resubscribe)
+            except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
+                if first:
+                    raise
+                self._lost = f"cannot connect to {self.url}: {exc.__cause__ or exc}"
+            finally:
+                self._ws = None
+                self._connected = trio.Event()
+                self._fail_pending()
+            if not self._reconnect:
+                return
+            failures += 1
+            lo, hi = self._backoff
+            await trio.sleep(min(hi, lo * 2 ** (failures - 1)) * random.uniform(0.8, 1.2))
+
+    def _fail_pending(self) -> None:
+        self._lost = self._lost or "connection closed"
+        for event, _ in self._pending.values():
+            event.set()
+
+    async def _reader(self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
         try:
             while True:
-                msg = orjson.loads(await self._ws.get_message())
+                msg = orjson.loads(await ws.get_message())
                 for item in msg if isinstance(msg, list) else [msg]:
                     if "method" in item:
-                        params = item.get("params") or {}
-                        ch = self._notifications.get(params.get("subscription") or item["method"])
-                        if ch is not None:
-                            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                                ch.send_nowait(item)
+                        self._notify(item)
                         continue
                     slot = self._pending.pop(item.get("id"), None)
                     if slot is not None:
@@ -58,25 +114,54 @@ class Client:
         except trio_websocket.ConnectionClosed as exc:
             self._lost = f"connection closed: {exc.reason}"
         finally:
-            self._lost = self._lost or "connection closed"
-            for event, _ in self._pending.values():
-                event.set()
+            self._fail_pending()
+            scope.cancel()
 
-    async def request(self, method: str, params: Any = None) -> Any:
-        if self._lost:
-            raise ConnectionLost(self._lost)
+    def _notify(self, item: dict) -> None:
+        params = item.get("params") or {}
+        ch = self._notifications.get(params.get("subscription") or item["method"])
+        if ch is not None:
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                ch.send_nowait(item)
+
+    async def _resubscribe(self) -> None:
+        for sub in list(self._subs.values()):
+            if sub.server_id is not None:
+                self._notifications.pop(sub.server_id, None)
+            with contextlib.suppress(RpcError, ConnectionLost):
+                sub.server_id = (await self.request("actor.subscribe", sub.params))["subscription"]
+                self._notifications[sub.server_id] = sub.send
+
+    # -- calls ----------------------------------------------------------------------------
+    async def request(self, method: str, params: Any = None, *, idempotent: bool = False) -> Any:
+        """One JSON-RPC call. Raises RpcError, or ConnectionLost if the connection broke first.
+
+        ``idempotent=True`` waits for a reconnection and sends the call again instead.
+        """
+        while True:
+            try:
+                return await self._request_once(method, params)
+            except ConnectionLost:
+                if not (idempotent and self._reconnect):
+                    raise
+                await self._connected.wait()
+
+    async def _request_once(self, method: str, params: Any) -> Any:
+        ws = self._ws
+        if ws is None or self._lost:
+            raise ConnectionLost(self._lost or "not connected")
         rid = next(self._ids)
         event, box = trio.Event(), []
         self._pending[rid] = (event, box)
-        msg = {"jsonrpc": "2.0", "id": rid, "method": method}
+        msg: dict = {"jsonrpc": "2.0", "id": rid, "method": method}
         if params is not None:
             msg["params"] = params
         try:
-            await self._ws.send_message(orjson.dumps(msg).decode())
+            await ws.send_message(orjson.dumps(msg).decode())
             await event.wait()
         except trio.Cancelled:
-            with contextlib.suppress(Exception), trio.CancelScope(shield=True):
-                await self._ws.send_message(orjson.dumps(
+            with contextlib.suppress(Exception), trio.CancelScope(shield=True), trio.move_on_after(1):
+                await ws.send_message(orjson.dumps(
                     {"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": rid}}).decode())
             raise
         except trio_websocket.ConnectionClosed as exc:
@@ -97,36 +182,55 @@ class Client:
         self._notifications[key] = send
         return recv
 
-    async def call(self, actor: str, inputs: dict, timeout: float | None = None) -> dict:
+    async def call(self, actor: str, inputs: dict, timeout: float | None = None, *, idempotent: bool = False) -> dict:
         params: dict = {"actor": actor, "inputs": inputs}
         if timeout is not None:
             params["timeout"] = timeout
-        return await self.request("actor.call", params)
+        return await self.request("actor.call", params, idempotent=idempotent)
 
     async def send(self, actor: str, port: str, value: Any) -> str:
         return (await self.request("actor.send", {"actor": actor, "port": port, "value": value}))["message_id"]
 
     async def status(self) -> dict:
-        return await self.request("supervisor.status")
+        return await self.request("supervisor.status", idempotent=True)
 
-    async def subscribe(self, actor: str, port: str | None = None) -> AsyncIterator[dict]:
+    async def subscribe(self, actor: str, port: str | None = None, size: int = 1000) -> AsyncIterator[dict]:
+        """``actor.output`` notifications (their params), across reconnections, until you stop iterating."""
         params = {"actor": actor} if port is None else {"actor": actor, "port": port}
-        sid = (await self.request("actor.subscribe", params))["subscription"]
-        recv = self.on_notification(sid)
-        async for item in recv:
-            yield item["params"]
+        send, recv = trio.open_memory_channel[dict](size)
+        sub = _Sub(params, send)
+        sub.server_id = (await self.request("actor.subscribe", params))["subscription"]
+        key = id(sub)
+        self._subs[key] = sub
+        self._notifications[sub.server_id] = send
+        try:
+            async for item in recv:
+                yield item["params"]
+        finally:
+            self._subs.pop(key, None)
+            if sub.server_id is not None:
+                self._notifications.pop(sub.server_id, None)
 
 
 @contextlib.asynccontextmanager
-async def open_client(url: str, *, token: str | None = None,
-                      max_message_size: int = 64 * 2**20) -> AsyncIterator[Client]:
-    headers = [(b"Authorization", f"Bearer {token}".encode())] if token else None
-    async with trio_websocket.open_websocket_url(url, extra_headers=headers, max_message_size=max_message_size,
-                                                 connect_timeout=10, disconnect_timeout=2) as ws:
-        client = Client(ws)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._reader)
+async def open_client(url: str, *, token: str | None = None, max_message_size: int = 64 * 2**20,
+                      reconnect: bool = True) -> AsyncIterator[Client]:
+    """Connect to ``url`` and keep connected (unless ``reconnect=False``).
+
+    The first connection must succeed: it raises OSError, or HandshakeError
+    (``ConnectionRejected`` with the HTTP status, e.g. 401 without a token).
+    """
+    client = Client(url, token=token, max_message_size=max_message_size, reconnect=reconnect)
+    failed: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(client._run)
+        except (OSError, trio_websocket.HandshakeError) as exc:
+            failed = exc  # raised below, outside the nursery, so callers see it unwrapped
+        else:
             try:
                 yield client
             finally:
                 nursery.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
