@@ -10,8 +10,8 @@ import pytest
 import trio
 import trio_websocket
 
-from conftest import EXAMPLES, ROOT, open_client, write_workspace
-from supervisor.client import RpcError
+from conftest import open_client, wait_for, write_workspace
+from supervisor.client import ConnectionLost, RpcError
 
 DOUBLE = '''
 import time
@@ -136,3 +136,35 @@ def test_unknown_network_component_is_a_startup_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "supervisor", "run", "-c", str(cfg)], capture_output=True, text=True,
                        timeout=60, cwd=tmp_path)
     assert r.returncode == 2 and "network.processes.p.component: unknown component 'Nope'" in r.stderr
+
+
+async def test_client_reconnects_and_its_subscription_delivers_again(make_host):
+    host = await make_host({"double.actor.py": DOUBLE})
+    async with open_client(host.url) as c:
+        got = []
+
+        async def follow():
+            async for note in c.subscribe("Double", "y"):
+                got.append(note["message"]["value"])
+
+        async with trio.open_nursery() as n:
+            n.start_soon(follow)
+            await wait_for(lambda: c._subs)
+            await c.send("Double", "x", 1)
+            await wait_for(lambda: got == [2])
+
+            async def in_flight():
+                with pytest.raises(ConnectionLost):
+                    await c.call("Double", {"x": 1, "sleep": 30})
+            n.start_soon(in_flight)
+            await trio.sleep(0.2)  # the call is in the worker
+            host.proc.kill()
+            await host.wait()
+            await host.start()
+            await wait_for(lambda: c.connections == 2, timeout=20)
+            await wait_for(lambda: all(s.server_id for s in c._subs.values()) and c._ws is not None)
+            assert (await c.status())["state"] == "running"
+            await wait_for(lambda: c._notifications and all(s.server_id in c._notifications for s in c._subs.values()))
+            await c.send("Double", "x", 5)
+            await wait_for(lambda: got == [2, 10])
+            n.cancel_scope.cancel()
