@@ -123,6 +123,7 @@ class ActorCell:
         self.max_output = cfg.workspace.sandbox.max_output
         self.subscribers: dict[int, Callable[[str, str, dict, str], None]] = {}
         self.stopped_reason: str | None = None
+        self._retry: Envelope | None = None
 
     @property
     def component(self) -> ComponentSpec:
@@ -150,6 +151,9 @@ class ActorCell:
     def fail_queued(self, error: ActorError) -> None:
         """Refuse new messages and answer every queued one with ``error`` (the cell will not run again)."""
         self.stopped_reason = error.message
+        if self._retry is not None:
+            self._retry.fail(error)
+            self._retry = None
         while True:
             try:
                 self._recv.receive_nowait().fail(error)
@@ -184,15 +188,21 @@ class ActorCell:
                     raise
                 raise error from None
         finally:
+            died_by_itself = worker.exit_info is not None
             with trio.CancelScope(shield=True):
                 await worker.aclose()
                 self.host.pool.release(worker)
                 self.worker = None
-                if self.current is not None:
-                    exit = worker.exit_info or ExitInfo()
-                    self.current.fail(_death_error(self.name, exit) if worker.exit_info
-                                      else ActorStopped(f"actor {self.name!r} was stopped"))
-                    self.current = None
+                env, self.current = self.current, None
+                if env is not None:
+                    if died_by_itself:
+                        env.fail(_death_error(self.name, worker.exit_info))
+                    elif self.host.stopping:
+                        env.fail(ActorStopped(f"actor {self.name!r} was stopped"))
+                    else:
+                        # Stopped by its supervisor (e.g. a sibling's one_for_all restart):
+                        # the message did nothing wrong, so the next incarnation gets it.
+                        self._retry = env
         if worker.exit_info is not None:
             raise WorkerDied(self.name, worker.exit_info)
 
@@ -221,6 +231,11 @@ class ActorCell:
         return {"memory": memory, "cpu_seconds": sb.cpu_seconds, "nproc": sb.max_processes}
 
     async def _serve(self, worker: Worker) -> None:
+        if self._retry is not None:
+            env, self._retry = self._retry, None
+            self.current = env
+            await self._handle(worker, env)
+            self.current = None
         async for env in self._recv:
             self.current = env
             await self._handle(worker, env)

@@ -1,96 +1,143 @@
-"""reflow.yaml → frozen attrs classes, through one cattrs converter.
+"""reflow.yaml → frozen attrs classes (CONTRACT §2), with errors a user can act on.
 
-Every problem is reported at once, each as ``path.to.key: message (file:line)``.
-The seed's flat ``workspace.sandbox`` keys (``python_image``, ``memory_limit``,
-…) are accepted verbatim and mapped onto the nested form before structuring.
+Pipeline, all pure except ``load_config`` reading files:
+
+1. ruamel.yaml's round-trip loader parses the text; every key's line is kept
+   (``_Document``), so any problem can name ``file:line``.
+2. Shape adaptation, before typing: the seed's flat ``workspace.sandbox`` keys
+   are moved onto the nested form (remembering the key the user wrote, for
+   error paths), and ``network: graph.json`` is replaced by that file's graph.
+3. One module-level cattrs converter (``forbid_extra_keys=True``) structures
+   the tree. Each custom value type (sizes, durations, ports, …) has exactly
+   one structure hook, which raises ``ValueError`` with a sentence for users.
+4. Checks that span fields (connections name declared processes, backoff
+   min ≤ max, …) run on the typed result.
+5. Environment overrides, then relative paths resolved against the config
+   file's directory.
+
+Nothing stops at the first problem: every one found is collected and raised
+together as ``ConfigError``, each rendered ``path.to.key: message (file:line)``.
 """
 
 from __future__ import annotations
 
+import difflib
+import enum
 import os
 import re
-from collections.abc import Mapping
+import typing
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NewType
 
 import attrs
 import cattrs
-import orjson
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+from cattrs.cols import homogenous_tuple_structure_factory
+from cattrs.errors import (ClassValidationError, ForbiddenExtraKeysError, IterableValidationError)
+from cattrs.gen import make_dict_structure_fn
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.scalarbool import ScalarBoolean
 
 from ._units import parse_duration, parse_size
 
 __all__ = [
-    "Config", "ConfigError", "ConfigProblem", "WorkspaceConfig", "SandboxConfig", "RuntimeConfig", "PoolConfig",
-    "RedisConfig", "WebSocketConfig", "MailboxConfig", "SupervisionConfig", "BackoffConfig", "ActorOverride",
-    "GroupConfig", "NetworkConfig", "ProcessConfig", "PortRef", "ConnectionConfig", "NO_DATA",
+    "ActorOverride", "BackoffConfig", "Config", "ConfigError", "ConfigProblem", "ConnectionConfig", "GroupConfig",
+    "MailboxConfig", "NO_DATA", "NetworkConfig", "PoolConfig", "PortRef", "ProcessConfig", "RedisConfig",
+    "RuntimeConfig", "SandboxConfig", "SupervisionConfig", "WebSocketConfig", "WorkspaceConfig",
     "load_config", "parse_config",
 ]
 
-Size = NewType("Size", int)
-Duration = NewType("Duration", float)
+
+# -- problems ------------------------------------------------------------------------------------
 
 
 @attrs.frozen
 class ConfigProblem:
+    """One thing wrong with the configuration.
+
+    ``path`` is the dotted key path as the user wrote it (``workspace.sandbox.memory_limit``,
+    ``network.connections[0].tgt``), or an environment variable's name, or ``""`` for the
+    file as a whole (a syntax error, an unreadable file).
+    """
+
     path: str
     message: str
     file: str | None = None
     line: int | None = None
 
     def __str__(self) -> str:
-        where = f" ({self.file}:{self.line})" if self.file and self.line else (f" ({self.file})" if self.file else "")
+        where = ""
+        if self.file is not None:
+            where = f" ({self.file}:{self.line})" if self.line is not None else f" ({self.file})"
         return f"{self.path}: {self.message}{where}" if self.path else f"{self.message}{where}"
 
 
 class ConfigError(Exception):
-    """The configuration is invalid; ``problems`` lists every problem found."""
+    """The configuration is invalid. ``problems`` holds every problem found, in file order.
 
-    def __init__(self, problems: list[ConfigProblem]):
-        super().__init__("\n".join(str(p) for p in problems))
-        self.problems = problems
+    ``str(error)`` is one problem per line, ready for stderr.
+    """
+
+    def __init__(self, problems: typing.Iterable[ConfigProblem]):
+        self.problems: tuple[ConfigProblem, ...] = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
 
 
-def _non_negative(inst: Any, a: attrs.Attribute, v: Any) -> None:
-    if v is not None and v < 0:
-        raise ValueError(f"must not be negative, got {v}")
+# -- value types: each has exactly one structure hook (see "the converter") -----------------------
+
+Size = NewType("Size", int)                #: bytes, from 512MB / 64KiB / 4096
+Duration = NewType("Duration", float)      #: seconds, from 10ms / 5s / 2m / 1h / 30
+Port = NewType("Port", int)                #: 0..65535
+Count = NewType("Count", int)              #: an integer ≥ 0
+Fraction = NewType("Fraction", float)      #: 0..1
+Cpus = NewType("Cpus", float)              #: a positive number of CPUs, like 0.5
+
+_Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
+_Backend = Literal["auto", "microsandbox", "bubblewrap", "process"]
+_RestartType = Literal["permanent", "transient", "temporary"]
+_MailboxKind = Literal["redis", "memory"]
+
+
+# -- the schema ----------------------------------------------------------------------------------
+# Field names are the YAML keys and are what the rest of the package reads.
 
 
 @attrs.frozen
 class RuntimeConfig:
-    image: str = "python:3.11"
+    """One sandbox runtime. A section given without ``image`` keeps its runtime's default image."""
+
+    image: str
     packages: tuple[str, ...] = ()
     memory: Size = Size(512 * 10**6)
-    cpu: float = attrs.field(default=0.5, validator=_non_negative)
-    rootfs: str | None = None
+    cpu: Cpus = Cpus(0.5)
+    rootfs: Path | None = None           # resolved against the config file's directory
 
 
 @attrs.frozen
 class PoolConfig:
-    preload_count: int = attrs.field(default=2, validator=_non_negative)
-    max_size: int = attrs.field(default=20, validator=_non_negative)
+    preload_count: Count = Count(2)
+    max_size: Count = Count(20)
     idle_timeout: Duration = Duration(300.0)
 
 
 @attrs.frozen
 class SandboxConfig:
-    backend: Literal["auto", "microsandbox", "bubblewrap", "process"] = "auto"
+    backend: _Backend = "auto"
     python: RuntimeConfig = RuntimeConfig(image="python:3.11")
     javascript: RuntimeConfig = RuntimeConfig(image="node:20")
     pool: PoolConfig = PoolConfig()
     max_output: Size = Size(16 * 2**20)
     tmp_size: Size = Size(64 * 2**20)
-    cpu_seconds: Duration | None = None
-    max_processes: int = 64
+    cpu_seconds: Duration | None = None   # per-worker CPU-time rlimit; None = unlimited
+    max_processes: Count = Count(64)
     shm_threshold: Size = Size(64 * 2**10)
 
 
 @attrs.frozen
 class RedisConfig:
-    url: str | None = None
+    url: str | None = None               # None → embedded Redis under the state dir
     namespace: str = "reflow"
     ttl: Duration | None = None
 
@@ -98,83 +145,81 @@ class RedisConfig:
 @attrs.frozen
 class WebSocketConfig:
     host: str = "127.0.0.1"
-    port: int = attrs.field(default=8080, validator=lambda i, a, v: _port(v))
-    max_connections: int = attrs.field(default=100, validator=_non_negative)
+    port: Port = Port(8080)
+    max_connections: Count = Count(100)
     ping_interval: Duration = Duration(30.0)
     max_frame_size: Size = Size(10 * 10**6)
     token: str | None = None
-    max_in_flight: int = attrs.field(default=128, validator=_non_negative)
-
-
-def _port(v: int) -> None:
-    if not 0 <= v <= 65535:
-        raise ValueError(f"a port is 0..65535, got {v}")
+    max_in_flight: Count = Count(128)
 
 
 @attrs.frozen
 class MailboxConfig:
-    kind: Literal["redis", "memory"] = "memory"
-    max_pending: int = attrs.field(default=10000, validator=_non_negative)
-    batch: int = 64
+    kind: _MailboxKind = "redis"
+    max_pending: Count = Count(10000)
+    batch: Count = Count(64)
+
+
+def _default_state_dir(ws: WorkspaceConfig) -> Path:
+    return ws.root / ".reflow"
 
 
 @attrs.frozen
 class WorkspaceConfig:
-    root: str = "."
+    """The workspace section. After loading, ``root``, ``state_dir`` and ``scripts`` are absolute."""
+
+    root: Path = Path(".")
     discover_scripts: bool = True
     script_patterns: tuple[str, ...] = ("**/*.actor.py", "**/*.actor.js")
     excluded_paths: tuple[str, ...] = ("**/node_modules/**", "**/__pycache__/**", "**/.venv/**", "**/.reflow/**")
-    scripts: tuple[str, ...] = ()
+    scripts: tuple[str, ...] = ()        # extra script paths besides the discovered ones
     hot_reload: bool = True
-    state_dir: str | None = None
+    state_dir: Path = attrs.field(default=attrs.Factory(_default_state_dir, takes_self=True))
     sandbox: SandboxConfig = SandboxConfig()
     redis: RedisConfig = RedisConfig()
     websocket: WebSocketConfig = WebSocketConfig()
     mailbox: MailboxConfig = MailboxConfig()
 
 
-def _jitter(inst: Any, a: attrs.Attribute, v: float) -> None:
-    if not 0 <= v <= 1:
-        raise ValueError(f"jitter is a fraction 0..1, got {v}")
-
-
 @attrs.frozen
 class BackoffConfig:
+    """Delay before a restart: ``min`` doubling up to ``max``, ± ``jitter``."""
+
     min: Duration = Duration(0.01)
     max: Duration = Duration(5.0)
-    jitter: float = attrs.field(default=0.2, validator=_jitter)
+    jitter: Fraction = Fraction(0.2)
     reset: Duration | None = None
 
     @property
     def reset_after(self) -> float:
+        """Seconds a child must run before its backoff starts over (default 2 × max)."""
         return self.reset if self.reset is not None else 2 * self.max
-
-
-Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 
 
 @attrs.frozen
 class ActorOverride:
-    restart: Literal["permanent", "transient", "temporary"] = "permanent"
+    restart: _RestartType = "permanent"
     timeout: Duration | None = None
-    max_deliveries: int = 5
+    max_deliveries: Count = Count(5)
     config: dict[str, Any] | None = None
     memory: Size | None = None
 
 
 @attrs.frozen
 class GroupConfig:
+    """A nested supervisor over some processes (by process name), with its own policy."""
+
     members: tuple[str, ...]
-    strategy: Strategy = "one_for_one"
-    max_restarts: int = attrs.field(default=3, validator=_non_negative)
+    strategy: _Strategy = "one_for_one"
+    max_restarts: Count = Count(3)
     max_seconds: Duration = Duration(5.0)
     backoff: BackoffConfig = BackoffConfig()
 
 
 @attrs.frozen
 class SupervisionConfig:
-    strategy: Strategy = "one_for_one"
-    max_restarts: int = attrs.field(default=3, validator=_non_negative)
+    strategy: _Strategy = "one_for_one"
+    max_restarts: Count = Count(3)
     max_seconds: Duration = Duration(5.0)
     backoff: BackoffConfig = BackoffConfig()
     actors: dict[str, ActorOverride] = attrs.field(factory=dict)
@@ -186,19 +231,25 @@ class SupervisionConfig:
 class PortRef:
     process: str
     port: str
-    index: int | None = None
+    index: Count | None = None
 
 
-class _NoData:
+class _NoData(enum.Enum):
+    # An enum member is the typed sentinel idiom (PEP 484): ``data is NO_DATA`` narrows.
+    NO_DATA = "NO_DATA"
+
     def __repr__(self) -> str:
         return "NO_DATA"
 
 
-NO_DATA: Any = _NoData()
+NO_DATA = _NoData.NO_DATA
+"""``ConnectionConfig.data`` when the connection has a ``src`` instead (``data: null`` is a real IIP)."""
 
 
 @attrs.frozen
 class ConnectionConfig:
+    """An edge (``src`` → ``tgt``) or an initial packet (``data`` → ``tgt``); exactly one of the two."""
+
     tgt: PortRef
     src: PortRef | None = None
     data: Any = NO_DATA
@@ -214,7 +265,9 @@ class ProcessConfig:
 
 @attrs.frozen
 class NetworkConfig:
-    processes: dict[str, ProcessConfig] = attrs.field(factory=dict)
+    """The FBP JSON graph shape: processes, connections (edges and IIPs), exported ports."""
+
+    processes: dict[str, ProcessConfig]
     connections: tuple[ConnectionConfig, ...] = ()
     inports: dict[str, PortRef] = attrs.field(factory=dict)
     outports: dict[str, PortRef] = attrs.field(factory=dict)
@@ -222,6 +275,8 @@ class NetworkConfig:
 
 @attrs.frozen
 class _File:
+    """The top level of reflow.yaml as written (before env overrides and path resolution)."""
+
     workspace: WorkspaceConfig = WorkspaceConfig()
     supervision: SupervisionConfig = SupervisionConfig()
     network: NetworkConfig | None = None
@@ -229,326 +284,527 @@ class _File:
 
 @attrs.frozen
 class Config:
-    workspace: WorkspaceConfigResolved
+    """A whole, valid configuration. ``base_dir`` is the config file's directory (or the cwd)."""
+
+    workspace: WorkspaceConfig
     supervision: SupervisionConfig
     network: NetworkConfig | None
     path: Path | None
     base_dir: Path
 
 
-@attrs.frozen
-class WorkspaceConfigResolved:
-    """The workspace section with paths resolved against the config file's directory."""
-
-    root: Path
-    discover_scripts: bool
-    script_patterns: tuple[str, ...]
-    excluded_paths: tuple[str, ...]
-    scripts: tuple[str, ...]
-    hot_reload: bool
-    state_dir: Path
-    sandbox: SandboxConfig
-    redis: RedisConfig
-    websocket: WebSocketConfig
-    mailbox: MailboxConfig
-
-
-# -- the converter --------------------------------------------------------------------------
+# -- the converter -------------------------------------------------------------------------------
 
 converter = cattrs.Converter(forbid_extra_keys=True)
-converter.register_structure_hook(Size, lambda v, _: Size(parse_size(v)))
-converter.register_structure_hook(Duration, lambda v, _: Duration(parse_duration(v)))
 
 
-def _strict(kind: type) -> Any:
-    def hook(v: Any, _: Any) -> Any:
-        if kind is float and isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-        if kind is int and isinstance(v, int) and not isinstance(v, bool):
-            return v
-        if kind is bool and isinstance(v, bool):
-            return v
-        if kind is str and isinstance(v, str):
-            return v
-        raise ValueError(f"expected {'a number' if kind in (int, float) else 'a ' + kind.__name__}, got {v!r}")
-    return hook
+def _hook(type_: Any) -> typing.Callable[[typing.Callable[[Any], Any]], typing.Callable[[Any], Any]]:
+    """Register ``fn(value)`` as the structure hook for ``type_``."""
+    def register(fn: typing.Callable[[Any], Any]) -> typing.Callable[[Any], Any]:
+        converter.register_structure_hook(type_, lambda value, _: fn(value))
+        return fn
+    return register
 
 
-for _t in (int, float, bool, str):
-    converter.register_structure_hook(_t, _strict(_t))
-converter.register_structure_hook(Any, lambda v, _: v)
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _structure_connection(v: Any, _: Any) -> ConnectionConfig:
-    if not isinstance(v, Mapping):
-        raise ValueError("a connection is an object with tgt and src or data")
-    v = dict(v)
-    has_data = "data" in v
-    data = v.pop("data", NO_DATA)
-    if has_data == ("src" in v):
-        raise ValueError("a connection needs exactly one of src (a port) or data (an initial packet)")
-    conn = converter.structure(v, _ConnectionNoData)
-    return ConnectionConfig(tgt=conn.tgt, src=conn.src, data=data, metadata=conn.metadata)
+# cattrs' default scalar hooks coerce (int("12"), bool("false") is True, str(5)); a
+# config must not guess, so the plain types are strict too.
+@_hook(str)
+def _str(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"expected a string, got {value!r} (quote it in YAML)")
 
 
-@attrs.frozen
-class _ConnectionNoData:
-    tgt: PortRef
-    src: PortRef | None = None
-    metadata: dict[str, Any] = attrs.field(factory=dict)
+@_hook(bool)
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"expected true or false, got {value!r}")
 
 
-converter.register_structure_hook(ConnectionConfig, _structure_connection)
+@_hook(int)
+def _int(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"expected a whole number, got {value!r}")
 
 
-def _format(exc: BaseException, type_: Any) -> str:
-    if isinstance(exc, ForbiddenExtraKeysError):
-        return f"extra fields found ({', '.join(sorted(exc.extra_fields))})"
-    if isinstance(exc, KeyError):
-        return "required key is missing"
-    if " not in literal " in str(exc):
-        return f"expected {_type_name(type_)}, got {str(exc).split(' not in literal ')[0]!r}"
-    if isinstance(exc, ValueError) and str(exc):
-        msg = str(exc)
-        if msg.startswith("invalid literal") or " not in literal " in msg:
-            return f"expected {_type_name(type_)}"
-        return msg
-    if isinstance(exc, TypeError) and type_ is not None:
-        return f"expected {_type_name(type_)}"
-    return cattrs.v.format_exception(exc, type_)
+@_hook(float)
+def _float(value: object) -> float:
+    if _is_number(value):
+        return float(value)  # type: ignore[arg-type]
+    raise ValueError(f"expected a number, got {value!r}")
 
 
-def _type_name(t: Any) -> str:
-    args = getattr(t, "__args__", None)
-    if args and all(isinstance(a, str) for a in args):
-        return "one of " + ", ".join(args)
-    return getattr(t, "__name__", str(t))
+@_hook(Path)
+def _path(value: object) -> Path:
+    if isinstance(value, str) and value:
+        return Path(value).expanduser()
+    raise ValueError(f"expected a path, got {value!r}")
 
 
-_PATH_RE = re.compile(r"^(.*) @ \$(.*)$")
+_hook(Size)(parse_size)
+_hook(Duration)(parse_duration)
 
 
-def _problems(exc: BaseException, lines: dict[tuple, int], filename: str | None) -> list[ConfigProblem]:
-    out: list[ConfigProblem] = []
-    for msg in cattrs.transform_error(exc, path="$", format_exception=_format):
-        m = _PATH_RE.match(msg)
-        text, path = (m.group(1), m.group(2)) if m else (msg, "")
-        keys = _split(path)
-        extra = re.match(r"^extra fields found \((.*)\)$", text)
-        if extra:
-            for name in extra.group(1).split(", "):
-                k = keys + (name,)
-                out.append(ConfigProblem(_join(k), "unknown key", filename, _line(lines, k)))
-            continue
-        if text.startswith("invalid value for type, expected"):
-            text = text.replace("invalid value for type, expected", "expected")
-        out.append(ConfigProblem(_join(keys), text, filename, _line(lines, keys)))
+@_hook(Count)
+def _count(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"expected a whole number ≥ 0, got {value!r}")
+
+
+@_hook(Port)
+def _port(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 65535:
+        return value
+    raise ValueError(f"expected a port number 0..65535, got {value!r}")
+
+
+@_hook(Fraction)
+def _fraction(value: object) -> float:
+    if _is_number(value) and 0 <= value <= 1:  # type: ignore[operator]
+        return float(value)  # type: ignore[arg-type]
+    raise ValueError(f"expected a fraction 0..1, got {value!r}")
+
+
+@_hook(Cpus)
+def _cpus(value: object) -> float:
+    if _is_number(value) and value > 0:  # type: ignore[operator]
+        return float(value)  # type: ignore[arg-type]
+    raise ValueError(f"expected a positive number of CPUs like 0.5, got {value!r}")
+
+
+def _is_literal(type_: Any) -> bool:
+    return typing.get_origin(type_) is Literal
+
+
+@converter.register_structure_hook_factory(_is_literal)
+def _literal_hook(type_: Any) -> Any:
+    allowed = typing.get_args(type_)
+
+    def structure(value: object, _: Any) -> Any:
+        if isinstance(value, str) and value in allowed:
+            return value
+        raise ValueError(f"expected one of {', '.join(allowed)}; got {value!r}")
+    return structure
+
+
+def _is_str_list(type_: Any) -> bool:
+    return typing.get_origin(type_) is tuple and typing.get_args(type_)[1:] == (...,)
+
+
+@converter.register_structure_hook_factory(_is_str_list)
+def _tuple_hook(type_: Any, conv: cattrs.Converter) -> Any:
+    elements = homogenous_tuple_structure_factory(type_, conv)
+
+    def structure(value: object, _: Any) -> Any:
+        # cattrs would turn "**/*.py" into a tuple of characters.
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        return elements(value, type_)
+    return structure
+
+
+@converter.register_structure_hook_factory(attrs.has)
+def _section_hook(cls: type, conv: cattrs.Converter) -> Any:
+    fields = make_dict_structure_fn(cls, conv)
+
+    def structure(value: object, _: Any) -> Any:
+        if value is None:            # "backoff:" with nothing under it → all defaults
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ValueError(f"expected a mapping of keys, got {value!r}")
+        return fields(value, cls)
+    return structure
+
+
+_EXACTLY_ONE = "a connection needs exactly one of src (an output port) or data (an initial packet)"
+
+
+@_hook(ConnectionConfig)
+def _connection(value: object) -> ConnectionConfig:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a connection like {{src: …, tgt: …}} or {{data: …, tgt: …}}, got {value!r}")
+    # Presence, not value: "data: null" is a real initial packet.
+    neither_or_both = ("src" in value) == ("data" in value)
+    try:
+        conn = _connection_fields(value, ConnectionConfig)
+    except ClassValidationError as exc:
+        if neither_or_both:   # report it along with the fields' problems
+            raise ClassValidationError(exc.message, [*exc.exceptions, ValueError(_EXACTLY_ONE)],
+                                       ConnectionConfig) from None
+        raise
+    if neither_or_both:
+        raise ValueError(_EXACTLY_ONE)
+    return conn
+
+
+_connection_fields = make_dict_structure_fn(ConnectionConfig, converter)
+
+
+# -- reading YAML with line numbers --------------------------------------------------------------
+
+_Path = tuple[str | int, ...]
+
+
+class _Document:
+    """Plain data parsed from YAML, plus where each key came from.
+
+    ``where[path] = (file, line)`` for every mapping key and list item. ``aliases`` maps a
+    path we rewrote (``workspace.sandbox.python.memory``) to the one the user wrote
+    (``workspace.sandbox.memory_limit``), so errors name what is in the file.
+    """
+
+    def __init__(self) -> None:
+        self.where: dict[_Path, tuple[str, int]] = {}
+        self.aliases: dict[_Path, _Path] = {}
+
+    def parse(self, text: str, filename: str, at: _Path = ()) -> Any:
+        """Parse ``text`` and record lines under ``at``. Raises ConfigError on bad syntax."""
+        try:
+            node = YAML(typ="rt").load(text)
+        except MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            what = " ".join(str(s) for s in (exc.context, exc.problem) if s) or str(exc)
+            raise ConfigError([ConfigProblem(_join(at), f"syntax error: {what}", filename,
+                                             mark.line + 1 if mark else None)]) from None
+        except YAMLError as exc:
+            raise ConfigError([ConfigProblem(_join(at), f"syntax error: {exc}", filename)]) from None
+        return self._plain(node, at, filename)
+
+    def _plain(self, node: Any, path: _Path, filename: str) -> Any:
+        # ruamel's round-trip types → plain Python, so hooks and equality see ordinary values.
+        if isinstance(node, CommentedMap):
+            out = {}
+            for key, value in node.items():
+                key = self._plain(key, (), filename)
+                self._record(path + (key,), filename, node.lc, "key", key)
+                out[key] = self._plain(value, path + (key,), filename)
+            return out
+        if isinstance(node, CommentedSeq):
+            items = []
+            for i, value in enumerate(node):
+                self._record(path + (i,), filename, node.lc, "item", i)
+                items.append(self._plain(value, path + (i,), filename))
+            return items
+        if isinstance(node, ScalarBoolean):   # an int subclass; must not become 1
+            return bool(node)
+        for plain in (str, bool, int, float):
+            if isinstance(node, plain):
+                return plain(node)
+        return node
+
+    def _record(self, path: _Path, filename: str, lc: Any, kind: str, key: Any) -> None:
+        try:
+            line = (lc.key(key) if kind == "key" else lc.item(key))[0]
+        except (KeyError, TypeError, AttributeError):   # merged (<<:) keys have no position
+            return
+        self.where[path] = (filename, line + 1)
+
+    def user_path(self, path: _Path) -> _Path:
+        for ours, theirs in self.aliases.items():
+            if path[:len(ours)] == ours:
+                return theirs + path[len(ours):]
+        return path
+
+    def problem(self, path: _Path, message: str) -> ConfigProblem:
+        """A problem at ``path``, located at its own line or its nearest ancestor's."""
+        path = self.user_path(path)
+        probe = path
+        while probe and probe not in self.where:
+            probe = probe[:-1]
+        file, line = self.where.get(probe, (None, None))
+        if file is None and self.where:   # only the file as a whole is known
+            file = next(iter(self.where.values()))[0]
+        return ConfigProblem(_join(path), message, file, line)
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][\w-]*$")
+
+
+def _join(path: _Path) -> str:
+    """``("network", "connections", 0, "tgt")`` → ``network.connections[0].tgt``."""
+    out = ""
+    for key in path:
+        if isinstance(key, int):
+            out += f"[{key}]"
+        elif isinstance(key, str) and _IDENTIFIER.match(key):
+            out += f".{key}" if out else key
+        else:
+            out += f"[{key!r}]"
     return out
 
 
-def _split(path: str) -> tuple:
-    keys: list = []
-    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]|\[['\"]?([^'\"\]]+)['\"]?\]", path):
-        if part[0]:
-            keys.append(part[0])
-        elif part[1]:
-            keys.append(int(part[1]))
-        else:
-            keys.append(part[2])
-    return tuple(keys)
+# -- shape adaptation before typing --------------------------------------------------------------
+
+_SANDBOX = ("workspace", "sandbox")
+
+# The seed's flat workspace.sandbox keys and where each lands in the nested form.
+_FLAT_SANDBOX_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
+    "python_image": (("python", "image"),),
+    "javascript_image": (("javascript", "image"),),
+    "preload_count": (("pool", "preload_count"),),
+    "max_pool_size": (("pool", "max_size"),),
+    "memory_limit": (("python", "memory"), ("javascript", "memory")),
+    "cpu_limit": (("python", "cpu"), ("javascript", "cpu")),
+}
+_DEFAULT_IMAGES = {"python": "python:3.11", "javascript": "node:20"}
 
 
-def _join(keys: tuple) -> str:
-    s = ""
-    for k in keys:
-        s += f"[{k}]" if isinstance(k, int) else (f".{k}" if s else str(k))
-    return s
+def _adapt_sandbox(sandbox: dict, doc: _Document) -> list[ConfigProblem]:
+    """Move flat keys onto the nested form; fill each runtime section's default image.
+
+    A flat key and its nested twin both given is a problem: which one was meant is a guess.
+    """
+    problems = []
+    for flat, targets in _FLAT_SANDBOX_KEYS.items():
+        if flat not in sandbox:
+            continue
+        value = sandbox.pop(flat)
+        for section, key in targets:
+            nested = sandbox.setdefault(section, {})
+            if not isinstance(nested, dict):
+                continue                      # "python: 5" is reported by the converter
+            if key in nested:
+                problems.append(doc.problem(_SANDBOX + (flat,),
+                                            f"conflicts with {section}.{key}; give only one of them"))
+                continue
+            nested[key] = value
+            doc.aliases[_SANDBOX + (section, key)] = _SANDBOX + (flat,)
+    for runtime, image in _DEFAULT_IMAGES.items():
+        if isinstance(sandbox.get(runtime), dict):
+            sandbox[runtime].setdefault("image", image)
+    return problems
 
 
-def _line(lines: dict[tuple, int], keys: tuple) -> int | None:
-    while keys:
-        if keys in lines:
-            return lines[keys]
-        keys = keys[:-1]
-    return None
+# FBP JSON graph keys that configure an editor, not the running network.
+_IGNORED_GRAPH_KEYS = ("properties", "groups")
 
 
-def _plain(node: Any, path: tuple, lines: dict[tuple, int]) -> Any:
-    """ruamel's round-trip nodes → plain Python, recording each key's 1-based line."""
-    if isinstance(node, CommentedMap):
-        out = {}
-        for k, v in node.items():
-            try:
-                lines[path + (k,)] = node.lc.key(k)[0] + 1
-            except (KeyError, TypeError, AttributeError):
-                pass
-            out[k] = _plain(v, path + (k,), lines)
-        return out
-    if isinstance(node, CommentedSeq):
-        res = []
-        for i, v in enumerate(node):
-            try:
-                lines[path + (i,)] = node.lc.item(i)[0] + 1
-            except (KeyError, TypeError, AttributeError):
-                pass
-            res.append(_plain(v, path + (i,), lines))
-        return res
-    if isinstance(node, str):
-        return str(node)
-    if isinstance(node, bool):
-        return bool(node)
-    if isinstance(node, int):
-        return int(node)
-    if isinstance(node, float):
-        return float(node)
-    return node
+def _read_graph(relative: str, base_dir: Path, filename: str, doc: _Document) -> Any:
+    """``network: graph.json`` → that graph (an FBP JSON graph; JSON is YAML, so lines come free)."""
+    shown = os.path.join(os.path.dirname(filename), relative)
+    try:
+        text = (base_dir / relative).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([doc.problem(("network",), f"cannot read the graph file {shown}: {reason}")]) from None
+    graph = doc.parse(text, shown, at=("network",))
+    if isinstance(graph, dict):
+        for key in _IGNORED_GRAPH_KEYS:
+            graph.pop(key, None)
+    return graph
 
 
-_FLAT_SANDBOX = {"python_image", "javascript_image", "preload_count", "max_pool_size", "memory_limit", "cpu_limit"}
+# -- cattrs errors → problems --------------------------------------------------------------------
 
 
-def _unflatten_sandbox(sb: dict, problems: list[ConfigProblem], lines: dict, filename: str | None) -> dict:
-    """Map the seed's flat sandbox keys onto the nested form (a flat key loses to a nested one)."""
-    flat = {k: sb.pop(k) for k in list(sb) if k in _FLAT_SANDBOX}
-    if not flat:
-        return sb
-    base = ("workspace", "sandbox")
+def _leaves(exc: BaseException, path: _Path, type_: Any = None) -> Iterator[tuple[_Path, BaseException, Any]]:
+    """Every leaf error of a cattrs validation tree, with its key path (as cattrs.transform_error walks)."""
+    if isinstance(exc, IterableValidationError):
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            yield from _leaves(sub, path + (note.index,), note.type)
+        for sub in without:
+            yield from _leaves(sub, path, None)
+    elif isinstance(exc, ClassValidationError):
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            yield from _leaves(sub, path + (note.name,), note.type)
+        for sub in without:
+            yield from _leaves(sub, path, None)
+    else:
+        yield path, exc, type_
 
-    def rt(name: str) -> dict:
-        v = sb.setdefault(name, {})
-        return v if isinstance(v, dict) else {}
 
-    def check(key: str, fn: Any) -> Any:
+def _problems_from(exc: BaseException, data: Any, doc: _Document) -> Iterator[ConfigProblem]:
+    for path, leaf, type_ in _leaves(exc, ()):
+        if isinstance(leaf, ForbiddenExtraKeysError):
+            for key in sorted(leaf.extra_fields, key=str):
+                yield doc.problem(path + (key,), _unknown_key(key, leaf.cl))
+        elif isinstance(leaf, KeyError):
+            yield doc.problem(path, "required key missing")
+        elif isinstance(leaf, ValueError):
+            yield doc.problem(path, str(leaf))
+        else:   # cattrs' own TypeError/AttributeError: the value had the wrong shape
+            yield doc.problem(path, f"expected {_describe(type_)}, got {_value_at(data, path)!r}")
+
+
+def _unknown_key(key: object, cls: type) -> str:
+    known = [f.name for f in attrs.fields(cls)]
+    if cls is SandboxConfig:
+        known += list(_FLAT_SANDBOX_KEYS)
+    close = difflib.get_close_matches(str(key), known, n=1)
+    if close:
+        return f"unknown key (did you mean {close[0]!r}?)"
+    return f"unknown key (expected one of: {', '.join(sorted(known))})"
+
+
+def _describe(type_: Any) -> str:
+    origin = typing.get_origin(type_) or type_
+    if origin in (dict, Mapping) or attrs.has(origin):
+        return "a mapping of keys"
+    if origin in (tuple, list):
+        return "a list"
+    return getattr(type_, "__name__", str(type_))
+
+
+def _value_at(data: Any, path: _Path) -> Any:
+    for key in path:
         try:
-            return fn(flat[key])
-        except ValueError as exc:
-            problems.append(ConfigProblem(_join(base + (key,)), str(exc), filename, _line(lines, base + (key,))))
+            data = data[key]
+        except (KeyError, IndexError, TypeError):
             return None
-
-    if "python_image" in flat:
-        rt("python").setdefault("image", flat["python_image"])
-    if "javascript_image" in flat:
-        rt("javascript").setdefault("image", flat["javascript_image"])
-    if "preload_count" in flat:
-        sb.setdefault("pool", {}).setdefault("preload_count", flat["preload_count"])
-    if "max_pool_size" in flat:
-        sb.setdefault("pool", {}).setdefault("max_size", flat["max_pool_size"])
-    if "memory_limit" in flat and check("memory_limit", parse_size) is not None:
-        for name in ("python", "javascript"):
-            rt(name).setdefault("memory", flat["memory_limit"])
-    if "cpu_limit" in flat:
-        if isinstance(flat["cpu_limit"], (int, float)) and not isinstance(flat["cpu_limit"], bool):
-            for name in ("python", "javascript"):
-                rt(name).setdefault("cpu", flat["cpu_limit"])
-        else:
-            check("cpu_limit", lambda v: (_ for _ in ()).throw(ValueError(f"expected a number, got {v!r}")))
-    return sb
+    return data
 
 
-def _load_graph(value: Any, base_dir: Path, problems: list, filename: str | None, lines: dict) -> Any:
-    """``network: graph.json`` → the FBP JSON graph's processes/connections/inports/outports."""
-    if not isinstance(value, str):
-        return value
-    path = (base_dir / value).resolve()
-    try:
-        graph = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError) as exc:
-        problems.append(ConfigProblem("network", f"cannot read graph file {value}: {exc}", filename,
-                                      _line(lines, ("network",))))
-        return None
-    if not isinstance(graph, dict):
-        problems.append(ConfigProblem("network", f"graph file {value} is not a JSON object", filename))
-        return None
-    return {k: v for k, v in graph.items() if k not in ("properties", "groups", "caseSensitive")}
+# -- checks that span fields ---------------------------------------------------------------------
 
 
-def parse_config(text: str, *, filename: str = "reflow.yaml", base_dir: Path | None = None,
-                 env: Mapping[str, str] | None = None, path: Path | None = None) -> Config:
-    """Parse and validate a reflow.yaml text. Raises ConfigError listing every problem."""
-    base_dir = (base_dir or Path.cwd()).resolve()
-    env = os.environ if env is None else env
-    lines: dict[tuple, int] = {}
-    try:
-        raw = YAML(typ="rt").load(text)
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        raise ConfigError([ConfigProblem("", f"YAML syntax error: {exc.problem or exc}", filename, line)]) from None
-    data = _plain(raw, (), lines)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError([ConfigProblem("", "the config must be a mapping (workspace:, supervision:, network:)",
-                                         filename, 1)])
-    problems: list[ConfigProblem] = []
-    ws = data.get("workspace")
-    if isinstance(ws, dict) and isinstance(ws.get("sandbox"), dict):
-        ws["sandbox"] = _unflatten_sandbox(ws["sandbox"], problems, lines, filename)
-    if "network" in data:
-        data["network"] = _load_graph(data["network"], base_dir, problems, filename, lines)
-    try:
-        parsed = converter.structure(data, _File)
-    except (ClassValidationError, ValueError, TypeError, KeyError) as exc:
-        problems += _problems(exc, lines, filename) if isinstance(exc, ClassValidationError) else [
-            ConfigProblem("", str(exc), filename)]
-        raise ConfigError(problems) from None
-    if problems:
-        raise ConfigError(problems)
-    parsed, env_problems = _apply_env(parsed, env)
-    problems += env_problems
-    problems += _check_network(parsed.network, lines, filename)
-    if problems:
-        raise ConfigError(problems)
-    w = parsed.workspace
-    root = (base_dir / w.root).resolve()
-    resolved = WorkspaceConfigResolved(
-        root=root, discover_scripts=w.discover_scripts, script_patterns=w.script_patterns,
-        excluded_paths=w.excluded_paths, scripts=tuple(str((base_dir / s).resolve()) for s in w.scripts),
-        hot_reload=w.hot_reload, state_dir=(base_dir / w.state_dir).resolve() if w.state_dir else root / ".reflow",
-        sandbox=w.sandbox, redis=w.redis, websocket=w.websocket, mailbox=w.mailbox)
-    return Config(workspace=resolved, supervision=parsed.supervision, network=parsed.network, path=path,
-                  base_dir=base_dir)
+def _cross_checks(f: _File) -> Iterator[tuple[_Path, str]]:
+    pool = f.workspace.sandbox.pool
+    if pool.preload_count > pool.max_size:
+        yield _SANDBOX + ("pool", "preload_count"), f"{pool.preload_count} is more than max_size ({pool.max_size})"
+    sup = f.supervision
+    backoffs = [(("supervision", "backoff"), sup.backoff)]
+    backoffs += [(("supervision", "groups", name, "backoff"), g.backoff) for name, g in sup.groups.items()]
+    for path, b in backoffs:
+        if b.min > b.max:
+            yield path + ("min",), f"{b.min}s is more than max ({b.max}s)"
+    owner: dict[str, str] = {}
+    for name, group in sup.groups.items():
+        for i, member in enumerate(group.members):
+            if owner.setdefault(member, name) != name:
+                yield ("supervision", "groups", name, "members", i), f"{member!r} is already in group {owner[member]!r}"
+    if f.network is not None:
+        yield from _network_checks(f.network)
 
 
-def _apply_env(parsed: _File, env: Mapping[str, str]) -> tuple[_File, list[ConfigProblem]]:
-    problems: list[ConfigProblem] = []
-    w = parsed.workspace
-    redis, websocket = w.redis, w.websocket
+def _network_checks(net: NetworkConfig) -> Iterator[tuple[_Path, str]]:
+    """Every reference to a process names a declared one (components and ports are checked by the host)."""
+    def check(path: _Path, ref: PortRef | None) -> Iterator[tuple[_Path, str]]:
+        if ref is not None and ref.process not in net.processes:
+            known = ", ".join(sorted(net.processes)) or "none declared"
+            yield path + ("process",), f"unknown process {ref.process!r} (processes: {known})"
+
+    for i, conn in enumerate(net.connections):
+        yield from check(("network", "connections", i, "src"), conn.src)
+        yield from check(("network", "connections", i, "tgt"), conn.tgt)
+    for kind, ports in (("inports", net.inports), ("outports", net.outports)):
+        for name, ref in ports.items():
+            yield from check(("network", kind, name), ref)
+
+
+# -- environment overrides -----------------------------------------------------------------------
+
+
+def _apply_env(ws: WorkspaceConfig, env: Mapping[str, str]) -> tuple[WorkspaceConfig, list[ConfigProblem]]:
+    """``REFLOW_REDIS_URL``, ``REFLOW_WS_PORT``, ``REFLOW_TOKEN`` win over the file; empty means unset."""
+    problems = []
+    redis, websocket = ws.redis, ws.websocket
     if env.get("REFLOW_REDIS_URL"):
         redis = attrs.evolve(redis, url=env["REFLOW_REDIS_URL"])
     if env.get("REFLOW_WS_PORT"):
+        raw = env["REFLOW_WS_PORT"]
         try:
-            port = int(env["REFLOW_WS_PORT"])
-            _port(port)
-            websocket = attrs.evolve(websocket, port=port)
+            websocket = attrs.evolve(websocket, port=_port(int(raw.strip())))
         except ValueError:
-            problems.append(ConfigProblem("REFLOW_WS_PORT", f"expected a port 0..65535, got "
-                                          f"{env['REFLOW_WS_PORT']!r}", "environment"))
+            problems.append(ConfigProblem("REFLOW_WS_PORT", f"expected a port number 0..65535, got {raw!r}"))
     if env.get("REFLOW_TOKEN"):
         websocket = attrs.evolve(websocket, token=env["REFLOW_TOKEN"])
-    return attrs.evolve(parsed, workspace=attrs.evolve(w, redis=redis, websocket=websocket)), problems
+    return attrs.evolve(ws, redis=redis, websocket=websocket), problems
 
 
-def _check_network(net: NetworkConfig | None, lines: dict, filename: str | None) -> list[ConfigProblem]:
-    if net is None:
-        return []
-    out = []
-    for i, conn in enumerate(net.connections):
-        for end in ("src", "tgt"):
-            ref = getattr(conn, end)
-            if ref is not None and ref.process not in net.processes:
-                k = ("network", "connections", i, end, "process")
-                out.append(ConfigProblem(_join(k), f"unknown process {ref.process!r}", filename, _line(lines, k)))
-    return out
+def _resolve_paths(ws: WorkspaceConfig, base_dir: Path) -> WorkspaceConfig:
+    def at(p: Path) -> Path:
+        return (base_dir / p).resolve()
+
+    sb = ws.sandbox
+    runtimes = {name: attrs.evolve(rt, rootfs=at(rt.rootfs)) if rt.rootfs is not None else rt
+                for name, rt in (("python", sb.python), ("javascript", sb.javascript))}
+    return attrs.evolve(ws, root=at(ws.root), state_dir=at(ws.state_dir),
+                        scripts=tuple(str(at(Path(s).expanduser())) for s in ws.scripts),
+                        sandbox=attrs.evolve(sb, **runtimes))
 
 
-def load_config(path: str | os.PathLike | None, env: Mapping[str, str] | None = None) -> Config:
-    """Load ``path`` (None → all defaults, relative to the current directory)."""
+# -- entry points --------------------------------------------------------------------------------
+
+
+def parse_config(text: str, *, filename: str = "reflow.yaml", base_dir: Path,
+                 env: Mapping[str, str] = os.environ) -> Config:
+    """Parse and validate the text of a reflow.yaml.
+
+    Args:
+        text: the YAML text (empty → all defaults).
+        filename: how problems name the file.
+        base_dir: what relative paths (``workspace.root``, ``network: graph.json``, …) are
+            relative to; normally the config file's directory.
+        env: where ``REFLOW_REDIS_URL`` / ``REFLOW_WS_PORT`` / ``REFLOW_TOKEN`` are read.
+
+    Raises:
+        ConfigError: with every problem found (syntax, unknown keys, bad values, dangling
+            references, bad environment overrides), in file order.
+
+    Reads no file except a graph file named by ``network:``.
+    """
+    base_dir = Path(base_dir).resolve()
+    doc = _Document()
+    data = doc.parse(text, filename)
+    if data is None:                   # an empty file, or only comments
+        data = {}
+    problems: list[ConfigProblem] = []
+    if isinstance(data, dict):
+        sandbox = data.get("workspace", {}).get("sandbox") if isinstance(data.get("workspace"), dict) else None
+        if isinstance(sandbox, dict):
+            problems += _adapt_sandbox(sandbox, doc)
+        if isinstance(data.get("network"), str):
+            data["network"] = _read_graph(data["network"], base_dir, filename, doc)
+
+    parsed: _File | None = None
+    try:
+        parsed = converter.structure(data, _File)
+    except ValueError as exc:          # ClassValidationError is one too (via ExceptionGroup? no: see below)
+        problems.append(doc.problem((), str(exc)) if not isinstance(exc, ClassValidationError) else None)
+    except ClassValidationError as exc:
+        problems += _problems_from(exc, data, doc)
+
+    if parsed is not None:
+        problems += (doc.problem(path, message) for path, message in _cross_checks(parsed))
+        workspace, env_problems = _apply_env(parsed.workspace, env)
+    else:
+        _, env_problems = _apply_env(WorkspaceConfig(), env)
+    problems += env_problems
+    if problems or parsed is None:
+        raise ConfigError(_in_file_order(problems, filename))
+    return Config(workspace=_resolve_paths(workspace, base_dir), supervision=parsed.supervision,
+                  network=parsed.network, path=None, base_dir=base_dir)
+
+
+def _in_file_order(problems: list[ConfigProblem], filename: str) -> list[ConfigProblem]:
+    unique = list(dict.fromkeys(problems))   # a flat key feeding two runtimes fails twice alike
+    files = [filename] + sorted({p.file for p in unique if p.file and p.file != filename})
+    return sorted(unique, key=lambda p: (files.index(p.file) if p.file in files else len(files),
+                                         p.line if p.line is not None else float("inf")))
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] = os.environ) -> Config:
+    """Load a reflow.yaml; ``None`` means all defaults, relative to the current directory.
+
+    Raises:
+        ConfigError: the file cannot be read (the problem names it), or see ``parse_config``.
+    """
     if path is None:
-        return parse_config("", filename="defaults", base_dir=Path.cwd(), env=env)
+        return parse_config("", filename="(defaults)", base_dir=Path.cwd(), env=env)
     p = Path(path)
     try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError([ConfigProblem("", f"cannot read the config file: {exc.strerror}", str(p))]) from None
-    return parse_config(text, filename=str(p), base_dir=p.resolve().parent, env=env, path=p)
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([ConfigProblem("", f"cannot read the config file: {reason}", str(p))]) from None
+    config = parse_config(text, filename=str(p), base_dir=p.parent, env=env)
+    return attrs.evolve(config, path=p)

@@ -192,7 +192,8 @@ class Supervisor:
             if self._last_exited in self._nodes:
                 self._nodes[self._last_exited].state = "failed"
             err = SupervisorGaveUp(self.name, action.reason)
-            self.on_stopped(err)
+            # Not on_stopped() here: our parent decides whether we come back; messages
+            # wait in the mailboxes until it does, or fail when the root gives up.
             log.error("%s", err, extra={"supervisor": self.name})
             raise err
         if isinstance(action, policy.Restart):

@@ -14,7 +14,7 @@ CRASHER = '''
 import os, time
 from reflow import actor
 
-@actor(name="Crasher", inports=["how"], outports=["ok"], timeout=1)
+@actor(name="Crasher", inports=["how"], outports=["ok"], timeout=1, memory="256MB")
 def crash(context):
     how = context.get_input("how")
     if how == "raise":
@@ -24,6 +24,10 @@ def crash(context):
     if how == "segv":
         import ctypes
         ctypes.string_at(0)
+    if how == "bomb":
+        hog = []
+        while True:
+            hog.append(bytearray(50 * 2**20))
     if how == "loop":
         while True:
             pass
@@ -68,11 +72,17 @@ async def test_crash_kinds_fail_the_call_and_restart_the_worker(make_host):
             assert _node(await c.status(), "Crasher")["restarts"] == restarts
 
         with pytest.raises(RpcError) as err:
+            await c.call("Crasher", {"how": "bomb"})
+        assert err.value.code == -32005 and err.value.data == {"limit": "memory"}
+        assert (await c.call("Crasher", {"how": "ok"}))["outputs"]["ok"]["value"] is True
+        assert _node(await c.status(), "Crasher")["restarts"] == 3
+
+        with pytest.raises(RpcError) as err:
             await c.call("Crasher", {"how": "loop"})
         assert err.value.code == -32003
         assert (await c.call("Crasher", {"how": "ok"}))["outputs"]["ok"]["value"] is True
         node = _node(await c.status(), "Crasher")
-        assert node["restarts"] == 3 and node["last_error"]["type"] == "ActorTimedOut"
+        assert node["restarts"] == 4 and node["last_error"]["type"] == "ActorTimedOut"
         assert (await c.call("Steady", {"x": 5}))["outputs"]["y"]["value"] == 5
         assert _node(await c.status(), "Steady")["restarts"] == 0
 
@@ -183,3 +193,30 @@ async def test_second_signal_stops_at_once(make_host):
             n.cancel_scope.cancel()
     for pid in descendants:
         assert not cmdline(pid), f"left behind: {pid} {cmdline(pid)}"
+
+
+async def test_a_group_that_gives_up_is_restarted_by_its_parent_while_others_serve(make_host):
+    config = """\
+network:
+  processes:
+    a: {component: Crasher}
+    solo: {component: Steady}
+supervision:
+  max_restarts: 5
+  max_seconds: 60
+  groups:
+    g: {members: [a], max_restarts: 0, max_seconds: 60}
+"""
+    host = await make_host({"crasher.actor.py": CRASHER, "steady.actor.py": STEADY}, config)
+    async with open_client(host.url) as c:
+        solo_pid = _node(await c.status(), "solo")["pid"]
+        with pytest.raises(RpcError):
+            await c.call("a", {"how": "exit"})
+        status = await wait_for(c.status)
+        assert (await c.call("a", {"how": "ok"}, timeout=10))["outputs"]["ok"]["value"] is True
+        status = await c.status()
+        network = status["children"][0]
+        group = next(n for n in network["children"] if n["name"] == "g")
+        assert group["restarts"] == 1 and group["last_error"]["type"] == "SupervisorGaveUp"
+        assert _node(status, "solo")["pid"] == solo_pid and _node(status, "solo")["restarts"] == 0
+        assert (await c.call("solo", {"x": 3}))["outputs"]["y"]["value"] == 3
