@@ -460,7 +460,8 @@ class _Document:
     (``workspace.sandbox.memory_limit``), so errors name what is in the file.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
         self.where: dict[_Path, tuple[str, int]] = {}
         self.aliases: dict[_Path, _Path] = {}
 
@@ -518,9 +519,7 @@ class _Document:
         probe = path
         while probe and probe not in self.where:
             probe = probe[:-1]
-        file, line = self.where.get(probe, (None, None))
-        if file is None and self.where:   # only the file as a whole is known
-            file = next(iter(self.where.values()))[0]
+        file, line = self.where.get(probe, (self.filename, None))
         return ConfigProblem(_join(path), message, file, line)
 
 
@@ -586,9 +585,13 @@ def _adapt_sandbox(sandbox: dict, doc: _Document) -> list[ConfigProblem]:
 _IGNORED_GRAPH_KEYS = ("properties", "groups")
 
 
-def _read_graph(relative: str, base_dir: Path, filename: str, doc: _Document) -> Any:
-    """``network: graph.json`` → that graph (an FBP JSON graph; JSON is YAML, so lines come free)."""
-    shown = os.path.join(os.path.dirname(filename), relative)
+def _read_graph(relative: str, base_dir: Path, doc: _Document) -> Any:
+    """``network: graph.json`` → that file's FBP JSON graph (JSON is YAML: lines come free).
+
+    Raises:
+        ConfigError: the file cannot be read or parsed.
+    """
+    shown = os.path.join(os.path.dirname(doc.filename), relative)
     try:
         text = (base_dir / relative).expanduser().read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -703,21 +706,22 @@ def _network_checks(net: NetworkConfig) -> Iterator[tuple[_Path, str]]:
 # -- environment overrides -----------------------------------------------------------------------
 
 
-def _apply_env(ws: WorkspaceConfig, env: Mapping[str, str]) -> tuple[WorkspaceConfig, list[ConfigProblem]]:
-    """``REFLOW_REDIS_URL``, ``REFLOW_WS_PORT``, ``REFLOW_TOKEN`` win over the file; empty means unset."""
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], list[ConfigProblem]]:
+    """``REFLOW_REDIS_URL``, ``REFLOW_WS_PORT``, ``REFLOW_TOKEN`` → per-section overrides; empty means unset."""
+    redis: dict[str, Any] = {}
+    websocket: dict[str, Any] = {}
     problems = []
-    redis, websocket = ws.redis, ws.websocket
     if env.get("REFLOW_REDIS_URL"):
-        redis = attrs.evolve(redis, url=env["REFLOW_REDIS_URL"])
+        redis["url"] = env["REFLOW_REDIS_URL"]
     if env.get("REFLOW_WS_PORT"):
         raw = env["REFLOW_WS_PORT"]
         try:
-            websocket = attrs.evolve(websocket, port=_port(int(raw.strip())))
+            websocket["port"] = _port(int(raw.strip()))
         except ValueError:
             problems.append(ConfigProblem("REFLOW_WS_PORT", f"expected a port number 0..65535, got {raw!r}"))
     if env.get("REFLOW_TOKEN"):
-        websocket = attrs.evolve(websocket, token=env["REFLOW_TOKEN"])
-    return attrs.evolve(ws, redis=redis, websocket=websocket), problems
+        websocket["token"] = env["REFLOW_TOKEN"]
+    return {"redis": redis, "websocket": websocket}, problems
 
 
 def _resolve_paths(ws: WorkspaceConfig, base_dir: Path) -> WorkspaceConfig:
@@ -753,35 +757,40 @@ def parse_config(text: str, *, filename: str = "reflow.yaml", base_dir: Path,
     Reads no file except a graph file named by ``network:``.
     """
     base_dir = Path(base_dir).resolve()
-    doc = _Document()
+    doc = _Document(filename)
     data = doc.parse(text, filename)
     if data is None:                   # an empty file, or only comments
         data = {}
     problems: list[ConfigProblem] = []
     if isinstance(data, dict):
-        sandbox = data.get("workspace", {}).get("sandbox") if isinstance(data.get("workspace"), dict) else None
-        if isinstance(sandbox, dict):
-            problems += _adapt_sandbox(sandbox, doc)
+        workspace = data.get("workspace")
+        if isinstance(workspace, dict) and isinstance(workspace.get("sandbox"), dict):
+            problems += _adapt_sandbox(workspace["sandbox"], doc)
         if isinstance(data.get("network"), str):
-            data["network"] = _read_graph(data["network"], base_dir, filename, doc)
+            try:
+                data["network"] = _read_graph(data["network"], base_dir, doc)
+            except ConfigError as exc:
+                problems += exc.problems
+                data["network"] = None
 
     parsed: _File | None = None
     try:
         parsed = converter.structure(data, _File)
-    except ValueError as exc:          # ClassValidationError is one too (via ExceptionGroup? no: see below)
-        problems.append(doc.problem((), str(exc)) if not isinstance(exc, ClassValidationError) else None)
     except ClassValidationError as exc:
         problems += _problems_from(exc, data, doc)
-
+    except ValueError as exc:          # the top level is not a mapping
+        problems.append(doc.problem((), str(exc)))
     if parsed is not None:
         problems += (doc.problem(path, message) for path, message in _cross_checks(parsed))
-        workspace, env_problems = _apply_env(parsed.workspace, env)
-    else:
-        _, env_problems = _apply_env(WorkspaceConfig(), env)
+    overrides, env_problems = _env_overrides(env)
     problems += env_problems
     if problems or parsed is None:
         raise ConfigError(_in_file_order(problems, filename))
-    return Config(workspace=_resolve_paths(workspace, base_dir), supervision=parsed.supervision,
+
+    ws = parsed.workspace
+    ws = attrs.evolve(ws, **{section: attrs.evolve(getattr(ws, section), **values)
+                             for section, values in overrides.items()})
+    return Config(workspace=_resolve_paths(ws, base_dir), supervision=parsed.supervision,
                   network=parsed.network, path=None, base_dir=base_dir)
 
 

@@ -173,3 +173,33 @@ def test_discover_lists_broken_scripts_with_line(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Calculator" in r.stdout
     assert "broken.actor.py:" in r.stdout
+
+
+async def test_external_redis_url_holds_the_state(make_host, tmp_path):
+    import redis as redis_py
+
+    from conftest import free_port
+    from supervisor._redis import embedded_redis_binary
+
+    port = free_port()
+    server = subprocess.Popen([embedded_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        client = redis_py.Redis(port=port)
+        await wait_for(lambda: _pings(client))
+        host = await make_host({"dp.actor.py": DATA_PROCESSOR},
+                               env={"REFLOW_REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+        async with open_client(host.url) as c:
+            await c.call("DataProcessor", {"data": [1]})
+        assert client.get("reflow:DataProcessor:state:process_count") == b"1"
+        assert not (host.state_dir / "redis.sock").exists()
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _pings(client) -> bool:
+    try:
+        return client.ping()
+    except Exception:
+        return False
