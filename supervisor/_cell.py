@@ -289,7 +289,7 @@ class ActorCell:
                 raise WorkerDied(self.name, await worker.wait()) from None
             if channel.bytes_received - start > self.max_output:
                 worker.kill(limit="output")
-                await worker.wait()
+                raise WorkerDied(self.name, await worker.wait())
             msg = orjson.loads(frame)
             method = msg.get("method")
             if method is None:

@@ -318,7 +318,11 @@ class Host:
                         self._send_iips()
                         self.started.set()
                         task_status.started(self)
-                        await trio.sleep_forever()
+                        try:
+                            await trio.sleep_forever()
+                        finally:
+                            with trio.CancelScope(shield=True):
+                                await backend.aclose()
 
     async def _run_root(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         assert self.root is not None

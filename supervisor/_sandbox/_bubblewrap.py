@@ -20,6 +20,7 @@ import sysconfig
 from pathlib import Path
 
 from ._base import SandboxBackend, SandboxUnavailable, Worker, WorkerSpec
+from ._cgroup import Cgroups
 from ._spawn import limits_arg, spawn_worker
 
 __all__ = ["BubblewrapBackend", "runtime_dir"]
@@ -84,6 +85,7 @@ class BubblewrapBackend(SandboxBackend):
 
     def __init__(self) -> None:
         self._bwrap = shutil.which("bwrap")
+        self._cgroups: Cgroups | None = None
 
     def check(self) -> None:
         """Raise SandboxUnavailable when bwrap is missing or cannot create namespaces here."""
@@ -95,11 +97,20 @@ class BubblewrapBackend(SandboxBackend):
                                capture_output=True, text=True, check=False)
         if probe.returncode != 0:
             raise SandboxUnavailable(f"bubblewrap cannot create namespaces here: {probe.stderr.strip()}")
+        self._cgroups = Cgroups.probe()
 
     def limits_not_enforced(self) -> tuple[str, ...]:
-        # cgroup v1 without delegation here: memory.max / cpu.max are not available, so
-        # memory is capped by RLIMIT_AS and CPU by RLIMIT_CPU only; the cpu *share* is not.
-        return ("cpu share (cpu.max needs a writable cgroup v2)",)
+        if self._cgroups is None:
+            self._cgroups = Cgroups.probe()
+        missing = self._cgroups.missing()
+        if "process count (pids.max)" in missing:
+            # RLIMIT_NPROC does not bind uid 0, which is what the sandbox maps to.
+            missing += ("(so a fork bomb is bounded only by the host's pid limit)",)
+        return missing
+
+    async def aclose(self) -> None:
+        if self._cgroups is not None:
+            self._cgroups.close()
 
     def argv(self, spec: WorkerSpec) -> list[str]:
         assert self._bwrap is not None
@@ -138,4 +149,18 @@ class BubblewrapBackend(SandboxBackend):
         return args
 
     async def start(self, spec: WorkerSpec) -> Worker:
-        return await spawn_worker(self.argv(spec), spec, tier=self.tier, shell_status=True)
+        argv = self.argv(spec)
+        if self._cgroups is None:
+            self._cgroups = Cgroups.probe()
+        groups: list = []
+        if self._cgroups.available:
+            groups, joins = self._cgroups.create(pids=spec.max_processes, memory=spec.memory, cpu=spec.cpu)
+            if groups:
+                argv = ["/bin/sh", "-c", joins + '; exec "$@"', "sh", *argv]
+        try:
+            worker = await spawn_worker(argv, spec, tier=self.tier, shell_status=True)
+        except BaseException:
+            Cgroups.remove(groups)
+            raise
+        worker.on_exit.append(lambda: Cgroups.remove(groups))
+        return worker

@@ -45,6 +45,7 @@ class HostProcessWorker(Worker):
         self._pidfd = os.pidfd_open(proc.pid)
         self._exited = trio.Event()
         self._waiting = False
+        self.on_exit: list = []  # callables run once the process is reaped (e.g. remove its cgroups)
 
     @property
     def pid(self) -> int | None:
@@ -86,6 +87,8 @@ class HostProcessWorker(Worker):
                 os.close(self._pidfd)
             except OSError:
                 pass
+            for fn in self.on_exit:
+                fn()
             self._exited.set()
             return info
         finally:
@@ -117,7 +120,7 @@ async def spawn_worker(argv: Sequence[str], spec: WorkerSpec, *, tier: str,
         proc = subprocess.Popen(  # noqa: S603 - argv is built by us, never by a script
             args, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=None if debug else subprocess.DEVNULL, env=env if env is not None else {},
-            start_new_session=True,
+            start_new_session=True, cwd="/",  # the sandbox's init sees this; keep host paths out
         )
     finally:
         child_sock.close()

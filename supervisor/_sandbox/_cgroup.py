@@ -1,0 +1,98 @@
+"""cgroup v1 limits for sandboxes, where the host may write the hierarchy.
+
+Where ``/sys/fs/cgroup/{pids,memory,cpu}`` are writable (root without a
+systemd-owned hierarchy, as on this machine), each worker gets its own group:
+``pids.max`` (a fork bomb stops at the cap — RLIMIT_NPROC does not apply to
+uid 0, which a sandbox maps to), ``memory.limit_in_bytes`` (a backstop above
+the RLIMIT_AS the runtime sets itself) and a CFS quota for the ``cpu``
+fraction. The worker joins its groups before ``bwrap`` runs, through a
+``sh -c 'echo $$ > …/cgroup.procs; exec bwrap …'`` prefix, so nothing in the
+sandbox ever runs outside them. Where a controller is not writable, the
+backend says so once at startup and relies on rlimits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shlex
+from pathlib import Path
+
+__all__ = ["Cgroups"]
+
+ROOT = Path("/sys/fs/cgroup")
+CONTROLLERS = ("pids", "memory", "cpu")
+_ids = itertools.count(1)
+
+
+class Cgroups:
+    def __init__(self, available: dict[str, Path]):
+        self.available = available  # controller -> this host's parent group
+
+    @classmethod
+    def probe(cls) -> Cgroups:
+        """Create this host's parent groups where possible; clean up groups of dead hosts."""
+        available: dict[str, Path] = {}
+        for ctrl in CONTROLLERS:
+            base = ROOT / ctrl
+            if not base.is_dir():
+                continue
+            for stale in base.glob("reflow-*"):
+                with contextlib.suppress(ValueError, OSError):
+                    pid = int(stale.name.split("-", 1)[1])
+                    if not Path(f"/proc/{pid}").exists():
+                        for child in stale.iterdir():
+                            if child.is_dir():
+                                child.rmdir()
+                        stale.rmdir()
+            mine = base / f"reflow-{os.getpid()}"
+            try:
+                mine.mkdir(exist_ok=True)
+                (mine / "cgroup.procs").stat()
+            except OSError:
+                continue
+            available[ctrl] = mine
+        return cls(available)
+
+    def missing(self) -> tuple[str, ...]:
+        what = {"pids": "process count (pids.max)", "memory": "memory hard cap (memory.limit_in_bytes)",
+                "cpu": "cpu share (cpu.cfs_quota_us)"}
+        return tuple(what[c] for c in CONTROLLERS if c not in self.available)
+
+    def create(self, *, pids: int, memory: int, cpu: float) -> tuple[list[Path], str]:
+        """Make one worker's groups; returns them and the shell prefix that joins them."""
+        name = f"w{next(_ids)}"
+        groups: list[Path] = []
+        for ctrl, parent in self.available.items():
+            g = parent / name
+            try:
+                g.mkdir()
+                if ctrl == "pids":
+                    (g / "pids.max").write_text(str(pids))
+                elif ctrl == "memory":
+                    # Above the runtime's own RLIMIT_AS, so a script gets MemoryError first.
+                    (g / "memory.limit_in_bytes").write_text(str(memory + 64 * 2**20))
+                    with contextlib.suppress(OSError):
+                        (g / "memory.memsw.limit_in_bytes").write_text(str(memory + 64 * 2**20))
+                elif ctrl == "cpu" and cpu > 0:
+                    (g / "cpu.cfs_period_us").write_text("100000")
+                    (g / "cpu.cfs_quota_us").write_text(str(max(1000, int(cpu * 100000))))
+            except OSError:
+                with contextlib.suppress(OSError):
+                    g.rmdir()
+                continue
+            groups.append(g)
+        joins = "; ".join(f"echo $$ > {shlex.quote(str(g / 'cgroup.procs'))}" for g in groups)
+        return groups, joins
+
+    @staticmethod
+    def remove(groups: list[Path]) -> None:
+        for g in groups:
+            with contextlib.suppress(OSError):
+                g.rmdir()
+
+    def close(self) -> None:
+        for parent in self.available.values():
+            with contextlib.suppress(OSError):
+                parent.rmdir()

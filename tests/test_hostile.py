@@ -1,0 +1,144 @@
+"""Hostile scripts against a real host: each is contained with the right error; the others keep serving."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import open_client
+from supervisor.client import RpcError
+
+HOSTILE = r'''
+import ctypes, os, signal, socket, sys
+from reflow import actor
+
+def attempt(fn):
+    try:
+        return "ALLOWED: " + repr(fn())[:80]
+    except BaseException as e:
+        return "denied: " + type(e).__name__
+
+@actor(name="Hostile", inports=["what", "arg"], outports=["out"])
+def hostile(context):
+    what = context.get_input("what")
+    arg = context.get_input("arg")
+    state = context.get_state()
+    if what == "read":
+        return {"out": attempt(lambda: open(arg).read())}
+    if what == "write":
+        return {"out": attempt(lambda: open(arg, "w").write("x"))}
+    if what == "listdir":
+        return {"out": attempt(lambda: os.listdir(arg))}
+    if what == "tcp":
+        return {"out": attempt(lambda: socket.create_connection(("127.0.0.1", arg), timeout=1))}
+    if what == "dns":
+        return {"out": attempt(lambda: socket.getaddrinfo("pypi.org", 443))}
+    if what == "env":
+        return {"out": sorted(os.environ)}
+    if what == "kill_host":
+        visible = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+        allowed = [pid for pid in range(1, 64) if pid != os.getpid()
+                   and attempt(lambda: os.kill(pid, signal.SIGKILL)).startswith("ALLOWED")]
+        return {"out": {"visible": visible, "killed": allowed}}
+    if what == "symlink":
+        os.symlink(arg, "/tmp/link")
+        return {"out": attempt(lambda: open("/tmp/link").read())}
+    if what == "fill_tmp":
+        return {"out": attempt(lambda: open("/tmp/big", "wb").write(b"x" * (200 * 2**20)))}
+    if what == "fork_bomb":
+        n = 0
+        try:
+            while n < 10000:
+                if os.fork() == 0:
+                    import time
+                    time.sleep(30)
+                    os._exit(0)
+                n += 1
+        except OSError as e:
+            return {"out": f"stopped after {n}: {type(e).__name__}"}
+        return {"out": f"ALLOWED {n} forks"}
+    if what == "spin":
+        while True:
+            pass
+    if what == "output":
+        return {"out": "x" * arg}
+    if what == "state_escape":
+        state.set("mine", 1)
+        return {"out": {"keys": state.keys("*"), "other": state.get("../Other:state:secret"),
+                        "glob": state.keys("*:*")}}
+    return {"out": None}
+'''
+
+OTHER = '''
+from reflow import actor
+
+@actor(name="Other", inports=["x"], outports=["y"])
+def other(context):
+    context.get_state().set("secret", "hunter2")
+    return {"y": context.get_input("x")}
+'''
+
+
+@pytest.fixture
+async def hostile(make_host):
+    host = await make_host({"hostile.actor.py": HOSTILE, "other.actor.py": OTHER},
+                           "supervision: {max_restarts: 20, max_seconds: 60}\n")
+    async with open_client(host.url) as c:
+        await c.call("Other", {"x": 1})
+        yield host, c
+        assert (await c.call("Other", {"x": 2}))["outputs"]["y"]["value"] == 2, "a bystander stopped serving"
+
+
+async def out(c, what, arg=None, **kw):
+    return (await c.call("Hostile", {"what": what, "arg": arg}, **kw))["outputs"]["out"]["value"]
+
+
+async def test_files_network_env_and_host_processes_are_out_of_reach(hostile):
+    host, c = hostile
+    (host.config.parent / "secret.txt").write_text("s3cret")
+    environ = await out(c, "read", "/proc/1/environ")  # the sandbox's own init: nothing of the host
+    assert environ.startswith("denied") or "/" not in environ.replace("PWD=/\\x00", "").removeprefix("ALLOWED: ")
+    for path in ("/etc/shadow", "/etc/passwd", str(host.config.parent / "secret.txt"),
+                 "/root/.bashrc", str(host.state_dir / "redis.sock")):
+        assert (await out(c, "read", path)).startswith("denied"), path
+    for path in ("/usr/local/evil", "/reflow/evil", "/etc/evil"):
+        assert (await out(c, "write", path)).startswith("denied"), path
+    assert (await out(c, "listdir", "/home")).startswith("denied")
+    port = int(host.url.rsplit(":", 1)[1].strip("/"))
+    assert (await out(c, "tcp", port)).startswith("denied")
+    assert (await out(c, "dns")).startswith("denied")
+    assert set(await out(c, "env")) <= {"HOME", "PATH", "LANG", "PWD"}
+    seen = await out(c, "kill_host")
+    # Only the sandbox's own pid namespace is visible; its init (pid 1) ignores SIGKILL from inside.
+    assert set(seen["killed"]) <= {1} and max(seen["visible"]) < 10
+    assert (await out(c, "symlink", str(host.config.parent / "secret.txt"))).startswith("denied")
+
+
+async def test_tmp_is_capped_and_a_fork_bomb_is_bounded(hostile):
+    host, c = hostile
+    assert (await out(c, "fill_tmp")).startswith("denied: OSError")
+    result = await out(c, "fork_bomb", timeout=60)
+    assert result.startswith("stopped after"), result
+
+
+async def test_state_cannot_reach_other_actors_keys(hostile):
+    host, c = hostile
+    res = await out(c, "state_escape")
+    assert res["keys"] == ["mine"] and res["other"] is None and res["glob"] == []
+
+
+async def test_huge_output_and_cpu_spin_end_only_that_sandbox(make_host):
+    host = await make_host({"hostile.actor.py": HOSTILE, "other.actor.py": OTHER})
+    cfg = host.config.read_text().replace("    backend: bubblewrap\n",
+                                          "    backend: bubblewrap\n    max_output: 1MB\n    cpu_seconds: 1\n")
+    await host.stop()
+    host.config.write_text(cfg)
+    await host.start()
+    async with open_client(host.url) as c:
+        with pytest.raises(RpcError) as err:
+            await out(c, "output", 4 * 2**20)
+        assert err.value.code == -32005 and err.value.data == {"limit": "output"}
+        with pytest.raises(RpcError) as err:
+            await out(c, "spin", timeout=30)
+        assert err.value.code == -32005 and err.value.data == {"limit": "cpu"}
+        assert await out(c, "none") is None
+        assert (await c.call("Other", {"x": 3}))["outputs"]["y"]["value"] == 3
