@@ -10,6 +10,7 @@ the cell restarts wait for the next worker instead of being lost.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -23,6 +24,7 @@ import trio
 from ._channel import ChannelClosed
 from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
                       ResourceLimitExceeded, single_error)
+from ._mailbox import feed, inbox_key, poke, retry_or_deadletter_cmds
 from ._sandbox._base import ExitInfo, Worker
 from ._state import StateTxn, state_prefix
 
@@ -34,6 +36,7 @@ __all__ = ["ActorCell", "Envelope", "ProcessSpec", "WorkerDied"]
 
 log = logging.getLogger("supervisor.actor")
 _message_ids = itertools.count(1)
+_run_tag = f"{int(time.time() * 1000):x}"  # message ids stay unique across host restarts
 
 
 class WorkerDied(Exception):
@@ -68,17 +71,24 @@ class ProcessSpec:
     memory: int | None = None
 
 
+def new_message_id() -> str:
+    return f"m{next(_message_ids)}-{_run_tag}"
+
+
 @attrs.define(eq=False)
 class Envelope:
     """One message for a cell and the one-shot answer its sender waits for."""
 
     inputs: dict[str, Any]                      # port -> typed wire message
-    message_id: str = attrs.field(factory=lambda: f"m{next(_message_ids)}")
+    message_id: str = attrs.field(factory=new_message_id)
     on_output: Callable[[str, dict], None] | None = None
     config: dict | None = None
     outputs: dict | None = None
     emitted: list = attrs.field(factory=list)
     error: ActorError | None = None
+    stream_id: bytes | None = None              # set for messages from the durable inbox
+    attempts: int = 0
+    body: bytes | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
 
     def resolve(self, outputs: dict) -> None:
@@ -123,7 +133,9 @@ class ActorCell:
         self.max_output = cfg.workspace.sandbox.max_output
         self.subscribers: dict[int, Callable[[str, str, dict, str], None]] = {}
         self.stopped_reason: str | None = None
-        self._retry: Envelope | None = None
+        self._retry: collections.deque[Envelope] = collections.deque()
+        self.inbox = inbox_key(cfg.workspace.redis.namespace, self.name)
+        self.wake: trio.Event | None = None
 
     @property
     def component(self) -> ComponentSpec:
@@ -151,9 +163,8 @@ class ActorCell:
     def fail_queued(self, error: ActorError) -> None:
         """Refuse new messages and answer every queued one with ``error`` (the cell will not run again)."""
         self.stopped_reason = error.message
-        if self._retry is not None:
-            self._retry.fail(error)
-            self._retry = None
+        while self._retry:
+            self._retry.popleft().fail(error)
         while True:
             try:
                 self._recv.receive_nowait().fail(error)
@@ -178,8 +189,14 @@ class ActorCell:
                     nursery.start_soon(self._watch, worker, nursery.cancel_scope)
                     await self._load(worker)
                     log.debug("script loaded into worker", extra={"actor": self.name, "pid": worker.pid})
+                    inbox: trio.MemoryReceiveChannel[Envelope] = self._recv
+                    if self.host.durable:
+                        # Calls (memory) and durable messages meet in one rendezvous channel.
+                        merged_send, inbox = trio.open_memory_channel[Envelope](0)
+                        nursery.start_soon(self._forward, merged_send)
+                        nursery.start_soon(feed, self, merged_send)
                     task_status.started()
-                    await self._serve(worker)
+                    await self._serve(worker, inbox)
             except BaseExceptionGroup as group:
                 # The watcher never raises, so a group here holds the serving loop's one
                 # failure: give the supervisor that error, not a wrapper around it.
@@ -195,14 +212,16 @@ class ActorCell:
                 self.worker = None
                 env, self.current = self.current, None
                 if env is not None:
-                    if died_by_itself:
+                    if env.stream_id is not None:
+                        pass  # still pending in its stream: the next run's feeder requeues it
+                    elif died_by_itself:
                         env.fail(_death_error(self.name, worker.exit_info))
                     elif self.host.stopping:
                         env.fail(ActorStopped(f"actor {self.name!r} was stopped"))
                     else:
                         # Stopped by its supervisor (e.g. a sibling's one_for_all restart):
                         # the message did nothing wrong, so the next incarnation gets it.
-                        self._retry = env
+                        self._retry.appendleft(env)
         if worker.exit_info is not None:
             raise WorkerDied(self.name, worker.exit_info)
 
@@ -230,13 +249,21 @@ class ActorCell:
         memory = self.process.memory or self.component.memory or rt.memory
         return {"memory": memory, "cpu_seconds": sb.cpu_seconds, "nproc": sb.max_processes}
 
-    async def _serve(self, worker: Worker) -> None:
-        if self._retry is not None:
-            env, self._retry = self._retry, None
+    async def _forward(self, merged: trio.MemorySendChannel[Envelope]) -> None:
+        async for env in self._recv:
+            try:
+                await merged.send(env)
+            except BaseException:
+                self._retry.append(env)  # taken from the mailbox but never handled
+                raise
+
+    async def _serve(self, worker: Worker, inbox: trio.MemoryReceiveChannel[Envelope]) -> None:
+        while self._retry:
+            env = self._retry.popleft()
             self.current = env
             await self._handle(worker, env)
             self.current = None
-        async for env in self._recv:
+        async for env in inbox:
             self.current = env
             await self._handle(worker, env)
             self.current = None
@@ -265,7 +292,10 @@ class ActorCell:
                 worker.kill(limit=limit)
                 await worker.wait()
                 return
-            env.fail(ActorFailed(f"actor {self.name!r} failed: {err.get('message')}", err.get("data")))
+            error = ActorFailed(f"actor {self.name!r} failed: {err.get('message')}", err.get("data"))
+            if env.stream_id is not None:
+                await self._retry_later(env, err.get("data") or {"message": err.get("message")})
+            env.fail(error)
             return
         outputs = (reply.get("result") or {}).get("outputs") or {}
         routed = env.emitted + [(p, m) for p, m in outputs.items() if (p, m) not in env.emitted]
@@ -277,6 +307,18 @@ class ActorCell:
         self.processed += 1
         env.resolve(outputs)
         self.host.publish(self, routed, env.message_id)
+
+    async def _retry_later(self, env: Envelope, error: dict) -> None:
+        """A durable message the script failed on: to the back of the inbox, or dead letters."""
+        assert env.stream_id is not None and env.body is not None
+        cmds, dead = retry_or_deadletter_cmds(self, self.inbox, env.stream_id, env.body, env.attempts + 1, error,
+                                              self.process.max_deliveries)
+        await self.host.redis.transaction(cmds)
+        if dead:
+            log.error("message moved to the dead-letter stream after %d attempts", env.attempts + 1,
+                      extra={"actor": self.name, "message_id": env.message_id})
+        else:
+            poke(self)
 
     async def _reply(self, worker: Worker, rid: int, env: Envelope | None, txn: StateTxn | None) -> dict:
         """Read frames until the reply to ``rid``, serving state calls and outputs meanwhile."""

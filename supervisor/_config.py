@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import difflib
 import enum
+import json
 import os
 import re
+import types
 import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -274,15 +276,6 @@ class NetworkConfig:
 
 
 @attrs.frozen
-class _File:
-    """The top level of reflow.yaml as written (before env overrides and path resolution)."""
-
-    workspace: WorkspaceConfig = WorkspaceConfig()
-    supervision: SupervisionConfig = SupervisionConfig()
-    network: NetworkConfig | None = None
-
-
-@attrs.frozen
 class Config:
     """A whole, valid configuration. ``base_dir`` is the config file's directory (or the cwd)."""
 
@@ -394,11 +387,11 @@ def _literal_hook(type_: Any) -> Any:
     return structure
 
 
-def _is_str_list(type_: Any) -> bool:
+def _is_homogeneous_tuple(type_: Any) -> bool:
     return typing.get_origin(type_) is tuple and typing.get_args(type_)[1:] == (...,)
 
 
-@converter.register_structure_hook_factory(_is_str_list)
+@converter.register_structure_hook_factory(_is_homogeneous_tuple)
 def _tuple_hook(type_: Any, conv: cattrs.Converter) -> Any:
     elements = homogenous_tuple_structure_factory(type_, conv)
 
@@ -423,6 +416,7 @@ def _section_hook(cls: type, conv: cattrs.Converter) -> Any:
     return structure
 
 
+_connection_fields = make_dict_structure_fn(ConnectionConfig, converter)
 _EXACTLY_ONE = "a connection needs exactly one of src (an output port) or data (an initial packet)"
 
 
@@ -442,9 +436,6 @@ def _connection(value: object) -> ConnectionConfig:
     if neither_or_both:
         raise ValueError(_EXACTLY_ONE)
     return conn
-
-
-_connection_fields = make_dict_structure_fn(ConnectionConfig, converter)
 
 
 # -- reading YAML with line numbers --------------------------------------------------------------
@@ -467,15 +458,18 @@ class _Document:
 
     def parse(self, text: str, filename: str, at: _Path = ()) -> Any:
         """Parse ``text`` and record lines under ``at``. Raises ConfigError on bad syntax."""
+        kind = "JSON" if filename.endswith(".json") else "YAML"
         try:
             node = YAML(typ="rt").load(text)
         except MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
-            what = " ".join(str(s) for s in (exc.context, exc.problem) if s) or str(exc)
-            raise ConfigError([ConfigProblem(_join(at), f"syntax error: {what}", filename,
+            what = exc.problem or exc.context or str(exc)
+            if "'\\t'" in what:   # ruamel shows a tab escaped: "found character '\\t'"
+                what += " (indent with spaces, not tabs)"
+            raise ConfigError([ConfigProblem(_join(at), f"{kind} syntax error: {what}", filename,
                                              mark.line + 1 if mark else None)]) from None
         except YAMLError as exc:
-            raise ConfigError([ConfigProblem(_join(at), f"syntax error: {exc}", filename)]) from None
+            raise ConfigError([ConfigProblem(_join(at), f"{kind} syntax error: {exc}", filename)]) from None
         return self._plain(node, at, filename)
 
     def _plain(self, node: Any, path: _Path, filename: str) -> Any:
@@ -552,7 +546,7 @@ _FLAT_SANDBOX_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
     "memory_limit": (("python", "memory"), ("javascript", "memory")),
     "cpu_limit": (("python", "cpu"), ("javascript", "cpu")),
 }
-_DEFAULT_IMAGES = {"python": "python:3.11", "javascript": "node:20"}
+_DEFAULT_IMAGES = {"python": SandboxConfig().python.image, "javascript": SandboxConfig().javascript.image}
 
 
 def _adapt_sandbox(sandbox: dict, doc: _Document) -> list[ConfigProblem]:
@@ -597,6 +591,12 @@ def _read_graph(relative: str, base_dir: Path, doc: _Document) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError([doc.problem(("network",), f"cannot read the graph file {shown}: {reason}")]) from None
+    if relative.endswith(".json"):
+        # YAML would accept broken JSON ('{"a": }' is {a: null}); hold a .json file to JSON.
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError([ConfigProblem("network", f"JSON syntax error: {exc.msg}", shown, exc.lineno)]) from None
     graph = doc.parse(text, shown, at=("network",))
     if isinstance(graph, dict):
         for key in _IGNORED_GRAPH_KEYS:
@@ -625,11 +625,14 @@ def _leaves(exc: BaseException, path: _Path, type_: Any = None) -> Iterator[tupl
         yield path, exc, type_
 
 
-def _problems_from(exc: BaseException, data: Any, doc: _Document) -> Iterator[ConfigProblem]:
-    for path, leaf, type_ in _leaves(exc, ()):
+def _problems_from(exc: BaseException, at: _Path, data: Any, doc: _Document) -> Iterator[ConfigProblem]:
+    for path, leaf, type_ in _leaves(exc, at):
         if isinstance(leaf, ForbiddenExtraKeysError):
+            known = [f.name for f in attrs.fields(leaf.cl)]
+            if leaf.cl is SandboxConfig:
+                known += list(_FLAT_SANDBOX_KEYS)
             for key in sorted(leaf.extra_fields, key=str):
-                yield doc.problem(path + (key,), _unknown_key(key, leaf.cl))
+                yield doc.problem(path + (key,), _unknown_key(key, known))
         elif isinstance(leaf, KeyError):
             yield doc.problem(path, "required key missing")
         elif isinstance(leaf, ValueError):
@@ -638,10 +641,7 @@ def _problems_from(exc: BaseException, data: Any, doc: _Document) -> Iterator[Co
             yield doc.problem(path, f"expected {_describe(type_)}, got {_value_at(data, path)!r}")
 
 
-def _unknown_key(key: object, cls: type) -> str:
-    known = [f.name for f in attrs.fields(cls)]
-    if cls is SandboxConfig:
-        known += list(_FLAT_SANDBOX_KEYS)
+def _unknown_key(key: object, known: list[str]) -> str:
     close = difflib.get_close_matches(str(key), known, n=1)
     if close:
         return f"unknown key (did you mean {close[0]!r}?)"
@@ -649,6 +649,8 @@ def _unknown_key(key: object, cls: type) -> str:
 
 
 def _describe(type_: Any) -> str:
+    if typing.get_origin(type_) in (typing.Union, types.UnionType):   # X | None: None was fine too
+        type_ = next(t for t in typing.get_args(type_) if t is not type(None))
     origin = typing.get_origin(type_) or type_
     if origin in (dict, Mapping) or attrs.has(origin):
         return "a mapping of keys"
@@ -669,23 +671,24 @@ def _value_at(data: Any, path: _Path) -> Any:
 # -- checks that span fields ---------------------------------------------------------------------
 
 
-def _cross_checks(f: _File) -> Iterator[tuple[_Path, str]]:
-    pool = f.workspace.sandbox.pool
+def _workspace_checks(ws: WorkspaceConfig) -> Iterator[tuple[_Path, str]]:
+    pool = ws.sandbox.pool
     if pool.preload_count > pool.max_size:
         yield _SANDBOX + ("pool", "preload_count"), f"{pool.preload_count} is more than max_size ({pool.max_size})"
-    sup = f.supervision
+
+
+def _supervision_checks(sup: SupervisionConfig) -> Iterator[tuple[_Path, str]]:
     backoffs = [(("supervision", "backoff"), sup.backoff)]
     backoffs += [(("supervision", "groups", name, "backoff"), g.backoff) for name, g in sup.groups.items()]
     for path, b in backoffs:
         if b.min > b.max:
             yield path + ("min",), f"{b.min}s is more than max ({b.max}s)"
+    # A process in two groups would be supervised twice.
     owner: dict[str, str] = {}
     for name, group in sup.groups.items():
         for i, member in enumerate(group.members):
             if owner.setdefault(member, name) != name:
                 yield ("supervision", "groups", name, "members", i), f"{member!r} is already in group {owner[member]!r}"
-    if f.network is not None:
-        yield from _network_checks(f.network)
 
 
 def _network_checks(net: NetworkConfig) -> Iterator[tuple[_Path, str]]:
@@ -716,7 +719,9 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], l
     if env.get("REFLOW_WS_PORT"):
         raw = env["REFLOW_WS_PORT"]
         try:
-            websocket["port"] = _port(int(raw.strip()))
+            if not re.fullmatch(r"\s*[0-9]+\s*", raw):   # int() would also take "8_080" and "+80"
+                raise ValueError(raw)
+            websocket["port"] = _port(int(raw))
         except ValueError:
             problems.append(ConfigProblem("REFLOW_WS_PORT", f"expected a port number 0..65535, got {raw!r}"))
     if env.get("REFLOW_TOKEN"):
@@ -761,37 +766,52 @@ def parse_config(text: str, *, filename: str = "reflow.yaml", base_dir: Path,
     data = doc.parse(text, filename)
     if data is None:                   # an empty file, or only comments
         data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([doc.problem((), f"expected a mapping with workspace:, supervision:, network:; "
+                                           f"got {data!r}")])
     problems: list[ConfigProblem] = []
-    if isinstance(data, dict):
-        workspace = data.get("workspace")
-        if isinstance(workspace, dict) and isinstance(workspace.get("sandbox"), dict):
-            problems += _adapt_sandbox(workspace["sandbox"], doc)
-        if isinstance(data.get("network"), str):
-            try:
-                data["network"] = _read_graph(data["network"], base_dir, doc)
-            except ConfigError as exc:
-                problems += exc.problems
-                data["network"] = None
+    workspace = data.get("workspace")
+    if isinstance(workspace, dict) and isinstance(workspace.get("sandbox"), dict):
+        problems += _adapt_sandbox(workspace["sandbox"], doc)
+    if isinstance(data.get("network"), str):
+        try:
+            data["network"] = _read_graph(data["network"], base_dir, doc)
+        except ConfigError as exc:
+            problems += exc.problems
+            data["network"] = None
 
-    parsed: _File | None = None
-    try:
-        parsed = converter.structure(data, _File)
-    except ClassValidationError as exc:
-        problems += _problems_from(exc, data, doc)
-    except ValueError as exc:          # the top level is not a mapping
-        problems.append(doc.problem((), str(exc)))
-    if parsed is not None:
-        problems += (doc.problem(path, message) for path, message in _cross_checks(parsed))
+    # Each section is structured on its own, so one broken section does not hide the
+    # cross-field problems of the others.
+    problems += (doc.problem((key,), _unknown_key(key, list(_SECTIONS))) for key in data if key not in _SECTIONS)
+    sections: dict[str, Any] = {}
+    for name, (type_, checks) in _SECTIONS.items():
+        try:
+            sections[name] = section = converter.structure(data.get(name), type_)
+        except ClassValidationError as exc:
+            problems += _problems_from(exc, (name,), data, doc)
+        except ValueError as exc:      # the section is not a mapping
+            problems.append(doc.problem((name,), str(exc)))
+        else:
+            if section is not None:
+                problems += (doc.problem(path, message) for path, message in checks(section))
     overrides, env_problems = _env_overrides(env)
     problems += env_problems
-    if problems or parsed is None:
+    if problems:
         raise ConfigError(_in_file_order(problems, filename))
 
-    ws = parsed.workspace
+    ws = sections["workspace"]
     ws = attrs.evolve(ws, **{section: attrs.evolve(getattr(ws, section), **values)
                              for section, values in overrides.items()})
-    return Config(workspace=_resolve_paths(ws, base_dir), supervision=parsed.supervision,
-                  network=parsed.network, path=None, base_dir=base_dir)
+    return Config(workspace=_resolve_paths(ws, base_dir), supervision=sections["supervision"],
+                  network=sections["network"], path=None, base_dir=base_dir)
+
+
+# The top level: each section's type, and the checks that span its fields.
+_SECTIONS: dict[str, tuple[Any, typing.Callable[[Any], Iterator[tuple[_Path, str]]]]] = {
+    "workspace": (WorkspaceConfig, _workspace_checks),
+    "supervision": (SupervisionConfig, _supervision_checks),
+    "network": (NetworkConfig | None, _network_checks),
+}
 
 
 def _in_file_order(problems: list[ConfigProblem], filename: str) -> list[ConfigProblem]:

@@ -25,10 +25,11 @@ import orjson
 import trio
 
 from . import _policy as policy
-from ._cell import ActorCell, Envelope, ProcessSpec, ScriptLoadFailed
+from ._cell import ActorCell, Envelope, ProcessSpec, ScriptLoadFailed, new_message_id
+from ._mailbox import done_cmds, enqueue_cmd, poke
 from ._config import Config
 from ._discovery import ComponentSpec, Discovery, discover
-from ._errors import ActorError, ActorFailed, ActorStopped, UnknownActor
+from ._errors import ActorError, ActorFailed, ActorStopped, Overloaded, UnknownActor
 from ._pool import WorkerPool
 from ._protocol import wrap
 from ._redis import RedisError, RedisUnavailable, open_redis, serve_embedded_redis
@@ -98,6 +99,7 @@ class Host:
         self.started = trio.Event()
         self.stopping = False
         self._cancel: trio.CancelScope | None = None
+        self.durable = config.workspace.mailbox.kind == "redis"
 
     # -- assembly -----------------------------------------------------------
     def discover(self) -> Discovery:
@@ -236,17 +238,53 @@ class Host:
 
     # -- what cells call ----------------------------------------------------
     async def commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope) -> None:
-        """Commit one message's state changes (one MULTI/EXEC) and route its outputs."""
+        """Commit one message in one MULTI/EXEC: its state changes, the messages it sends
+        downstream (durable mode) and its acknowledgement; then route what stays in memory."""
         cmds = txn.commands()
+        later: list[tuple[str, str, dict]] = []
+        woken: list[ActorCell] = []
+        for port, message in routed:
+            for tgt, tport in self.routes.get((cell.name, port), ()):
+                target = self.cells.get(tgt)
+                if self.durable and target is not None and tgt not in self._fan_in:
+                    cmds.append(enqueue_cmd(target.inbox, new_message_id(), {tport: message}))
+                    woken.append(target)
+                else:
+                    later.append((tgt, tport, message))
+        if env.stream_id is not None:
+            cmds += done_cmds(cell.inbox, env.stream_id)
         if cmds:
             try:
                 await self.redis.transaction(cmds)
             except (RedisUnavailable, RedisError) as exc:
                 raise ActorFailed(f"actor {cell.name!r}: state not committed: {exc}",
                                   {"type": type(exc).__name__, "message": str(exc)}) from exc
-        for port, message in routed:
-            for tgt, tport in self.routes.get((cell.name, port), ()):
-                await self.deliver(tgt, tport, message)
+        for target in woken:
+            poke(target)
+        for tgt, tport, message in later:
+            await self.deliver(tgt, tport, message)
+
+    async def enqueue(self, cell: ActorCell, inputs: dict) -> str:
+        """Accept a message for ``cell`` (``actor.send``); returns once it is durable (or queued,
+        with memory mailboxes). Raises Overloaded past ``max_pending``, ActorFailed if Redis is down."""
+        if not self.durable:
+            env = Envelope(inputs=inputs)
+            cell.submit(env)
+            return env.message_id
+        if cell.stopped_reason is not None:
+            raise ActorStopped(cell.stopped_reason, {"actor": cell.name})
+        limit = self.config.workspace.mailbox.max_pending
+        mid = new_message_id()
+        try:
+            length = await self.redis.execute("XLEN", cell.inbox)
+            if length >= limit:
+                raise Overloaded(f"actor {cell.name!r} has {length} messages waiting (max_pending {limit}); "
+                                 "retry later", {"actor": cell.name})
+            await self.redis.execute(*enqueue_cmd(cell.inbox, mid, inputs))
+        except (RedisUnavailable, RedisError) as exc:
+            raise ActorFailed(f"message not accepted: {exc}", {"type": type(exc).__name__}) from exc
+        poke(cell)
+        return mid
 
     async def deliver(self, process: str, port: str, message: dict) -> None:
         target = self.cells.get(process)

@@ -102,9 +102,7 @@ class Api:
         cell = self.host.cell(p["actor"])
         if not isinstance(p["port"], str):
             raise InvalidParams("port must be a string")
-        env = Envelope(inputs={p["port"]: _wrap(p["value"])})
-        cell.submit(env)
-        return {"message_id": env.message_id}
+        return {"message_id": await self.host.enqueue(cell, {p["port"]: _wrap(p["value"])})}
 
     async def actor_subscribe(self, conn: Connection, params: Any) -> Any:
         p = _object(params, required=("actor",))

@@ -1,0 +1,126 @@
+"""Durable mailboxes: one Redis stream per process, read through a consumer group.
+
+Life of a message (``actor.send``, or an output routed along the graph):
+XADD to ``{ns}:{process}:inbox`` (the send is answered only after Redis took
+it) → the cell's feeder reads it (XREADGROUP) → the worker processes it → one
+MULTI/EXEC commits the state changes, the downstream XADDs and XACK+XDEL.
+
+A worker that dies mid-message leaves the entry pending in the group; when
+the cell starts again its feeder reads its pending entries first and puts
+each back at the end of the stream with one more attempt recorded (field
+``a``), so the delivery count survives any number of host crashes. A script
+that raises is retried the same way. After ``max_deliveries`` attempts the
+entry moves to ``{ns}:deadletter`` with the error. Only this host writes a
+process's inbox (single activation), so a wake-up event replaces blocking
+reads, which would stall the pipelined Redis connection.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import trio
+
+from ._redis import Redis, RedisError
+
+if TYPE_CHECKING:
+    from ._cell import ActorCell, Envelope
+
+__all__ = ["GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed", "enqueue_cmd", "done_cmds",
+           "retry_or_deadletter_cmds"]
+
+GROUP = "cells"
+CONSUMER = "host"
+
+
+def inbox_key(namespace: str, process: str) -> str:
+    return f"{namespace}:{process}:inbox"
+
+
+def deadletter_key(namespace: str) -> str:
+    return f"{namespace}:deadletter"
+
+
+def enqueue_cmd(key: str, message_id: str, inputs: dict, attempts: int = 0) -> tuple:
+    return ("XADD", key, "*", "m", orjson.dumps({"id": message_id, "inputs": inputs}), "a", attempts)
+
+
+def done_cmds(key: str, stream_id: bytes) -> list[tuple]:
+    return [("XACK", key, GROUP, stream_id), ("XDEL", key, stream_id)]
+
+
+def retry_or_deadletter_cmds(cell: ActorCell, key: str, stream_id: bytes, body: bytes, attempts: int,
+                             error: dict, max_deliveries: int) -> tuple[list[tuple], bool]:
+    """Commands that retry an entry (at the end of its stream) or dead-letter it; and which."""
+    cmds = done_cmds(key, stream_id)
+    if attempts >= max_deliveries:
+        cmds.insert(0, ("XADD", deadletter_key(cell.host.config.workspace.redis.namespace), "*",
+                        "process", cell.name, "m", body, "attempts", attempts,
+                        "error", orjson.dumps(error), "at", repr(time.time())))
+        return cmds, True
+    cmds.insert(0, ("XADD", key, "*", "m", body, "a", attempts))
+    return cmds, False
+
+
+async def ensure_group(redis: Redis, key: str) -> None:
+    try:
+        await redis.execute("XGROUP", "CREATE", key, GROUP, "0", "MKSTREAM")
+    except RedisError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def _fields(raw: list) -> dict[bytes, bytes]:
+    return {raw[i]: raw[i + 1] for i in range(0, len(raw), 2)}
+
+
+async def feed(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None:
+    """Feed one cell's run with its durable messages, pending ones first (see module doc)."""
+    from ._cell import Envelope
+
+    redis = cell.host.redis
+    key = cell.inbox
+    batch = cell.host.config.workspace.mailbox.batch
+    await ensure_group(redis, key)
+    # 1. What an earlier run took but never acknowledged: count the attempt, requeue.
+    start = b"0"
+    while True:
+        reply = await redis.execute("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, start)
+        entries = reply[0][1] if reply else []
+        if not entries:
+            break
+        for sid, raw in entries:
+            start = sid
+            if raw is None:  # deleted meanwhile
+                await redis.pipeline(done_cmds(key, sid))
+                continue
+            f = _fields(raw)
+            attempts = int(f.get(b"a", b"0")) + 1
+            cmds, dead = retry_or_deadletter_cmds(
+                cell, key, sid, f[b"m"], attempts,
+                {"type": "WorkerDied", "message": "the worker died while handling this message"},
+                cell.process.max_deliveries)
+            await redis.transaction(cmds)
+    # 2. New entries, woken by whoever adds to the inbox (and a slow poll as a safety net).
+    while True:
+        wake = cell.wake = trio.Event()
+        reply = await redis.execute("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, ">")
+        entries = reply[0][1] if reply else []
+        if not entries:
+            with trio.move_on_after(1.0):
+                await wake.wait()
+            continue
+        for sid, raw in entries:
+            f = _fields(raw)
+            body = orjson.loads(f[b"m"])
+            env = Envelope(inputs=body["inputs"], message_id=body["id"], stream_id=sid,
+                           attempts=int(f.get(b"a", b"0")), body=f[b"m"])
+            await send.send(env)
+
+
+def poke(cell: ActorCell) -> None:
+    wake: Any = getattr(cell, "wake", None)
+    if wake is not None:
+        wake.set()
