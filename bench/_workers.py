@@ -12,6 +12,7 @@ import trio
 from supervisor._pool import WorkerPool
 from supervisor._sandbox._base import Worker, WorkerSpec
 from supervisor._sandbox._bubblewrap import BubblewrapBackend, runtime_dir
+from supervisor._sandbox._spawn import descendants
 
 from ._stats import Figures, pct
 
@@ -94,19 +95,6 @@ async def warm_acquire_load(fig: Figures, n: int) -> None:
     ms = [x * 1e3 for x in samples]
     from ._stats import pct
     fig.add("ours.warm_acquire_load.p50", pct(ms, 50), "ms", ms, "pool.acquire (warm) + load of the trivial actor")
-
-
-def descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            kids = [int(x) for x in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except OSError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
 
 
 def worker_python_pid(bwrap_pid: int) -> int:

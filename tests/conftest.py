@@ -15,6 +15,7 @@ import orjson
 import pytest
 import trio
 
+from supervisor._sandbox._spawn import descendants
 from supervisor.client import open_client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,17 +123,7 @@ async def make_host(tmp_path):
             await h.stop()
 
 
-def children_of(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            kids = [int(x) for x in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except OSError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
+children_of = descendants
 
 
 def cmdline(pid: int) -> str:

@@ -23,7 +23,7 @@ import trio
 from .._channel import ChannelClosed, LineChannel
 from ._base import ExitInfo, Worker, WorkerSpec, WorkerStartError
 
-__all__ = ["HostProcessWorker", "spawn_worker"]
+__all__ = ["HostProcessWorker", "descendants", "spawn_worker"]
 
 log = logging.getLogger("supervisor.sandbox")
 
@@ -53,18 +53,7 @@ class HostProcessWorker(Worker):
 
     def inner_pids(self) -> list[int]:
         """Host pids of every process inside the sandbox (for tests and cleanup)."""
-        out: list[int] = []
-        todo = [self._proc.pid]
-        while todo:
-            pid = todo.pop()
-            try:
-                with open(f"/proc/{pid}/task/{pid}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                kids = []
-            out.extend(kids)
-            todo.extend(kids)
-        return out
+        return descendants(self._proc.pid)
 
     async def wait(self) -> ExitInfo:
         if self.exit_info is not None:
@@ -102,6 +91,22 @@ class HostProcessWorker(Worker):
                 self._proc.kill()
             except ProcessLookupError:
                 pass
+
+
+def descendants(pid: int) -> list[int]:
+    """Host pids of every descendant of ``pid`` (from /proc; empty once it is gone)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except OSError:
+            kids = []
+        out.extend(kids)
+        todo.extend(kids)
+    return out
 
 
 async def spawn_worker(argv: Sequence[str], spec: WorkerSpec, *, tier: str,
