@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--url", default=None)
     c.add_argument("--token", default=None)
     c.add_argument("--timeout", type=float, default=None)
+    dl = sub.add_parser("deadletters", parents=[common], help="list dead letters, or replay one")
+    dl.add_argument("--replay", metavar="ID", default=None, help="put this dead letter back in its inbox")
+    dl.add_argument("--url", default=None)
+    dl.add_argument("--token", default=None)
     s = sub.add_parser("status", parents=[common], help="print the live supervision tree")
     s.add_argument("--url", default=None)
     s.add_argument("--token", default=None)
@@ -82,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             return _call(args)
         if command == "status":
             return _status(args)
+        if command == "deadletters":
+            return _deadletters(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -260,6 +266,30 @@ def _status(args: argparse.Namespace) -> int:
     pools = tree.get("pools") or {}
     for rt, p in pools.items():
         print(f"pool {rt}: warm {p['warm']}, live {p['live']}/{p['max_size']}")
+    return EXIT_OK
+
+
+def _deadletters(args: argparse.Namespace) -> int:
+    import trio
+
+    from .client import open_client
+
+    url = _url(args)
+
+    async def go() -> Any:
+        async with open_client(url, token=args.token or os.environ.get("REFLOW_TOKEN"), reconnect=False) as client:
+            if args.replay:
+                return await client.request("deadletters.replay", {"id": args.replay})
+            return await client.request("deadletters.list", {"limit": 1000})
+
+    result = _connecting(url, lambda: trio.run(go))
+    if args.replay:
+        print(f"replayed {args.replay} into {result['process']}")
+        return EXIT_OK
+    for d in result["deadletters"]:
+        err = d["error"]
+        why = f"{err.get('type')}: {err.get('message')}" if isinstance(err, dict) else err
+        print(f"{d['id']}  {d['process']}  attempts={d['attempts']}  {why}  inputs={orjson.dumps(d['inputs']).decode()}")
     return EXIT_OK
 
 

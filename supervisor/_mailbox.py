@@ -28,7 +28,7 @@ from ._redis import Redis, RedisError
 if TYPE_CHECKING:
     from ._cell import ActorCell, Envelope
 
-__all__ = ["GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed", "enqueue_cmd", "done_cmds",
+__all__ = ["list_deadletters", "replay_deadletter", "GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed", "enqueue_cmd", "done_cmds",
            "retry_or_deadletter_cmds"]
 
 GROUP = "cells"
@@ -124,3 +124,34 @@ def poke(cell: ActorCell) -> None:
     wake: Any = getattr(cell, "wake", None)
     if wake is not None:
         wake.set()
+
+
+def _decode(v: bytes) -> Any:
+    return orjson.loads(v) if v[:1] in (b"{", b"[") else v.decode()
+
+
+async def list_deadletters(redis: Redis, namespace: str, count: int = 100) -> list[dict]:
+    """The oldest ``count`` dead letters, decoded."""
+    out = []
+    for sid, raw in await redis.execute("XRANGE", deadletter_key(namespace), "-", "+", "COUNT", count):
+        f = _fields(raw)
+        body = orjson.loads(f[b"m"])
+        out.append({"id": sid.decode(), "process": f[b"process"].decode(), "message_id": body.get("id"),
+                    "inputs": body.get("inputs"), "attempts": int(f[b"attempts"]),
+                    "error": _decode(f[b"error"]), "at": float(f[b"at"])})
+    return out
+
+
+async def replay_deadletter(redis: Redis, namespace: str, entry_id: str, inbox_of: Any) -> str:
+    """Put a dead letter back in its process's inbox (attempts reset); returns the process name.
+
+    Raises KeyError when there is no such entry.
+    """
+    key = deadletter_key(namespace)
+    found = await redis.execute("XRANGE", key, entry_id, entry_id)
+    if not found:
+        raise KeyError(entry_id)
+    f = _fields(found[0][1])
+    process = f[b"process"].decode()
+    await redis.transaction([("XADD", inbox_of(process), "*", "m", f[b"m"], "a", 0), ("XDEL", key, entry_id)])
+    return process

@@ -21,6 +21,7 @@ import trio_websocket
 
 from . import _protocol as proto
 from ._cell import Envelope
+from ._mailbox import list_deadletters, poke, replay_deadletter
 from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class Api:
             "actor.unsubscribe": self.actor_unsubscribe,
             "actor.restart": self.actor_restart,
             "supervisor.status": self.supervisor_status,
+            "deadletters.list": self.deadletters_list,
+            "deadletters.replay": self.deadletters_replay,
             "process": self.process,
         }
 
@@ -133,6 +136,24 @@ class Api:
         p = _object(params, required=("actor",))
         await self.host.restart_actor(p["actor"])
         return {}
+
+    async def deadletters_list(self, conn: Connection, params: Any) -> Any:
+        count = (params or {}).get("limit", 100) if isinstance(params, (dict, type(None))) else 100
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise InvalidParams("limit must be a positive integer")
+        ns = self.host.config.workspace.redis.namespace
+        return {"deadletters": await list_deadletters(self.host.redis, ns, count)}
+
+    async def deadletters_replay(self, conn: Connection, params: Any) -> Any:
+        p = _object(params, required=("id",))
+        ns = self.host.config.workspace.redis.namespace
+        try:
+            process = await replay_deadletter(self.host.redis, ns, str(p["id"]),
+                                              lambda name: self.host.cell(name).inbox)
+        except KeyError:
+            raise InvalidParams(f"no dead letter {p['id']!r}") from None
+        poke(self.host.cell(process))
+        return {"process": process}
 
     async def process(self, conn: Connection, params: Any) -> Any:
         """Reflow's WebSocketScriptActor call: plain JSON values both ways."""

@@ -22,6 +22,14 @@ def count(context):
 '''
 
 
+async def _cli(*args: str) -> tuple[int, str, str]:
+    import sys
+
+    r = await trio.run_process([sys.executable, "-m", "supervisor", *args], capture_stdout=True,
+                               capture_stderr=True, check=False)
+    return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+
 def _redis(host) -> redis_py.Redis:
     return redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
 
@@ -39,6 +47,15 @@ async def test_poison_message_lands_in_dead_letters_and_leaves_no_trace(make_hos
         await c.send("Counter", "n", 2)
         await wait_for(lambda: r.get("reflow:Counter:state:total") == b"2")
         assert r.xlen("reflow:Counter:inbox") == 0
+        (dead,) = (await c.request("deadletters.list"))["deadletters"]
+        assert dead["process"] == "Counter" and dead["inputs"] == {"n": {"type": "integer", "value": -5}}
+        assert dead["error"]["type"] == "ValueError" and dead["attempts"] == 3
+    rc, out, err = await _cli("deadletters", "--url", host.url)
+    assert rc == 0 and dead["id"] in out and "ValueError: negative" in out
+    rc, out, err = await _cli("deadletters", "--replay", dead["id"], "--url", host.url)
+    assert rc == 0 and "into Counter" in out
+    await wait_for(lambda: r.xlen("reflow:deadletter") == 1 and r.xrange("reflow:deadletter")[0][0].decode()
+                   != dead["id"])  # replayed, failed three more times, dead again
 
 
 async def test_accepted_messages_survive_a_host_sigkill_exactly_once(make_host):
