@@ -1,20 +1,23 @@
 """Static discovery of script actors: metadata is read, never executed.
 
-Python: the ``@actor(...)`` call is read from the AST (``ast.literal_eval`` on
-each argument). JavaScript: the ``@actor({...})`` / ``actor({...}, fn)`` object
-literal is located with a small scanner and parsed as JSON5. The scanner is
-hand-written because no maintained Python JavaScript parser gives the literal's
-span and line cheaply; it only needs to skip strings, template literals and
-comments while matching braces.
+The host never imports or runs user code. Python metadata comes from the
+``@actor(...)`` decorator in the AST (``ast.literal_eval`` on each argument);
+JavaScript metadata from the ``@actor({...})`` / ``actor({...}, fn)`` object
+literal, located by a small scanner and parsed as JSON5.
+
+Everything here is pure apart from reading files: ``extract`` turns one file
+into a :class:`ComponentSpec` or raises :class:`ScriptError` (file, line,
+message); ``discover`` walks a workspace and turns every broken file into a
+:class:`ScriptProblem` while the others still load.
 """
 
 from __future__ import annotations
 
 import ast
-import fnmatch
+import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,42 +28,54 @@ from ._units import parse_duration, parse_size
 
 __all__ = ["ComponentSpec", "ScriptProblem", "ScriptError", "Discovery", "extract", "discover"]
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
-_KEYS = {
+_PY_SUFFIXES = (".py",)
+_JS_SUFFIXES = (".js", ".mjs", ".cjs")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")          # used with fullmatch: "$" would admit "X\n"
+_NAME_RULE = "letters, digits, '_', '.', '-', starting with a letter or '_'"
+
+# Argument spellings → ComponentSpec fields. Python takes snake_case (plus the seed's
+# awaitAllInports); JavaScript takes camelCase or snake_case.
+_PY_KEYS = {
     "name": "name", "inports": "inports", "outports": "outports",
     "await_all_inports": "await_all_inports", "awaitAllInports": "await_all_inports",
     "version": "version", "description": "description", "tags": "tags", "category": "category",
-    "config_schema": "config_schema", "configSchema": "config_schema", "memory": "memory", "timeout": "timeout",
-    "state_backend": "state_backend", "stateBackend": "state_backend",
+    "config_schema": "config_schema", "memory": "memory", "timeout": "timeout", "state_backend": "state_backend",
 }
+_JS_KEYS = {**_PY_KEYS, "configSchema": "config_schema", "stateBackend": "state_backend"}
 _POSITIONAL = ("name", "inports", "outports")
+_NO_ACTOR_PY = "no @actor function and no top-level async def process(context)"
+_NO_ACTOR_JS = "no @actor({...}) / actor({...}, fn) and no top-level async function process(context)"
 
 
 @attrs.frozen
 class ComponentSpec:
+    """One script actor as read from its file (nothing of it has run)."""
+
     name: str
-    runtime: str
-    file: Path
-    line: int
-    source: str
-    entry: str | None
+    runtime: str                 # "python" | "javascript"
+    file: Path                   # absolute (resolved) path
+    line: int                    # line of the @actor / def
+    source: str                  # full script text (sent into the sandbox later)
+    entry: str | None            # Python: decorated / `process` function; JS: function name or None
     inports: tuple[str, ...]
     outports: tuple[str, ...]
-    dynamic_ports: bool = False
+    dynamic_ports: bool = False  # the undecorated `async def process(context)` form
     await_all_inports: bool = False
     version: str | None = None
     description: str | None = None
     tags: tuple[str, ...] = ()
     category: str | None = None
     config_schema: dict | None = None
-    memory: int | None = None
-    timeout: float | None = None
+    memory: int | None = None    # bytes
+    timeout: float | None = None  # seconds
     state_backend: str | None = None
     mtime_ns: int = 0
 
 
 @attrs.frozen
 class ScriptProblem:
+    """Why one script was not loaded. ``line`` is 0 when the problem is the file itself (missing, unreadable)."""
+
     file: Path
     line: int
     message: str
@@ -70,8 +85,10 @@ class ScriptProblem:
 
 
 class ScriptError(Exception):
+    """A script's metadata cannot be read; ``.problem`` says where and why."""
+
     def __init__(self, file: Path, line: int, message: str):
-        self.problem = ScriptProblem(file, line, message)
+        self.problem = ScriptProblem(Path(file), line, message)
         super().__init__(str(self.problem))
 
 
@@ -81,313 +98,553 @@ class Discovery:
     problems: tuple[ScriptProblem, ...]
 
 
+# -- shared validation ----------------------------------------------------------------------------
+
 def _stem(path: Path) -> str:
+    """The actor name of an undecorated script: ``test_actor.py`` → ``test_actor``, ``calc.actor.js`` → ``calc``."""
     name = path.name
-    for suffix in (".actor.py", ".actor.js", ".py", ".js", ".mjs", ".cjs"):
+    for suffix in _PY_SUFFIXES + _JS_SUFFIXES:
         if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+            name = name[: -len(suffix)]
+            break
+    return name[: -len(".actor")] if name.endswith(".actor") else name
 
 
-def _meta(path: Path, line: int, raw: dict[str, Any]) -> dict[str, Any]:
-    """Validate and normalise @actor arguments (shared by both languages)."""
+def _dynamic_name(path: Path, line: int) -> str:
+    name = _stem(path)
+    if not _NAME.fullmatch(name):
+        raise ScriptError(path, line, f"the file name gives the actor name {name!r}, which is not a valid name "
+                                      f"({_NAME_RULE}); rename the file or use @actor(name=...)")
+    return name
+
+
+def _encodable(s: str) -> bool:
+    # A lone surrogate (from a "\ud800" escape) cannot travel as UTF-8 JSON later on.
+    return s.isascii() or not any("\ud800" <= c <= "\udfff" for c in s)
+
+
+def _json_value(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, float)):
+        return True
+    if isinstance(v, str):
+        return _encodable(v)
+    if isinstance(v, list):
+        return all(_json_value(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _encodable(k) and _json_value(x) for k, x in v.items())
+    return False
+
+
+def _meta(path: Path, raw: dict[str, Any], keys: dict[str, str], line_of: Callable[[str], int]) -> dict[str, Any]:
+    """Validate and normalise @actor arguments (shared by both languages).
+
+    ``raw`` maps the argument as spelled in the script to its value; ``line_of``
+    gives the line to blame for one argument. Raises ScriptError naming the argument.
+    """
     out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in raw.items():
-        field = _KEYS.get(key)
+        field = keys.get(key)
         if field is None:
-            raise ScriptError(path, line, f"unknown @actor argument {key!r} (known: {', '.join(sorted(set(_KEYS)))})")
-        out[field] = value
+            raise ScriptError(path, line_of(key), f"unknown @actor argument {key!r} "
+                                                  f"(accepted: {', '.join(sorted(keys))})")
+        if field in out:
+            raise ScriptError(path, line_of(key), f"@actor argument {field!r} given twice "
+                                                  f"(as {spelled[field]!r} and {key!r})")
+        out[field], spelled[field] = value, key
+    for field in [f for f, v in out.items() if v is None]:
+        del out[field]                    # an explicit None / null is the default
+
+    def bad(field: str, what: str) -> ScriptError:
+        key = spelled.get(field, field)
+        return ScriptError(path, line_of(key), f"@actor argument {key!r} must be {what}, got {out.get(field)!r}")
+
     name = out.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ScriptError(path, line, f"@actor name must be an identifier-like string, got {name!r}")
-    for ports in ("inports", "outports"):
-        v = out.get(ports, [])
-        if not isinstance(v, (list, tuple)) or not all(isinstance(p, str) and p for p in v):
-            raise ScriptError(path, line, f"@actor {ports} must be a list of port names, got {v!r}")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise bad("name", f"a non-empty string of {_NAME_RULE}")
+    for field in ("inports", "outports"):
+        v = out.get(field, ())
+        if not isinstance(v, (list, tuple)) or not all(isinstance(p, str) and p and _encodable(p) for p in v):
+            raise bad(field, "a list of port names (non-empty strings)")
         if len(set(v)) != len(v):
-            raise ScriptError(path, line, f"@actor {ports} has a duplicate port: {v!r}")
-        out[ports] = tuple(v)
+            dup = next(p for i, p in enumerate(v) if p in v[:i])
+            raise ScriptError(path, line_of(spelled[field]), f"@actor argument {spelled[field]!r} has a duplicate "
+                                                             f"port {dup!r}")
+        out[field] = tuple(v)
     if "tags" in out:
-        if not isinstance(out["tags"], (list, tuple)) or not all(isinstance(t, str) for t in out["tags"]):
-            raise ScriptError(path, line, "@actor tags must be a list of strings")
-        out["tags"] = tuple(out["tags"])
-    for key in ("version", "description", "category", "state_backend"):
-        if key in out and out[key] is not None and not isinstance(out[key], str):
-            raise ScriptError(path, line, f"@actor {key} must be a string, got {out[key]!r}")
+        v = out["tags"]
+        if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) and _encodable(t) for t in v):
+            raise bad("tags", "a list of strings")
+        out["tags"] = tuple(v)
+    for field in ("version", "description", "category", "state_backend"):
+        v = out.get(field)
+        if v is not None and not (isinstance(v, str) and _encodable(v)):
+            raise bad(field, "a string")
     if "await_all_inports" in out and not isinstance(out["await_all_inports"], bool):
-        raise ScriptError(path, line, "@actor await_all_inports must be true or false")
-    if "config_schema" in out and out["config_schema"] is not None and not isinstance(out["config_schema"], dict):
-        raise ScriptError(path, line, "@actor config_schema must be an object")
-    try:
-        if out.get("memory") is not None:
-            out["memory"] = parse_size(out["memory"])
-        if out.get("timeout") is not None:
-            out["timeout"] = parse_duration(out["timeout"])
-    except ValueError as exc:
-        raise ScriptError(path, line, f"@actor {exc}") from None
+        raise bad("await_all_inports", "true or false")
+    v = out.get("config_schema")
+    if v is not None and not (isinstance(v, dict) and _json_value(v)):
+        raise bad("config_schema", "an object of JSON values (a JSON-schema-like dict)")
+    for field, parse in (("memory", parse_size), ("timeout", parse_duration)):
+        if out.get(field) is not None:
+            try:
+                out[field] = parse(out[field])
+            except ValueError as exc:
+                raise ScriptError(path, line_of(spelled[field]), f"@actor argument {spelled[field]!r}: {exc}") from None
     return out
 
 
-# -- Python -------------------------------------------------------------------------------------
+# -- Python ---------------------------------------------------------------------------------------
 
-def _is_actor_call(dec: ast.expr) -> bool:
+def _actor_decorator(dec: ast.expr) -> bool:
+    """``@actor``, ``@actor(...)``, ``@reflow.actor(...)`` (any ``<module>.actor``)."""
     f = dec.func if isinstance(dec, ast.Call) else dec
-    return (isinstance(f, ast.Name) and f.id == "actor") or (isinstance(f, ast.Attribute) and f.attr == "actor")
+    return (isinstance(f, ast.Name) and f.id == "actor") or (
+        isinstance(f, ast.Attribute) and f.attr == "actor" and isinstance(f.value, ast.Name))
 
 
-def _extract_python(path: Path, text: str) -> ComponentSpec:
+def _python_args(path: Path, dec: ast.expr) -> tuple[dict[str, Any], dict[str, int]]:
+    """The decorator's arguments as literals, and the line of each."""
+    raw: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    if not isinstance(dec, ast.Call):
+        return raw, lines
+    if len(dec.args) > len(_POSITIONAL):
+        raise ScriptError(path, dec.args[len(_POSITIONAL)].lineno,
+                          "@actor takes at most 3 positional arguments (name, inports, outports)")
+    items: list[tuple[str | None, ast.expr]] = [*zip(_POSITIONAL, dec.args), *((k.arg, k.value) for k in dec.keywords)]
+    for key, node in items:
+        if key is None or isinstance(node, ast.Starred):
+            raise ScriptError(path, node.lineno, "@actor(*args / **kwargs) cannot be read without running the "
+                                                 "script; write the arguments out as literals")
+        if key in raw:
+            raise ScriptError(path, node.lineno, f"@actor argument {key!r} given twice")
+        try:
+            raw[key] = ast.literal_eval(node)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise ScriptError(path, node.lineno, f"@actor argument {key!r} must be a literal (metadata is read "
+                                                 f"without running the script), got `{ast.unparse(node)}`") from None
+        lines[key] = node.lineno
+    return raw, lines
+
+
+def _extract_python(path: Path, text: str, mtime_ns: int = 0) -> ComponentSpec:
+    if "actor" not in text and "process" not in text:    # cheap: most non-actors never reach the parser
+        raise ScriptError(path, 1, _NO_ACTOR_PY)
     try:
         tree = ast.parse(text, filename=str(path))
     except SyntaxError as exc:
         raise ScriptError(path, exc.lineno or 1, f"syntax error: {exc.msg}") from None
-    found = []
-    process_fn = None
+    except (ValueError, MemoryError, RecursionError) as exc:      # NUL bytes, absurd nesting
+        raise ScriptError(path, 1, f"cannot parse the script: {exc}") from None
+    found: list[tuple[ast.FunctionDef | ast.AsyncFunctionDef, ast.expr]] = []
+    process_fn: ast.AsyncFunctionDef | None = None
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            for dec in node.decorator_list:
-                if _is_actor_call(dec):
-                    found.append((node, dec))
-            if node.name == "process" and isinstance(node, ast.AsyncFunctionDef):
+            found.extend((node, dec) for dec in node.decorator_list if _actor_decorator(dec))
+            if isinstance(node, ast.AsyncFunctionDef) and node.name == "process":
                 process_fn = node
     if len(found) > 1:
-        raise ScriptError(path, found[1][1].lineno, "more than one @actor in one file (one actor per file)")
+        raise ScriptError(path, found[1][1].lineno, f"a second @actor (the first is on line {found[0][1].lineno}); "
+                                                    "one actor per file")
     if found:
         fn, dec = found[0]
-        raw: dict[str, Any] = {}
-        if isinstance(dec, ast.Call):
-            if len(dec.args) > len(_POSITIONAL):
-                raise ScriptError(path, dec.lineno, "@actor takes at most 3 positional arguments (name, inports, outports)")
-            items = list(zip(_POSITIONAL, dec.args)) + [(k.arg, k.value) for k in dec.keywords]
-            for key, value in items:
-                if key is None:
-                    raise ScriptError(path, dec.lineno, "@actor(**kwargs) cannot be read statically")
-                try:
-                    raw[key] = ast.literal_eval(value)
-                except (ValueError, SyntaxError, TypeError):
-                    raise ScriptError(path, getattr(value, "lineno", dec.lineno),
-                                      f"@actor argument {key!r} must be a literal (it is read without running "
-                                      "the script)") from None
-        raw.setdefault("name", fn.name)
-        meta = _meta(path, dec.lineno, raw)
-        meta.setdefault("description", ast.get_docstring(fn) or ast.get_docstring(tree))
-        return ComponentSpec(runtime="python", file=path, line=dec.lineno, source=text, entry=fn.name, **meta)
+        raw, lines = _python_args(path, dec)
+        raw.setdefault("name", fn.name)       # the reflow SDK's default: the function's name
+        meta = _meta(path, raw, _PY_KEYS, lambda key: lines.get(key, dec.lineno))
+        if meta.get("description") is None:
+            meta["description"] = ast.get_docstring(fn) or ast.get_docstring(tree)
+        return ComponentSpec(runtime="python", file=path, line=dec.lineno, source=text, entry=fn.name,
+                             mtime_ns=mtime_ns, **meta)
     if process_fn is not None:
-        return ComponentSpec(name=_stem(path), runtime="python", file=path, line=process_fn.lineno, source=text,
-                             entry="process", inports=(), outports=(), dynamic_ports=True,
+        return ComponentSpec(name=_dynamic_name(path, process_fn.lineno), runtime="python", file=path,
+                             line=process_fn.lineno, source=text, entry="process", inports=(), outports=(),
+                             dynamic_ports=True, mtime_ns=mtime_ns,
                              description=ast.get_docstring(process_fn) or ast.get_docstring(tree))
-    raise ScriptError(path, 1, "no @actor function and no top-level async def process(context)")
+    raise ScriptError(path, 1, _NO_ACTOR_PY)
 
 
-# -- JavaScript ---------------------------------------------------------------------------------
+# -- JavaScript -----------------------------------------------------------------------------------
+#
+# Hand-written on purpose: no maintained pure-Python JavaScript parser gives the
+# span and line of one object literal cheaply (esprima-python is unmaintained and
+# parses the whole file). We only need to skip strings, template literals and
+# comments while matching braces; the literal itself is then parsed by json5.
+# Known limit: a regular-expression literal containing a quote or brace is read
+# as code; the damage stays on its own line for quotes.
 
-_JS_ACTOR = re.compile(r"(?:^|[^\w$.])@?actor\s*\(\s*\{", re.M)
-_JS_FUNC_AFTER = re.compile(r"\s*\)\s*;?\s*(?:async\s+)?function\s*\*?\s*([A-Za-z_$][\w$]*)?")
-_JS_PROCESS = re.compile(r"(?:async\s+function\s+process\s*\(|(?:module\.)?exports(?:\.process)?\s*=\s*async\s+"
-                         r"(?:function\b|\())")
+_JS_CALL = re.compile(r"(?<![\w$.])@?(?:[A-Za-z_$][\w$]*\.)?actor\s*\(\s*(\{)?")
+_JS_OPEN = re.compile(r"""["'`]|//|/\*""")
+_JS_BRACE = re.compile(r"""[{}"'`]|//|/\*""")
+_JS_STRING = {q: re.compile(rf"{q}(?:[^{q}\\\n]|\\.)*(?:{q}|$)", re.S | re.M) for q in "'\""}
+_JS_TEMPLATE_PART = re.compile(r"(?:[^`\\$]|\\.|\$(?!\{))*", re.S)
+_JS_AFTER_DECORATOR = re.compile(
+    r"\s*\)\s*;?\s*(?:export\s+(?:default\s+)?)?(?:(?:async\s+)?function\b\s*\*?\s*([A-Za-z_$][\w$]*)?"
+    r"|(?:const|let|var)\s+([A-Za-z_$][\w$]*)\s*=)")
+_JS_AFTER_CALL = re.compile(r"\s*,\s*(?:(?:async\s+)?function\b\s*\*?\s*([A-Za-z_$][\w$]*)?|([A-Za-z_$][\w$]*)\s*\))")
+_JS_PROCESS = re.compile(
+    r"^[ \t]*(?:export\s+)?async\s+function\s*\*?\s*process\s*\("
+    r"|\b(?:module\.)?exports\.process\s*="
+    r"|\bmodule\.exports\s*=\s*(?:async\b|function\s+process\b)", re.M)
+_JS_LINE_COMMENT = re.compile(r"^\s*//+ ?", re.M)
+_JSON5_LINE = re.compile(r"<string>:(\d+)")
 
 
-def _skip_js(text: str, i: int) -> int:
-    """Index just past the string/template/comment starting at ``i`` (or i+1)."""
+def _js_skip(text: str, i: int) -> int:
+    """Index just past the string, template literal or comment that starts at ``i``."""
     c = text[i]
     if c in "'\"":
-        j = i + 1
-        while j < len(text) and text[j] != c:
-            j += 2 if text[j] == "\\" else 1
-        return j + 1
+        return _JS_STRING[c].match(text, i).end()        # an unclosed string stops at the end of its line
     if c == "`":
         j = i + 1
-        while j < len(text) and text[j] != "`":
-            if text[j] == "\\":
-                j += 2
-                continue
-            if text.startswith("${", j):
-                j = _match_brace(text, j + 1) + 1
-                continue
-            j += 1
-        return j + 1
+        while True:
+            j = _JS_TEMPLATE_PART.match(text, j).end()
+            if j >= len(text) or text[j] == "`":
+                return j + 1
+            end = _js_close(text, j + 1)                  # text[j:j+2] == "${"
+            if end < 0:
+                return len(text)
+            j = end + 1
     if text.startswith("//", i):
         j = text.find("\n", i)
         return len(text) if j < 0 else j
-    if text.startswith("/*", i):
-        j = text.find("*/", i + 2)
-        return len(text) if j < 0 else j + 2
-    return i + 1
+    j = text.find("*/", i + 2)
+    return len(text) if j < 0 else j + 2
 
 
-def _match_brace(text: str, i: int) -> int:
-    """Index of the ``}`` closing the ``{`` at ``i``; -1 when unbalanced."""
+def _js_close(text: str, i: int) -> int:
+    """Index of the ``}`` closing the ``{`` at ``i``; -1 when the file ends first."""
     depth = 0
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c in "'\"`" or text.startswith(("//", "/*"), i):
-            i = _skip_js(text, i)
-            continue
+    while (m := _JS_BRACE.search(text, i)) is not None:
+        c = m.group()
         if c == "{":
             depth += 1
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return i
-        i += 1
+                return m.start()
+        else:
+            i = _js_skip(text, m.start())
+            continue
+        i = m.end()
     return -1
 
 
-def _leading_comment(text: str, start: int) -> str | None:
-    before = text[:start].rstrip()
-    m = re.search(r"/\*\*?(.*?)\*/\s*$", before, re.S)
-    if m:
-        lines = [ln.strip().lstrip("*").strip() for ln in m.group(1).splitlines()]
-        return "\n".join(ln for ln in lines if ln).strip() or None
-    comment = []
-    for ln in reversed(before.splitlines()):
-        s = ln.strip()
-        if not s.startswith("//"):
+def _js_code_matches(text: str, matches: list[re.Match[str]]) -> list[re.Match[str]]:
+    """Those of ``matches`` (in order) that are code, not inside a string or comment."""
+    out = []
+    i = 0                                 # everything before i has been classified
+    for m in matches:
+        pos = m.start()
+        if pos < i:                       # inside the string/comment that ended at i
+            continue
+        while (o := _JS_OPEN.search(text, i, pos)) is not None:
+            i = _js_skip(text, o.start())
+            if i > pos:
+                break
+        else:
+            i = pos
+        if i <= pos:
+            out.append(m)
+    return out
+
+
+def _line_at(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _leading_comment(text: str, line_start: int) -> str | None:
+    """The comment block or JSDoc just above ``line_start`` (blank lines allowed between), without tags."""
+    before = text[:line_start].rstrip()
+    if before.endswith("*/"):
+        start = before.rfind("/*")
+        if start < 0:
+            return None
+        body = before[start + 2:-2]
+        lines = [re.sub(r"^\s*\*+ ?", "", ln) if ln.lstrip().startswith("*") else ln.strip()
+                 for ln in body.lstrip("*").splitlines()]
+    else:
+        block = []
+        for ln in reversed(before.splitlines()):
+            if not ln.lstrip().startswith("//"):
+                break
+            block.append(_JS_LINE_COMMENT.sub("", ln, count=1))
+        lines = block[::-1]
+    kept = []
+    for ln in lines:
+        if ln.lstrip().startswith("@"):           # JSDoc tags (@param, @returns …) are not the description
             break
-        comment.append(s[2:].strip())
-    return "\n".join(reversed(comment)).strip() or None
-
-
-def _extract_js(path: Path, text: str) -> ComponentSpec:
-    matches = [m for m in _JS_ACTOR.finditer(text) if not _in_comment_or_string(text, m.start())]
-    if len(matches) > 1:
-        raise ScriptError(path, text.count("\n", 0, matches[1].start()) + 1,
-                          "more than one actor({...}) in one file (one actor per file)")
-    if matches:
-        m = matches[0]
-        brace = m.end() - 1
-        line = text.count("\n", 0, brace) + 1
-        end = _match_brace(text, brace)
-        if end < 0:
-            raise ScriptError(path, line, "the actor({...}) object literal is not closed")
-        literal = text[brace:end + 1]
-        try:
-            raw = json5.loads(literal)
-        except ValueError as exc:
-            detail = str(exc)
-            lm = re.search(r"<string>:(\d+)", detail)
-            raise ScriptError(path, line + (int(lm.group(1)) - 1 if lm else 0),
-                              f"the actor metadata is not a plain object literal: {detail}") from None
-        if not isinstance(raw, dict):
-            raise ScriptError(path, line, "actor(...) needs an object literal")
-        raw = _join_surrogates(raw)
-        meta = _meta(path, line, raw)
-        fm = _JS_FUNC_AFTER.match(text, end + 1)
-        entry = fm.group(1) if fm and fm.group(1) else None
-        if "description" not in meta or meta["description"] is None:
-            meta["description"] = _leading_comment(text, text.rfind("\n", 0, m.end()) + 1)
-        return ComponentSpec(runtime="javascript", file=path, line=line, source=text, entry=entry, **meta)
-    pm = _JS_PROCESS.search(text)
-    if pm is not None:
-        return ComponentSpec(name=_stem(path), runtime="javascript", file=path,
-                             line=text.count("\n", 0, pm.start()) + 1, source=text, entry="process",
-                             inports=(), outports=(), dynamic_ports=True,
-                             description=_leading_comment(text, text.rfind("\n", 0, pm.start()) + 1))
-    raise ScriptError(path, 1, "no @actor({...}) / actor({...}, fn) and no async function process(context)")
+        kept.append(ln.rstrip())
+    return "\n".join(kept).strip() or None
 
 
 def _join_surrogates(v: Any) -> Any:
-    """json5 leaves an escaped surrogate pair (``\\ud800\\udc00``) as two code points; JS joins them."""
+    """json5 leaves an escaped pair (``\\ud83d\\ude00``) as two code points; JavaScript reads one character."""
     if isinstance(v, str):
         try:
             return v.encode("utf-16", "surrogatepass").decode("utf-16")
         except UnicodeDecodeError:
-            return v
+            return v                              # a lone surrogate: _meta rejects it where it matters
     if isinstance(v, list):
         return [_join_surrogates(x) for x in v]
     if isinstance(v, dict):
-        return {k: _join_surrogates(x) for k, x in v.items()}
+        return {_join_surrogates(k): _join_surrogates(x) for k, x in v.items()}
     return v
 
 
-def _in_comment_or_string(text: str, pos: int) -> bool:
-    i = 0
-    while i < pos:
-        c = text[i]
-        if c in "'\"`" or text.startswith(("//", "/*"), i):
-            j = _skip_js(text, i)
-            if j > pos:
-                return True
-            i = j
-            continue
-        i += 1
-    return False
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError("a key appears twice in one object")
+    return d
 
+
+def _parse_literal(path: Path, literal: str, line: int) -> dict[str, Any]:
+    """The object literal as a dict; ScriptError with the file's line on a syntax error."""
+    try:
+        # Plain JSON first: json5 is a pure-Python parser (~1 ms a literal) and JSON5 is a
+        # superset of JSON, so a JSON-shaped literal means the same either way.
+        return json.loads(literal, object_pairs_hook=_no_duplicates)
+    except ValueError:
+        pass
+    try:
+        value = json5.loads(literal, allow_duplicate_keys=False)
+    except ValueError as exc:
+        detail = str(exc)
+        m = _JSON5_LINE.search(detail)
+        at = line + int(m.group(1)) - 1 if m else line
+        detail = _JSON5_LINE.sub("", detail).strip()
+        raise ScriptError(path, at, f"the actor metadata must be a plain object literal (JSON5): {detail}") from None
+    except RecursionError:
+        raise ScriptError(path, line, "the actor metadata literal is nested too deeply") from None
+    return _join_surrogates(value) if "\\u" in literal else value
+
+
+def _literal_line_of(literal: str, line: int) -> Callable[[str], int]:
+    def line_of(key: str) -> int:
+        m = re.search(rf"""(?:^|[{{,\s])(["']?){re.escape(key)}\1\s*:""", literal)
+        return line + literal.count("\n", 0, m.start()) + (literal[m.start()] == "\n") if m else line
+    return line_of
+
+
+def _extract_js(path: Path, text: str, mtime_ns: int = 0) -> ComponentSpec:
+    if "actor" not in text and "process" not in text and "exports" not in text:
+        raise ScriptError(path, 1, _NO_ACTOR_JS)
+    calls = _js_code_matches(text, list(_JS_CALL.finditer(text))) if "actor" in text else []
+    if len(calls) > 1:
+        raise ScriptError(path, _line_at(text, calls[1].start()),
+                          f"a second actor(...) (the first is on line {_line_at(text, calls[0].start())}); "
+                          "one actor per file")
+    if calls:
+        m = calls[0]
+        if m.group(1) is None:
+            raise ScriptError(path, _line_at(text, m.start()), "actor(...) must be given an object literal "
+                                                               "(metadata is read without running the script)")
+        brace = m.start(1)
+        line = _line_at(text, brace)
+        end = _js_close(text, brace)
+        if end < 0:
+            raise ScriptError(path, line, "the actor({...}) object literal is never closed")
+        literal = text[brace:end + 1]
+        meta = _meta(path, _parse_literal(path, literal, line), _JS_KEYS, _literal_line_of(literal, line))
+        after = (_JS_AFTER_CALL if m.group().lstrip()[0] != "@" else _JS_AFTER_DECORATOR).match(text, end + 1)
+        entry = (after.group(1) or after.group(2)) if after else None
+        if meta.get("description") is None:
+            meta["description"] = _leading_comment(text, text.rfind("\n", 0, m.start()) + 1)
+        return ComponentSpec(runtime="javascript", file=path, line=_line_at(text, m.start()), source=text,
+                             entry=entry, mtime_ns=mtime_ns, **meta)
+    procs = _js_code_matches(text, list(_JS_PROCESS.finditer(text)))
+    if procs:
+        pos = procs[0].start() + len(procs[0].group()) - len(procs[0].group().lstrip())
+        line = _line_at(text, pos)
+        return ComponentSpec(name=_dynamic_name(path, line), runtime="javascript", file=path, line=line,
+                             source=text, entry="process", inports=(), outports=(), dynamic_ports=True,
+                             mtime_ns=mtime_ns, description=_leading_comment(text, text.rfind("\n", 0, pos) + 1))
+    raise ScriptError(path, 1, _NO_ACTOR_JS)
+
+
+# -- entry points ---------------------------------------------------------------------------------
 
 def extract(path: Path, text: str | None = None) -> ComponentSpec:
-    """Read one script's actor metadata. Raises ScriptError (file, line, message)."""
-    path = Path(path).resolve()
-    try:
-        if text is None:
-            text = path.read_text(encoding="utf-8")
-        mtime = path.stat().st_mtime_ns if path.exists() else 0
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScriptError(path, 1, f"cannot read the script: {exc}") from None
-    if path.suffix in (".js", ".mjs", ".cjs"):
-        spec = _extract_js(path, text)
-    elif path.suffix == ".py":
-        spec = _extract_python(path, text)
+    """Read one script's actor metadata without running it.
+
+    ``text`` is the file's content when the caller has it already (the file is then
+    only stat-ed for its mtime, and may not exist). The spec's ``file`` is absolute.
+
+    Raises:
+        ScriptError: the file is missing, unreadable or not ``.py``/``.js``; it has a
+            syntax error in what we read, no actor or more than one, or metadata that
+            is not literal, unknown or of the wrong type. ``.problem`` has the file
+            and line (0 when the problem is the file itself).
+    """
+    return _extract(Path(path).expanduser().resolve(), text)
+
+
+def _extract(path: Path, text: str | None) -> ComponentSpec:
+    """``extract`` for a path that is already absolute and resolved."""
+    name = path.name
+    is_py, is_js = name.endswith(_PY_SUFFIXES), name.endswith(_JS_SUFFIXES)
+    if not (is_py or is_js):
+        raise ScriptError(path, 0, "a script actor is a .py or .js file")
+    if text is None:
+        try:
+            with open(path, "rb") as f:
+                mtime = os.fstat(f.fileno()).st_mtime_ns
+                data = f.read()
+        except FileNotFoundError:
+            raise ScriptError(path, 0, "no such script") from None
+        except OSError as exc:
+            raise ScriptError(path, 0, f"cannot read the script: {exc.strerror or exc}") from None
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise ScriptError(path, line, f"the script is not UTF-8 text ({exc.reason})") from None
     else:
-        raise ScriptError(path, 1, "a script actor is a .py or .js file")
-    return attrs.evolve(spec, mtime_ns=mtime)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            mtime = 0
+    return _extract_python(path, text, mtime) if is_py else _extract_js(path, text, mtime)
 
 
-def _matches(rel: str, pattern: str) -> bool:
-    if fnmatch.fnmatchcase(rel, pattern):
-        return True
-    # "**/x" also matches x at the top level; "a/**" also matches a itself.
-    if pattern.startswith("**/") and fnmatch.fnmatchcase(rel, pattern[3:]):
-        return True
-    return False
+def _glob_regex(pattern: str, anywhere: bool) -> re.Pattern[str]:
+    """Compile a root-relative glob to a regex over posix paths.
+
+    ``*``, ``?`` and ``[...]`` stay inside one path segment; a ``**`` segment is zero
+    or more directories; a pattern with no ``/`` matches at any depth (gitignore's
+    rule) when ``anywhere``; a leading ``/`` or ``./`` anchors it at the root.
+    Hand-written because Python 3.11 has no ``glob.translate`` and fnmatch's ``*``
+    crosses ``/`` (``examples/*.py`` would match ``examples/a/b/c.py``).
+    """
+    anchored = pattern.startswith(("/", "./"))
+    pat = pattern.lstrip("/") if pattern.startswith("/") else pattern[2:] if anchored else pattern
+    if pat.endswith("/"):
+        pat += "**"
+    if anywhere and not anchored and "/" not in pat:
+        pat = "**/" + pat
+    segments = pat.split("/")
+    out = []
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if seg == "**":
+            out.append(".*" if last else "(?:[^/]+/)*")
+            continue
+        j, n = 0, len(seg)
+        while j < n:
+            c = seg[j]
+            j += 1
+            if c == "*":
+                out.append("[^/]*")
+            elif c == "?":
+                out.append("[^/]")
+            elif c == "[" and (k := _class_end(seg, j)) >= 0:
+                body = seg[j:k]
+                negate = body.startswith("!")
+                body = re.sub(r"([\\\[\]^&~|])", r"\\\1", body[negate:])
+                out.append("(?!/)[" + "^" * negate + body + "]")
+                j = k + 1
+            else:
+                out.append(re.escape(c))
+        if not last:
+            out.append("/")
+    return re.compile("".join(out))
 
 
-def _excluded(rel: str, excluded: Sequence[str]) -> bool:
-    parts = rel.split("/")
-    for pat in excluded:
-        if _matches(rel, pat):
-            return True
-        if pat.startswith("**/") and pat.endswith("/**"):
-            if pat[3:-3] in parts[:-1]:
-                return True
-    return False
+def _class_end(seg: str, j: int) -> int:
+    """Index of the ``]`` closing a ``[`` class whose body starts at ``j`` (-1: a literal ``[``)."""
+    k = j + (seg[j:j + 1] == "!")
+    return seg.find("]", k + (seg[k:k + 1] == "]"))
+
+
+def _literal_prefix(pattern: str) -> tuple[str, ...] | None:
+    """The leading directories a match must be under (None: anywhere), to prune the walk."""
+    pat = pattern[2:] if pattern.startswith("./") else pattern.lstrip("/")
+    if "/" not in pat:
+        return None if not pattern.startswith(("/", "./")) else ()
+    prefix = []
+    for seg in pat.split("/")[:-1]:
+        if any(c in seg for c in "*?["):
+            break
+        prefix.append(seg)
+    return tuple(prefix)
+
+
+def _walk(root: Path, patterns: Sequence[str], excluded: Sequence[str]) -> list[str]:
+    """Absolute paths of the files under ``root`` that match; symlinked directories are not followed."""
+    wanted = [_glob_regex(p, anywhere=True) for p in patterns]
+    skip = [_glob_regex(p, anywhere=True) for p in excluded]
+    prefixes = [_literal_prefix(p) for p in patterns]
+    found: list[str] = []
+    stack = [(str(root), "")]
+    while stack:
+        dirpath, base = stack.pop()
+        try:
+            entries = list(os.scandir(dirpath))
+        except OSError:
+            continue                                   # unreadable or vanished: nothing to find there
+        for e in entries:
+            rel = base + e.name
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_dir:
+                # Excluding a directory excludes what is under it; `**/x/**` matches "x/" too.
+                if any(s.fullmatch(rel) or s.fullmatch(rel + "/") for s in skip):
+                    continue
+                parts = rel.split("/")
+                if all(pre is not None and parts[:len(pre)] != list(pre[:len(parts)]) for pre in prefixes):
+                    continue                           # no pattern can match below here
+                stack.append((e.path, rel + "/"))
+            elif any(w.fullmatch(rel) for w in wanted) and not any(s.fullmatch(rel) for s in skip):
+                found.append(os.path.realpath(e.path) if e.is_symlink() else e.path)
+    return found
 
 
 def discover(root: Path, patterns: Sequence[str], excluded: Sequence[str] = (), scripts: Sequence[Path | str] = (),
              *, discover_scripts: bool = True) -> Discovery:
-    """Find and read every actor under ``root`` plus ``scripts``; broken files become problems."""
-    root = Path(root).resolve()
-    paths: dict[Path, None] = {}
+    """Find and read every script actor under ``root`` matching ``patterns``, plus ``scripts``.
+
+    ``patterns`` and ``excluded`` are root-relative posix globs (see ``_glob_regex``):
+    ``**/*.actor.py`` matches at any depth including the root; ``**/node_modules/**``
+    excludes everything inside any ``node_modules``. Symlinked directories are not
+    followed. ``scripts`` (relative to the current directory, or absolute) are read
+    even when excluded or not matching. Files are deduplicated by resolved path and
+    read in path order.
+
+    Never raises for a bad script: a missing, unreadable or broken file, or a second
+    file declaring an actor name already taken, becomes a :class:`ScriptProblem`.
+    """
+    root = Path(root).expanduser().resolve()
     problems: list[ScriptProblem] = []
-    if discover_scripts and root.is_dir():
-        skip_dirs = {p[3:-3] for p in excluded if p.startswith("**/") and p.endswith("/**") and "*" not in p[3:-3]}
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
-            rel_dir = os.path.relpath(dirpath, root)
-            for fn in filenames:
-                if not fn.endswith((".py", ".js")):
-                    continue
-                rel = fn if rel_dir == "." else f"{rel_dir}/{fn}".replace(os.sep, "/")
-                if any(_matches(rel, p) for p in patterns) and not _excluded(rel, excluded):
-                    paths[Path(dirpath, fn).resolve()] = None
+    paths: set[Path] = set()
+    if discover_scripts:
+        if root.is_dir():
+            paths.update(map(Path, _walk(root, patterns, excluded)))
+        else:
+            problems.append(ScriptProblem(root, 0, "the workspace root is not a directory"))
     for s in scripts:
-        p = Path(s).resolve()
-        if not p.is_file():
+        p = Path(s).expanduser().resolve()
+        if not p.exists():
             problems.append(ScriptProblem(p, 0, "no such script"))
-            continue
-        paths[p] = None
+        elif not p.is_file():
+            problems.append(ScriptProblem(p, 0, "not a file (a script is one .py or .js file)"))
+        else:
+            paths.add(p)
     components: list[ComponentSpec] = []
-    seen: dict[str, ComponentSpec] = {}
+    first: dict[str, ComponentSpec] = {}
     for p in sorted(paths):
         try:
-            spec = extract(p)
+            spec = _extract(p, None)
         except ScriptError as exc:
             problems.append(exc.problem)
             continue
-        first = seen.get(spec.name)
-        if first is not None:
+        other = first.get(spec.name)
+        if other is not None:
             problems.append(ScriptProblem(p, spec.line, f"duplicate actor name {spec.name!r} "
-                                                         f"(first defined at {first.file}:{first.line})"))
+                                                        f"(first defined at {other.file}:{other.line})"))
             continue
-        seen[spec.name] = spec
+        first[spec.name] = spec
         components.append(spec)
     return Discovery(tuple(components), tuple(problems))
