@@ -81,6 +81,20 @@ def _policy_from(sup_cfg: Any) -> policy.Policy:
                          jitter=b.jitter, reset_after=b.reset)
 
 
+def runtime_unavailable(runtime: str) -> str | None:
+    """Why scripts of ``runtime`` cannot run on this machine, or None."""
+    if runtime == "javascript":
+        import shutil
+
+        from ._sandbox._bubblewrap import runtime_dir
+
+        if shutil.which("node") is None:
+            return "Node.js is not installed (JavaScript actors need the node binary)"
+        if not (runtime_dir() / "js" / "reflow_worker.js").exists():
+            return "this build has no JavaScript runtime (supervisor/runtime/js)"
+    return None
+
+
 class Host:
     def __init__(self, config: Config, *, extra_scripts: Sequence[str] = (),
                  backend: SandboxBackend | None = None):
@@ -125,6 +139,14 @@ class Host:
             items = [(name, p.component, p.config) for name, p in net.processes.items()]
         for name, comp_name, net_config in items:
             comp = comps.get(comp_name)
+            why = runtime_unavailable(comp.runtime) if comp is not None else None
+            if why is not None:
+                assert comp is not None
+                self.unavailable[comp.name] = why
+                log.error("actor %s cannot run: %s", comp.name, why)
+                if net is not None:
+                    problems.append(f"network.processes.{name}.component: {comp.name} cannot run: {why}")
+                continue
             if comp is None:
                 problems.append(f"network.processes.{name}.component: unknown component {comp_name!r}"
                                 f" (discovered: {', '.join(sorted(comps)) or 'none'})")

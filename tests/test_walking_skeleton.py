@@ -203,3 +203,18 @@ def _pings(client) -> bool:
         return client.ping()
     except Exception:
         return False
+
+
+async def test_an_actor_whose_runtime_cannot_run_is_listed_unavailable_and_the_rest_serve(make_host, tmp_path):
+    import shutil
+
+    js = "// JS\nmodule.exports = actor({name: 'Js', inports: ['x'], outports: ['y']}, async function (c) {});\n"
+    bin_dir = tmp_path / "bin"  # a PATH with bubblewrap and ldd but no node
+    bin_dir.mkdir()
+    for tool in ("bwrap", "ldd", "sh"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    host = await make_host({"calc.actor.py": CALC, "js.actor.js": js}, env={"PATH": str(bin_dir)})
+    async with open_client(host.url) as c:
+        actors = {a["name"]: a for a in (await c.request("actors.list"))["actors"]}
+        assert actors["Js"]["status"] == "unavailable" and "Node.js" in actors["Js"]["reason"]
+        assert (await c.call("Calculator", {"a": 1, "b": 2}))["outputs"]["result"]["value"] == 3

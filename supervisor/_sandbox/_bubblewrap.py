@@ -93,7 +93,7 @@ class BubblewrapBackend(SandboxBackend):
             raise SandboxUnavailable(
                 "bubblewrap is not installed: install it (apt-get install bubblewrap) "
                 "or set workspace.sandbox.backend")
-        probe = subprocess.run([self._bwrap, "--unshare-all", "--ro-bind", "/", "/", "true"],
+        probe = subprocess.run([self._bwrap, "--unshare-all", "--ro-bind", "/", "/", "/bin/true"],
                                capture_output=True, text=True, check=False)
         if probe.returncode != 0:
             raise SandboxUnavailable(f"bubblewrap cannot create namespaces here: {probe.stderr.strip()}")
