@@ -142,3 +142,31 @@ async def test_huge_output_and_cpu_spin_end_only_that_sandbox(make_host):
         assert err.value.code == -32005 and err.value.data == {"limit": "cpu"}
         assert await out(c, "none") is None
         assert (await c.call("Other", {"x": 3}))["outputs"]["y"]["value"] == 3
+
+
+SYSCALLS = r'''
+import ctypes, os
+from reflow import actor
+
+@actor(name="Sys", inports=["x"], outports=["out"])
+def sys_calls(context):
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = {}
+    for name, call in {
+        "unshare": lambda: libc.unshare(0x10000000),            # CLONE_NEWUSER
+        "mount": lambda: libc.mount(b"none", b"/tmp", b"tmpfs", 0, None),
+        "ptrace": lambda: libc.ptrace(16, 1, None, None),       # PTRACE_ATTACH to pid 1
+        "keyctl": lambda: libc.syscall(250, 0, 0, 0, 0),
+        "bpf": lambda: libc.syscall(321, 0, 0, 0),
+    }.items():
+        rc = call()
+        out[name] = (rc, ctypes.get_errno())
+    return {"out": out}
+'''
+
+
+async def test_seccomp_denies_namespace_mount_ptrace_keyring_and_bpf_syscalls(make_host):
+    host = await make_host({"sys.actor.py": SYSCALLS})
+    async with open_client(host.url) as c:
+        res = (await c.call("Sys", {"x": 1}))["outputs"]["out"]["value"]
+    assert all(rc == -1 and err == 1 for rc, err in res.values()), res  # -1 / EPERM each

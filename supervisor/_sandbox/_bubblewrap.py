@@ -79,6 +79,41 @@ def _neutral_lib_path(lib: str) -> str:
         "/usr/lib/x86_64-linux-gnu") else "/usr/lib/" + os.path.basename(lib)
 
 
+# Denied with EPERM inside every sandbox: what could reach the kernel's attack surface or
+# other processes (ptrace, namespaces, mounts, keyrings, bpf, perf, module and kexec loading, …).
+DENIED_SYSCALLS = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root", "chroot",
+    "unshare", "setns", "keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "open_by_handle_at",
+    "swapon", "swapoff", "reboot", "syslog", "acct", "settimeofday", "clock_settime", "mknod", "mknodat",
+)
+
+
+@functools.cache
+def seccomp_program() -> bytes | None:
+    """The compiled BPF filter for ``bwrap --seccomp`` (built with libseccomp), or None without it."""
+    try:
+        import errno
+
+        import pyseccomp as seccomp
+    except (ImportError, OSError):
+        return None
+    filt = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    for name in DENIED_SYSCALLS:
+        try:
+            filt.add_rule(seccomp.ERRNO(errno.EPERM), name)
+        except (RuntimeError, ValueError, OSError):
+            pass  # a syscall this kernel/arch does not have
+    fd = os.memfd_create("reflow-seccomp")
+    try:
+        with open(fd, "w+b", closefd=False) as f:
+            filt.export_bpf(f)
+            f.seek(0)
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 class BubblewrapBackend(SandboxBackend):
     name = "bubblewrap"
     tier = "namespaces"
@@ -103,6 +138,8 @@ class BubblewrapBackend(SandboxBackend):
         if self._cgroups is None:
             self._cgroups = Cgroups.probe()
         missing = self._cgroups.missing()
+        if seccomp_program() is None:
+            missing += ("seccomp filter (pyseccomp / libseccomp not available)",)
         if "process count (pids.max)" in missing:
             # RLIMIT_NPROC does not bind uid 0, which is what the sandbox maps to.
             missing += ("(so a fork bomb is bounded only by the host's pid limit)",)
@@ -157,8 +194,17 @@ class BubblewrapBackend(SandboxBackend):
             groups, joins = self._cgroups.create(pids=spec.max_processes, memory=spec.memory, cpu=spec.cpu)
             if groups:
                 argv = ["/bin/sh", "-c", joins + '; exec "$@"', "sh", *argv]
+        extra: tuple[int, ...] = ()
+        program = seccomp_program()
+        if program is not None:
+            fd = os.memfd_create("reflow-seccomp", 0)  # inheritable only through pass_fds
+            os.write(fd, program)
+            os.lseek(fd, 0, os.SEEK_SET)
+            extra = (fd,)
+            i = argv.index(self._bwrap) + 1
+            argv = [*argv[:i], "--seccomp", str(fd), *argv[i:]]
         try:
-            worker = await spawn_worker(argv, spec, tier=self.tier, shell_status=True)
+            worker = await spawn_worker(argv, spec, tier=self.tier, shell_status=True, extra_fds=extra)
         except BaseException:
             Cgroups.remove(groups)
             raise

@@ -111,7 +111,7 @@ def descendants(pid: int) -> list[int]:
 
 async def spawn_worker(argv: Sequence[str], spec: WorkerSpec, *, tier: str,
                        shell_status: bool, pass_fd_arg: bool = True,
-                       env: dict[str, str] | None = None) -> HostProcessWorker:
+                       env: dict[str, str] | None = None, extra_fds: tuple[int, ...] = ()) -> HostProcessWorker:
     """Start ``argv`` with one end of a socketpair inherited; wait for ``ready``.
 
     The child's fd number is appended to argv. Raises WorkerStartError when the
@@ -123,12 +123,14 @@ async def spawn_worker(argv: Sequence[str], spec: WorkerSpec, *, tier: str,
         args = [*argv, str(fd)] if pass_fd_arg else list(argv)
         debug = log.isEnabledFor(logging.DEBUG)
         proc = subprocess.Popen(  # noqa: S603 - argv is built by us, never by a script
-            args, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            args, pass_fds=(fd, *extra_fds), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=None if debug else subprocess.DEVNULL, env=env if env is not None else {},
             start_new_session=True, cwd="/",  # the sandbox's init sees this; keep host paths out
         )
     finally:
         child_sock.close()
+        for extra in extra_fds:
+            os.close(extra)
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(host_sock))
     worker = HostProcessWorker(proc, LineChannel(stream), tier=tier, runtime=spec.runtime,
                                shell_status=shell_status, spec=spec)
