@@ -165,15 +165,23 @@ class Api:
         actor_id = p["actor_id"]
 
         def stream(port: str, message: dict) -> None:
-            conn.notify("output", {"actor_id": actor_id, "port": port, "data": proto.unwrap(message),
+            conn.notify("output", {"actor_id": actor_id, "port": port, "data": _plain(message),
                                    "timestamp": p.get("timestamp")})
 
         config = p.get("config")
         env = Envelope(inputs={k: proto.wrap(v) for k, v in payload.items()}, on_output=stream,
                        config=config if isinstance(config, dict) and config else None)
         cell.submit(env)
-        result = await env.wait()
-        return {"outputs": {k: proto.unwrap(v) for k, v in result["outputs"].items()}}
+        timeout = _timeout(p.get("timeout"))
+        with trio.move_on_after(timeout):
+            result = await env.wait()
+            return {"outputs": {k: _plain(v) for k, v in result["outputs"].items()}}
+        raise ActorTimedOut(f"no answer from {cell.name!r} within {timeout:g}s", {"timeout": timeout})
+
+
+def _plain(message: Any) -> Any:
+    """A typed message as Reflow's plain JSON (bytes stay base64 text: JSON has no bytes)."""
+    return message["value"] if proto.is_typed(message) else message
 
 
 def _object(params: Any, required: tuple[str, ...]) -> dict:

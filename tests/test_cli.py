@@ -41,3 +41,11 @@ async def test_call_and_status_commands(make_host):
 async def test_status_without_a_host_is_one_clear_sentence(tmp_path):
     rc, out, err = await _cli("status", "--url", "ws://127.0.0.1:9/", cwd=tmp_path)
     assert rc == 1 and err.startswith("error: cannot reach the host") and "Traceback" not in err
+
+
+async def test_call_timeout_is_minus_32003(make_host):
+    slow = ("import time\nfrom reflow import actor\n\n@actor(name='S', inports=['x'], outports=['y'])\n"
+            "def s(context):\n    time.sleep(5)\n    return {'y': 1}\n")
+    host = await make_host({"s.actor.py": slow})
+    rc, out, err = await _cli("call", "S", "x=1", "--timeout", "0.5", "--url", host.url, cwd=host.config.parent)
+    assert rc == 1 and "(-32003)" in err
