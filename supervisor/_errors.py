@@ -12,7 +12,7 @@ from typing import Any
 __all__ = [
     "ActorError", "UnknownActor", "ActorFailed", "ActorTimedOut", "Overloaded",
     "ResourceLimitExceeded", "Unauthorized", "ActorStopped", "InvalidParams", "RequestCancelled",
-    "error_code", "single_error",
+    "single_error",
 ]
 
 PARSE_ERROR = -32700
@@ -109,6 +109,3 @@ def single_error(group: BaseException) -> Exception | None:
         return leaves[0]
     return None
 
-
-def error_code(exc: BaseException) -> int:
-    return exc.code if isinstance(exc, ActorError) else INTERNAL_ERROR

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import signal
 import sys
 import time
@@ -112,7 +113,6 @@ class Host:
         self.url: str | None = None
         self.started = trio.Event()
         self.stopping = False
-        self._cancel: trio.CancelScope | None = None
         self.durable = config.workspace.mailbox.kind == "redis"
 
     # -- assembly -----------------------------------------------------------
@@ -355,34 +355,33 @@ class Host:
         self.root = self._build_tree(specs)
         from ._server import serve_api
 
-        with trio.CancelScope() as self._cancel:
-            async with trio.open_nursery() as nursery:
-                self._nursery_for_drain = nursery
-                nursery.start_soon(self._signals, nursery.cancel_scope)
-                url = ws.redis.url
-                if url is None:
-                    url = await nursery.start(serve_embedded_redis, ws.state_dir)
-                async with open_redis(url) as redis:
-                    self.redis = redis
+        async with trio.open_nursery() as nursery:
+            self._nursery_for_drain = nursery
+            nursery.start_soon(self._signals, nursery.cancel_scope)
+            url = ws.redis.url
+            if url is None:
+                url = await nursery.start(serve_embedded_redis, ws.state_dir)
+            async with open_redis(url) as redis:
+                self.redis = redis
+                try:
+                    await redis.execute("PING")
+                except RedisUnavailable as exc:
+                    raise HostError(str(exc)) from exc
+                async with trio.open_nursery() as inner:
+                    await inner.start(self.pool.serve)
+                    await inner.start(self._run_root)
+                    server = await inner.start(serve_api, self)
+                    self.url = f"ws://{ws.websocket.host}:{server.port}/"
+                    self._write_host_file(server.port)
+                    log.info("rpc server started", extra={"url": self.url})
+                    self._send_iips()
+                    self.started.set()
+                    task_status.started(self)
                     try:
-                        await redis.execute("PING")
-                    except RedisUnavailable as exc:
-                        raise HostError(str(exc)) from exc
-                    async with trio.open_nursery() as inner:
-                        await inner.start(self.pool.serve)
-                        await inner.start(self._run_root)
-                        server = await inner.start(serve_api, self)
-                        self.url = f"ws://{ws.websocket.host}:{server.port}/"
-                        self._write_host_file(server.port)
-                        log.info("rpc server started", extra={"url": self.url})
-                        self._send_iips()
-                        self.started.set()
-                        task_status.started(self)
-                        try:
-                            await trio.sleep_forever()
-                        finally:
-                            with trio.CancelScope(shield=True):
-                                await backend.aclose()
+                        await trio.sleep_forever()
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await backend.aclose()
 
     async def _run_root(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         assert self.root is not None
@@ -407,7 +406,7 @@ class Host:
     def _write_host_file(self, port: int) -> None:
         state_dir: Path = self.config.workspace.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
-        info = {"url": f"ws://{self.config.workspace.websocket.host}:{port}/", "pid": _pid(), "started": time.time()}
+        info = {"url": f"ws://{self.config.workspace.websocket.host}:{port}/", "pid": os.getpid(), "started": time.time()}
         (state_dir / "host.json").write_bytes(orjson.dumps(info))
 
     async def _signals(self, scope: trio.CancelScope) -> None:
@@ -435,8 +434,3 @@ class Host:
         log.info("stopped")
         scope.cancel()
 
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()

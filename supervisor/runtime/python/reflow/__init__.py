@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64 as _base64
 import math as _math
-import time as _time
 
 __all__ = ["actor", "ActorContext", "ActorState", "Message", "ActorError"]
 
@@ -295,6 +294,3 @@ def actor(name=None, inports=(), outports=(), **meta):
         return register(fn)
     return register
 
-
-def now_ms():
-    return int(_time.time() * 1000)
