@@ -25,6 +25,7 @@ from ._channel import ChannelClosed
 from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
                       ResourceLimitExceeded, single_error)
 from ._mailbox import feed, inbox_key, poke, retry_or_deadletter_cmds
+from ._redis import RedisError, RedisUnavailable
 from ._sandbox._base import ExitInfo, Worker
 from ._state import StateTxn, state_prefix
 
@@ -294,7 +295,10 @@ class ActorCell:
                 return
             error = ActorFailed(f"actor {self.name!r} failed: {err.get('message')}", err.get("data"))
             if env.stream_id is not None:
-                await self._retry_later(env, err.get("data") or {"message": err.get("message")})
+                try:
+                    await self._retry_later(env, err.get("data") or {"message": err.get("message")})
+                except (RedisUnavailable, RedisError) as exc:  # stays pending: the next run requeues it
+                    log.error("could not requeue a failed message: %s", exc, extra={"actor": self.name})
             env.fail(error)
             return
         outputs = (reply.get("result") or {}).get("outputs") or {}
@@ -359,4 +363,8 @@ class ActorCell:
             reply = {"jsonrpc": "2.0", "id": sid, "result": result}
         except ActorError as exc:
             reply = {"jsonrpc": "2.0", "id": sid, "error": exc.to_error()}
+        except (RedisUnavailable, RedisError) as exc:
+            # The script sees the state call fail (and its message fails); the worker lives on.
+            reply = {"jsonrpc": "2.0", "id": sid, "error": {"code": ActorFailed.code,
+                                                            "message": f"state unavailable: {exc}"}}
         await worker.channel.send(orjson.dumps(reply))

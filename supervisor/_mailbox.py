@@ -17,13 +17,16 @@ reads, which would stall the pipelined Redis connection.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import trio
 
-from ._redis import Redis, RedisError
+from ._redis import Redis, RedisError, RedisUnavailable
+
+log = logging.getLogger("supervisor.mailbox")
 
 if TYPE_CHECKING:
     from ._cell import ActorCell, Envelope
@@ -77,7 +80,26 @@ def _fields(raw: list) -> dict[bytes, bytes]:
 
 
 async def feed(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None:
-    """Feed one cell's run with its durable messages, pending ones first (see module doc)."""
+    """Feed one cell's run with its durable messages; rides out Redis outages with backoff.
+
+    Redis going away is not the actor's failure: the feeder waits and retries
+    (logging once per outage) instead of crashing the cell, whose supervisor
+    would otherwise count every retry against its intensity.
+    """
+    failures = 0
+    while True:
+        try:
+            await _feed(cell, send)
+        except (RedisUnavailable, RedisError) as exc:
+            if failures == 0:
+                log.error("cannot read the inbox of %s: %s; retrying", cell.name, exc)
+            failures += 1
+            await trio.sleep(min(5.0, 0.05 * 2 ** min(failures, 7)))
+        else:
+            return
+
+
+async def _feed(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None:
     from ._cell import Envelope
 
     redis = cell.host.redis

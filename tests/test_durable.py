@@ -74,3 +74,31 @@ async def test_accepted_messages_survive_a_host_sigkill_exactly_once(make_host):
     await trio.sleep(0.5)  # nothing more arrives: exactly once
     assert r.get("reflow:Counter:state:total") == str(n).encode()
     assert r.xlen("reflow:deadletter") == 0
+
+
+async def test_embedded_redis_killed_mid_run_is_restarted_and_the_tree_rides_it_out(make_host):
+    import os
+    import signal
+
+    from conftest import children_of, cmdline
+
+    host = await make_host({"counter.actor.py": COUNTER})
+    async with open_client(host.url) as c:
+        await c.send("Counter", "n", 1)
+        await wait_for(lambda: _redis(host).get("reflow:Counter:state:total") == b"1")
+        (redis_pid,) = [p for p in children_of(host.proc.pid) if "redis-server" in cmdline(p)]
+        os.kill(redis_pid, signal.SIGKILL)
+        await wait_for(lambda: any("redis-server" in cmdline(p) and p != redis_pid
+                                   for p in children_of(host.proc.pid)), timeout=15)
+
+        async def accepted():
+            try:
+                await c.send("Counter", "n", 10)
+                return True
+            except Exception:
+                return False
+        await wait_for(accepted, timeout=15)
+        # appendfsync everysec: the first increment may or may not have reached the AOF before the kill
+        await wait_for(lambda: _redis(host).get("reflow:Counter:state:total") in (b"10", b"11"), timeout=15)
+        status = await c.status()
+        assert status["state"] == "running" and status["children"][0]["state"] == "running"
