@@ -15,7 +15,6 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import trio
 import trio_websocket
 
@@ -233,7 +232,23 @@ class Connection:
             pass
 
     def notify(self, method: str, params: dict) -> None:
-        self.queue(orjson.dumps({"jsonrpc": "2.0", "method": method, "params": params}))
+        try:
+            data = proto.encode(proto.Notification(method, params))
+        except (TypeError, ValueError) as exc:
+            log.error("dropped a %s notification that is not JSON: %s", method, exc)
+            return
+        self.queue(data)
+
+    def reply(self, replies: list[Any], is_batch: bool) -> None:
+        """Queue the answer to one frame. A result that cannot be written as JSON
+        (NaN, an integer orjson and the stdlib both refuse…) becomes -32603 for
+        that request alone; the other replies of a batch still go out."""
+        try:
+            data = proto.reply_frame(replies, is_batch)
+        except (TypeError, ValueError):
+            data = proto.reply_frame([_encodable(r) for r in replies], is_batch)
+        if data is not None:
+            self.queue(data)
 
     async def run(self) -> None:
         try:
@@ -287,13 +302,13 @@ class Connection:
             if isinstance(item, proto.Request):
                 admitted = self._admit(item)
                 if isinstance(admitted, proto.ErrorResponse):
-                    self.queue(proto.reply_frame([admitted], False))
+                    self.reply([admitted], False)
                 else:
                     self._nursery.start_soon(self._answer_one, item, admitted)
             else:
                 reply = self._immediate(item)
                 if reply is not None:
-                    self.queue(proto.reply_frame([reply], False))
+                    self.reply([reply], False)
             return
         admitted = [self._admit(i) if isinstance(i, proto.Request) else None for i in frame.items]
         self._nursery.start_soon(self._answer_batch, frame, admitted)
@@ -310,8 +325,7 @@ class Connection:
         return None
 
     async def _answer_one(self, req: proto.Request, scope: trio.CancelScope) -> None:
-        reply = await self._call(req, scope)
-        self.queue(proto.reply_frame([reply], False))
+        self.reply([await self._call(req, scope)], False)
 
     async def _answer_batch(self, frame: Any, admitted: list[Any]) -> None:
         replies: list[Any] = []
@@ -329,9 +343,7 @@ class Connection:
                     r = self._immediate(item)
                     if r is not None:
                         replies.append(r)
-        data = proto.reply_frame(replies, True)
-        if data is not None:
-            self.queue(data)
+        self.reply(replies, True)
 
     def _admit(self, req: proto.Request) -> trio.CancelScope | proto.ErrorResponse:
         """Register a request's cancel scope now, before its task runs, so that a
@@ -372,3 +384,11 @@ class Connection:
 
 def _id_key(rid: Any) -> Any:
     return (type(rid).__name__, rid)
+
+
+def _encodable(reply: Any) -> Any:
+    try:
+        proto.encode(reply)
+    except (TypeError, ValueError) as exc:
+        return proto.error_response(reply.id, proto.INTERNAL_ERROR, f"the result cannot be sent as JSON: {exc}")
+    return reply

@@ -168,3 +168,15 @@ async def test_client_reconnects_and_its_subscription_delivers_again(make_host):
             await c.send("Double", "x", 5)
             await wait_for(lambda: got == [2, 10])
             n.cancel_scope.cancel()
+
+
+def test_a_result_that_is_not_json_becomes_an_internal_error_for_that_request_only():
+    from supervisor import _protocol as proto
+    from supervisor._server import _encodable
+
+    bad = proto.Response(1, {"x": float("nan")})
+    good = proto.Response(2, 4)
+    fixed = [_encodable(r) for r in (bad, good)]
+    assert isinstance(fixed[0], proto.ErrorResponse) and fixed[0].error.code == -32603
+    assert "NaN" in fixed[0].error.message
+    assert fixed[1] is good
