@@ -42,6 +42,19 @@ class WorkerSpec:
     max_output: int = 16 * 2**20
 
 
+def ulimit_commands(spec: WorkerSpec) -> str:
+    """``sh`` builtins that set the rlimits of a runtime that cannot set its own (Node
+    has no setrlimit): no core dumps, CPU seconds (soft → SIGXCPU, hard one second
+    later), open files and file size (dash counts 512-byte blocks). Address space is
+    left alone for Node: V8 reserves far more than it uses, so the heap is capped
+    with ``--max-old-space-size`` and the memory cgroup instead."""
+    cmds = ["ulimit -c 0", f"ulimit -n {spec.max_open_files}", f"ulimit -f {max(1, spec.file_size // 512)}"]
+    if spec.cpu_seconds:
+        soft = max(1, int(spec.cpu_seconds))
+        cmds += [f"ulimit -H -t {soft + 1}", f"ulimit -S -t {soft}"]
+    return "; ".join(cmds)
+
+
 @attrs.frozen
 class ExitInfo:
     """How a worker ended. ``limit`` names the resource limit that ended it, if known."""

@@ -19,7 +19,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from ._base import SandboxBackend, SandboxUnavailable, Worker, WorkerSpec
+from ._base import SandboxBackend, SandboxUnavailable, Worker, WorkerSpec, ulimit_commands
 from ._cgroup import Cgroups
 from ._spawn import limits_arg, spawn_worker
 
@@ -190,10 +190,13 @@ class BubblewrapBackend(SandboxBackend):
         if self._cgroups is None:
             self._cgroups = Cgroups.probe()
         groups: list = []
+        prefix = [ulimit_commands(spec)] if spec.runtime == "javascript" else []
         if self._cgroups.available:
             groups, joins = self._cgroups.create(pids=spec.max_processes, memory=spec.memory, cpu=spec.cpu)
             if groups:
-                argv = ["/bin/sh", "-c", joins + '; exec "$@"', "sh", *argv]
+                prefix.insert(0, joins)
+        if prefix:
+            argv = ["/bin/sh", "-c", "; ".join(prefix) + '; exec "$@"', "sh", *argv]
         extra: tuple[int, ...] = ()
         program = seccomp_program()
         if program is not None:

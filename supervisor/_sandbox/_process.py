@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 
-from ._base import SandboxBackend, SandboxUnavailable, Worker, WorkerSpec
+from ._base import SandboxBackend, SandboxUnavailable, Worker, WorkerSpec, ulimit_commands
 from ._bubblewrap import runtime_dir
 from ._spawn import limits_arg, spawn_worker
 
@@ -31,7 +31,9 @@ class ProcessBackend(SandboxBackend):
             node = shutil.which("node")
             if node is None:
                 raise SandboxUnavailable("Node.js is not installed: JavaScript actors cannot run")
-            return [os.path.realpath(node), str(rt / "js" / "reflow_worker.js"), limits_arg(spec)]
+            heap = "--max-old-space-size=" + str(max(16, spec.memory // 2**20 // 2))
+            return ["/bin/sh", "-c", ulimit_commands(spec) + '; exec "$@"', "sh",
+                    os.path.realpath(node), heap, str(rt / "js" / "reflow_worker.js"), limits_arg(spec)]
         raise SandboxUnavailable(f"unknown runtime {spec.runtime!r}")
 
     def limits_not_enforced(self) -> tuple[str, ...]:

@@ -71,6 +71,9 @@ class HostProcessWorker(Worker):
                 info = ExitInfo(code=info.code, signal=info.signal, limit=self.limit_hint)
             elif info.signal == signal.SIGXCPU:
                 info = ExitInfo(code=info.code, signal=info.signal, limit="cpu")
+            elif info.signal == signal.SIGABRT and self.runtime == "javascript":
+                # V8 aborts the process when its heap (--max-old-space-size) is full.
+                info = ExitInfo(code=info.code, signal=info.signal, limit="memory")
             self.exit_info = info
             try:
                 os.close(self._pidfd)

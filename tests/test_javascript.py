@@ -1,0 +1,276 @@
+"""JavaScript actors through a real host: the seed's forms, state, errors with file:line, limits, hostile basics."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+
+import pytest
+import trio
+
+from conftest import EXAMPLES, ROOT, open_client, wait_for
+from supervisor.client import RpcError
+
+SEED = ROOT.parent / "shared" / "seeds" / "004_907eda7e1530af8d.txt"
+
+
+def seed_stream_aggregator() -> str:
+    """The seed's StreamAggregator, character for character (the block under "JavaScript Actor Example")."""
+    text = SEED.read_text() if SEED.exists() else ""
+    m = re.search(r"### JavaScript Actor Example\s+```javascript\n(.*?)```", text, re.S)
+    if m:
+        return m.group(1)
+    return textwrap.dedent('''\
+        const { actor, ActorContext, Message } = require('reflow');
+
+        @actor({
+            name: "StreamAggregator",
+            inports: ["stream", "window"],
+            outports: ["aggregated", "stats"],
+            stateBackend: "redis"
+        })
+        async function aggregateStream(context) {
+            const payload = context.getPayload();
+            const state = context.getState();
+
+            const streamData = payload.get("stream");
+            const windowSize = payload.get("window") || 10;
+
+            // Aggregate data
+            const buffer = state.get("buffer", []);
+            buffer.push(streamData.unwrap());
+
+            if (buffer.length > windowSize) {
+                buffer.shift();
+            }
+
+            state.set("buffer", buffer);
+            const avg = buffer.reduce((a, b) => a + b, 0) / buffer.length;
+
+            return {
+                aggregated: Message.float(avg),
+                stats: Message.object({
+                    count: buffer.length,
+                    average: avg
+                })
+            };
+        }
+        ''')
+
+
+PRODUCER = '''
+from reflow import actor
+
+@actor(name="Producer", inports=["n"], outports=["value"])
+def produce(context):
+    return {"value": context.get_input("n") * 10}
+'''
+
+EXPORTS_FORM = '''\
+// module.exports form, with state used with and without await, streamed outputs and a log line
+const { actor, Message } = require('reflow');
+
+module.exports = actor({name: 'Counter', inports: ['x'], outports: ['count', 'seen', 'bytes']}, async function (ctx) {
+  const state = ctx.getState();
+  const n = state.increment('n');
+  await state.set('last', ctx.getInput('x'));
+  const last = await state.get('last');
+  ctx.sendOutput('seen', last);
+  console.log('counted', n);
+  await new Promise((resolve) => setTimeout(resolve, 1));
+  return {count: n, bytes: Message.bytes(Buffer.from([0, 255, n]))};
+});
+'''
+
+FAILING = '''\
+// fails on purpose
+const { actor, Message, ActorError } = require('reflow');
+
+@actor({name: "Failing", inports: ["how"], outports: ["out"]})
+function failing(context) {
+  const how = context.getInput("how");
+  if (how === "throw") {
+    throw new TypeError("bad input");
+  }
+  if (how === "code") throw new ActorError("custom", 42);
+  if (how === "undefined") return undefinedFunction();
+  if (how === "memory") { const keep = []; for (;;) keep.push(new Array(1e6).fill(1.5)); }
+  if (how === "spin") for (;;) {}
+  if (how === "hang") return new Promise(() => {});
+  context.getState().set("touched", true);
+  return {out: "fine"};
+}
+'''
+
+BROKEN = '''\
+const { actor } = require('reflow');
+
+@actor({name: "Broken", inports: ["x"], outports: ["y"]})
+function broken(context) {
+  return {y: (1 +};
+}
+'''
+
+HOSTILE = r'''
+const { actor } = require('reflow');
+
+function attempt(fn) {
+  try { return 'ALLOWED: ' + String(fn()).slice(0, 80); } catch (e) { return 'denied: ' + (e.code || e.name); }
+}
+
+@actor({name: "HostileJs", inports: ["what", "arg"], outports: ["out"]})
+async function hostile(context) {
+  const what = context.getInput("what");
+  const arg = context.getInput("arg");
+  const fs = require('fs');
+  if (what === "read") return {out: attempt(() => fs.readFileSync(arg, 'utf8'))};
+  if (what === "write") return {out: attempt(() => fs.writeFileSync(arg, 'x'))};
+  if (what === "env") return {out: Object.keys(process.env).sort()};
+  if (what === "spawn") return {out: attempt(() => require('child_process').execFileSync(arg).toString())};
+  if (what === "tcp") {
+    const net = require('net');
+    const res = await new Promise((resolve) => {
+      const s = net.connect(arg, '127.0.0.1');
+      s.on('connect', () => { s.destroy(); resolve('ALLOWED: connected'); });
+      s.on('error', (e) => resolve('denied: ' + e.code));
+    });
+    return {out: res};
+  }
+  if (what === "dns") {
+    const dns = require('dns');
+    return {out: await new Promise((resolve) => dns.lookup('pypi.org', (e, a) => resolve(e ? 'denied: ' + e.code : 'ALLOWED: ' + a)))};
+  }
+  return {out: null};
+}
+'''
+
+
+async def test_the_seeds_stream_aggregator_runs_unmodified_fed_by_python_through_the_graph(make_host):
+    config = """\
+network:
+  processes:
+    producer: {component: Producer}
+    agg: {component: StreamAggregator}
+  connections:
+    - {src: {process: producer, port: value}, tgt: {process: agg, port: stream}}
+"""
+    host = await make_host({"producer.actor.py": PRODUCER, "agg.actor.js": seed_stream_aggregator()}, config)
+    async with open_client(host.url) as c:
+        listed = {a["name"]: a for a in (await c.request("actors.list"))["actors"]}
+        assert listed["agg"]["runtime"] == "javascript" and listed["agg"]["status"] == "running"
+        assert listed["agg"]["inports"] == ["stream", "window"]
+        sub = await c.request("actor.subscribe", {"actor": "agg", "port": "stats"})
+        notes = c.on_notification(sub["subscription"])
+        for n in (1, 2, 3):
+            await c.send("producer", "n", n)
+        seen = []
+        with trio.fail_after(20):
+            while len(seen) < 3:
+                seen.append((await notes.receive())["params"]["message"])
+    assert seen == [{"type": "object", "value": {"count": n, "average": 5 * (n + 1)}} for n in (1, 2, 3)]
+    async with open_client(host.url) as c:  # the seed's window port, given directly: it drops one
+        res = await c.call("agg", {"stream": 70, "window": 2})
+    assert res["outputs"] == {"aggregated": {"type": "float", "value": 40.0},
+                              "stats": {"type": "object", "value": {"count": 3, "average": 40}}}
+
+
+async def test_exports_form_state_with_and_without_await_streamed_outputs_bytes_and_logs(make_host):
+    host = await make_host({"counter.actor.js": EXPORTS_FORM})
+    async with open_client(host.url) as c:
+        first = await c.call("Counter", {"x": "a"})
+        second = await c.call("Counter", {"x": {"k": [1, 2]}})
+    assert first["outputs"]["count"] == {"type": "integer", "value": 1}
+    assert second["outputs"]["count"] == {"type": "integer", "value": 2}
+    assert second["emitted"] == [{"port": "seen", "message": {"type": "object", "value": {"k": [1, 2]}}}]
+    assert second["outputs"]["bytes"] == {"type": "bytes", "value": "AP8C"}  # 00 ff 02
+    await wait_for(lambda: "counted 2" in host.log.read_text())
+
+
+async def test_errors_name_the_file_and_line_and_leave_no_trace(make_host):
+    host = await make_host({"failing.actor.js": FAILING, "broken.actor.js": BROKEN},
+                           "supervision: {max_restarts: 20, max_seconds: 60}\n")
+    async with open_client(host.url) as c:
+        with pytest.raises(RpcError) as err:
+            await c.call("Failing", {"how": "throw"})
+        assert err.value.code == -32002 and err.value.data["type"] == "TypeError"
+        assert err.value.data["message"] == "bad input"
+        # Line 8 of the file as written: the @actor line did not move anything.
+        assert err.value.data["traceback"][-1] == \
+            'File "failing.actor.js", line 8, in failing: throw new TypeError("bad input");'
+        with pytest.raises(RpcError) as err:
+            await c.call("Failing", {"how": "code"})
+        assert err.value.data["type"] == "ActorError" and err.value.data["code"] == 42
+        with pytest.raises(RpcError) as err:
+            await c.call("Failing", {"how": "undefined"})
+        assert err.value.data["type"] == "ReferenceError" and "line 11" in err.value.data["traceback"][-1]
+        assert (await c.call("Failing", {"how": "ok"}))["outputs"]["out"]["value"] == "fine"
+
+        status = await c.status()
+        broken = _find(status, "Broken")
+        assert broken["last_error"] is not None
+        assert "broken.actor.js" in broken["last_error"]["message"]
+        assert "line 5" in broken["last_error"]["message"], broken["last_error"]
+
+
+async def test_memory_spin_and_hang_end_only_that_sandbox(make_host):
+    host = await make_host({"failing.actor.js": FAILING, "producer.actor.py": PRODUCER}, """\
+supervision:
+  max_restarts: 20
+  max_seconds: 60
+  actors:
+    Failing: {timeout: 8s}
+""", start=False)
+    host.config.write_text(host.config.read_text().replace(
+        "    backend: bubblewrap\n",
+        "    backend: bubblewrap\n    cpu_seconds: 2\n    javascript: {memory: 256MB}\n"))
+    await host.start()
+    async with open_client(host.url) as c:
+        with pytest.raises(RpcError) as err:
+            await c.call("Failing", {"how": "memory"})
+        assert err.value.code == -32005 and err.value.data == {"limit": "memory"}
+        with pytest.raises(RpcError) as err:
+            await c.call("Failing", {"how": "spin"})
+        assert err.value.code == -32005 and err.value.data == {"limit": "cpu"}
+        with pytest.raises(RpcError) as err:
+            await c.call("Failing", {"how": "hang"})
+        assert err.value.code == -32003
+        assert (await c.call("Failing", {"how": "ok"}))["outputs"]["out"]["value"] == "fine"
+        assert (await c.call("Producer", {"n": 1}))["outputs"]["value"]["value"] == 10
+
+
+async def test_javascript_cannot_read_files_reach_the_network_or_run_programs(make_host):
+    host = await make_host({"hostile.actor.js": HOSTILE})
+    (host.config.parent / "secret.txt").write_text("s3cret")
+
+    async def out(what, arg=None):
+        return (await c.call("HostileJs", {"what": what, "arg": arg}))["outputs"]["out"]["value"]
+
+    async with open_client(host.url) as c:
+        for path in ("/etc/shadow", "/etc/passwd", str(host.config.parent / "secret.txt"), "/root/.bashrc"):
+            assert (await out("read", path)).startswith("denied"), path
+        for path in ("/usr/bin/evil", "/reflow/evil", "/etc/evil"):
+            assert (await out("write", path)).startswith("denied"), path
+        port = int(host.url.rsplit(":", 1)[1].strip("/"))
+        assert (await out("tcp", port)).startswith("denied")
+        assert (await out("dns")).startswith("denied")
+        assert (await out("spawn", "/bin/sh")).startswith("denied")
+        assert set(await out("env")) <= {"HOME", "PATH", "LANG", "PWD"}
+
+
+async def test_the_seeds_two_script_example_runs_from_the_command_line(make_host, tmp_path):
+    host = await make_host({}, "", str(EXAMPLES / "calculator.py"), str(EXAMPLES / "processor.js"))
+    async with open_client(host.url) as c:
+        assert (await c.call("Processor", {"input": "abc", "operation": "reverse"}))["outputs"]["output"]["value"] == "cba"
+        res = await c.call("Processor", {"input": 1, "operation": "nope"})
+        assert res["outputs"]["error"]["type"] == "error"
+        assert (await c.call("Calculator", {"a": 2, "b": 3, "op": "mul"}))["outputs"]["result"]["value"] == 6
+
+
+def _find(node: dict, name: str) -> dict:
+    if node.get("name") == name:
+        return node
+    for child in node.get("children") or []:
+        found = _find(child, name)
+        if found:
+            return found
+    return {}
