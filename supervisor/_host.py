@@ -33,6 +33,7 @@ from ._discovery import ComponentSpec, Discovery, discover
 from ._errors import ActorError, ActorFailed, ActorStopped, Overloaded, UnknownActor
 from ._pool import WorkerPool
 from ._protocol import wrap
+from ._reload import plan_reload, watch_scripts
 from ._redis import RedisError, RedisUnavailable, open_redis, serve_embedded_redis
 from ._sandbox import select_backend
 from ._sandbox._base import SandboxBackend, SandboxUnavailable, WorkerSpec
@@ -112,18 +113,100 @@ class Host:
         self.redis: Any = None
         self.url: str | None = None
         self.started = trio.Event()
+        self.watching = trio.Event()
+        self._reported: set[str] = set()
         self.stopping = False
         self.durable = config.workspace.mailbox.kind == "redis"
 
     # -- assembly -----------------------------------------------------------
-    def discover(self) -> Discovery:
+    def rediscover(self) -> Discovery:
+        """Read the workspace's scripts now (nothing of them runs)."""
         ws = self.config.workspace
         scripts = [*ws.scripts, *self.extra_scripts]
-        self.discovery = discover(ws.root, ws.script_patterns, ws.excluded_paths, scripts,
-                                  discover_scripts=ws.discover_scripts)
+        return discover(ws.root, ws.script_patterns, ws.excluded_paths, scripts, discover_scripts=ws.discover_scripts)
+
+    def discover(self) -> Discovery:
+        self.discovery = self.rediscover()
         for p in self.discovery.problems:
             log.error("script not loaded: %s", p)
+        self._reported = {str(p) for p in self.discovery.problems}
         return self.discovery
+
+    async def apply_reload(self, found: Discovery) -> None:
+        """Bring the running processes in line with a fresh discovery (hot reload)."""
+        assert self.discovery is not None
+        for p in found.problems:
+            if str(p) not in self._reported:
+                log.error("script not reloaded: %s", p)
+        self._reported = {str(p) for p in found.problems}
+        plan = plan_reload(self.discovery.components, found)
+        for comp in plan.kept:
+            if comp.file in {p.file for p in found.problems}:
+                log.warning("%s keeps running its previous code until %s reads again", comp.name, comp.file.name)
+        self.discovery = Discovery(plan.components, found.problems)
+        for comp in plan.stop:
+            for cell in self._cells_of(comp.name):
+                log.info("stopping %s: its script is gone", cell.name)
+                await self._remove_cell(cell)
+            self.unavailable.pop(comp.name, None)
+        for comp in plan.replace:
+            for cell in self._cells_of(comp.name):
+                log.info("restarting %s on the new code of %s", cell.name, comp.file.name)
+                await self._replace_cell(cell, comp)
+        for comp in plan.start:
+            await self._start_component(comp)
+
+    def _cells_of(self, component: str) -> list[ActorCell]:
+        return [c for c in self.cells.values() if c.component.name == component]
+
+    async def _remove_cell(self, cell: ActorCell) -> None:
+        await self._drain(cell)
+        parent = self.root.parent_of(cell.name) if self.root else None
+        if parent is not None:
+            await parent.remove_child(cell.name)
+        self.cells.pop(cell.name, None)
+        self._fan_in.pop(cell.name, None)
+
+    async def _replace_cell(self, cell: ActorCell, comp: ComponentSpec) -> None:
+        net = self.config.network
+        net_config = net.processes[cell.name].config if net is not None and cell.name in net.processes else None
+        await self._drain(cell)
+        cell.process = self._process_spec(cell.name, comp, net_config)
+        if comp.await_all_inports and cell.name not in self._fan_in:
+            self._fan_in[cell.name] = {p: collections.deque() for p in comp.inports}
+        elif not comp.await_all_inports:
+            self._fan_in.pop(cell.name, None)
+        parent = self.root.parent_of(cell.name) if self.root else None
+        if parent is not None:
+            await parent.replace_child(cell.name)
+
+    async def _start_component(self, comp: ComponentSpec) -> None:
+        if self.config.network is not None:
+            log.info("new actor %s is not in the network: not started", comp.name)
+            return
+        why = runtime_unavailable(comp.runtime)
+        if why is not None:
+            self.unavailable[comp.name] = why
+            log.error("actor %s cannot run: %s", comp.name, why)
+            return
+        self.unavailable.pop(comp.name, None)
+        network = self.root.find("network") if self.root else None
+        if network is None or self.pool is None:
+            return
+        spec = self._process_spec(comp.name, comp, None)
+        self.pool.add_runtime(comp.runtime, self._worker_specs([spec])[comp.runtime])
+        cell = ActorCell(spec, self)
+        self.cells[spec.name] = cell
+        if comp.await_all_inports:
+            self._fan_in[spec.name] = {p: collections.deque() for p in comp.inports}
+        log.info("starting new actor %s from %s", comp.name, comp.file.name)
+        await network.add_child(CellChild(cell, policy.RestartType(spec.restart)))
+
+    async def _drain(self, cell: ActorCell) -> None:
+        """Let the message in hand finish (bounded by shutdown_grace) before a stop."""
+        with trio.move_on_after(self.config.supervision.shutdown_grace):
+            while cell.current is not None:  # polled: reloads are rare, cells stay simple
+                await trio.sleep(0.02)
 
     def plan(self) -> list[ProcessSpec]:
         """The processes to run: the network's, or one per discovered component."""
@@ -151,14 +234,7 @@ class Host:
                 problems.append(f"network.processes.{name}.component: unknown component {comp_name!r}"
                                 f" (discovered: {', '.join(sorted(comps)) or 'none'})")
                 continue
-            ov = sup.actors.get(name)
-            config = dict(net_config) if net_config is not None else dict((ov.config if ov else None) or {})
-            specs.append(ProcessSpec(
-                name=name, component=comp, config=config,
-                restart=ov.restart if ov else "permanent",
-                timeout=(ov.timeout if ov and ov.timeout is not None else comp.timeout),
-                max_deliveries=ov.max_deliveries if ov else 5,
-                memory=(ov.memory if ov and ov.memory else comp.memory)))
+            specs.append(self._process_spec(name, comp, net_config))
         if net is not None:
             by_name = {s.name: s for s in specs}
             for i, conn in enumerate(net.connections):
@@ -176,6 +252,16 @@ class Host:
         if problems:
             raise HostError("\n".join(problems))
         return specs
+
+    def _process_spec(self, name: str, comp: ComponentSpec, net_config: dict | None) -> ProcessSpec:
+        ov = self.config.supervision.actors.get(name)
+        config = dict(net_config) if net_config is not None else dict((ov.config if ov else None) or {})
+        return ProcessSpec(
+            name=name, component=comp, config=config,
+            restart=ov.restart if ov else "permanent",
+            timeout=(ov.timeout if ov and ov.timeout is not None else comp.timeout),
+            max_deliveries=ov.max_deliveries if ov else 5,
+            memory=(ov.memory if ov and ov.memory else comp.memory))
 
     def _build_tree(self, specs: list[ProcessSpec]) -> Supervisor:
         sup = self.config.supervision
@@ -250,6 +336,9 @@ class Host:
         tree["backend"] = self.backend.name if self.backend else None
         tree["redis"] = {"url": self.redis.describe() if self.redis else None,
                          "connected": bool(self.redis and self.redis.connected)}
+        tree["hot_reload"] = ("watching" if self.watching.is_set() else "starting") \
+            if self.config.workspace.hot_reload else "off"
+        tree["script_problems"] = [str(p) for p in self.discovery.problems] if self.discovery else []
         return tree
 
     async def restart_actor(self, name: str) -> None:
@@ -375,6 +464,8 @@ class Host:
                     self._write_host_file(server.port)
                     log.info("rpc server started", extra={"url": self.url})
                     self._send_iips()
+                    if ws.hot_reload:
+                        await inner.start(watch_scripts, self)
                     self.started.set()
                     task_status.started(self)
                     try:

@@ -45,7 +45,13 @@ class WorkerPool:
         self.backend = backend
         self._pools = {rt: _RuntimePool(rt, spec, preload, max_size) for rt, spec in specs.items()}
         self.idle_timeout = idle_timeout
+        self._max_size = max_size
         self._closed = False
+
+    def add_runtime(self, runtime: str, spec: WorkerSpec) -> None:
+        """Serve ``runtime`` too (a script of a new language appeared); no workers are preloaded."""
+        if runtime not in self._pools:
+            self._pools[runtime] = _RuntimePool(runtime, spec, 0, self._max_size)
 
     def status(self) -> dict:
         return {rt: {"warm": len(p.warm), "live": p.live, "max_size": p.max_size, "started": p.started,

@@ -134,6 +134,43 @@ class Supervisor:
                     return found
         return None
 
+    def parent_of(self, name: str) -> Supervisor | None:
+        """The supervisor (this one or below) whose direct child is ``name``."""
+        if name in self._nodes:
+            return self
+        for node in self._nodes.values():
+            if isinstance(node.child, Supervisor):
+                found = node.child.parent_of(name)
+                if found is not None:
+                    return found
+        return None
+
+    # -- changes while running (hot reload) --------------------------------
+    async def add_child(self, child: Child) -> None:
+        """Add a child at the end of the start order and start it (OTP's start_child)."""
+        self._nodes[child.name] = _Node(child)
+        if self._nursery is not None:
+            self._pstate, _ = policy.decide(self._pstate, policy.ChildAdded(child.name, child.restart_type))
+            await self._start(child.name)
+
+    async def remove_child(self, name: str) -> None:
+        """Stop a child and forget it (OTP's terminate_child + delete_child)."""
+        await self._stop(name)
+        if self._nursery is not None:
+            self._pstate, _ = policy.decide(self._pstate, policy.ChildRemoved(name))
+        node = self._nodes.pop(name, None)
+        if node is not None:
+            node.child.on_stopped(None)
+
+    async def replace_child(self, name: str) -> None:
+        """Stop a child and start it again on purpose (new code): not a failure, so it
+        counts neither as a restart nor against the restart intensity."""
+        node = self._nodes[name]
+        await self._stop(name)
+        node.last_error = None
+        if self._nursery is not None:
+            await self._start(name)
+
     # -- the task ---------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self._pstate = policy.initial_state(self.policy,
