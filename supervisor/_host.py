@@ -31,6 +31,7 @@ from ._mailbox import done_cmds, enqueue_cmd, poke
 from ._config import Config
 from ._discovery import ComponentSpec, Discovery, discover
 from ._errors import ActorError, ActorFailed, ActorStopped, Overloaded, UnknownActor
+from ._packages import PackageInstallFailed, ensure_packages
 from ._pool import WorkerPool
 from ._protocol import wrap
 from ._reload import plan_reload, watch_scripts
@@ -114,6 +115,7 @@ class Host:
         self.url: str | None = None
         self.started = trio.Event()
         self.watching = trio.Event()
+        self.package_dirs: dict[str, str] = {}  # runtime -> host dir of its installed packages
         self._reported: set[str] = set()
         self.stopping = False
         self.durable = config.workspace.mailbox.kind == "redis"
@@ -188,6 +190,12 @@ class Host:
         if why is not None:
             self.unavailable[comp.name] = why
             log.error("actor %s cannot run: %s", comp.name, why)
+            return
+        try:
+            await self._ensure_packages(comp.runtime)
+        except HostError as exc:
+            self.unavailable[comp.name] = str(exc)
+            log.error("actor %s cannot run: %s", comp.name, exc)
             return
         self.unavailable.pop(comp.name, None)
         network = self.root.find("network") if self.root else None
@@ -290,8 +298,21 @@ class Host:
             if rt not in needed:
                 continue
             specs[rt] = WorkerSpec(runtime=rt, memory=rc.memory, cpu=rc.cpu, cpu_seconds=sb.cpu_seconds,
-                                   max_processes=sb.max_processes, tmp_size=sb.tmp_size, max_output=sb.max_output)
+                                   max_processes=sb.max_processes, tmp_size=sb.tmp_size, max_output=sb.max_output,
+                                   packages=self.package_dirs.get(rt))
         return specs
+
+    async def _ensure_packages(self, runtime: str) -> None:
+        """Install the runtime's ``packages:`` once (cached under .reflow/packages)."""
+        rc = getattr(self.config.workspace.sandbox, runtime)
+        if not rc.packages or runtime in self.package_dirs:
+            return
+        try:
+            where = await ensure_packages(self.config.workspace.state_dir, runtime, rc.packages)
+        except PackageInstallFailed as exc:
+            raise HostError(str(exc)) from None
+        if where is not None:
+            self.package_dirs[runtime] = str(where)
 
     # -- the API's view -----------------------------------------------------
     def cell(self, name: Any) -> ActorCell:
@@ -439,6 +460,8 @@ class Host:
         # A microVM boot probe can take seconds: keep it off the trio thread.
         backend = await trio.to_thread.run_sync(self.select_backend)
         ws = self.config.workspace
+        for rt in sorted({p.component.runtime for p in specs}):
+            await self._ensure_packages(rt)
         self.pool = WorkerPool(backend, self._worker_specs(specs), preload=ws.sandbox.pool.preload_count,
                                max_size=ws.sandbox.pool.max_size, idle_timeout=ws.sandbox.pool.idle_timeout)
         self.root = self._build_tree(specs)

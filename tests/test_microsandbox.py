@@ -103,6 +103,13 @@ def test_javascript_sandbox_options_mount_the_js_runtime():
     assert opts["cpus"] == 3
     assert opts["image"]._reference == "node:20"
     assert opts["volumes"]["/reflow"].bind == str(runtime_dir() / "js")
+    assert "/packages" not in opts["volumes"]
+
+
+def test_installed_packages_are_mounted_read_only(tmp_path):
+    opts = sandbox_options(WorkerSpec(runtime="javascript", packages=str(tmp_path)), "node:20")
+    vol = opts["volumes"]["/packages"]
+    assert vol.bind == str(tmp_path) and vol._to_dict()["readonly"] is True
 
 
 def test_local_rootfs_replaces_the_image(tmp_path):
@@ -125,7 +132,7 @@ def test_exec_command_runs_the_runtime_on_stdio_with_limits():
     assert args[:4] == ["-I", "-S", "-B", "/reflow/reflow_worker.py"]
     assert args[-1] == "stdio"
     assert json.loads(args[-2]) == {"memory": 100 * MiB, "cpu_seconds": 2.5, "nproc": 7, "nofile": 99,
-                                    "fsize": 5 * MiB}
+                                    "fsize": 5 * MiB, "packages": None}
     assert kw["stdin"] == real_ms.Stdin.pipe()
     assert kw["cwd"] == "/tmp"
     assert set(kw["env"]) == {"HOME", "PATH", "LANG"}

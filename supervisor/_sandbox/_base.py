@@ -40,6 +40,7 @@ class WorkerSpec:
     file_size: int = 64 * 2**20
     tmp_size: int = 64 * 2**20
     max_output: int = 16 * 2**20
+    packages: str | None = None  # host directory of the runtime's installed ``packages:``, bound read-only
 
 
 def ulimit_commands(spec: WorkerSpec) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ._base import SandboxBackend, SandboxUnavailable, Worker, WorkerSpec, ulimit_commands
 from ._cgroup import Cgroups
-from ._spawn import limits_arg, spawn_worker
+from ._spawn import PACKAGES_AT, limits_arg, spawn_worker
 
 __all__ = ["BubblewrapBackend", "runtime_dir"]
 
@@ -166,6 +166,8 @@ class BubblewrapBackend(SandboxBackend):
             "--size", str(spec.tmp_size), "--tmpfs", "/tmp",
         ]
         rt = runtime_dir()
+        if spec.packages:
+            args += ["--ro-bind", spec.packages, PACKAGES_AT]
         if spec.runtime == "python":
             for src, dst in python_binds():
                 args += ["--ro-bind", src, dst]

@@ -52,7 +52,7 @@ import trio
 from .._channel import ChannelClosed, LineChannel
 from ._base import ExitInfo, SandboxBackend, SandboxUnavailable, Worker, WorkerSpec, WorkerStartError
 from ._bubblewrap import _shared_libs, runtime_dir
-from ._spawn import READY_TIMEOUT, limits_arg
+from ._spawn import PACKAGES_AT, READY_TIMEOUT, limits_arg
 
 __all__ = ["DEFAULT_IMAGES", "MicroVMWorker", "MicrosandboxBackend", "exec_command", "memory_mib",
            "sandbox_options", "vcpus"]
@@ -133,6 +133,8 @@ def sandbox_options(spec: WorkerSpec, image: str, rootfs: Path | None = None) ->
             GUEST_RUNTIME: ms.Volume.bind(str(runtime_dir() / _RUNTIME_DIRS[spec.runtime]), readonly=True,
                                           noexec=True, nosuid=True, nodev=True),
             "/tmp": ms.Volume.tmpfs(size_mib=tmp, nosuid=True, nodev=True),
+            **({PACKAGES_AT: ms.Volume.bind(spec.packages, readonly=True, nosuid=True, nodev=True)}
+               if spec.packages else {}),
         },
         "labels": {"app": "reflow-supervisor", "runtime": spec.runtime},
         "pull_policy": ms.PullPolicy.IF_MISSING,

@@ -26,14 +26,16 @@ class ProcessBackend(SandboxBackend):
         rt = runtime_dir()
         if spec.runtime == "python":
             exe = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-            return [exe, "-I", "-S", "-B", str(rt / "python" / "reflow_worker.py"), limits_arg(spec)]
+            return [exe, "-I", "-S", "-B", str(rt / "python" / "reflow_worker.py"),
+                    limits_arg(spec, spec.packages)]
         if spec.runtime == "javascript":
             node = shutil.which("node")
             if node is None:
                 raise SandboxUnavailable("Node.js is not installed: JavaScript actors cannot run")
             heap = "--max-old-space-size=" + str(max(16, spec.memory // 2**20 // 2))
             return ["/bin/sh", "-c", ulimit_commands(spec) + '; exec "$@"', "sh",
-                    os.path.realpath(node), heap, str(rt / "js" / "reflow_worker.js"), limits_arg(spec)]
+                    os.path.realpath(node), heap, str(rt / "js" / "reflow_worker.js"),
+                    limits_arg(spec, spec.packages)]
         raise SandboxUnavailable(f"unknown runtime {spec.runtime!r}")
 
     def limits_not_enforced(self) -> tuple[str, ...]:

@@ -158,9 +158,14 @@ async def spawn_worker(argv: Sequence[str], spec: WorkerSpec, *, tier: str,
     return worker
 
 
-def limits_arg(spec: WorkerSpec) -> str:
-    """The limits the in-sandbox runtime applies to itself before loading user code."""
+PACKAGES_AT = "/packages"  # where sandboxes see the runtime's installed packages
+
+
+def limits_arg(spec: WorkerSpec, packages_at: str | None = PACKAGES_AT) -> str:
+    """The limits the in-sandbox runtime applies to itself before loading user code, and
+    where it finds the runtime's packages (``packages_at`` as the sandbox sees them)."""
     return orjson.dumps({
         "memory": spec.memory, "cpu_seconds": spec.cpu_seconds, "nproc": spec.max_processes,
         "nofile": spec.max_open_files, "fsize": spec.file_size,
+        "packages": packages_at if spec.packages else None,
     }).decode()

@@ -170,7 +170,8 @@ class Worker {
     sdk.declared.meta = null;
     const code = transformDecorators(source);
     const mod = { exports: {} };
-    const base = Module.createRequire(path.join(process.cwd(), this.filename));
+    // Bare names resolve in the runtime's installed `packages:` (LIMITS.packages/node_modules).
+    const base = Module.createRequire(path.join(LIMITS.packages || process.cwd(), this.filename));
     const scriptRequire = (id) => (id === 'reflow' ? sdk : base(id));
     scriptRequire.resolve = base.resolve;
     let compiled;

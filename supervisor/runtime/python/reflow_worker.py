@@ -242,6 +242,8 @@ class _Stream:
 def main():
     limits = _loads(sys.argv[-2])
     _apply_limits(limits)
+    if limits.get("packages"):  # the runtime's `packages:`, installed by the host, read-only
+        sys.path.insert(1, limits["packages"])
     if sys.argv[-1] == "stdio":  # a microVM has no inherited fd: the channel is stdin/stdout
         chan = Channel(os.dup(0), os.dup(1))
         devnull = os.open(os.devnull, os.O_RDWR)
