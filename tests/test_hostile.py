@@ -158,9 +158,18 @@ def sys_calls(context):
         "ptrace": lambda: libc.ptrace(16, 1, None, None),       # PTRACE_ATTACH to pid 1
         "keyctl": lambda: libc.syscall(250, 0, 0, 0, 0),
         "bpf": lambda: libc.syscall(321, 0, 0, 0),
+        "clone_newuser": lambda: libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0),  # CLONE_NEWUSER | SIGCHLD
+        "clone_newnet": lambda: libc.syscall(56, 0x40000000 | 17, 0, 0, 0, 0),
     }.items():
         rc = call()
+        if rc == 0:  # we are a child made by a clone that should have been denied
+            os._exit(0)
         out[name] = (rc, ctypes.get_errno())
+    out["clone3"] = (libc.syscall(435, 0, 0), ctypes.get_errno())
+    pid = os.fork()  # plain fork and threads still work
+    if pid == 0:
+        os._exit(7)
+    out["fork"] = os.waitpid(pid, 0)[1] >> 8
     return {"out": out}
 '''
 
@@ -169,4 +178,5 @@ async def test_seccomp_denies_namespace_mount_ptrace_keyring_and_bpf_syscalls(ma
     host = await make_host({"sys.actor.py": SYSCALLS})
     async with open_client(host.url) as c:
         res = (await c.call("Sys", {"x": 1}))["outputs"]["out"]["value"]
+    assert res.pop("fork") == 7 and res.pop("clone3") == [-1, 38], res  # clone3 → ENOSYS: libc falls back
     assert all(rc == -1 and err == 1 for rc, err in res.values()), res  # -1 / EPERM each

@@ -89,6 +89,11 @@ DENIED_SYSCALLS = (
 )
 
 
+# CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET, NEWTIME.
+CLONE_NEW_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000,
+                   0x00000080)
+
+
 @functools.cache
 def seccomp_program() -> bytes | None:
     """The compiled BPF filter for ``bwrap --seccomp`` (built with libseccomp), or None without it."""
@@ -104,6 +109,18 @@ def seccomp_program() -> bytes | None:
             filt.add_rule(seccomp.ERRNO(errno.EPERM), name)
         except (RuntimeError, ValueError, OSError):
             pass  # a syscall this kernel/arch does not have
+    # clone() can make namespaces too: deny it when any CLONE_NEW* flag is set (threads and
+    # fork stay allowed). clone3 passes its flags in memory a filter cannot read, so it gets
+    # ENOSYS, on which glibc and libuv fall back to clone().
+    for flag in CLONE_NEW_FLAGS:
+        try:
+            filt.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+        except (RuntimeError, ValueError, OSError):
+            pass
+    try:
+        filt.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    except (RuntimeError, ValueError, OSError):
+        pass
     fd = os.memfd_create("reflow-seccomp")
     try:
         with open(fd, "w+b", closefd=False) as f:
