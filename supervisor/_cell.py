@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,9 @@ class WorkerDied(Exception):
         super().__init__(f"actor {actor!r} {exit.describe()}")
         self.actor = actor
         self.exit = exit
+
+
+LOAD_TIMEOUT = float(os.environ.get("REFLOW_LOAD_TIMEOUT", "10"))  # seconds for a script's top-level code
 
 
 class ScriptLoadFailed(Exception):
@@ -240,7 +244,14 @@ class ActorCell:
         rid = await self._request(worker, "load", {
             "source": c.source, "filename": c.file.name, "entry": c.entry, "actor_id": self.name,
             "config": self.process.config, "limits": self._limits()})
-        reply = await self._reply(worker, rid, None, None)
+        with trio.move_on_after(LOAD_TIMEOUT) as scope:
+            reply = await self._reply(worker, rid, None, None)
+        if scope.cancelled_caught:
+            # Top-level code that never returns would hold up every actor started after
+            # this one (a supervisor starts its children in order, as OTP does).
+            worker.kill(limit="time")
+            raise ScriptLoadFailed(self.name, {"message": f"the script did not finish loading within "
+                                                          f"{LOAD_TIMEOUT:g}s (top-level code that never returns?)"})
         if "error" in reply:
             raise ScriptLoadFailed(self.name, reply["error"])
 

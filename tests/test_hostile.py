@@ -180,3 +180,25 @@ async def test_seccomp_denies_namespace_mount_ptrace_keyring_and_bpf_syscalls(ma
         res = (await c.call("Sys", {"x": 1}))["outputs"]["out"]["value"]
     assert res.pop("fork") == 7 and res.pop("clone3") == [-1, 38], res  # clone3 → ENOSYS: libc falls back
     assert all(rc == -1 and err == 1 for rc, err in res.values()), res  # -1 / EPERM each
+
+
+HANGS_AT_LOAD = {
+    "a_hang.actor.py": "from reflow import actor\nwhile True:\n    pass\n\n"
+                       "@actor(name='HangPy', inports=['x'], outports=['y'])\ndef f(c):\n    return {}\n",
+    "b_hang.actor.js": "for (;;) {}\nmodule.exports = actor({name: 'HangJs', inports: ['x'], outports: ['y']}, "
+                       "(c) => ({}));\n",
+    "c_ok.actor.py": OTHER,
+}
+
+
+async def test_top_level_code_that_never_returns_does_not_hold_up_the_host(make_host):
+    host = await make_host(HANGS_AT_LOAD, env={"REFLOW_LOAD_TIMEOUT": "2"})
+    async with open_client(host.url) as c:
+        assert (await c.call("Other", {"x": 5}))["outputs"]["y"]["value"] == 5
+        actors = {a["name"]: a for a in (await c.request("actors.list"))["actors"]}
+        for name in ("HangPy", "HangJs"):
+            assert actors[name]["status"] == "failed", actors[name]
+        with pytest.raises(RpcError) as err:
+            await c.call("HangPy", {"x": 1})
+        assert err.value.code == -32002
+    assert "did not finish loading within 2s" in host.output()
