@@ -16,16 +16,17 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 import orjson
 import trio
 
-from ._channel import ChannelClosed
+from ._channel import ChannelClosed, FrameTooLarge
 from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
                       ResourceLimitExceeded, single_error)
 from ._mailbox import feed, inbox_key, poke, retry_or_deadletter_cmds
+from ._protocol import is_typed
 from ._redis import RedisError, RedisUnavailable
 from ._sandbox._base import ExitInfo, Worker
 from ._state import StateTxn, state_prefix
@@ -48,6 +49,15 @@ class WorkerDied(Exception):
         super().__init__(f"actor {actor!r} {exit.describe()}")
         self.actor = actor
         self.exit = exit
+
+
+class ProtocolViolation(Exception):
+    """The sandbox sent something that is not the channel protocol (a hostile or broken
+    script writing to the channel): the worker is killed and its message fails."""
+
+    def __init__(self, actor: str, why: str):
+        super().__init__(f"actor {actor!r} broke the sandbox channel protocol: {why}")
+        self.actor = actor
 
 
 LOAD_TIMEOUT = float(os.environ.get("REFLOW_LOAD_TIMEOUT", "10"))  # seconds for a script's top-level code
@@ -112,6 +122,13 @@ class Envelope:
             raise self.error
         return {"message_id": self.message_id, "outputs": self.outputs,
                 "emitted": [{"port": p, "message": m} for p, m in self.emitted]}
+
+
+def _cancelled(exc: BaseException | None) -> bool:
+    """True when ``exc`` is trio's Cancelled, alone or in groups of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
 
 
 def _death_error(name: str, exit: ExitInfo) -> ActorError:
@@ -188,6 +205,7 @@ class ActorCell:
         self.stopped_reason = None
         worker = await self.host.pool.acquire(self.component.runtime)
         self.worker, self.tier = worker, worker.tier
+        failure: BaseException | None = None
         try:
             try:
                 async with trio.open_nursery() as nursery:
@@ -209,6 +227,9 @@ class ActorCell:
                 if error is None:
                     raise
                 raise error from None
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             died_by_itself = worker.exit_info is not None
             with trio.CancelScope(shield=True):
@@ -223,10 +244,13 @@ class ActorCell:
                         env.fail(_death_error(self.name, worker.exit_info))
                     elif self.host.stopping:
                         env.fail(ActorStopped(f"actor {self.name!r} was stopped"))
-                    else:
+                    elif _cancelled(failure):
                         # Stopped by its supervisor (e.g. a sibling's one_for_all restart):
                         # the message did nothing wrong, so the next incarnation gets it.
                         self._retry.appendleft(env)
+                    else:  # it failed with this message in hand: never run it again unasked
+                        env.fail(ActorFailed(f"actor {self.name!r} failed: {failure}",
+                                             {"type": type(failure).__name__, "message": str(failure)}))
         if worker.exit_info is not None:
             raise WorkerDied(self.name, worker.exit_info)
 
@@ -344,26 +368,48 @@ class ActorCell:
                 frame = await channel.receive()
             except ChannelClosed:
                 raise WorkerDied(self.name, await worker.wait()) from None
+            except FrameTooLarge:
+                worker.kill(limit="output")
+                raise WorkerDied(self.name, await worker.wait()) from None
             if channel.bytes_received - start > self.max_output:
                 worker.kill(limit="output")
                 raise WorkerDied(self.name, await worker.wait())
-            msg = orjson.loads(frame)
+            try:
+                msg = orjson.loads(frame)
+            except orjson.JSONDecodeError as exc:
+                self._violation(worker, env, f"a frame that is not JSON ({exc})")
+            if not isinstance(msg, dict):
+                self._violation(worker, env, "a frame that is not a JSON object")
             method = msg.get("method")
             if method is None:
                 if msg.get("id") == rid:
+                    if not isinstance(msg.get("error", {}), dict) or not isinstance(msg.get("result", {}), dict):
+                        self._violation(worker, env, "a reply whose result or error is not an object")
                     return msg
                 continue
-            params = msg.get("params") or {}
+            params = msg.get("params")
+            if not isinstance(params, dict):
+                params = {}
             if method == "state" and txn is not None:
                 await self._state_call(worker, msg.get("id"), txn, params)
             elif method == "output" and env is not None:
                 port, message = params.get("port"), params.get("message")
+                if not isinstance(port, str) or not is_typed(message):
+                    self._violation(worker, env, "an output that is not a port name and a typed message")
                 env.emitted.append((port, message))
                 if env.on_output is not None:
                     env.on_output(port, message)
             elif method == "log":
                 log.info("script output", extra={"actor": self.name, "stream": params.get("stream"),
                                                  "text": str(params.get("text"))[:512]})
+
+    def _violation(self, worker: Worker, env: Envelope | None, why: str) -> NoReturn:
+        error = ProtocolViolation(self.name, why)
+        worker.kill()
+        if env is not None and env.stream_id is None:
+            env.fail(ActorFailed(str(error), {"type": "ProtocolViolation", "message": str(error)}))
+            self.current = None  # failed here: never handed to the next incarnation
+        raise error
 
     async def _state_call(self, worker: Worker, sid: Any, txn: StateTxn, params: dict) -> None:
         try:

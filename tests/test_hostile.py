@@ -202,3 +202,51 @@ async def test_top_level_code_that_never_returns_does_not_hold_up_the_host(make_
             await c.call("HangPy", {"x": 1})
         assert err.value.code == -32002
     assert "did not finish loading within 2s" in host.output()
+
+
+CHANNEL_ABUSE_PY = r'''
+import os, sys
+from reflow import actor
+
+@actor(name="AbusePy", inports=["how"], outports=["y"])
+def abuse(context):
+    fd = int(sys.argv[-1])
+    how = context.get_input("how")
+    if how == "junk":
+        os.write(fd, b"garbage, not json\n")
+    elif how == "array":
+        os.write(fd, b"[1, 2, 3]\n")
+    elif how == "untyped":
+        os.write(fd, b'{"jsonrpc":"2.0","method":"output","params":{"id":1,"port":"y","message":42}}\n')
+    elif how == "no_newline":
+        os.write(fd, b"x" * (3 * 2**20))
+    return {"y": 1}
+'''
+
+CHANNEL_ABUSE_JS = r'''
+const fs = require('fs');
+module.exports = actor({name: 'AbuseJs', inports: ['how'], outports: ['y']}, (ctx) => {
+  const fd = Number(process.argv[process.argv.length - 1]);
+  if (ctx.getInput('how') === 'junk') fs.writeSync(fd, 'garbage\n');
+  if (ctx.getInput('how') === 'stringify') JSON.stringify = () => 'nope';
+  return {y: 1};
+});
+'''
+
+
+async def test_a_script_writing_garbage_on_its_channel_fails_only_its_message(make_host):
+    host = await make_host({"abuse.actor.py": CHANNEL_ABUSE_PY, "abuse.actor.js": CHANNEL_ABUSE_JS,
+                            "other.actor.py": OTHER}, "supervision: {max_restarts: 20, max_seconds: 60}\n")
+    async with open_client(host.url) as c:
+        for actor, hows in (("AbusePy", ("junk", "array", "untyped", "no_newline")), ("AbuseJs", ("junk", "stringify"))):
+            for how in hows:
+                with pytest.raises(RpcError) as err:
+                    await c.call(actor, {"how": how})
+                assert err.value.code == -32002, (actor, how, err.value)
+                # The next message is served by a fresh worker, not the abused one's message again.
+                assert (await c.call(actor, {"how": "ok"}))["outputs"]["y"]["value"] == 1, (actor, how)
+        assert (await c.call("Other", {"x": 1}))["outputs"]["y"]["value"] == 1
+        status = await c.status()
+    network = status["children"][0]
+    assert status["restarts"] == 0 and network["state"] == "running", status
+    assert {n["name"]: n["restarts"] for n in network["children"]} == {"AbusePy": 4, "AbuseJs": 2, "Other": 0}
