@@ -329,11 +329,15 @@ class ActorCell:
                 await worker.wait()
                 return
             error = ActorFailed(f"actor {self.name!r} failed: {err.get('message')}", err.get("data"))
+            final = True  # no further attempt will be made: the error port hears of it
             if env.stream_id is not None:
                 try:
-                    await self._retry_later(env, err.get("data") or {"message": err.get("message")})
+                    final = await self._retry_later(env, err.get("data") or {"message": err.get("message")})
                 except (RedisUnavailable, RedisError) as exc:  # stays pending: the next run requeues it
+                    final = False
                     log.error("could not requeue a failed message: %s", exc, extra={"actor": self.name})
+            if final and "error" in self.component.outports:
+                await self._emit_error(env, err)
             env.fail(error)
             return
         outputs = (reply.get("result") or {}).get("outputs") or {}
@@ -347,8 +351,23 @@ class ActorCell:
         env.resolve(outputs)
         self.host.publish(self, routed, env.message_id)
 
-    async def _retry_later(self, env: Envelope, error: dict) -> None:
-        """A durable message the script failed on: to the back of the inbox, or dead letters."""
+    async def _emit_error(self, env: Envelope, err: dict) -> None:
+        """Send a failed message's error out of the actor's ``error`` port (CONTRACT: error ports)."""
+        data = err.get("data") if isinstance(err.get("data"), dict) else {}
+        message = {"type": "error", "value": {"message": str(data.get("message") or err.get("message")),
+                                              "code": data.get("code")}}
+        routed = [("error", message)]
+        try:
+            await self.host.commit(self, StateTxn(self.host.redis, self.prefix, self.default_ttl), routed, env,
+                                   ack=False)
+        except ActorError as exc:
+            log.error("could not send to the error port: %s", exc, extra={"actor": self.name})
+            return
+        self.host.publish(self, routed, env.message_id)
+
+    async def _retry_later(self, env: Envelope, error: dict) -> bool:
+        """A durable message the script failed on: to the back of the inbox, or dead letters
+        (then True: it will not be tried again)."""
         assert env.stream_id is not None and env.body is not None
         cmds, dead = retry_or_deadletter_cmds(self, self.inbox, env.stream_id, env.body, env.attempts + 1, error,
                                               self.process.max_deliveries)
@@ -358,6 +377,7 @@ class ActorCell:
                       extra={"actor": self.name, "message_id": env.message_id})
         else:
             poke(self)
+        return dead
 
     async def _reply(self, worker: Worker, rid: int, env: Envelope | None, txn: StateTxn | None) -> dict:
         """Read frames until the reply to ``rid``, serving state calls and outputs meanwhile."""

@@ -369,7 +369,7 @@ class Host:
             worker.kill()
 
     # -- what cells call ----------------------------------------------------
-    async def commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope) -> None:
+    async def commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope, *, ack: bool = True) -> None:
         """Commit one message in one MULTI/EXEC: its state changes, the messages it sends
         downstream (durable mode) and its acknowledgement; then route what stays in memory."""
         cmds = txn.commands()
@@ -383,7 +383,7 @@ class Host:
                     woken.append(target)
                 else:
                     later.append((tgt, tport, message))
-        if env.stream_id is not None:
+        if ack and env.stream_id is not None:
             cmds += done_cmds(cell.inbox, env.stream_id)
         if cmds:
             try:

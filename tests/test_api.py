@@ -180,3 +180,63 @@ def test_a_result_that_is_not_json_becomes_an_internal_error_for_that_request_on
     assert isinstance(fixed[0], proto.ErrorResponse) and fixed[0].error.code == -32603
     assert "NaN" in fixed[0].error.message
     assert fixed[1] is good
+
+
+RISKY = '''
+from reflow import actor, Message
+
+@actor(name="Risky", inports=["x"], outports=["y", "error"])
+def risky(context):
+    x = context.get_input("x")
+    if x == "raise":
+        raise ValueError("cannot take that")
+    if x == "return":
+        return Message.error("refused", 7)
+    return {"y": x}
+'''
+
+RISKY_JS = '''\
+module.exports = actor({name: 'RiskyJs', inports: ['x'], outports: ['y', 'error']}, (ctx) => {
+  if (ctx.getInput('x') === 'raise') throw new RangeError('out of range');
+  if (ctx.getInput('x') === 'return') return Message.error('refused', 8);
+  return {y: ctx.getInput('x')};
+});
+'''
+
+LOGGER = '''
+from reflow import actor
+
+@actor(name="ErrorLog", inports=["error"], outports=["seen"])
+def log_errors(context):
+    return {"seen": context.get_payload()["error"].unwrap()}
+'''
+
+
+async def test_errors_go_out_of_the_error_port_besides_the_callers_error(make_host):
+    config = """\
+network:
+  processes:
+    risky: {component: Risky}
+    riskyjs: {component: RiskyJs}
+    log: {component: ErrorLog}
+  connections:
+    - {src: {process: risky, port: error}, tgt: {process: log, port: error}}
+    - {src: {process: riskyjs, port: error}, tgt: {process: log, port: error}}
+"""
+    host = await make_host({"risky.actor.py": RISKY, "risky.actor.js": RISKY_JS, "log.actor.py": LOGGER}, config)
+    async with open_client(host.url) as c:
+        sub = await c.request("actor.subscribe", {"actor": "log"})
+        notes = c.on_notification(sub["subscription"])
+        expected = []
+        for actor, how, code, text in (("risky", "raise", None, "cannot take that"), ("risky", "return", 7, "refused"),
+                                       ("riskyjs", "raise", None, "out of range"), ("riskyjs", "return", 8, "refused")):
+            with pytest.raises(RpcError) as err:
+                await c.call(actor, {"x": how})
+            assert err.value.code == -32002 and text in err.value.message
+            expected.append({"message": text, "code": code})
+        assert (await c.call("risky", {"x": 1}))["outputs"] == {"y": {"type": "integer", "value": 1}}
+        seen = []
+        with trio.fail_after(15):
+            while len(seen) < len(expected):
+                seen.append((await notes.receive())["params"]["message"]["value"])
+    assert sorted(seen, key=str) == sorted(expected, key=str)

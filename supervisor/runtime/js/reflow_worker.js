@@ -219,6 +219,9 @@ class Worker {
 
   outputs(result) {
     if (result === undefined || result === null) return {};
+    if (result instanceof Message && result.type === 'error') { // `return Message.error(...)`
+      throw new ActorError(result.value.message, result.value.code);
+    }
     if (result instanceof Map) result = Object.fromEntries(result);
     if (typeof result === 'object' && !Array.isArray(result) && !(result instanceof Message) &&
         !Buffer.isBuffer(result) && !ArrayBuffer.isView(result)) {

@@ -156,6 +156,8 @@ class Worker:
     def outputs(self, result, ctx):
         if result is None:
             return {}
+        if isinstance(result, reflow.Message) and result.type == "error":  # `return Message.error(...)`
+            raise reflow.ActorError(result.value.get("message"), result.value.get("code"))
         if isinstance(result, dict):
             return {str(port): reflow.Message.infer(v).to_wire() for port, v in result.items()}
         fn_meta = getattr(self.fn, "__reflow_actor__", {})
