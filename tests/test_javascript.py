@@ -274,3 +274,43 @@ def _find(node: dict, name: str) -> dict:
         if found:
             return found
     return {}
+
+
+STATE_OPS = '''\
+module.exports = actor({name: 'StateJs', inports: ['x'], outports: ['out']}, async (ctx) => {
+  const s = ctx.getState();
+  const out = {};
+  s.set('obj', {a: [1, 2], b: 'x'});
+  out.get = s.get('obj');
+  out.missing = s.get('nope', 'dflt');
+  out.exists = [s.exists('obj'), await s.exists('nope')];
+  out.inc = [s.increment('n'), s.increment('n', 5), s.decrement('n', 2)];
+  s.push('list', 1); s.push('list', 'two');
+  out.extend = s.extend('list', [3, 4]);
+  out.pop = s.pop('list');
+  out.list = s.get('list');
+  s.set('tmp', 1);
+  out.expire = s.expire('tmp', 100);
+  const ttl = s.ttl('tmp');
+  out.ttlOk = ttl > 0 && ttl <= 100;
+  out.keys = s.keys('*').sort();
+  out.deleted = [s.delete('tmp'), s.delete('tmp')];
+  if (ctx.getInput('x') === 'fail') throw new Error('after writes');
+  return {out};
+});
+'''
+
+
+async def test_every_state_operation_from_javascript_and_a_failure_leaves_no_trace(make_host):
+    host = await make_host({"state.actor.js": STATE_OPS})
+    async with open_client(host.url) as c:
+        with pytest.raises(RpcError):
+            await c.call("StateJs", {"x": "fail"})
+        out = (await c.call("StateJs", {"x": 1}))["outputs"]["out"]["value"]
+    assert out["get"] == {"a": [1, 2], "b": "x"} and out["missing"] == "dflt"
+    assert out["exists"] == [True, False]
+    assert out["inc"] == [1, 6, 4]  # the failed message's increments left no trace
+    assert out["extend"] == 4 and out["pop"] == 4 and out["list"] == [1, "two", 3]
+    assert out["expire"] is True and out["ttlOk"] is True
+    assert out["keys"] == ["list", "n", "obj", "tmp"]
+    assert out["deleted"] == [True, False]
