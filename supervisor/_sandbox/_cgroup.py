@@ -44,6 +44,7 @@ class Cgroups:
                     if not Path(f"/proc/{pid}").exists():
                         for child in stale.iterdir():
                             if child.is_dir():
+                                _kill_members(child)
                                 child.rmdir()
                         stale.rmdir()
             mine = base / f"reflow-{os.getpid()}"
@@ -88,11 +89,28 @@ class Cgroups:
 
     @staticmethod
     def remove(groups: list[Path]) -> None:
+        """Remove a reaped worker's groups, killing anything of it still inside first: if
+        bwrap's outer process dies before its pid-namespace init has armed its death
+        signal, that init lingers, and its group is the one place that still knows it."""
         for g in groups:
+            _kill_members(g)
             with contextlib.suppress(OSError):
                 g.rmdir()
 
     def close(self) -> None:
         for parent in self.available.values():
             with contextlib.suppress(OSError):
+                for child in parent.iterdir():
+                    if child.is_dir():
+                        _kill_members(child)
+                        with contextlib.suppress(OSError):
+                            child.rmdir()
+            with contextlib.suppress(OSError):
                 parent.rmdir()
+
+
+def _kill_members(group: Path) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                os.kill(int(pid), 9)
