@@ -14,7 +14,7 @@ CRASHER = '''
 import os, time
 from reflow import actor
 
-@actor(name="Crasher", inports=["how"], outports=["ok"], timeout=1, memory="256MB")
+@actor(name="Crasher", inports=["how"], outports=["ok"], timeout=3, memory="256MB")
 def crash(context):
     how = context.get_input("how")
     if how == "raise":
