@@ -263,6 +263,20 @@ class ActorCell:
         await worker.channel.send(orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params}))
         return rid
 
+    async def trial_load(self) -> str | None:
+        """Load this cell's script into a throwaway worker: None if it loads, else why not.
+        Hot reload uses it so that code which does not load never replaces code that runs."""
+        worker = await self.host.pool.acquire(self.component.runtime)
+        try:
+            await self._load(worker)
+        except (ScriptLoadFailed, WorkerDied, ProtocolViolation) as exc:
+            return str(exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                await worker.aclose()
+                self.host.pool.release(worker)
+        return None
+
     async def _load(self, worker: Worker) -> None:
         c = self.component
         rid = await self._request(worker, "load", {

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -29,7 +30,7 @@ from . import _policy as policy
 from ._cell import ActorCell, Envelope, ProcessSpec, ScriptLoadFailed, new_message_id
 from ._mailbox import done_cmds, enqueue_cmd, poke
 from ._config import Config
-from ._discovery import ComponentSpec, Discovery, discover
+from ._discovery import ComponentSpec, Discovery, ScriptProblem, discover
 from ._errors import ActorError, ActorFailed, ActorStopped, Overloaded, UnknownActor
 from ._packages import PackageInstallFailed, ensure_packages
 from ._pool import WorkerPool
@@ -117,6 +118,7 @@ class Host:
         self.watching = trio.Event()
         self.package_dirs: dict[str, str] = {}  # runtime -> host dir of its installed packages
         self._reported: set[str] = set()
+        self._trial_reported: set[str] = set()
         self.stopping = False
         self.durable = config.workspace.mailbox.kind == "redis"
 
@@ -143,15 +145,31 @@ class Host:
         self._reported = {str(p) for p in found.problems}
         plan = plan_reload(self.discovery.components, found)
         for comp in plan.kept:
-            if comp.file in {p.file for p in found.problems}:
-                log.warning("%s keeps running its previous code until %s reads again", comp.name, comp.file.name)
-        self.discovery = Discovery(plan.components, found.problems)
+            log.warning("%s keeps running its previous code until %s reads again", comp.name, comp.file.name)
+        # Code that does not load (a JavaScript syntax error, a failing import…) is found by
+        # loading it in a throwaway worker first: it never replaces code that runs.
+        running = {c.name: c for c in self.discovery.components}
+        components = {c.name: c for c in plan.components}
+        replace, problems = [], list(found.problems)
+        for comp in plan.replace:
+            cells = self._cells_of(comp.name)
+            why = await ActorCell(self._process_spec(cells[0].name, comp, None), self).trial_load() if cells else None
+            if why is None:
+                replace.append(comp)
+                continue
+            m = re.search(r"line (\d+)", why)
+            problems.append(ScriptProblem(comp.file, int(m.group(1)) if m else 0, why))
+            components[comp.name] = running[comp.name]
+            if why not in self._trial_reported:
+                log.error("script not reloaded, %s keeps its previous code: %s", comp.name, why)
+        self._trial_reported = {p.message for p in problems[len(found.problems):]}
+        self.discovery = Discovery(tuple(components.values()), tuple(problems))
         for comp in plan.stop:
             for cell in self._cells_of(comp.name):
                 log.info("stopping %s: its script is gone", cell.name)
                 await self._remove_cell(cell)
             self.unavailable.pop(comp.name, None)
-        for comp in plan.replace:
+        for comp in replace:
             for cell in self._cells_of(comp.name):
                 log.info("restarting %s on the new code of %s", cell.name, comp.file.name)
                 await self._replace_cell(cell, comp)

@@ -92,6 +92,16 @@ async def test_edit_break_fix_delete_and_add_under_a_running_host(make_host):
         write(ws / "js.actor.js", JS.replace("* 2", "* 3"))
         await eventually(lambda: y(c, "Js", 4), 12)
 
+        # JavaScript whose metadata reads but whose code does not compile: found by a trial
+        # load in a throwaway sandbox, so the running version stays.
+        write(ws / "js.actor.js", JS.replace("* 2", "* )"))
+        await wait_for_status(c, lambda st: any("js.actor.js:2" in p and "SyntaxError" in p
+                                                for p in st["script_problems"]))
+        assert await y(c, "Js", 4) == 12
+        write(ws / "js.actor.js", JS.replace("* 2", "* 3 + 1"))
+        await eventually(lambda: y(c, "Js", 4), 13)
+        await wait_for_status(c, lambda st: st["script_problems"] == [])
+
         # A broken edit keeps the previous code running and says where it broke.
         write(ws / "counter.actor.py", COUNTER.replace("def count(context):", "def count(context:"))
         await wait_for_status(c, lambda st: any("counter.actor.py:5" in p for p in st["script_problems"]))
