@@ -32,6 +32,7 @@ from ._mailbox import done_cmds, enqueue_cmd, poke
 from ._config import Config
 from ._discovery import ComponentSpec, Discovery, ScriptProblem, discover
 from ._errors import ActorError, ActorFailed, ActorStopped, Overloaded, UnknownActor
+from ._fanin import assemble, fanin_key, push_cmd
 from ._packages import PackageInstallFailed, ensure_packages
 from ._pool import WorkerPool
 from ._protocol import wrap
@@ -393,14 +394,19 @@ class Host:
         cmds = txn.commands()
         later: list[tuple[str, str, dict]] = []
         woken: list[ActorCell] = []
+        gathering: list[ActorCell] = []
         for port, message in routed:
             for tgt, tport in self.routes.get((cell.name, port), ()):
                 target = self.cells.get(tgt)
-                if self.durable and target is not None and tgt not in self._fan_in:
+                if not self.durable or target is None:
+                    later.append((tgt, tport, message))
+                elif tgt in self._fan_in:
+                    if tport in self._fan_in[tgt]:
+                        cmds.append(push_cmd(self._fanin_key(tgt, tport), message))
+                        gathering.append(target)
+                else:
                     cmds.append(enqueue_cmd(target.inbox, new_message_id(), {tport: message}))
                     woken.append(target)
-                else:
-                    later.append((tgt, tport, message))
         if ack and env.stream_id is not None:
             cmds += done_cmds(cell.inbox, env.stream_id)
         if cmds:
@@ -411,8 +417,26 @@ class Host:
                                   {"type": type(exc).__name__, "message": str(exc)}) from exc
         for target in woken:
             poke(target)
+        for target in dict.fromkeys(gathering):
+            await self._assemble(target)
         for tgt, tport, message in later:
             await self.deliver(tgt, tport, message)
+
+    def _fanin_key(self, process: str, port: str) -> str:
+        return fanin_key(self.config.workspace.redis.namespace, process, port)
+
+    async def _assemble(self, target: ActorCell) -> None:
+        """Turn complete sets of buffered port values into inbox messages (durable fan-in).
+        A failure here loses nothing: the values stay buffered and the next assembly (or
+        the next start) moves them."""
+        try:
+            made = await assemble(self.redis, target.inbox, self.config.workspace.redis.namespace, target.name,
+                                  list(self._fan_in[target.name]), new_message_id)
+        except (RedisUnavailable, RedisError) as exc:
+            log.error("fan-in for %s not assembled yet: %s", target.name, exc)
+            return
+        if made:
+            poke(target)
 
     async def enqueue(self, cell: ActorCell, inputs: dict) -> str:
         """Accept a message for ``cell`` (``actor.send``); returns once it is durable (or queued,
@@ -425,14 +449,21 @@ class Host:
             raise ActorStopped(cell.stopped_reason, {"actor": cell.name})
         limit = self.config.workspace.mailbox.max_pending
         mid = new_message_id()
+        ports = self._fan_in.get(cell.name)
         try:
             length = await self.redis.execute("XLEN", cell.inbox)
             if length >= limit:
                 raise Overloaded(f"actor {cell.name!r} has {length} messages waiting (max_pending {limit}); "
                                  "retry later", {"actor": cell.name})
-            await self.redis.execute(*enqueue_cmd(cell.inbox, mid, inputs))
+            if ports is None:
+                await self.redis.execute(*enqueue_cmd(cell.inbox, mid, inputs))
+            else:  # one value per port waits for the others (await_all_inports)
+                await self.redis.transaction([push_cmd(self._fanin_key(cell.name, p), v)
+                                              for p, v in inputs.items() if p in ports])
         except (RedisUnavailable, RedisError) as exc:
             raise ActorFailed(f"message not accepted: {exc}", {"type": type(exc).__name__}) from exc
+        if ports is not None:
+            await self._assemble(cell)
         poke(cell)
         return mid
 
@@ -504,7 +535,7 @@ class Host:
                     self.url = f"ws://{ws.websocket.host}:{server.port}/"
                     self._write_host_file(server.port)
                     log.info("rpc server started", extra={"url": self.url})
-                    self._send_iips()
+                    await self._send_iips()
                     if ws.hot_reload:
                         await inner.start(watch_scripts, self)
                     self.started.set()
@@ -526,14 +557,26 @@ class Host:
             self.root.on_stopped(exc)
             await trio.sleep_forever()
 
-    def _send_iips(self) -> None:
+    async def _send_iips(self) -> None:
+        if self.durable:  # finish any fan-in assembly a crash interrupted
+            for name in self._fan_in:
+                await self._assemble(self.cells[name])
         net = self.config.network
         if net is None:
             return
         for conn in net.connections:
             if conn.src is None and conn.tgt.process in self.cells:
                 target = self.cells[conn.tgt.process]
-                target.submit(Envelope(inputs={conn.tgt.port: wrap(conn.data)}))
+                inputs = {conn.tgt.port: wrap(conn.data)}
+                if target.name not in self._fan_in:
+                    target.submit(Envelope(inputs=inputs))
+                elif self.durable:  # an IIP waits for the other inports like any message
+                    try:
+                        await self.enqueue(target, inputs)
+                    except ActorError as exc:
+                        log.error("IIP for %s.%s not accepted: %s", target.name, conn.tgt.port, exc)
+                else:
+                    await self.deliver(target.name, conn.tgt.port, inputs[conn.tgt.port])
 
     def _write_host_file(self, port: int) -> None:
         state_dir: Path = self.config.workspace.state_dir

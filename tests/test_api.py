@@ -240,3 +240,45 @@ network:
             while len(seen) < len(expected):
                 seen.append((await notes.receive())["params"]["message"]["value"])
     assert sorted(seen, key=str) == sorted(expected, key=str)
+
+
+async def test_durable_fan_in_keeps_a_waiting_value_across_a_host_sigkill(make_host):
+    import signal
+
+    import redis
+
+    config = """\
+network:
+  processes:
+    d1: {component: Double}
+    d2: {component: Double}
+    sum: {component: Sum}
+  connections:
+    - {src: {process: d1, port: y}, tgt: {process: sum, port: a}}
+    - {src: {process: d2, port: y}, tgt: {process: sum, port: b}}
+    - {data: 100, tgt: {process: sum, port: b}}
+"""
+    host = await make_host({"double.actor.py": DOUBLE, "sum.actor.py": SUM}, config)
+    r = redis.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
+    async with open_client(host.url) as c:
+        sub = await c.request("actor.subscribe", {"actor": "sum"})
+        notes = c.on_notification(sub["subscription"])
+        await c.send("d1", "x", 1)  # meets the IIP: 2 + 100
+        with trio.fail_after(10):
+            assert (await notes.receive())["params"]["message"]["value"] == 102
+        await c.send("d1", "x", 2)  # a = 4 waits for a b, in Redis
+        await wait_for(lambda: r.llen("reflow:sum:fanin:a") == 1)
+    host.signal(signal.SIGKILL)
+    await host.wait()
+    await host.start()
+    # The restart sent the IIP again: it completes the a that survived the kill, and Sum took it.
+    await wait_for(lambda: (r.llen("reflow:sum:fanin:a"), r.llen("reflow:sum:fanin:b"),
+                            r.xlen("reflow:sum:inbox")) == (0, 0, 0))
+    async with open_client(host.url) as c:
+        sub = await c.request("actor.subscribe", {"actor": "sum"})
+        notes = c.on_notification(sub["subscription"])
+        await c.send("d2", "x", 5)
+        await c.send("d1", "x", 3)
+        with trio.fail_after(10):
+            assert (await notes.receive())["params"]["message"]["value"] == 6 + 10
+    assert r.llen("reflow:sum:fanin:a") == 0 and r.llen("reflow:sum:fanin:b") == 0

@@ -1,0 +1,53 @@
+"""Durable fan-in (``await_all_inports``): per-port buffers in Redis, assembled atomically.
+
+With durable mailboxes a message routed to an ``await_all_inports`` process is
+pushed onto that port's list (``{ns}:{process}:fanin:{port}``) in the same
+MULTI/EXEC that commits its sender's message, so it is never only in memory.
+``assemble`` then moves one message from every port into the process's inbox
+as a single entry — in one Lua script, so a crash can neither lose a buffered
+value nor assemble it twice. It is idempotent: the host also runs it at start,
+which finishes any assembly a crash interrupted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+__all__ = ["ASSEMBLE", "assemble", "fanin_key", "push_cmd"]
+
+# KEYS[1] the inbox stream, KEYS[2..] the port lists; ARGV[1] the new message id,
+# ARGV[2..] the port names (JSON-quoted). Builds the same body as enqueue_cmd.
+ASSEMBLE = """
+for i = 2, #KEYS do
+  if redis.call('LLEN', KEYS[i]) == 0 then return 0 end
+end
+local parts = {}
+for i = 2, #KEYS do
+  parts[#parts + 1] = ARGV[i] .. ':' .. redis.call('LPOP', KEYS[i])
+end
+redis.call('XADD', KEYS[1], '*', 'm', '{"id":' .. ARGV[1] .. ',"inputs":{' .. table.concat(parts, ',') .. '}}',
+           'a', 0)
+return 1
+"""
+
+
+def fanin_key(namespace: str, process: str, port: str) -> str:
+    return f"{namespace}:{process}:fanin:{port}"
+
+
+def push_cmd(key: str, message: Any) -> tuple:
+    return ("RPUSH", key, orjson.dumps(message))
+
+
+async def assemble(redis: Any, inbox: str, namespace: str, process: str, ports: Sequence[str],
+                   new_id: Callable[[], str]) -> int:
+    """Move complete sets of port values into ``inbox``; returns how many messages it made."""
+    keys = [fanin_key(namespace, process, p) for p in ports]
+    made = 0
+    while await redis.execute("EVAL", ASSEMBLE, 1 + len(keys), inbox, *keys,
+                              orjson.dumps(new_id()), *(orjson.dumps(p) for p in ports)) == 1:
+        made += 1
+    return made
