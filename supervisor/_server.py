@@ -30,6 +30,10 @@ __all__ = ["serve_api"]
 
 log = logging.getLogger("supervisor.rpc")
 SEND_QUEUE = 1024
+# Bytes a connection may have waiting to be sent before it is cut off as not reading: the
+# host's memory for stalled clients is bounded by max_connections × this. (One frame larger
+# than this still goes out when nothing else waits.)
+SEND_BUFFER = 1 << 20
 _MESSAGE_METHODS = frozenset({"actor.call", "actor.send", "process"})
 _sub_ids = itertools.count(1)
 
@@ -39,7 +43,9 @@ async def serve_api(host: Host, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
     cfg = host.config.workspace.websocket
     api = Api(host)
     await trio_websocket.serve_websocket(
-        api.handle, cfg.host, cfg.port, None, max_message_size=cfg.max_frame_size,
+        # trio-websocket closes (1009) past its limit without a word: give it twice ours, so
+        # that a frame just over max_frame_size gets an error reply before the close.
+        api.handle, cfg.host, cfg.port, None, max_message_size=2 * cfg.max_frame_size,
         message_queue_size=8, connect_timeout=10, disconnect_timeout=5, task_status=task_status)
 
 
@@ -219,11 +225,21 @@ class Connection:
         self.subscriptions: dict[str, tuple[Any, int]] = {}
         self._send, self._recv = trio.open_memory_channel[bytes | str](SEND_QUEUE)
         self._nursery: trio.Nursery | None = None
+        self._close_code: int | None = None
+        self._writer_done = trio.Event()
+        self._progress = trio.Event()  # set each time the writer sent a frame
+        self._queued = 0  # bytes waiting in the send queue
 
-    def queue(self, data: bytes) -> None:
-        """Queue a frame; a client that lets SEND_QUEUE frames pile up is cut off."""
+    def queue(self, data: bytes, *, reply: bool = False) -> None:
+        """Queue a frame; a client that lets SEND_QUEUE frames pile up is cut off. Replies
+        cannot get there (reading stops at half, and at most max_in_flight answers are
+        pending), nor are they held to SEND_BUFFER (a large result is an answer the client
+        asked for); notifications to a client that does not read are."""
         try:
+            if not reply and self._queued and self._queued + len(data) > SEND_BUFFER:
+                raise trio.WouldBlock
             self._send.send_nowait(data.decode())
+            self._queued += len(data)
         except trio.WouldBlock:
             log.warning("client %s is not reading; closing it", self.ws.remote)
             if self._nursery is not None:
@@ -248,7 +264,7 @@ class Connection:
         except (TypeError, ValueError):
             data = proto.reply_frame([_encodable(r) for r in replies], is_batch)
         if data is not None:
-            self.queue(data)
+            self.queue(data, reply=True)
 
     async def run(self) -> None:
         try:
@@ -257,11 +273,24 @@ class Connection:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._keepalive)
                 while True:
+                    # Backpressure: while our answers to this client wait to be sent, stop
+                    # reading its requests (a fast pipeliner slows down; it is not cut off).
+                    while (self._send.statistics().current_buffer_used > SEND_QUEUE // 2
+                           or self._queued > SEND_BUFFER // 2):
+                        self._progress = trio.Event()
+                        await self._progress.wait()
                     try:
                         frame = await self.ws.get_message()
                     except trio_websocket.ConnectionClosed:
                         break
+                    limit = self.api.cfg.max_frame_size
+                    if len(frame) > limit:
+                        self._too_large(len(frame), limit)
+                        break
                     self._dispatch(frame)
+                if self._close_code is not None:
+                    with trio.move_on_after(2):
+                        await self._writer_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
             for cell, key in self.subscriptions.values():
@@ -270,12 +299,28 @@ class Connection:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.ws.aclose()
 
+    def _too_large(self, size: int, limit: int) -> None:
+        """Answer an oversized frame (unread, so id null) and close with 1009 once it is sent."""
+        log.warning("client %s sent a %d-byte frame (max_frame_size %d); closing it", self.ws.remote, size, limit)
+        self.reply([proto.error_response(None, proto.INVALID_REQUEST,
+                                         f"frame of {size} bytes exceeds max_frame_size ({limit} bytes)",
+                                         {"limit": "max_frame_size", "max": limit, "size": size})], False)
+        self._close_code = 1009
+        self._send.close()  # the writer sends what is queued, then closes
+
     async def _writer(self) -> None:
-        async for data in self._recv:
-            try:
-                await self.ws.send_message(data)
-            except trio_websocket.ConnectionClosed:
-                return
+        try:
+            async for data in self._recv:
+                try:
+                    await self.ws.send_message(data)
+                except trio_websocket.ConnectionClosed:
+                    return
+                self._queued -= len(data)
+                self._progress.set()
+            if self._close_code is not None:
+                await self.ws.aclose(self._close_code, "frame too large")
+        finally:
+            self._writer_done.set()
 
     async def _keepalive(self) -> None:
         interval = self.api.cfg.ping_interval
