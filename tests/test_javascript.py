@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import trio
 
-from conftest import EXAMPLES, ROOT, open_client, wait_for
+from conftest import EXAMPLES, ROOT, children_of, cmdline, open_client, wait_for
 from supervisor.client import RpcError
 
 SEED = ROOT.parent / "shared" / "seeds" / "004_907eda7e1530af8d.txt"
@@ -126,6 +126,31 @@ async function hostile(context) {
   if (what === "read") return {out: attempt(() => fs.readFileSync(arg, 'utf8'))};
   if (what === "write") return {out: attempt(() => fs.writeFileSync(arg, 'x'))};
   if (what === "env") return {out: Object.keys(process.env).sort()};
+  if (what === "fill_tmp") return {out: attempt(() => fs.writeFileSync('/tmp/big', Buffer.alloc(200 * 2 ** 20)))};
+  if (what === "symlink") { fs.symlinkSync(arg, '/tmp/link'); return {out: attempt(() => fs.readFileSync('/tmp/link', 'utf8'))}; }
+  if (what === "kill_host") {
+    const killed = [];
+    const mine = new Set(fs.readdirSync('/proc/self/task').map(Number));  // Node's own threads
+    for (let pid = 1; pid < 64; pid++) {
+      if (!mine.has(pid) && attempt(() => process.kill(pid, 'SIGKILL')).startsWith('ALLOWED')) killed.push(pid);
+    }
+    return {out: {killed, visible: fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p)).map(Number)}};
+  }
+  if (what === "fork_bomb") {
+    const cp = require('child_process');
+    let n = 0;
+    for (; n < 1000; n++) {
+      const r = attempt(() => cp.spawn(process.execPath, ['-e', 'setInterval(() => {}, 1000)']).pid);
+      if (!r.startsWith('ALLOWED: ') || r === 'ALLOWED: undefined') break;
+    }
+    return {out: `stopped after ${n}`};
+  }
+  if (what === "stream") { for (;;) context.sendOutput("out", "x".repeat(65536)); }
+  if (what === "state_escape") {
+    const s = context.getState();
+    s.set('mine', 1);
+    return {out: {keys: s.keys('*'), other: s.get('../Other:secret'), glob: s.keys('*:*')}};
+  }
   if (what === "spawn") return {out: attempt(() => require('child_process').execFileSync(arg).toString())};
   if (what === "tcp") {
     const net = require('net');
@@ -239,7 +264,11 @@ supervision:
 
 
 async def test_javascript_cannot_read_files_reach_the_network_or_run_programs(make_host):
-    host = await make_host({"hostile.actor.js": HOSTILE})
+    host = await make_host({"hostile.actor.js": HOSTILE}, "supervision: {max_restarts: 20, max_seconds: 60}\n",
+                           start=False)
+    host.config.write_text(host.config.read_text().replace("    backend: bubblewrap\n",
+                                                           "    backend: bubblewrap\n    max_output: 4MB\n"))
+    await host.start()
     (host.config.parent / "secret.txt").write_text("s3cret")
 
     async def out(what, arg=None):
@@ -255,6 +284,19 @@ async def test_javascript_cannot_read_files_reach_the_network_or_run_programs(ma
         assert (await out("dns")).startswith("denied")
         assert (await out("spawn", "/bin/sh")).startswith("denied")
         assert set(await out("env")) <= {"HOME", "PATH", "LANG", "PWD"}
+        assert (await out("fill_tmp")).startswith("denied")
+        assert (await out("symlink", str(host.config.parent / "secret.txt"))).startswith("denied")
+        seen = await out("kill_host")
+        assert set(seen["killed"]) <= {1} and max(seen["visible"]) < 10
+        assert (await out("state_escape")) == {"keys": ["mine"], "other": None, "glob": []}
+        assert (await out("fork_bomb")).startswith("stopped after"), "a fork bomb was not bounded"
+        with pytest.raises(RpcError) as err:
+            await out("stream")
+        assert err.value.code == -32005 and err.value.data == {"limit": "output"}
+        assert await out("none") is None
+        sandboxed = [p for p in children_of(host.proc.pid) if "bwrap" in cmdline(p) or "node" in cmdline(p)]
+    await host.stop()
+    await wait_for(lambda: not any(cmdline(p) for p in sandboxed), timeout=10)  # nothing left behind
 
 
 async def test_the_seeds_two_script_example_runs_from_the_command_line(make_host, tmp_path):
