@@ -55,16 +55,30 @@ def done_cmds(key: str, stream_id: bytes) -> list[tuple]:
 
 
 def retry_or_deadletter_cmds(cell: ActorCell, key: str, stream_id: bytes, body: bytes, attempts: int,
-                             error: dict, max_deliveries: int) -> tuple[list[tuple], bool]:
-    """Commands that retry an entry (at the end of its stream) or dead-letter it; and which."""
+                             error: dict, max_deliveries: int, not_before: float | None = None,
+                             ) -> tuple[list[tuple], bool]:
+    """Commands that retry an entry (at the end of its stream, not before ``not_before``)
+    or dead-letter it; and which."""
     cmds = done_cmds(key, stream_id)
     if attempts >= max_deliveries:
         cmds.insert(0, ("XADD", deadletter_key(cell.host.config.workspace.redis.namespace), "*",
                         "process", cell.name, "m", body, "attempts", attempts,
                         "error", orjson.dumps(error), "at", repr(time.time())))
         return cmds, True
-    cmds.insert(0, ("XADD", key, "*", "m", body, "a", attempts))
+    held = ("t", repr(not_before)) if not_before is not None else ()
+    cmds.insert(0, ("XADD", key, "*", "m", body, "a", attempts, *held))
     return cmds, False
+
+
+def crash_spacing(cell: ActorCell) -> float:
+    """How long a message that killed its worker waits before it is tried again.
+
+    Each such redelivery costs a restart. Spaced by max_seconds / max_restarts (and a
+    margin), one poison message reaches ``max_deliveries`` and the dead-letter stream
+    without ever pushing its supervisor past its restart intensity, so a bad input
+    cannot take the actor's siblings down with it."""
+    sup = cell.host.config.supervision
+    return 1.1 * sup.max_seconds / max(1, sup.max_restarts)
 
 
 async def ensure_group(redis: Redis, key: str) -> None:
@@ -123,7 +137,7 @@ async def _feed(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None
             cmds, dead = retry_or_deadletter_cmds(
                 cell, key, sid, f[b"m"], attempts,
                 {"type": "WorkerDied", "message": "the worker died while handling this message"},
-                cell.process.max_deliveries)
+                cell.process.max_deliveries, not_before=time.time() + crash_spacing(cell))
             await redis.transaction(cmds)
     # 2. New entries, woken by whoever adds to the inbox (and a slow poll as a safety net).
     while True:
@@ -136,6 +150,9 @@ async def _feed(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None
             continue
         for sid, raw in entries:
             f = _fields(raw)
+            hold = float(f.get(b"t", b"0")) - time.time()
+            if hold > 0:  # it killed a worker: see crash_spacing (later entries wait behind it)
+                await trio.sleep(hold)
             body = orjson.loads(f[b"m"])
             env = Envelope(inputs=body["inputs"], message_id=body["id"], stream_id=sid,
                            attempts=int(f.get(b"a", b"0")), body=f[b"m"])

@@ -102,3 +102,41 @@ async def test_embedded_redis_killed_mid_run_is_restarted_and_the_tree_rides_it_
         await wait_for(lambda: _redis(host).get("reflow:Counter:state:total") in (b"10", b"11"), timeout=15)
         status = await c.status()
         assert status["state"] == "running" and status["children"][0]["state"] == "running"
+
+
+KILLER = '''
+import os
+from reflow import actor
+
+@actor(name="Killer", inports=["x"], outports=["y"])
+def kill(context):
+    if context.get_input("x") == "die":
+        os._exit(1)
+    return {"y": context.get_input("x")}
+'''
+
+BYSTANDER = '''
+from reflow import actor
+
+@actor(name="Bystander", inports=["x"], outports=["y"])
+def echo(context):
+    return {"y": context.get_input("x")}
+'''
+
+
+async def test_a_message_that_kills_its_worker_is_dead_lettered_without_taking_siblings_down(make_host):
+    # Default supervision (3 restarts in 5 s) and max_deliveries 5: five crashes in a row would
+    # escalate; redeliveries of a worker-killing message are spaced so that they do not.
+    host = await make_host({"killer.actor.py": KILLER, "bystander.actor.py": BYSTANDER})
+    r = _redis(host)
+    async with open_client(host.url) as c:
+        await c.send("Killer", "x", "die")
+        await wait_for(lambda: r.xlen("reflow:deadletter") == 1, timeout=30)
+        status = await c.status()
+        assert status["restarts"] == 0 and status["children"][0]["restarts"] == 0, status
+        killer = next(n for n in status["children"][0]["children"] if n["name"] == "Killer")
+        assert killer["restarts"] == 5 and killer["state"] == "running"
+        (dead,) = (await c.request("deadletters.list"))["deadletters"]
+        assert dead["attempts"] == 5 and dead["error"]["type"] == "WorkerDied"
+        assert (await c.call("Killer", {"x": 1}))["outputs"]["y"]["value"] == 1
+        assert (await c.call("Bystander", {"x": 2}))["outputs"]["y"]["value"] == 2
