@@ -124,6 +124,16 @@ class Envelope:
                 "emitted": [{"port": p, "message": m} for p, m in self.emitted]}
 
 
+async def _gone(worker: Worker) -> ExitInfo:
+    """How a worker whose channel closed ended. It is normally exiting already (give it a
+    second, so that its own exit status is what we report); one that closed the channel
+    and lives on is of no use and is killed."""
+    with trio.move_on_after(1.0):
+        return await worker.wait()
+    worker.kill()
+    return await worker.wait()
+
+
 def _cancelled(exc: BaseException | None) -> bool:
     """True when ``exc`` is trio's Cancelled, alone or in groups of nothing else."""
     if isinstance(exc, BaseExceptionGroup):
@@ -156,6 +166,7 @@ class ActorCell:
         self.subscribers: dict[int, Callable[[str, str, dict, str], None]] = {}
         self.stopped_reason: str | None = None
         self._retry: collections.deque[Envelope] = collections.deque()
+        self.prefetched: Envelope | None = None  # sent to the worker behind ``current``
         self.inbox = inbox_key(cfg.workspace.redis.namespace, self.name)
         self.wake: trio.Event | None = None
 
@@ -236,6 +247,13 @@ class ActorCell:
                 await worker.aclose()
                 self.host.pool.release(worker)
                 self.worker = None
+                pre, self.prefetched = self.prefetched, None
+                if pre is not None and pre.stream_id is None:
+                    # Sent to this worker but never started: it did nothing wrong.
+                    if self.host.stopping:
+                        pre.fail(ActorStopped(f"actor {self.name!r} was stopped"))
+                    else:
+                        self._retry.appendleft(pre)
                 env, self.current = self.current, None
                 if env is not None:
                     if env.stream_id is not None:
@@ -308,23 +326,73 @@ class ActorCell:
                 raise
 
     async def _serve(self, worker: Worker, inbox: trio.MemoryReceiveChannel[Envelope]) -> None:
-        while self._retry:
-            env = self._retry.popleft()
-            self.current = env
-            await self._handle(worker, env)
-            self.current = None
-        async for env in inbox:
-            self.current = env
-            await self._handle(worker, env)
-            self.current = None
+        """Serve messages one at a time, with the next one already sent to the worker.
 
-    async def _handle(self, worker: Worker, env: Envelope) -> None:
+        The worker handles them strictly in order and starts the next only after
+        answering the current one, so this overlaps its work (and the channel's round
+        trip) with ours on the reply, without changing what any message sees: the state
+        calls of the next message are served only after the current one committed.
+        """
+        cur = self.current = await self._next(inbox)
+        if cur is None:
+            return
+        rid = await self._send_process(worker, cur)
+        while True:
+            self.current = cur
+            nxt = self._next_nowait(inbox)
+            nrid = 0
+            if nxt is not None:
+                self.prefetched = nxt
+                nrid = await self._send_process(worker, nxt)
+            await self._handle(worker, cur, rid)
+            self.current = None
+            if worker.exit_info is not None:  # a limit ended the worker: `nxt` waits for the next one
+                raise WorkerDied(self.name, worker.exit_info)
+            if nxt is not None:
+                self.prefetched = None
+                cur, rid = nxt, nrid
+                continue
+            cur = self.current = await self._next(inbox)
+            if cur is None:
+                return
+            rid = await self._send_process(worker, cur)
+
+    async def _next(self, inbox: trio.MemoryReceiveChannel[Envelope]) -> Envelope | None:
+        if self._retry:
+            return self._retry.popleft()
+        try:
+            return await inbox.receive()
+        except trio.EndOfChannel:
+            return None
+
+    def _next_nowait(self, inbox: trio.MemoryReceiveChannel[Envelope]) -> Envelope | None:
+        if self._retry:
+            return self._retry.popleft()
+        try:
+            return inbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return None
+
+    async def _send_process(self, worker: Worker, env: Envelope) -> int:
+        """Hand ``env`` to the worker. If the worker is already gone, the message never
+        reached it: it waits for the next worker (memory) or stays pending (durable)."""
+        try:
+            return await self._request(worker, "process", {
+                "actor_id": self.name, "payload": env.inputs, "message_id": env.message_id,
+                "config": self.process.config if env.config is None else env.config,
+                "timestamp": int(time.time() * 1000)})
+        except ChannelClosed:
+            if self.current is env:
+                self.current = None
+            if self.prefetched is env:
+                self.prefetched = None
+            if env.stream_id is None:
+                self._retry.appendleft(env)
+            raise WorkerDied(self.name, await _gone(worker)) from None
+
+    async def _handle(self, worker: Worker, env: Envelope, rid: int) -> None:
         txn = StateTxn(self.host.redis, self.prefix, self.default_ttl)
         timeout = self.process.timeout or self.component.timeout
-        rid = await self._request(worker, "process", {
-            "actor_id": self.name, "payload": env.inputs, "message_id": env.message_id,
-            "config": self.process.config if env.config is None else env.config,
-            "timestamp": int(time.time() * 1000)})
         with trio.move_on_after(timeout if timeout else float("inf")) as scope:
             reply = await self._reply(worker, rid, env, txn)
         if scope.cancelled_caught:
@@ -401,7 +469,7 @@ class ActorCell:
             try:
                 frame = await channel.receive()
             except ChannelClosed:
-                raise WorkerDied(self.name, await worker.wait()) from None
+                raise WorkerDied(self.name, await _gone(worker)) from None
             except FrameTooLarge:
                 worker.kill(limit="output")
                 raise WorkerDied(self.name, await worker.wait()) from None

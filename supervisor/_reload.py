@@ -78,6 +78,9 @@ async def watch_scripts(host: Any, *, task_status: Any = trio.TASK_STATUS_IGNORE
     """Apply script edits under the workspace root (and next to extra scripts) until cancelled."""
     import watchfiles
 
+    # At debug level watchfiles logs every change it filters out, including the host's own
+    # log file when it lies in the workspace: each line would cause the next.
+    logging.getLogger("watchfiles").setLevel(max(logging.INFO, logging.getLogger("watchfiles").level))
     ws = host.config.workspace
     roots = {str(ws.root)} | {str(Path(s).expanduser().resolve().parent) for s in (*ws.scripts, *host.extra_scripts)}
     roots = {r for r in roots if Path(r).is_dir()}

@@ -282,3 +282,43 @@ network:
         with trio.fail_after(10):
             assert (await notes.receive())["params"]["message"]["value"] == 6 + 10
     assert r.llen("reflow:sum:fanin:a") == 0 and r.llen("reflow:sum:fanin:b") == 0
+
+
+COUNTER_PY = '''
+from reflow import actor
+
+@actor(name="CountPy", inports=["x"], outports=["n"])
+def count(context):
+    state = context.get_state()
+    n = state.get("n", 0) + 1          # a read-modify-write: only correct if messages never overlap
+    state.set("n", n)
+    return {"n": n}
+'''
+
+COUNTER_JS = '''\
+module.exports = actor({name: 'CountJs', inports: ['x'], outports: ['n']}, async (ctx) => {
+  const state = ctx.getState();
+  const n = (await state.get('n', 0)) + 1;
+  state.set('n', n);
+  return {n};
+});
+'''
+
+
+async def test_many_calls_in_flight_see_each_others_state_in_order(make_host):
+    # The cell sends the next message to the worker before the current one is answered;
+    # each must still see the state the previous one committed.
+    host = await make_host({"count.actor.py": COUNTER_PY, "count.actor.js": COUNTER_JS})
+    async with open_client(host.url) as c:
+        for actor in ("CountPy", "CountJs"):
+            seen: list[int] = []
+
+            async def some() -> None:  # 4 × 50 sequential: 4 calls in flight at all times
+                for _ in range(50):
+                    seen.append((await c.call(actor, {"x": 1}))["outputs"]["n"]["value"])
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as n:
+                    for _ in range(4):
+                        n.start_soon(some)
+            assert sorted(seen) == list(range(1, 201)), actor

@@ -55,6 +55,11 @@ class Channel {
 
   receive() {
     if (this.pending.length) return this.pending.shift();
+    return this.receiveNew();
+  }
+
+  // The next frame off the wire (not one set aside in `pending`).
+  receiveNew() {
     for (;;) {
       const last = this.chunks.length ? this.chunks[this.chunks.length - 1] : null;
       const nl = last === null ? -1 : last.indexOf(10);
@@ -146,7 +151,7 @@ class Worker {
     const rid = 's' + (++this.nextId);
     this.chan.send({ jsonrpc: '2.0', id: rid, method: 'state', params: { op, args } });
     for (;;) {
-      const msg = this.chan.receive();
+      const msg = this.chan.receiveNew(); // the host may already have sent the next message
       if (msg.id === rid && msg.method === undefined) {
         if (msg.error) throw new ActorError(msg.error.message || 'state call failed', msg.error.code);
         return msg.result === undefined ? null : msg.result;

@@ -62,6 +62,10 @@ class Channel:
     def receive(self):
         if self.pending:
             return self.pending.pop(0)
+        return self.receive_new()
+
+    def receive_new(self):
+        """The next frame off the wire (not one set aside in ``pending``)."""
         while True:
             i = self.buf.find(b"\n")
             if i >= 0:
@@ -91,7 +95,7 @@ class Worker:
         rid = "s%d" % self.next_id
         self.chan.send({"jsonrpc": "2.0", "id": rid, "method": "state", "params": {"op": op, "args": args}})
         while True:
-            msg = self.chan.receive()
+            msg = self.chan.receive_new()  # the host may already have sent the next message
             if msg.get("id") == rid and "method" not in msg:
                 if "error" in msg:
                     err = msg["error"]
