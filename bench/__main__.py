@@ -20,12 +20,13 @@ from . import _baselines, _ours, _report, _workers
 from ._stats import Figures
 
 # (n latency samples, warmup, total calls at 32 in flight, batch frames, state ops, restarts,
-#  cold starts, warm acquires, per-call messages, discovery reps, pipe round trips)
+#  cold starts, warm acquires, per-call messages, discovery reps, pipe round trips,
+#  actor.send batch frames of 64 per throughput run, whether Ray runs)
 COUNTS = {
     "quick": dict(n=150, warmup=30, total=300, batches=4, state_n=100, restarts=2, cold=3, warm=3, per_call=3,
-                  disc=1, pipe=2000),
+                  disc=1, pipe=2000, sends=4, ray=False),
     "full": dict(n=3000, warmup=300, total=10000, batches=100, state_n=2000, restarts=15, cold=20, warm=30,
-                 per_call=30, disc=5, pipe=20000),
+                 per_call=30, disc=5, pipe=20000, sends=150, ray=True),
 }
 
 
@@ -33,15 +34,15 @@ async def run(fig: Figures, c: dict, log) -> None:
     steps = [
         ("plain pipe round trip", lambda: _baselines.pipe_round_trip(fig, c["pipe"], c["pipe"] // 10)),
         ("bare floor", lambda: _baselines.floor(fig, c["n"], c["warmup"], c["total"])),
-        ("ours through the host", lambda: _ours.host_figures(
-            fig, n=c["n"], warmup=c["warmup"], total=c["total"], batches=c["batches"], state_n=c["state_n"],
-            restarts=c["restarts"])),
+        *[(f"ours through a host, {kind} mailboxes", lambda kind=kind: _ours.host_figures(
+            fig, kind=kind, n=c["n"], warmup=c["warmup"], total=c["total"], batches=c["batches"],
+            state_n=c["state_n"], restarts=c["restarts"], sends=c["sends"])) for kind in ("memory", "redis")],
         ("cold start", lambda: _workers.cold_start(fig, c["cold"])),
         ("warm acquire + load", lambda: _workers.warm_acquire_load(fig, c["warm"])),
         ("idle RSS", lambda: _workers.idle_rss(fig)),
         ("per-call execution", lambda: _baselines.per_call(fig, c["per_call"])),
         ("discovery", lambda: _ours.discovery(fig, c["disc"])),
-        ("Ray", lambda: _baselines.ray_actors(fig, c["n"], c["total"])),
+        ("Ray", lambda: _baselines.ray_actors(fig, c["n"], c["total"], run=c["ray"])),
     ]
     for name, step in steps:
         t0 = time.perf_counter()
@@ -53,7 +54,7 @@ async def run(fig: Figures, c: dict, log) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny counts (a smoke run, ~30 s)")
+    ap.add_argument("--quick", action="store_true", help="tiny counts, no Ray (a smoke run, ~30 s)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
 

@@ -10,17 +10,20 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
 import trio
+import trio_websocket
 
 from supervisor._discovery import discover
 from supervisor.client import RpcError, open_client
 
 from ._load import batch_throughput, latency, throughput
 from ._stats import Figures, median, pct
-from ._workers import DOUBLE_SOURCE, worker_python_pid
+from ._workers import DOUBLE_JS_SOURCE, DOUBLE_SOURCE, worker_python_pid
 
 __all__ = ["discovery", "host_figures"]
 
@@ -50,7 +53,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _workspace(root: Path) -> Path:
+def _workspace(root: Path, kind: str) -> Path:
+    """A workspace whose ``network:`` runs Double, StateProbe, Victim and the graph A → B
+    (both the Double component), with ``kind`` (memory | redis) mailboxes."""
     for name, src in {"double.actor.py": DOUBLE_SOURCE, "state.actor.py": STATE_SOURCE,
                       "victim.actor.py": VICTIM_SOURCE}.items():
         (root / name).write_text(src)
@@ -59,18 +64,54 @@ def _workspace(root: Path) -> Path:
         workspace:
           root: .
           script_patterns: ["**/*.actor.py"]
+          hot_reload: false
           sandbox:
             backend: bubblewrap
             pool: {{preload_count: 1, max_size: 20}}
           websocket: {{host: 127.0.0.1, port: {_free_port()}}}
+          # max_pending: the throughput runs enqueue far faster than one worker processes;
+          # the default (10,000) would answer -32004 instead of measuring.
+          mailbox: {{kind: {kind}, max_pending: 1000000}}
         supervision:
           max_restarts: 1000
           max_seconds: 1
           # the default backoff (10ms min), but a child counts as healthy again after 250ms instead of
           # 2 × max (10 s): each measured crash is then a *first* crash, not the n-th of a doubling series.
           backoff: {{min: 10ms, max: 5s, jitter: 0.2, reset: 250ms}}
+        network:
+          processes:
+            Double: {{component: Double}}
+            StateProbe: {{component: StateProbe}}
+            Victim: {{component: Victim}}
+            A: {{component: Double}}
+            B: {{component: Double}}
+          connections:
+            - {{src: {{process: A, port: value}}, tgt: {{process: B, port: value}}}}
         """))
     return cfg
+
+
+@asynccontextmanager
+async def _open_host(kind: str) -> AsyncIterator[str]:
+    """A host process on a fresh workspace with ``kind`` mailboxes; yields its URL once
+    Double, A and B answer a call."""
+    with tempfile.TemporaryDirectory(prefix="reflow-bench-") as tmp:
+        cfg = _workspace(Path(tmp), kind)
+        proc, url, logf = await _start_host(cfg)
+        try:
+            async with open_client(url) as c:
+                with trio.fail_after(60):  # the first call waits for the cell to load its script
+                    for actor in ("Double", "A", "B"):
+                        await _call_ok(c, actor, 1)
+            yield url
+        except BaseException:
+            logf.flush()
+            tail = (Path(tmp) / "host.log").read_text(errors="replace").splitlines()[-40:]
+            print(f"host ({kind} mailboxes) log, last lines:", *tail, sep="\n  ", file=sys.stderr)
+            raise
+        finally:
+            _stop_host(proc)
+            logf.close()
 
 
 async def _start_host(cfg: Path) -> tuple[subprocess.Popen, str, object]:
@@ -115,40 +156,166 @@ async def _call_ok(c, actor: str, value: int) -> None:
     assert (got["value"] if isinstance(got, dict) else got) == 2 * value, r
 
 
-async def host_figures(fig: Figures, *, n: int, warmup: int, total: int, batches: int, state_n: int,
-                       restarts: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="reflow-bench-") as tmp:
-        cfg = _workspace(Path(tmp))
-        proc, url, logf = await _start_host(cfg)
-        try:
-            async with open_client(url) as c:
-                async def call(i: int) -> None:
-                    await _call_ok(c, "Double", i)
+def _plain(m: object) -> object:
+    return m["value"] if isinstance(m, dict) else m
 
-                with trio.fail_after(60):  # the first call waits for the cell to load its script
-                    await _call_ok(c, "Double", 1)
-                fig.latency("ours.latency", await latency(call, n, warmup),
-                            "actor.call, memory mailbox, 1 in flight")
-                fig.add("ours.throughput32", await throughput(call, total, 32), "calls/s",
-                        note="actor.call, memory mailbox, 32 in flight")
-                fig.add("ours.batch64", await batch_throughput(
-                    url, lambda rid: {"jsonrpc": "2.0", "id": rid, "method": "actor.call",
-                                      "params": {"actor": "Double", "inputs": {"value": rid}}},
-                    batches, 64, outstanding=2), "msgs/s",
-                    note="batch frames of 64 actor.call, 2 frames outstanding (the host caps 128 in flight)")
 
-                r = await c.call("StateProbe", {"n": 10})  # warm
-                r = await c.call("StateProbe", {"n": state_n})
-                d = r["outputs"]["deltas"]
-                deltas = [x * 1e3 for x in (d["value"] if isinstance(d, dict) else d)]
-                deltas = [x["value"] if isinstance(x, dict) else x for x in deltas]
-                fig.add("ours.state_get.p50", pct(deltas, 50), "ms", deltas, "state.get timed inside the script")
-                fig.add("ours.state_get.p99", pct(deltas, 99), "ms", [], "")
+async def _subscribe(ws, actor: str, port: str) -> None:
+    await ws.send_message(orjson.dumps({"jsonrpc": "2.0", "id": "sub", "method": "actor.subscribe",
+                                        "params": {"actor": actor, "port": port}}).decode())
+    while True:
+        msg = orjson.loads(await ws.get_message())
+        if isinstance(msg, dict) and msg.get("id") == "sub":
+            if "error" in msg:
+                raise RuntimeError(f"actor.subscribe failed: {msg['error']}")
+            return
 
-                await _restart(fig, c, restarts)
-        finally:
-            _stop_host(proc)
-            logf.close()
+
+async def send_to_output_latency(url: str, actor: str, observe: str, n: int, warmup: int, factor: int) -> list[float]:
+    """Seconds from an ``actor.send`` to ``actor`` until the output of ``observe`` arrives at a
+    subscriber on the same connection (and the send's reply too); one message in flight."""
+    out = []
+    async with trio_websocket.open_websocket_url(url) as ws:
+        await _subscribe(ws, observe, "value")
+        for i in range(warmup + n):
+            t0 = time.perf_counter()
+            await ws.send_message(orjson.dumps({"jsonrpc": "2.0", "id": i, "method": "actor.send",
+                                                "params": {"actor": actor, "port": "value", "value": i}}).decode())
+            replied = seen = False
+            with trio.fail_after(30):
+                while not (replied and seen):
+                    msg = orjson.loads(await ws.get_message())
+                    if msg.get("method") == "actor.output":
+                        got = _plain(msg["params"]["message"])
+                        assert got == factor * i, (got, factor * i)
+                        seen = True
+                    elif msg.get("id") == i:
+                        if "error" in msg:
+                            raise RuntimeError(f"actor.send failed: {msg['error']}")
+                        replied = True
+            if i >= warmup:
+                out.append(time.perf_counter() - t0)
+    return out
+
+
+async def _processed(c, actor: str) -> int:
+    node = _find(await c.status(), actor)
+    assert node is not None, actor
+    return node["processed"]
+
+
+async def send_load(url: str, actor: str, observe: str, frames: int, size: int, outstanding: int, *,
+                    subscribe: bool = False) -> tuple[float, float]:
+    """``frames`` × ``size`` ``actor.send`` to ``actor`` on one connection, at most ``outstanding``
+    frames unanswered (``size`` > 1: JSON-RPC batch frames; 1: single requests).
+
+    Returns (accepted/s: until the last reply, i.e. every message is in the mailbox;
+    processed/s: until ``observe`` has processed every message). Completion is seen by polling
+    ``observe``'s ``processed`` count in ``supervisor.status`` every 5 ms on a second connection,
+    or, with ``subscribe``, by an ``actor.output`` subscription on the sending connection (which
+    costs the host a notification frame per message). Raises RuntimeError on any error reply.
+    """
+    total = frames * size
+    window = trio.Semaphore(outstanding)
+    t_accepted = t_done = 0.0
+    async with open_client(url) as c, \
+            trio_websocket.open_websocket_url(url, max_message_size=64 * 2**20) as ws:
+        base = await _processed(c, observe)
+        if subscribe:
+            await _subscribe(ws, observe, "value")
+
+        async def reader() -> None:
+            nonlocal t_accepted, t_done
+            replies = outputs = 0
+            while replies < total or (subscribe and outputs < total):
+                msg = orjson.loads(await ws.get_message())
+                if isinstance(msg, dict) and msg.get("method") == "actor.output":
+                    outputs += 1
+                    if outputs == total:
+                        t_done = time.perf_counter()
+                    continue
+                items = msg if isinstance(msg, list) else [msg]
+                failed = [it["error"] for it in items if "error" in it]
+                if failed:
+                    raise RuntimeError(f"{len(failed)} actor.send failed, e.g. {failed[0]}")
+                replies += len(items)
+                window.release()
+                if replies == total:
+                    t_accepted = time.perf_counter()
+
+        rid = 0
+        t0 = time.perf_counter()
+        with trio.fail_after(300):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                for _ in range(frames):
+                    await window.acquire()
+                    frame = []
+                    for _ in range(size):
+                        rid += 1
+                        frame.append({"jsonrpc": "2.0", "id": rid, "method": "actor.send",
+                                      "params": {"actor": actor, "port": "value", "value": rid}})
+                    await ws.send_message(orjson.dumps(frame if size > 1 else frame[0]).decode())
+            if not subscribe:
+                while await _processed(c, observe) < base + total:
+                    await trio.sleep(0.005)
+                t_done = time.perf_counter()
+    return total / (t_accepted - t0), total / (t_done - t0)
+
+
+async def host_figures(fig: Figures, *, kind: str, n: int, warmup: int, total: int, batches: int, state_n: int,
+                       restarts: int, sends: int) -> None:
+    """Every figure measured through a host with ``kind`` (memory | redis) mailboxes.
+
+    ``actor.call`` always takes the in-memory path (on a durable host through the same
+    rendezvous as the stream's messages); ``actor.send`` and the graph's A → B hop go through
+    the Redis stream when ``kind`` is redis.
+    """
+    tag = "memory" if kind == "memory" else "durable"
+    async with _open_host(kind) as url, open_client(url) as c:
+        async def call(i: int) -> None:
+            await _call_ok(c, "Double", i)
+
+        if kind == "memory":
+            fig.latency("ours.latency", await latency(call, n, warmup), "actor.call, memory mailbox, 1 in flight")
+            fig.add("ours.throughput32", await throughput(call, total, 32), "calls/s",
+                    note="actor.call, memory mailbox, 32 in flight")
+            fig.add("ours.batch64", await batch_throughput(
+                url, lambda rid: {"jsonrpc": "2.0", "id": rid, "method": "actor.call",
+                                  "params": {"actor": "Double", "inputs": {"value": rid}}},
+                batches, 64, outstanding=2), "msgs/s",
+                note="batch frames of 64 actor.call, 2 frames outstanding (the host caps 128 in flight)")
+        else:
+            fig.latency("ours.latency_on_durable_host", await latency(call, n, warmup),
+                        "actor.call on a host with durable mailboxes (the call itself stays in memory), 1 in flight")
+
+        fig.latency(f"ours.send_latency.{tag}", await send_to_output_latency(url, "Double", "Double", n, warmup, 2),
+                    f"actor.send → actor.output seen by a subscriber, {tag} mailbox, 1 in flight")
+        for label, frames, size, outstanding, what in [
+                ("single32", sends * 64, 1, 32, "single actor.send frames, 32 in flight"),
+                ("batch64", sends, 64, 2, "batch frames of 64 actor.send, 2 frames outstanding")]:
+            accepted, processed = await send_load(url, "Double", "Double", frames, size, outstanding)
+            fig.add(f"ours.send.{tag}.{label}.accepted", accepted, "msgs/s", [accepted],
+                    f"{what}, {tag} mailbox: until the last reply (every message accepted"
+                    f"{' into the Redis stream' if tag == 'durable' else ''})")
+            fig.add(f"ours.send.{tag}.{label}.processed", processed, "msgs/s", [processed],
+                    f"{what}, {tag} mailbox: until Double's processed count (supervisor.status) reached them all")
+        graph = "A → B (network: connection A.value → B.value), {tag} mailboxes, batch frames of 64 actor.send to A"
+        accepted, processed = await send_load(url, "A", "B", sends, 64, 2)
+        fig.add(f"ours.graph.{tag}", processed, "msgs/s", [processed],
+                graph.format(tag=tag) + ": until B's processed count (supervisor.status) reached them all")
+        fig.add(f"ours.graph.{tag}.accepted", accepted, "msgs/s", [accepted], "the same run, until the last reply")
+        _, processed = await send_load(url, "A", "B", sends, 64, 2, subscribe=True)
+        fig.add(f"ours.graph.{tag}.subscribed", processed, "msgs/s", [processed],
+                graph.format(tag=tag) + ": until a subscriber on B (same connection) saw every output")
+
+        if kind != "memory":
+            r = await c.call("StateProbe", {"n": 10})  # warm
+            r = await c.call("StateProbe", {"n": state_n})
+            deltas = [_plain(x) * 1e3 for x in _plain(r["outputs"]["deltas"])]
+            fig.add("ours.state_get.p50", pct(deltas, 50), "ms", deltas, "state.get timed inside the script")
+            fig.add("ours.state_get.p99", pct(deltas, 99), "ms", [], "")
+            await _restart(fig, c, restarts)
 
 
 async def _restart(fig: Figures, c, count: int) -> None:
@@ -156,6 +323,7 @@ async def _restart(fig: Figures, c, count: int) -> None:
     with trio.fail_after(60):
         await _call_ok(c, "Victim", 1)
     samples = []
+    lost = 0
     for k in range(count):
         with trio.fail_after(30):
             while True:  # wait until the restarted cell has a worker (and the pool refilled)
@@ -170,28 +338,43 @@ async def _restart(fig: Figures, c, count: int) -> None:
             os.kill(py, signal.SIGKILL)
             while True:
                 try:
-                    await _call_ok(c, "Victim", k)
+                    # A call the host loses would hang the bench: the host answers -32003 after 2 s
+                    # instead, which counts (and shows in the note) rather than stalls.
+                    r = await c.call("Victim", {"value": k}, timeout=2)
+                    assert _plain(r["outputs"]["value"]) == 2 * k, r
                     break
-                except RpcError:
+                except RpcError as exc:
+                    if exc.code == -32003:
+                        lost += 1
                     continue
             samples.append(time.perf_counter() - t0)
     ms = [x * 1e3 for x in samples]
     fig.add("ours.restart.p50", pct(ms, 50), "ms", ms,
-            "SIGKILL the worker's python → next call succeeds; default backoff, each a first crash")
+            "SIGKILL the worker's python → next call succeeds; default backoff, each a first crash"
+            + (f"; {lost} call(s) sent around a crash got no answer and timed out after 2 s "
+               "(-32003): a lost message" if lost else ""))
 
 
 def discovery(fig: Figures, reps: int) -> None:
+    """``discover()`` of generated workspaces: half Python (``@actor``), half JavaScript
+    (``module.exports = actor({...}, fn)``), ten directories."""
     for count in (100, 1000):
         with tempfile.TemporaryDirectory(prefix="reflow-disc-") as tmp:
             root = Path(tmp)
             for i in range(count):
                 d = root / f"g{i % 10}"
                 d.mkdir(exist_ok=True)
-                (d / f"a{i}.actor.py").write_text(DOUBLE_SOURCE.replace('"Double"', f'"Double{i}"'))
+                if i % 2:
+                    (d / f"a{i}.actor.js").write_text(DOUBLE_JS_SOURCE.replace("'Double'", f"'Double{i}'"))
+                else:
+                    (d / f"a{i}.actor.py").write_text(DOUBLE_SOURCE.replace('"Double"', f'"Double{i}"'))
             samples = []
             for _ in range(reps):
                 t0 = time.perf_counter()
-                found = discover(root, ["**/*.actor.py"])
+                found = discover(root, ["**/*.actor.py", "**/*.actor.js"])
                 samples.append((time.perf_counter() - t0) * 1e3)
             assert len(found.components) == count, (len(found.components), found.problems[:3])
-        fig.add(f"ours.discovery{count}", median(samples), "ms", samples, f"discover() of {count} generated files")
+            runtimes = sorted(c.runtime for c in found.components)
+            assert runtimes.count("javascript") == count // 2, runtimes
+        fig.add(f"ours.discovery{count}", median(samples), "ms", samples,
+                f"discover() of {count} generated files, {count // 2} Python + {count // 2} JavaScript")

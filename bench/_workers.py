@@ -9,14 +9,16 @@ from pathlib import Path
 import orjson
 import trio
 
+from supervisor._host import runtime_unavailable
 from supervisor._pool import WorkerPool
 from supervisor._sandbox._base import Worker, WorkerSpec
-from supervisor._sandbox._bubblewrap import BubblewrapBackend, runtime_dir
+from supervisor._sandbox._bubblewrap import BubblewrapBackend
 from supervisor._sandbox._spawn import descendants
 
 from ._stats import Figures, pct
 
-__all__ = ["DOUBLE_SOURCE", "cold_start", "idle_rss", "load_and_process", "warm_acquire_load"]
+__all__ = ["DOUBLE_JS_SOURCE", "DOUBLE_SOURCE", "cold_start", "idle_rss", "load_and_process", "sandbox_rss",
+           "warm_acquire_load"]
 
 DOUBLE_SOURCE = '''\
 from reflow import actor
@@ -24,6 +26,14 @@ from reflow import actor
 @actor(name="Double", inports=["value"], outports=["value"])
 async def double(context):
     return {"value": context.get_input("value") * 2}
+'''
+
+# The same actor for the Node runtime, in the ``module.exports = actor(...)`` form.
+DOUBLE_JS_SOURCE = '''\
+const { actor } = require('reflow');
+
+module.exports = actor({name: 'Double', inports: ['value'], outports: ['value']},
+                       (context) => ({value: context.getInput('value') * 2}));
 '''
 
 _ids = itertools.count(1)
@@ -41,13 +51,13 @@ async def _rpc(w: Worker, method: str, params: dict) -> dict:
             return msg.get("result") or {}
 
 
-async def load(w: Worker, source: str) -> None:
-    await _rpc(w, "load", {"source": source, "filename": "double.actor.py", "entry": None, "actor_id": "Double",
+async def load(w: Worker, source: str, filename: str = "double.actor.py") -> None:
+    await _rpc(w, "load", {"source": source, "filename": filename, "entry": None, "actor_id": "Double",
                            "config": {}, "limits": {}})
 
 
-async def load_and_process(w: Worker, source: str, value: int) -> int:
-    await load(w, source)
+async def load_and_process(w: Worker, source: str, value: int, filename: str = "double.actor.py") -> int:
+    await load(w, source, filename)
     r = await _rpc(w, "process", {"actor_id": "Double", "payload": {"value": {"type": "integer", "value": value}},
                                   "config": {}, "timestamp": int(time.time() * 1000), "message_id": "m"})
     return r["outputs"]["value"]["value"]
@@ -57,10 +67,10 @@ async def cold_start(fig: Figures, n: int) -> None:
     """``backend.start`` → ready, Python (and Node when its runtime exists)."""
     backend = BubblewrapBackend()
     runtimes = [("python", "python")]
-    if (runtime_dir() / "js" / "reflow_worker.js").exists():
+    if (why := runtime_unavailable("javascript")) is None:
         runtimes.append(("node", "javascript"))
     else:
-        fig.skip("ours.cold_start.node.p50", "no JS runtime yet (supervisor/runtime/js/reflow_worker.js missing)")
+        fig.skip("ours.cold_start.node.p50", why)
     for label, rt in runtimes:
         samples = []
         for i in range(n + 1):
@@ -71,7 +81,7 @@ async def cold_start(fig: Figures, n: int) -> None:
             if i:
                 samples.append(dt)
         ms = [x * 1e3 for x in samples]
-        fig.add(f"ours.cold_start.{label}.p50", pct(ms, 50), "ms", ms, "bwrap start → ready frame")
+        fig.add(f"ours.cold_start.{label}.p50", pct(ms, 50), "ms", ms, "backend.start (bwrap spawn) → ready frame")
 
 
 async def warm_acquire_load(fig: Figures, n: int) -> None:
@@ -93,7 +103,6 @@ async def warm_acquire_load(fig: Figures, n: int) -> None:
             pool.release(w)
         nursery.cancel_scope.cancel()
     ms = [x * 1e3 for x in samples]
-    from ._stats import pct
     fig.add("ours.warm_acquire_load.p50", pct(ms, 50), "ms", ms, "pool.acquire (warm) + load of the trivial actor")
 
 
@@ -110,22 +119,50 @@ def worker_python_pid(bwrap_pid: int) -> int:
     raise LookupError(f"no reflow_worker under pid {bwrap_pid}")
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise LookupError(f"no VmRSS for {pid}")
+def sandbox_rss(w: Worker) -> tuple[float, float, list[dict]]:
+    """(RSS MB, PSS MB, per-process rows) summed over the processes *inside* the sandbox's pid
+    namespace: bwrap's pid 1 and the interpreter. The outer bwrap (host namespace) is listed
+    in the rows but not summed."""
+    rows, rss, pss = [], 0, 0
+    for p in [w.pid, *descendants(w.pid)]:
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines()
+                          if ":" in line)
+            p_pss = next(int(line.split()[1]) for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
+                         if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            continue  # gone meanwhile
+        inside = len(status["NSpid"].split()) > 1
+        p_rss = int(status["VmRSS"].split()[0])
+        rows.append({"name": status["Name"].strip(), "inside": inside, "rss_kb": p_rss, "pss_kb": p_pss})
+        if inside:
+            rss, pss = rss + p_rss, pss + p_pss
+    if not any(r["inside"] for r in rows):
+        raise LookupError(f"no process inside the sandbox of pid {w.pid}")
+    return rss / 1024, pss / 1024, rows
 
 
 async def idle_rss(fig: Figures) -> None:
-    """VmRSS of the idle (ready, nothing loaded) and loaded python inside bwrap."""
-    w = await BubblewrapBackend().start(WorkerSpec(runtime="python"))
-    try:
-        py = worker_python_pid(w.pid)
-        idle = rss_kb(py) / 1024
-        await load(w, DOUBLE_SOURCE)
-        loaded = rss_kb(py) / 1024
-    finally:
-        await w.aclose()
-    fig.add("ours.idle_rss.python", idle, "MB", [idle], "VmRSS of python inside bwrap, ready")
-    fig.add("ours.loaded_rss.python", loaded, "MB", [loaded], "after loading the trivial actor")
+    """RSS of an idle (ready, nothing loaded) and a loaded worker, Python and Node, summed over the
+    processes inside the sandbox (``sandbox_rss``)."""
+    backend = BubblewrapBackend()
+    for label, rt, source, filename in [("python", "python", DOUBLE_SOURCE, "double.actor.py"),
+                                        ("node", "javascript", DOUBLE_JS_SOURCE, "double.actor.js")]:
+        if rt == "javascript" and (why := runtime_unavailable(rt)) is not None:
+            fig.skip("ours.idle_rss.node", why)
+            fig.skip("ours.loaded_rss.node", why)
+            continue
+        w = await backend.start(WorkerSpec(runtime=rt))
+        try:
+            idle, idle_pss, rows = sandbox_rss(w)
+            await load(w, source, filename)
+            loaded, loaded_pss, _ = sandbox_rss(w)
+        finally:
+            await w.aclose()
+        procs = " + ".join(f"{r['name']} {r['rss_kb'] / 1024:.1f}" for r in rows if r["inside"])
+        outer = sum(r["rss_kb"] for r in rows if not r["inside"]) / 1024
+        fig.add(f"ours.idle_rss.{label}", idle, "MB", [idle],
+                f"sum of VmRSS inside the sandbox, ready: {procs} MB (PSS {idle_pss:.1f} MB; "
+                f"the outer bwrap adds {outer:.1f} MB RSS)")
+        fig.add(f"ours.loaded_rss.{label}", loaded, "MB", [loaded],
+                f"after loading the trivial actor (PSS {loaded_pss:.1f} MB)")

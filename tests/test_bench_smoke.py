@@ -9,6 +9,8 @@ from pathlib import Path
 
 import orjson
 
+from bench._report import ROWS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Figures that need nothing beyond what `make test` installs (bubblewrap, the Python runtime).
@@ -18,6 +20,11 @@ REQUIRED = {
     "ours.latency.p50", "ours.latency.p99", "ours.throughput32", "ours.batch64",
     "ours.cold_start.python.p50", "ours.warm_acquire_load.p50", "ours.idle_rss.python",
     "ours.discovery100", "ours.discovery1000", "ours.state_get.p50", "ours.restart.p50",
+    "ours.latency_on_durable_host.p50", "ours.send_latency.memory.p50", "ours.send_latency.durable.p50",
+    "ours.send.memory.single32.accepted", "ours.send.durable.single32.accepted",
+    "ours.send.memory.batch64.accepted", "ours.send.durable.batch64.accepted",
+    "ours.send.memory.batch64.processed", "ours.send.durable.batch64.processed",
+    "ours.graph.memory", "ours.graph.durable",
 }
 
 
@@ -33,6 +40,10 @@ def test_quick_bench_reports_every_figure(tmp_path):
         assert isinstance(f["value"], float) and math.isfinite(f["value"]) and f["value"] > 0, (name, f)
     for name, reason in data["skipped"].items():
         assert name not in figures and reason, name
+    # Nothing in the table is silently blank: each figure it names (Node's and Ray's included,
+    # which the smoke run may skip) was measured or skipped with a reason.
+    named = {n for row in ROWS for n in row[1:3] if n}
+    assert named <= figures.keys() | data["skipped"].keys(), named - figures.keys() - data["skipped"].keys()
     assert data["machine"]["nproc"] >= 1
     md = (out / "latest.md").read_text()
     assert "| figure | ours | baseline | ratio | target |" in md
