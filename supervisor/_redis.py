@@ -54,6 +54,9 @@ def _encode(args: Sequence[Any]) -> bytes:
     return b"".join(out)
 
 
+_SEND_TIMEOUT = 10.0
+
+
 class _Slot:
     __slots__ = ("event", "replies", "want", "error")
 
@@ -112,15 +115,30 @@ class _Connection:
         slot = _Slot(len(commands))
         data = b"".join(_encode(c) for c in commands)
         async with self.send_lock:
+            # Once the slot is queued its command must reach Redis whole: a write cut off by
+            # a cancellation would leave a slot no reply answers (every later caller would
+            # get its predecessor's reply) or half a command on the wire. So the write is
+            # shielded; a socket that accepts nothing for _SEND_TIMEOUT fails the connection.
             self.pending.append(slot)
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self.fail(f"lost the Redis connection: {exc}")
-        await slot.event.wait()
+            with trio.CancelScope(shield=True):
+                try:
+                    with trio.fail_after(_SEND_TIMEOUT):
+                        await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self.fail(f"lost the Redis connection: {exc}")
+                except trio.TooSlowError:
+                    self.fail(f"Redis accepted nothing for {_SEND_TIMEOUT:g} s")
+                    await trio.aclose_forcefully(self.stream)
+        await slot.event.wait()  # a caller cancelled here leaves its slot to take its reply
         if slot.error is not None:
             raise slot.error
         return slot.replies
+
+
+def _raise_if_loading(reply: Any) -> None:
+    """A restarted server answers LOADING while it replays its AOF: not there yet, not an error."""
+    if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("LOADING"):
+        raise RedisUnavailable(f"Redis is still loading its data: {reply}")
 
 
 class Redis:
@@ -186,12 +204,15 @@ class Redis:
     async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         conn = await self._connection()
         replies = await conn.roundtrip(commands)
+        for r in replies:
+            _raise_if_loading(r)
         return [RedisError(str(r)) if isinstance(r, hiredis.ReplyError) else r for r in replies]
 
     async def execute(self, *args: Any) -> Any:
         conn = await self._connection()
         (reply,) = await conn.roundtrip((args,))
         if isinstance(reply, hiredis.ReplyError):
+            _raise_if_loading(reply)
             raise RedisError(f"{args[0]}: {reply}")
         return reply
 

@@ -1,0 +1,75 @@
+"""The host's trio Redis client against the real embedded redis-server.
+
+Its one job besides moving bytes is keeping replies matched to their callers while many
+tasks pipeline on one connection and some of them are cancelled mid-call — which is what
+happens to a cell's Redis calls whenever its worker is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import trio
+
+from supervisor._redis import RedisUnavailable, open_redis, serve_embedded_redis
+
+
+async def test_replies_reach_their_callers_when_callers_are_cancelled_mid_call(tmp_path, nursery):
+    url = await nursery.start(serve_embedded_redis, tmp_path)
+    rng = random.Random(7)
+    completed = cancelled = 0
+    async with open_redis(url) as redis:
+
+        async def caller(k: int) -> None:
+            nonlocal completed, cancelled
+            for i in range(100):
+                # Large values fill the socket buffer, so cancellations land during the
+                # write as well as while waiting for the reply.
+                token = f"{k}:{i}:".encode() + os.urandom(rng.choice((8, 64 << 10, 512 << 10)))
+                with trio.move_on_after(rng.uniform(0, 0.004)) as scope:
+                    reply = await redis.execute("ECHO", token)
+                if scope.cancelled_caught:
+                    cancelled += 1
+                else:
+                    assert reply == token, "a reply reached the wrong caller"
+                    completed += 1
+
+        async with trio.open_nursery() as callers:
+            for k in range(16):
+                callers.start_soon(caller, k)
+        assert await redis.execute("ECHO", b"after") == b"after"
+    assert completed > 0 and cancelled > 0, (completed, cancelled)
+
+
+async def test_a_dead_redis_fails_calls_in_flight_and_the_next_call_reconnects(tmp_path, nursery):
+    url = await nursery.start(serve_embedded_redis, tmp_path)  # restarts the server when it dies
+    async with open_redis(url) as redis:
+        await redis.execute("SET", "k", "v")
+        assert redis.connected
+        pid = int((tmp_path / "redis.pid").read_text())
+        failures: list[BaseException] = []
+
+        async def blocked() -> None:
+            try:
+                await redis.execute("BLPOP", "nothing", 0)
+            except RedisUnavailable as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(blocked)  # in flight when Redis dies
+            async with open_redis(url) as probe:
+                with trio.fail_after(5):
+                    while b"blocked_clients:1" not in await probe.execute("INFO", "clients"):
+                        await trio.sleep(0.005)
+            os.kill(pid, signal.SIGKILL)
+        assert len(failures) == 1 and "connection" in str(failures[0]), failures
+        with trio.fail_after(10):
+            while True:
+                try:
+                    await redis.execute("PING")
+                    break
+                except RedisUnavailable:
+                    await trio.sleep(0.02)  # the supervisor restarts redis-server
+        assert redis.connected
