@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 import time
+import traceback
+from pathlib import Path
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
@@ -17,8 +19,14 @@ class KeyValueFormatter(logging.Formatter):
         line = f"{ts} {record.levelname.lower():7} {record.name.removeprefix('supervisor.')}: {record.getMessage()}"
         if fields:
             line += "  " + fields
-        if record.exc_info and logging.getLogger().isEnabledFor(logging.DEBUG):
-            line += "\n" + self.formatException(record.exc_info)
+        if record.exc_info and record.exc_info[1] is not None:
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                line += "\n" + self.formatException(record.exc_info)
+            else:  # the operator gets what and where in one line; the traceback at --log-level debug
+                exc = record.exc_info[1]
+                tb = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+                where = f" at={Path(tb[0].filename).name}:{tb[0].lineno}" if tb else ""
+                line += f"  error={_fmt(f'{type(exc).__name__}: {exc}')}{where}"
         return line
 
 

@@ -200,8 +200,8 @@ class Supervisor:
                     self._last_exited = name
                     if abnormal:
                         node.last_error = error_info(error)
-                        log.error("child failed: %s", error,
-                                  extra={"child": name, "supervisor": self.name, "error_type": type(error).__name__})
+                        log.error("child failed", exc_info=error,
+                                  extra={"child": name, "supervisor": self.name})
                     self._pstate, actions = policy.decide(self._pstate, policy.ChildExited(
                         name, abnormal, time.monotonic(), jitter_u=self._rng.uniform(-1, 1),
                         reason=str(error) if error else "normal"))
