@@ -2,39 +2,30 @@
 
 ``async with open_client(url, token=...) as c: await c.call("Calc", {"a": 1})``.
 
-Each call is a pending slot keyed by its id, resolved by the connection's
-reader. When the connection is lost every pending call fails with
-:class:`ConnectionLost` — never hangs, and is never silently sent again
-unless the caller marked it ``idempotent=True``. With ``reconnect=True`` (the
-default) the client reconnects with exponential backoff and jitter and
-re-subscribes every live subscription, which keeps delivering.
+Each connection is a :class:`~supervisor._peer.Peer` over the WebSocket: a
+call is a pending slot keyed by its id, resolved by the connection's reader,
+and a cancelled call tells the host with ``$/cancelRequest``. When the
+connection is lost every pending call fails with :class:`ConnectionLost` —
+never hangs, and is never silently sent again unless the caller marked it
+``idempotent=True``. With ``reconnect=True`` (the default) the client
+reconnects with exponential backoff and jitter and re-subscribes every live
+subscription, which keeps delivering.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import random
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import trio
 import trio_websocket
 
+# One definition of each error, in _peer; this is their public home.
+from ._peer import ConnectionLost as ConnectionLost, Peer, RpcError as RpcError, WebSocketTransport, open_peer
+
 __all__ = ["Client", "ConnectionLost", "RpcError", "open_client"]
-
-
-class RpcError(Exception):
-    """The host answered with a JSON-RPC error."""
-
-    def __init__(self, code: int, message: str, data: Any = None):
-        super().__init__(f"{message} ({code})")
-        self.code, self.message, self.data = code, message, data
-
-
-class ConnectionLost(Exception):
-    """The connection to the host broke while the call was pending (or could not be made)."""
 
 
 class _Sub:
@@ -52,10 +43,9 @@ class Client:
         self._max = max_message_size
         self._reconnect = reconnect
         self._backoff = backoff
-        self._ids = itertools.count(1)
         self._ws: trio_websocket.WebSocketConnection | None = None
+        self._peer: Peer | None = None
         self._connected = trio.Event()
-        self._pending: dict[int, tuple[trio.Event, list]] = {}
         self._notifications: dict[str, trio.MemorySendChannel] = {}
         self._subs: dict[int, _Sub] = {}
         self._lost: str | None = "not connected yet"
@@ -71,55 +61,42 @@ class Client:
                         self.url, extra_headers=self._headers, max_message_size=self._max,
                         connect_timeout=10, disconnect_timeout=2) as ws:
                     failures = 0
-                    self._ws, self._lost = ws, None
-                    self.connections += 1
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._reader, ws, nursery.cancel_scope)
+                    async with open_peer(WebSocketTransport(ws), on_notification=self._notify) as peer:
+                        self._ws, self._peer, self._lost = ws, peer, None
+                        self.connections += 1
                         self._connected.set()
                         if first:
                             first = False
                             task_status.started()
-                        nursery.start_soon(self._resubscribe)
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(self._resubscribe)
+                            await peer.wait_lost()  # the peer failed its pending calls
+                            # At once, not after the close: idempotent retries wait for
+                            # the next connection instead of spinning on this one.
+                            self._lost, self._connected = peer.closed_reason, trio.Event()
+                            nursery.cancel_scope.cancel()
             except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
                 if first:
                     raise
                 self._lost = f"cannot connect to {self.url}: {exc.__cause__ or exc}"
             finally:
-                self._ws = None
-                self._connected = trio.Event()
-                self._fail_pending()
+                self._ws = self._peer = None
+                if self._connected.is_set():  # (an unset one may have waiters: keep it)
+                    self._connected = trio.Event()
+                self._lost = self._lost or "connection closed"
             if not self._reconnect:
                 return
             failures += 1
             lo, hi = self._backoff
             await trio.sleep(min(hi, lo * 2 ** (failures - 1)) * random.uniform(0.8, 1.2))
 
-    def _fail_pending(self) -> None:
-        self._lost = self._lost or "connection closed"
-        for event, _ in self._pending.values():
-            event.set()
-
-    async def _reader(self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
-        try:
-            while True:
-                msg = orjson.loads(await ws.get_message())
-                for item in msg if isinstance(msg, list) else [msg]:
-                    if "method" in item:
-                        self._notify(item)
-                        continue
-                    slot = self._pending.pop(item.get("id"), None)
-                    if slot is not None:
-                        slot[1].append(item)
-                        slot[0].set()
-        except trio_websocket.ConnectionClosed as exc:
-            self._lost = f"connection closed: {exc.reason}"
-        finally:
-            self._fail_pending()
-            scope.cancel()
-
-    def _notify(self, item: dict) -> None:
-        params = item.get("params") or {}
-        ch = self._notifications.get(params.get("subscription") or item["method"])
+    def _notify(self, method: str, params: Any) -> None:
+        """Called by the peer's reader, in order: route by subscription id, else by method."""
+        item: dict = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            item["params"] = params
+        sub = params.get("subscription") if isinstance(params, dict) else None
+        ch = self._notifications.get(sub if sub and isinstance(sub, (str, int)) else method)
         if ch is not None:
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 ch.send_nowait(item)
@@ -147,34 +124,11 @@ class Client:
                 await self._connected.wait()
 
     async def _request_once(self, method: str, params: Any) -> Any:
-        ws = self._ws
-        if ws is None or self._lost:
+        peer = self._peer
+        if peer is None or self._lost:
             raise ConnectionLost(self._lost or "not connected")
-        rid = next(self._ids)
-        event, box = trio.Event(), []
-        self._pending[rid] = (event, box)
-        msg: dict = {"jsonrpc": "2.0", "id": rid, "method": method}
-        if params is not None:
-            msg["params"] = params
-        try:
-            await ws.send_message(orjson.dumps(msg).decode())
-            await event.wait()
-        except trio.Cancelled:
-            with contextlib.suppress(Exception), trio.CancelScope(shield=True), trio.move_on_after(1):
-                await ws.send_message(orjson.dumps(
-                    {"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": rid}}).decode())
-            raise
-        except trio_websocket.ConnectionClosed as exc:
-            raise ConnectionLost(f"connection closed: {exc.reason}") from exc
-        finally:
-            self._pending.pop(rid, None)
-        if not box:
-            raise ConnectionLost(self._lost or "connection closed")
-        reply = box[0]
-        if "error" in reply:
-            e = reply["error"]
-            raise RpcError(e.get("code"), e.get("message"), e.get("data"))
-        return reply.get("result")
+        # Cancelled (a timeout around us): the peer sends $/cancelRequest and drops the slot.
+        return await peer.call(method, params)
 
     def on_notification(self, key: str, size: int = 1000) -> trio.MemoryReceiveChannel:
         """Channel of notifications for a subscription id or a method name (e.g. ``output``)."""
