@@ -103,6 +103,7 @@ class Envelope:
     error: ActorError | None = None
     stream_id: bytes | None = None              # set for messages from the durable inbox
     attempts: int = 0
+    outage: bool = False                        # a state call met Redis unavailable
     body: bytes | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
 
@@ -169,6 +170,10 @@ class ActorCell:
         self.prefetched: Envelope | None = None  # sent to the worker behind ``current``
         self.inbox = inbox_key(cfg.workspace.redis.namespace, self.name)
         self.wake: trio.Event | None = None
+        self.in_hand: set[bytes] = set()  # durable entries this run took and has not finished (see feed)
+        self.resweep = False
+        self.charged: set[bytes] = set()  # durable entries a run died holding: they cost an attempt
+        self.runs = 0
 
     @property
     def component(self) -> ComponentSpec:
@@ -214,6 +219,7 @@ class ActorCell:
             ScriptLoadFailed: the script does not load.
         """
         self.stopped_reason = None
+        self.runs += 1
         worker = await self.host.pool.acquire(self.component.runtime)
         self.worker, self.tier = worker, worker.tier
         failure: BaseException | None = None
@@ -257,7 +263,10 @@ class ActorCell:
                 env, self.current = self.current, None
                 if env is not None:
                     if env.stream_id is not None:
-                        pass  # still pending in its stream: the next run's feeder requeues it
+                        # Still pending in its stream: the next run's feeder hands it out again,
+                        # counting an attempt unless it was only stopped by its supervisor.
+                        if not _cancelled(failure):
+                            self.charged.add(env.stream_id)
                     elif died_by_itself:
                         env.fail(_death_error(self.name, worker.exit_info))
                     elif self.host.stopping:
@@ -397,7 +406,7 @@ class ActorCell:
             reply = await self._reply(worker, rid, env, txn)
         if scope.cancelled_caught:
             env.fail(ActorTimedOut(f"actor {self.name!r} took longer than {timeout:g}s", {"timeout": timeout}))
-            self.current = None
+            self._charge(env)
             worker.kill(limit="time")
             await worker.wait()
             raise ActorTimedOut(f"actor {self.name!r} timed out after {timeout:g}s; its worker was killed")
@@ -406,18 +415,18 @@ class ActorCell:
             if err.get("code") == ResourceLimitExceeded.code:
                 limit = (err.get("data") or {}).get("limit", "memory")
                 env.fail(ResourceLimitExceeded(limit, f"actor {self.name!r} exceeded its {limit} limit"))
-                self.current = None
+                self._charge(env)
                 worker.kill(limit=limit)
                 await worker.wait()
                 return
             error = ActorFailed(f"actor {self.name!r} failed: {err.get('message')}", err.get("data"))
             final = True  # no further attempt will be made: the error port hears of it
             if env.stream_id is not None:
-                try:
+                final = False
+                if env.outage:  # Redis went away under the script: not the message's fault
+                    self._lost_to_outage(env)
+                else:
                     final = await self._retry_later(env, err.get("data") or {"message": err.get("message")})
-                except (RedisUnavailable, RedisError) as exc:  # stays pending: the next run requeues it
-                    final = False
-                    log.error("could not requeue a failed message: %s", exc, extra={"actor": self.name})
             if final and "error" in self.component.outports:
                 await self._emit_error(env, err)
             env.fail(error)
@@ -427,8 +436,15 @@ class ActorCell:
         try:
             await self.host.commit(self, txn, routed, env)
         except ActorError as exc:
+            if env.stream_id is not None:
+                if isinstance(exc.__cause__, RedisUnavailable):
+                    self._lost_to_outage(env)
+                else:  # Redis refused the commit (e.g. out of memory): that costs an attempt
+                    await self._retry_later(env, {"type": "CommitFailed", "message": exc.message})
             env.fail(exc)
             return
+        if env.stream_id is not None:
+            self.in_hand.discard(env.stream_id)
         self.processed += 1
         env.resolve(outputs)
         self.host.publish(self, routed, env.message_id)
@@ -447,13 +463,34 @@ class ActorCell:
             return
         self.host.publish(self, routed, env.message_id)
 
+    def _charge(self, env: Envelope) -> None:
+        """``env`` ended its worker (time or resource limit): it has been answered, and if
+        durable it costs an attempt when the next run hands it out again."""
+        self.current = None
+        if env.stream_id is not None:
+            self.charged.add(env.stream_id)
+
+    def _lost_to_outage(self, env: Envelope) -> None:
+        """A durable message whose outcome Redis could not record: still pending in its
+        stream, it is handed out again by the feeder's next sweep, no attempt counted."""
+        assert env.stream_id is not None
+        self.in_hand.discard(env.stream_id)
+        self.resweep = True
+        poke(self)
+
     async def _retry_later(self, env: Envelope, error: dict) -> bool:
         """A durable message the script failed on: to the back of the inbox, or dead letters
         (then True: it will not be tried again)."""
         assert env.stream_id is not None and env.body is not None
         cmds, dead = retry_or_deadletter_cmds(self, self.inbox, env.stream_id, env.body, env.attempts + 1, error,
                                               self.process.max_deliveries)
-        await self.host.redis.transaction(cmds)
+        try:
+            await self.host.redis.transaction(cmds)
+        except (RedisUnavailable, RedisError) as exc:
+            log.error("could not requeue a failed message: %s", exc, extra={"actor": self.name})
+            self._lost_to_outage(env)
+            return False
+        self.in_hand.discard(env.stream_id)
         if dead:
             log.error("message moved to the dead-letter stream after %d attempts", env.attempts + 1,
                       extra={"actor": self.name, "message_id": env.message_id})
@@ -493,7 +530,8 @@ class ActorCell:
             if not isinstance(params, dict):
                 params = {}
             if method == "state" and txn is not None:
-                await self._state_call(worker, msg.get("id"), txn, params)
+                if not await self._state_call(worker, msg.get("id"), txn, params) and env is not None:
+                    env.outage = True
             elif method == "output" and env is not None:
                 port, message = params.get("port"), params.get("message")
                 if not isinstance(port, str) or not is_typed(message):
@@ -513,7 +551,9 @@ class ActorCell:
             self.current = None  # failed here: never handed to the next incarnation
         raise error
 
-    async def _state_call(self, worker: Worker, sid: Any, txn: StateTxn, params: dict) -> None:
+    async def _state_call(self, worker: Worker, sid: Any, txn: StateTxn, params: dict) -> bool:
+        """Serve one state call; False if Redis could not be reached for it."""
+        reachable = True
         try:
             args = params.get("args") or []
             if not isinstance(args, list):
@@ -524,6 +564,8 @@ class ActorCell:
             reply = {"jsonrpc": "2.0", "id": sid, "error": exc.to_error()}
         except (RedisUnavailable, RedisError) as exc:
             # The script sees the state call fail (and its message fails); the worker lives on.
+            reachable = not isinstance(exc, RedisUnavailable)
             reply = {"jsonrpc": "2.0", "id": sid, "error": {"code": ActorFailed.code,
                                                             "message": f"state unavailable: {exc}"}}
         await worker.channel.send(orjson.dumps(reply))
+        return reachable

@@ -7,8 +7,9 @@ MULTI/EXEC commits the state changes, the downstream XADDs and XACK+XDEL.
 
 A worker that dies mid-message leaves the entry pending in the group; when
 the cell starts again its feeder reads its pending entries first and puts
-each back at the end of the stream with one more attempt recorded (field
-``a``), so the delivery count survives any number of host crashes. A script
+the one the worker held back at the end of the stream with one more attempt
+recorded (field ``a``), so the delivery count survives any number of host
+crashes; entries that were only read ahead are handed out again as they are. A script
 that raises is retried the same way. After ``max_deliveries`` attempts the
 entry moves to ``{ns}:deadletter`` with the error. Only this host writes a
 process's inbox (single activation), so a wake-up event replaces blocking
@@ -99,48 +100,86 @@ async def feed(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None:
     Redis going away is not the actor's failure: the feeder waits and retries
     (logging once per outage) instead of crashing the cell, whose supervisor
     would otherwise count every retry against its intensity.
+
+    Every run starts with a sweep of the entries taken and never acknowledged.
+    Only an entry a worker died holding (``cell.charged``) costs an attempt and
+    goes to the back of the stream, spaced by ``crash_spacing``; the others were
+    merely read ahead and are handed out again as they are. On the cell's first
+    run in this host process nothing says which entry an earlier host's worker
+    held, so each pending entry costs one.
+
+    ``cell.in_hand`` holds the stream ids this run has handed to the cell and
+    not finished. A later sweep, after an outage made a commit fail, hands back
+    only what is pending and not in hand, with no attempt counted: nothing is
+    run twice, nothing is left behind.
     """
+    cell.in_hand = set()
+    cell.resweep = False
+    first = True
     failures = 0
     while True:
         try:
-            await _feed(cell, send)
+            await _sweep(cell, send, first)
+            first = False
+            failures = 0
+            await _read_new(cell, send)
         except (RedisUnavailable, RedisError) as exc:
             if failures == 0:
                 log.error("cannot read the inbox of %s: %s; retrying", cell.name, exc)
             failures += 1
             await trio.sleep(min(5.0, 0.05 * 2 ** min(failures, 7)))
-        else:
-            return
 
 
-async def _feed(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None:
+def _envelope(sid: bytes, f: dict[bytes, bytes]) -> Envelope:
     from ._cell import Envelope
 
+    body = orjson.loads(f[b"m"])
+    return Envelope(inputs=body["inputs"], message_id=body["id"], stream_id=sid,
+                    attempts=int(f.get(b"a", b"0")), body=f[b"m"])
+
+
+async def _sweep(cell: ActorCell, send: trio.MemorySendChannel[Envelope], first: bool) -> None:
+    """The entries taken but never acknowledged (see ``feed``)."""
     redis = cell.host.redis
     key = cell.inbox
     batch = cell.host.config.workspace.mailbox.batch
     await ensure_group(redis, key)
-    # 1. What an earlier run took but never acknowledged: count the attempt, requeue.
+    cell.resweep = False
     start = b"0"
     while True:
         reply = await redis.execute("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, start)
         entries = reply[0][1] if reply else []
         if not entries:
-            break
+            if first:
+                cell.charged.clear()  # acknowledged after all (the commit made it)
+            return
         for sid, raw in entries:
             start = sid
             if raw is None:  # deleted meanwhile
                 await redis.pipeline(done_cmds(key, sid))
                 continue
             f = _fields(raw)
+            if not (first and (cell.runs <= 1 or sid in cell.charged)):
+                if sid not in cell.in_hand:
+                    cell.in_hand.add(sid)
+                    await send.send(_envelope(sid, f))
+                continue
+            cell.charged.discard(sid)
             attempts = int(f.get(b"a", b"0")) + 1
             cmds, dead = retry_or_deadletter_cmds(
                 cell, key, sid, f[b"m"], attempts,
                 {"type": "WorkerDied", "message": "the worker died while handling this message"},
                 cell.process.max_deliveries, not_before=time.time() + crash_spacing(cell))
             await redis.transaction(cmds)
-    # 2. New entries, woken by whoever adds to the inbox (and a slow poll as a safety net).
-    while True:
+
+
+async def _read_new(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None:
+    """New entries, woken by whoever adds to the inbox (and a slow poll as a safety net),
+    until a commit lost to an outage asks for another sweep."""
+    redis = cell.host.redis
+    key = cell.inbox
+    batch = cell.host.config.workspace.mailbox.batch
+    while not cell.resweep:
         wake = cell.wake = trio.Event()
         reply = await redis.execute("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, ">")
         entries = reply[0][1] if reply else []
@@ -153,10 +192,8 @@ async def _feed(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None
             hold = float(f.get(b"t", b"0")) - time.time()
             if hold > 0:  # it killed a worker: see crash_spacing (later entries wait behind it)
                 await trio.sleep(hold)
-            body = orjson.loads(f[b"m"])
-            env = Envelope(inputs=body["inputs"], message_id=body["id"], stream_id=sid,
-                           attempts=int(f.get(b"a", b"0")), body=f[b"m"])
-            await send.send(env)
+            cell.in_hand.add(sid)
+            await send.send(_envelope(sid, f))
 
 
 def poke(cell: ActorCell) -> None:
