@@ -60,13 +60,14 @@ async def test_poison_message_lands_in_dead_letters_and_leaves_no_trace(make_hos
 
 async def test_accepted_messages_survive_a_host_sigkill_exactly_once(make_host):
     host = await make_host({"counter.actor.py": COUNTER})
-    n = 20
+    n = 60  # 50 ms each: seconds of work, so the kill lands mid-stream
     async with open_client(host.url) as c:
         for _ in range(n):
             await c.request("actor.send", {"actor": "Counter", "port": "n", "value": 1})
         await wait_for(lambda: _redis(host).get("reflow:Counter:state:total") is not None)
-    host.proc.kill()
-    assert int(_redis(host).get("reflow:Counter:state:total")) < n  # work was still pending  # mid-stream: some processed, some pending, maybe one in the worker
+    before = int(_redis(host).get("reflow:Counter:state:total"))
+    host.proc.kill()  # some processed, some pending, maybe one in the worker
+    assert before < n, "the kill must land with work still pending"
     await host.wait()
     await host.start()
     r = _redis(host)
