@@ -100,6 +100,7 @@ _Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 _Backend = Literal["auto", "microsandbox", "bubblewrap", "process"]
 _RestartType = Literal["permanent", "transient", "temporary"]
 _MailboxKind = Literal["redis", "memory"]
+_Fsync = Literal["always", "everysec", "no"]
 
 
 # -- the schema ----------------------------------------------------------------------------------
@@ -142,6 +143,10 @@ class RedisConfig:
     url: str | None = None               # None → embedded Redis under the state dir
     namespace: str = "reflow"
     ttl: Duration | None = None
+    # The embedded server's appendfsync: "always" makes an accepted message survive even
+    # a SIGKILL of redis-server or a power cut (≈ +0.15 ms per write, no throughput cost
+    # under concurrency: Redis fsyncs once per event-loop turn); "everysec" may lose ≤ 1 s.
+    appendfsync: _Fsync = "always"
 
 
 @attrs.frozen

@@ -460,7 +460,10 @@ class Host:
             else:  # one value per port waits for the others (await_all_inports)
                 await self.redis.transaction([push_cmd(self._fanin_key(cell.name, p), v)
                                               for p, v in inputs.items() if p in ports])
-        except (RedisUnavailable, RedisError) as exc:
+        except RedisUnavailable as exc:  # an outage is a retry-later, not the actor's failure
+            raise Overloaded(f"message not accepted, Redis is unavailable ({exc}); retry later",
+                             {"actor": cell.name, "redis": "unavailable"}) from exc
+        except RedisError as exc:
             raise ActorFailed(f"message not accepted: {exc}", {"type": type(exc).__name__}) from exc
         if ports is not None:
             await self._assemble(cell)
@@ -521,7 +524,7 @@ class Host:
             nursery.start_soon(self._signals, nursery.cancel_scope)
             url = ws.redis.url
             if url is None:
-                url = await nursery.start(serve_embedded_redis, ws.state_dir)
+                url = await nursery.start(serve_embedded_redis, ws.state_dir, ws.redis.appendfsync)
             async with open_redis(url) as redis:
                 self.redis = redis
                 try:

