@@ -114,23 +114,29 @@ async def test_ten_thousand_malformed_frames_get_the_specs_answers_and_hurt_nobo
 
     async def fuzz(chunk: list[bytes]) -> None:
         async with trio_websocket.open_websocket_url(host.url, max_message_size=2**24) as ws:
+            ended = trio.Event()
+
             async def reader() -> None:
                 while True:
                     raw = await ws.get_message()
                     obj = orjson.loads(raw)
                     if isinstance(obj, dict) and obj.get("id") == "end":
-                        return
-                    got.append(obj)
+                        ended.set()
+                    else:
+                        got.append(obj)
 
             async with trio.open_nursery() as n:
                 n.start_soon(reader)
                 for f in chunk:
                     await ws.send_message(f)  # bytes → a binary frame; the host reads it the same
                 await ws.send_message(sentinel)
+                await ended.wait()
                 with trio.move_on_after(60):
-                    # Replies to real calls run in tasks and may trail the sentinel: wait for them.
+                    # Replies to real calls run in tasks and may trail the sentinel: keep
+                    # reading until every fuzzer's replies are in.
                     while len(got) < want:
                         await trio.sleep(0.05)
+                n.cancel_scope.cancel()
 
     calls = 0
 
