@@ -16,17 +16,17 @@ from pathlib import Path
 
 import trio
 
-from . import _baselines, _ours, _report, _workers
+from . import _baselines, _ours, _payloads, _report, _workers
 from ._stats import Figures
 
 # (n latency samples, warmup, total calls at 32 in flight, batch frames, state ops, restarts,
 #  cold starts, warm acquires, per-call messages, discovery reps, pipe round trips,
-#  actor.send batch frames of 64 per throughput run, whether Ray runs)
+#  actor.send batch frames of 64 per throughput run, payload round trips per size, whether Ray runs)
 COUNTS = {
     "quick": dict(n=150, warmup=30, total=300, batches=4, state_n=100, restarts=2, cold=3, warm=3, per_call=3,
-                  disc=1, pipe=2000, sends=4, ray=False),
+                  disc=1, pipe=2000, sends=4, payloads=2, ray=False),
     "full": dict(n=3000, warmup=300, total=10000, batches=100, state_n=2000, restarts=15, cold=20, warm=30,
-                 per_call=30, disc=5, pipe=20000, sends=150, ray=True),
+                 per_call=30, disc=5, pipe=20000, sends=150, payloads=40, ray=True),
 }
 
 
@@ -40,6 +40,7 @@ async def run(fig: Figures, c: dict, log) -> None:
         ("cold start", lambda: _workers.cold_start(fig, c["cold"])),
         ("warm acquire + load", lambda: _workers.warm_acquire_load(fig, c["warm"])),
         ("idle RSS", lambda: _workers.idle_rss(fig)),
+        ("large payloads", lambda: _payloads.payload_round_trips(fig, c["payloads"])),
         ("per-call execution", lambda: _baselines.per_call(fig, c["per_call"])),
         ("discovery", lambda: _ours.discovery(fig, c["disc"])),
         ("Ray", lambda: _baselines.ray_actors(fig, c["n"], c["total"], run=c["ray"])),

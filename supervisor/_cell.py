@@ -22,11 +22,11 @@ import attrs
 import orjson
 import trio
 
-from ._channel import ChannelClosed, FrameTooLarge
+from ._channel import BadFrame, ChannelClosed, FrameTooLarge
 from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
                       ResourceLimitExceeded, single_error)
 from ._mailbox import feed, inbox_key, poke, retry_or_deadletter_cmds
-from ._protocol import is_typed
+from ._protocol import Blob, is_typed, json_default
 from ._redis import RedisError, RedisUnavailable
 from ._sandbox._base import ExitInfo, Worker
 from ._state import StateTxn, state_prefix
@@ -285,9 +285,11 @@ class ActorCell:
         await worker.wait()
         scope.cancel()
 
-    async def _request(self, worker: Worker, method: str, params: dict) -> int:
+    async def _request(self, worker: Worker, method: str, params: dict, attachments: list | None = None) -> int:
         rid = next(self._rid)
-        await worker.channel.send(orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params}))
+        frame = orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params},
+                             default=json_default)
+        await worker.channel.send_with(frame, attachments or [])
         return rid
 
     async def trial_load(self) -> str | None:
@@ -385,11 +387,19 @@ class ActorCell:
     async def _send_process(self, worker: Worker, env: Envelope) -> int:
         """Hand ``env`` to the worker. If the worker is already gone, the message never
         reached it: it waits for the next worker (memory) or stays pending (durable)."""
+        payload, attachments = env.inputs, []
+        if getattr(worker, "ready_info", {}).get("attachments") is True:
+            payload = {}
+            for port, msg in env.inputs.items():
+                if msg.get("type") == "bytes" and isinstance(msg.get("value"), Blob):
+                    attachments.append(msg["value"].data)
+                    msg = {"type": "bytes", "$att": len(attachments) - 1}
+                payload[port] = msg
         try:
             return await self._request(worker, "process", {
-                "actor_id": self.name, "payload": env.inputs, "message_id": env.message_id,
+                "actor_id": self.name, "payload": payload, "message_id": env.message_id,
                 "config": self.process.config if env.config is None else env.config,
-                "timestamp": int(time.time() * 1000)})
+                "timestamp": int(time.time() * 1000)}, attachments)
         except ChannelClosed:
             if self.current is env:
                 self.current = None
@@ -510,6 +520,8 @@ class ActorCell:
             except FrameTooLarge:
                 worker.kill(limit="output")
                 raise WorkerDied(self.name, await worker.wait()) from None
+            except BadFrame as exc:
+                self._violation(worker, env, str(exc))
             if channel.bytes_received - start > self.max_output:
                 worker.kill(limit="output")
                 raise WorkerDied(self.name, await worker.wait())
@@ -524,6 +536,11 @@ class ActorCell:
                 if msg.get("id") == rid:
                     if not isinstance(msg.get("error", {}), dict) or not isinstance(msg.get("result", {}), dict):
                         self._violation(worker, env, "a reply whose result or error is not an object")
+                    if channel.attachments:
+                        outputs = (msg.get("result") or {}).get("outputs")
+                        if isinstance(outputs, dict):
+                            for port, message in outputs.items():
+                                outputs[port] = self._attached(worker, env, message, channel.attachments)
                     return msg
                 continue
             params = msg.get("params")
@@ -534,6 +551,8 @@ class ActorCell:
                     env.outage = True
             elif method == "output" and env is not None:
                 port, message = params.get("port"), params.get("message")
+                if channel.attachments:
+                    message = self._attached(worker, env, message, channel.attachments)
                 if not isinstance(port, str) or not is_typed(message):
                     self._violation(worker, env, "an output that is not a port name and a typed message")
                 env.emitted.append((port, message))
@@ -542,6 +561,16 @@ class ActorCell:
             elif method == "log":
                 log.info("script output", extra={"actor": self.name, "stream": params.get("stream"),
                                                  "text": str(params.get("text"))[:512]})
+
+    def _attached(self, worker: Worker, env: Envelope | None, message: Any, attachments: list[bytes]) -> Any:
+        """``{"type": "bytes", "$att": k}`` from the worker → a bytes message holding attachment k."""
+        if not (isinstance(message, dict) and "$att" in message):
+            return message
+        k = message["$att"]
+        if message.keys() != {"type", "$att"} or message["type"] != "bytes" or not isinstance(k, int) \
+                or isinstance(k, bool) or not 0 <= k < len(attachments):
+            self._violation(worker, env, "an attachment reference that names no attachment")
+        return {"type": "bytes", "value": Blob(attachments[k])}
 
     def _violation(self, worker: Worker, env: Envelope | None, why: str) -> NoReturn:
         error = ProtocolViolation(self.name, why)

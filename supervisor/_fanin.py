@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from ._protocol import json_default
+
 __all__ = ["ASSEMBLE", "assemble", "fanin_key", "push_cmd"]
 
 # KEYS[1] the inbox stream, KEYS[2..] the port lists; ARGV[1] the new message id,
@@ -39,7 +41,7 @@ def fanin_key(namespace: str, process: str, port: str) -> str:
 
 
 def push_cmd(key: str, message: Any) -> tuple:
-    return ("RPUSH", key, orjson.dumps(message))
+    return ("RPUSH", key, orjson.dumps(message, default=json_default))
 
 
 async def assemble(redis: Any, inbox: str, namespace: str, process: str, ports: Sequence[str],

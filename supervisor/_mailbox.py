@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
+from ._protocol import json_default
 from ._redis import Redis, RedisError, RedisUnavailable
 
 log = logging.getLogger("supervisor.mailbox")
@@ -48,7 +49,8 @@ def deadletter_key(namespace: str) -> str:
 
 
 def enqueue_cmd(key: str, message_id: str, inputs: dict, attempts: int = 0) -> tuple:
-    return ("XADD", key, "*", "m", orjson.dumps({"id": message_id, "inputs": inputs}), "a", attempts)
+    return ("XADD", key, "*", "m", orjson.dumps({"id": message_id, "inputs": inputs}, default=json_default),
+            "a", attempts)
 
 
 def done_cmds(key: str, stream_id: bytes) -> list[tuple]:

@@ -46,7 +46,7 @@ __all__ = [
     "UNAUTHORIZED",
     "ErrorObject", "Request", "Notification", "Response", "ErrorResponse", "Invalid", "Incoming", "Frame",
     "decode_frame", "encode", "encode_batch", "reply_frame", "error_response", "invalid_to_reply",
-    "MESSAGE_TYPES", "wrap", "unwrap", "is_typed",
+    "MESSAGE_TYPES", "wrap", "unwrap", "is_typed", "Blob", "json_default",
 ]
 
 Id = Union[int, str, None]
@@ -332,9 +332,37 @@ def _nonfinite_path(v: Any, path: str = "$") -> str | None:
     return None
 
 
+class Blob:
+    """The raw bytes of a typed ``bytes`` message held by the host (it came from a sandbox
+    as a channel attachment, or from a client as a binary frame). It crosses the sandbox
+    channel as raw bytes and becomes base64 text only where JSON is written: the client
+    API, a Redis stream, a fan-in buffer."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray | memoryview):
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Blob) and bytes(self.data) == bytes(other.data)
+
+    def __hash__(self) -> int:
+        return hash(bytes(self.data))
+
+    def __repr__(self) -> str:
+        return f"Blob({memoryview(self.data).nbytes} bytes)"
+
+
+def json_default(obj: Any) -> Any:
+    """orjson's ``default``: a :class:`Blob` is written as base64 text."""
+    if isinstance(obj, Blob):
+        return base64.b64encode(obj.data).decode("ascii")
+    raise TypeError(f"{type(obj).__name__} is not JSON")
+
+
 def _dumps(obj: Any) -> bytes:
     try:
-        out = orjson.dumps(obj)
+        out = orjson.dumps(obj, default=json_default)
     except orjson.JSONEncodeError as exc:
         reason = str(exc)
         # The two things orjson refuses that are still JSON: integers beyond 64 bits
@@ -342,7 +370,8 @@ def _dumps(obj: Any) -> bytes:
         if "64-bit" not in reason and "ecursion" not in reason:
             raise ValueError(f"not JSON: {reason}") from exc
         try:
-            text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+            text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"),
+                              default=json_default)
             return text.encode("utf-8")
         except (TypeError, ValueError, RecursionError) as exc2:
             raise ValueError(f"not JSON: {exc2}") from exc2
@@ -485,8 +514,8 @@ def _validate_typed(t: str, v: Any) -> None:
         ok = (isinstance(v, dict) and isinstance(v.get("message"), str) and v.keys() <= _ERROR_KEYS
               and (v.get("code") is None or _is_int(v["code"]) or isinstance(v["code"], str)))
     elif t == "bytes":
-        ok = isinstance(v, str)
-        if ok:
+        ok = isinstance(v, (str, Blob))
+        if ok and isinstance(v, str):
             try:
                 base64.b64decode(v, validate=True)
             except (binascii.Error, ValueError):
@@ -576,6 +605,8 @@ def unwrap(msg: Any) -> Any:
         return msg
     t, v = msg["type"], msg["value"]
     if t == "bytes":
+        if isinstance(v, Blob):
+            return bytes(v.data)
         if not isinstance(v, str):
             raise ValueError(f"a bytes message carries base64 text, not {type(v).__name__}")
         try:

@@ -46,18 +46,34 @@ def _apply_limits(limits):
 
 
 class Channel:
-    def __init__(self, fd, out_fd=None):
+    """Frames on the inherited socket: one JSON object per line; a line ``@LEN,… JSON`` is
+    followed by that many raw bytes per attachment (bytes payloads, no base64)."""
+
+    def __init__(self, fd, out_fd=None, attachments=True):
         self.fd = fd
         self.out_fd = fd if out_fd is None else out_fd
-        self.buf = b""
+        self.attachments = attachments
+        self.buf = bytearray()
         self.pending = []  # frames read while waiting for a specific reply
 
-    def send(self, obj):
-        data = (_dumps(obj) + "\n").encode()
-        view = memoryview(data)
-        while view:
-            n = os.write(self.out_fd, view)
-            view = view[n:]
+    def send(self, obj, atts=None):
+        data = _dumps(obj).encode()
+        if not atts:
+            return self._write([data + b"\n"])
+        views = [memoryview(a).cast("B") if memoryview(a).ndim != 1 or memoryview(a).format != "B"
+                 else memoryview(a) for a in atts]
+        head = b"@" + b",".join(b"%d" % v.nbytes for v in views) + b" " + data + b"\n"
+        self._write([head, *views])
+
+    def _write(self, bufs):
+        bufs = [memoryview(b) for b in bufs]
+        while bufs:
+            n = os.writev(self.out_fd, bufs[:1024])
+            while bufs and n >= bufs[0].nbytes:
+                n -= bufs[0].nbytes
+                bufs.pop(0)
+            if n:
+                bufs[0] = bufs[0][n:]
 
     def receive(self):
         if self.pending:
@@ -69,12 +85,39 @@ class Channel:
         while True:
             i = self.buf.find(b"\n")
             if i >= 0:
-                line, self.buf = self.buf[:i], self.buf[i + 1:]
+                if self.buf[:1] == b"@":
+                    return self._attached(i)
+                line = bytes(self.buf[:i])
+                del self.buf[:i + 1]
                 return _loads(line)
-            chunk = os.read(self.fd, 1 << 18)
-            if not chunk:
-                raise EOFError
-            self.buf += chunk
+            self._read()
+
+    def _read(self):
+        chunk = os.read(self.fd, 1 << 18)
+        if not chunk:
+            raise EOFError
+        self.buf += chunk
+
+    def _attached(self, i):
+        sp = self.buf.find(b" ", 0, i)
+        sizes = [int(x) for x in bytes(self.buf[1:sp]).split(b",")]
+        msg = _loads(bytes(self.buf[sp + 1:i]))
+        del self.buf[:i + 1]
+        atts = []
+        for n in sizes:  # each straight into its own buffer: one copy, from the socket
+            att = bytearray(n)
+            have = min(n, len(self.buf))
+            att[:have] = self.buf[:have]
+            del self.buf[:have]
+            view = memoryview(att)
+            while have < n:
+                got = os.readv(self.fd, [view[have:]])
+                if not got:
+                    raise EOFError
+                have += got
+            atts.append(view.toreadonly())
+        msg["_atts"] = atts
+        return msg
 
 
 class Worker:
@@ -88,6 +131,7 @@ class Worker:
         self.uses_asyncio = False
         self.loop = None
         self.current = None  # id of the message being processed
+        self.result_atts = None  # attachments of the reply being built
 
     # -- calls from the script -------------------------------------------
     def state_call(self, op, args):
@@ -105,8 +149,18 @@ class Worker:
                 os._exit(0)
             self.chan.pending.append(msg)
 
-    def emit(self, port, wire):
-        self.chan.send({"jsonrpc": "2.0", "method": "output", "params": {"id": self.current, "port": port, "message": wire}})
+    def emit(self, port, msg):
+        atts = [] if self.chan.attachments else None
+        wire = self.wire(msg, atts)
+        self.chan.send({"jsonrpc": "2.0", "method": "output",
+                        "params": {"id": self.current, "port": port, "message": wire}}, atts)
+
+    def wire(self, msg, atts):
+        """A Message for the channel: a bytes value as an attachment where the channel has them."""
+        if msg.type == "bytes" and atts is not None:
+            atts.append(msg.value)
+            return {"type": "bytes", "$att": len(atts) - 1}
+        return msg.to_wire()
 
     # -- requests from the host ------------------------------------------
     def load(self, params):
@@ -129,15 +183,20 @@ class Worker:
         self.fn = fn
         return {}
 
-    def process(self, params):
-        payload = {port: reflow.Message.from_wire(v) for port, v in (params.get("payload") or {}).items()}
+    def process(self, params, atts=()):
+        payload = {}
+        for port, v in (params.get("payload") or {}).items():
+            if isinstance(v, dict) and "$att" in v:  # read-only, zero-copy view of the attachment
+                payload[port] = reflow.Message("bytes", atts[v["$att"]])
+            else:
+                payload[port] = reflow.Message.from_wire(v)
         config = params.get("config")
         ctx = reflow.ActorContext(payload, self.config if config is None else config,
                                   params.get("actor_id") or self.actor_id, params.get("timestamp"))
         result = self.fn(ctx)
         if hasattr(result, "__await__"):
             result = self.run_coroutine(result)
-        return {"outputs": self.outputs(result, ctx)}
+        return {"outputs": self.outputs(result, ctx)}, self.result_atts
 
     def run_coroutine(self, coro):
         if self.uses_asyncio:
@@ -158,16 +217,17 @@ class Worker:
             return stop.value
 
     def outputs(self, result, ctx):
+        atts = self.result_atts = [] if self.chan.attachments else None
         if result is None:
             return {}
         if isinstance(result, reflow.Message) and result.type == "error":  # `return Message.error(...)`
             raise reflow.ActorError(result.value.get("message"), result.value.get("code"))
         if isinstance(result, dict):
-            return {str(port): reflow.Message.infer(v).to_wire() for port, v in result.items()}
+            return {str(port): self.wire(reflow.Message.infer(v), atts) for port, v in result.items()}
         fn_meta = getattr(self.fn, "__reflow_actor__", {})
         outs = fn_meta.get("outports") or []
         if len(outs) == 1:
-            return {outs[0]: reflow.Message.infer(result).to_wire()}
+            return {outs[0]: self.wire(reflow.Message.infer(result), atts)}
         raise TypeError(f"return a dict of port -> value, not a {type(result).__name__}")
 
     def error_data(self, exc):
@@ -197,13 +257,15 @@ class Worker:
                 continue
             self.current = rid
             try:
+                atts = None
                 if method == "process":
-                    result = self.process(msg.get("params") or {})
+                    self.result_atts = None
+                    result, atts = self.process(msg.get("params") or {}, msg.get("_atts") or ())
                 elif method == "load":
                     result = self.load(msg.get("params") or {})
                 else:
                     result = {}
-                chan.send({"jsonrpc": "2.0", "id": rid, "result": result})
+                chan.send({"jsonrpc": "2.0", "id": rid, "result": result}, atts)
             except MemoryError:
                 self.fn = None
                 chan.send({"jsonrpc": "2.0", "id": rid, "error": {
@@ -251,7 +313,7 @@ def main():
     if limits.get("packages"):  # the runtime's `packages:`, installed by the host, read-only
         sys.path.insert(1, limits["packages"])
     if sys.argv[-1] == "stdio":  # a microVM has no inherited fd: the channel is stdin/stdout
-        chan = Channel(os.dup(0), os.dup(1))
+        chan = Channel(os.dup(0), os.dup(1), attachments=False)  # the exec stream carries text
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
@@ -262,7 +324,8 @@ def main():
     reflow._emit = worker.emit
     sys.stdout = _Stream(chan, "stdout")
     sys.stderr = _Stream(chan, "stderr")
-    chan.send({"jsonrpc": "2.0", "method": "ready", "params": {"runtime": "python", "pid": os.getpid()}})
+    chan.send({"jsonrpc": "2.0", "method": "ready", "params": {"runtime": "python", "pid": os.getpid(),
+                                                                "attachments": chan.attachments}})
     try:
         worker.serve()
     except BrokenPipeError:

@@ -12,8 +12,11 @@ latency.
 
 from __future__ import annotations
 
-import base64 as _base64
-import math as _math
+# No module-level imports beyond the interpreter's own: ``base64`` alone pulls in ``re``
+# (~7 ms of every cold start here), ``math`` is a shared object to load. Bytes messages
+# use ``binascii`` (what ``base64`` calls), imported when the first one is converted.
+
+_INF = float("inf")
 
 __all__ = ["actor", "ActorContext", "ActorState", "Message", "ActorError"]
 
@@ -55,7 +58,7 @@ class Message:
     @classmethod
     def float(cls, v):
         v = float(v)
-        if _math.isnan(v) or _math.isinf(v):
+        if v != v or v in (_INF, -_INF):
             raise ValueError("Message.float cannot carry NaN or infinity (not JSON)")
         return cls("float", v)
 
@@ -81,7 +84,8 @@ class Message:
 
     @classmethod
     def bytes(cls, v):
-        return cls("bytes", bytes(v))
+        """Any buffer (bytes, bytearray, memoryview, a NumPy array): sent without a copy."""
+        return cls("bytes", v if isinstance(v, (bytes, bytearray, memoryview)) else memoryview(v))
 
     @classmethod
     def any(cls, v):
@@ -111,7 +115,11 @@ class Message:
         if isinstance(v, dict):
             return cls("object", v)
         if isinstance(v, (bytes, bytearray, memoryview)):
-            return cls("bytes", bytes(v))
+            return cls("bytes", v)
+        try:  # anything else with the buffer protocol (a NumPy array, array.array …)
+            return cls("bytes", memoryview(v))
+        except TypeError:
+            pass
         raise TypeError(f"cannot send a {type(v).__name__} as a message; use plain JSON values or Message.*")
 
     def unwrap(self):
@@ -122,7 +130,7 @@ class Message:
 
     def to_wire(self):
         if self.type == "bytes":
-            return {"type": "bytes", "value": _base64.b64encode(self.value).decode("ascii")}
+            return {"type": "bytes", "value": _b64encode(self.value)}
         return {"type": self.type, "value": _plain(self.value)}
 
     @classmethod
@@ -130,8 +138,8 @@ class Message:
         t = w.get("type") if isinstance(w, dict) else None
         if t not in _TYPES or "value" not in w or len(w) != 2:
             return cls.infer(w)
-        if t == "bytes":
-            return cls("bytes", _base64.b64decode(w["value"]))
+        if t == "bytes":  # input bytes are read-only memoryviews, however they travelled
+            return cls("bytes", memoryview(_b64decode(w["value"])).toreadonly())
         return cls(t, w["value"])
 
     def __eq__(self, other):
@@ -155,8 +163,23 @@ def _plain(v):
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
     if isinstance(v, (bytes, bytearray, memoryview)):
-        return _base64.b64encode(bytes(v)).decode("ascii")
+        return _b64encode(bytes(v))
     raise TypeError(f"cannot send a {type(v).__name__} as a message value")
+
+
+def _b64encode(v):
+    """``base64.b64encode(v).decode("ascii")`` without importing ``base64``."""
+    import binascii
+
+    return binascii.b2a_base64(v, newline=False).decode("ascii")
+
+
+def _b64decode(s):
+    """``base64.b64decode(s)`` (non-alphabet characters skipped; ``binascii.Error``, a
+    ValueError, on bad padding) without importing ``base64``."""
+    import binascii
+
+    return binascii.a2b_base64(s)
 
 
 class ActorState:
@@ -268,7 +291,7 @@ class ActorContext:
         """Stream ``value`` out of ``port`` now, before the function returns."""
         msg = Message.infer(value)
         self._outputs[port] = msg
-        _emit(port, msg.to_wire())
+        _emit(port, msg)
         return _DONE
 
     def get_outputs(self):

@@ -1,0 +1,156 @@
+"""Large payloads: raw attachments on the sandbox channel instead of base64 in JSON.
+
+The framing is property-tested between the host's LineChannel and the worker's own
+Channel (reflow_worker.py) over a real socketpair; the rest runs through a real host:
+bytes in and out of a bubblewrap worker, a buffer-protocol return value, bytes routed
+through a durable (Redis) mailbox to a second actor, and a worker that lies about its
+attachments.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import redis as redis_py
+
+from conftest import open_client, wait_for
+from supervisor._channel import BadFrame, LineChannel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "supervisor" / "runtime" / "python"))
+import reflow_worker  # noqa: E402  (the in-sandbox worker's channel, run here on a socketpair)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+blobs = st.binary(max_size=2048) | st.sampled_from([b"", b"\n", b"@1 {}\n", os.urandom(300_000)])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(header=json_values, attachments=st.lists(blobs, max_size=4), trailing=json_values)
+def test_frames_with_attachments_round_trip_both_ways(header, attachments, trailing):
+    host_sock, worker_sock = socket.socketpair()
+    worker = reflow_worker.Channel(worker_sock.fileno())
+
+    async def main() -> None:
+        chan = LineChannel(trio.SocketStream(trio.socket.from_stdlib_socket(host_sock)), max_frame=1 << 22)
+        refs = [{"type": "bytes", "$att": k} for k in range(len(attachments))]
+        sent = {"params": header, "refs": refs}
+        # host → worker: the frame, then a plain frame right behind it
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(chan.send_with, orjson.dumps(sent), attachments)
+            nursery.start_soon(chan.send, orjson.dumps(trailing))
+            got = await trio.to_thread.run_sync(worker.receive_new)
+            after = await trio.to_thread.run_sync(worker.receive_new)
+        atts = got.pop("_atts", [])
+        assert got == sent and [bytes(a) for a in atts] == attachments and after == trailing
+        assert all(a.readonly for a in atts)
+        # worker → host, with memoryviews and bytearrays as the buffers
+        bufs = [memoryview(a) if i % 2 else bytearray(a) for i, a in enumerate(attachments)]
+
+        def write() -> None:
+            worker.send(sent, bufs)
+            worker.send(trailing)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, write)
+            assert orjson.loads(await chan.receive()) == sent and chan.attachments == attachments
+            assert orjson.loads(await chan.receive()) == trailing and chan.attachments == []
+        await chan.aclose()
+
+    try:
+        trio.run(main)
+    finally:
+        worker_sock.close()
+
+
+@pytest.mark.parametrize("garbage", [b"@x {}\n", b"@-1 {}\n", b"@ {}\n"])
+async def test_a_malformed_attachment_header_is_a_bad_frame(garbage):
+    a, b = trio.testing.memory_stream_pair()
+    chan = LineChannel(b)
+    await a.send_all(garbage)
+    with pytest.raises(BadFrame):
+        await chan.receive()
+
+
+ECHO = '''
+import array
+from reflow import actor, Message
+
+@actor(name="Echo", inports=["data", "doubles"], outports=["data", "kind", "error"])
+def echo(context):
+    if context.has_input("doubles"):  # any buffer-protocol object is sent as bytes
+        return {"data": array.array("d", context.get_input("doubles"))}
+    d = context.get_input("data")
+    context.send_output("kind", f"{type(d).__name__} readonly={d.readonly}")
+    return {"data": Message.bytes(d)}
+'''
+
+SIZE = '''
+from reflow import actor
+
+@actor(name="Size", inports=["data"], outports=["size"])
+def size(context):
+    d = context.get_input("data")
+    total = context.get_state().increment("bytes", len(d))
+    return {"size": total}
+'''
+
+LIAR = '''
+import os
+from reflow import actor
+
+@actor(name="Liar", inports=["x"], outports=["y"])
+def liar(context):
+    fd = int(open("/proc/self/cmdline", "rb").read().split(b"\\0")[-2])
+    os.write(fd, b'@3 {"jsonrpc":"2.0","method":"output","params":{"port":"y","message":{"type":"bytes","$att":7}}}\\nabc')
+    return {"y": 1}
+'''
+
+
+async def test_bytes_cross_a_real_worker_as_attachments_and_reach_clients_as_base64(make_host):
+    host = await make_host({"echo.actor.py": ECHO})
+    data = os.urandom(3 << 20) + b"\n@"
+    async with open_client(host.url) as c:
+        res = await c.call("Echo", {"data": {"type": "bytes", "value": base64.b64encode(data).decode()}})
+        assert [e["message"]["value"] for e in res["emitted"] if e["port"] == "kind"] == ["memoryview readonly=True"]
+        assert base64.b64decode(res["outputs"]["data"]["value"]) == data
+        res = await c.call("Echo", {"doubles": [1.5, -2.0]})
+        raw = base64.b64decode(res["outputs"]["data"]["value"])
+        import array
+        assert array.array("d", raw).tolist() == [1.5, -2.0]
+
+
+async def test_bytes_routed_through_a_durable_mailbox_arrive_whole(make_host):
+    config = """\
+network:
+  processes: {Echo: {component: Echo}, Size: {component: Size}}
+  connections: [{src: {process: Echo, port: data}, tgt: {process: Size, port: data}}]
+"""
+    host = await make_host({"echo.actor.py": ECHO, "size.actor.py": SIZE}, config)
+    async with open_client(host.url) as c:
+        for n in (1, 70_000):
+            await c.send("Echo", "data", {"type": "bytes", "value": base64.b64encode(b"x" * n).decode()})
+    r = redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
+    await wait_for(lambda: r.get("reflow:Size:state:bytes") == b"70001", timeout=30)
+    assert r.xlen("reflow:deadletter") == 0
+
+
+async def test_a_worker_naming_an_attachment_it_did_not_send_is_killed_and_others_carry_on(make_host):
+    host = await make_host({"liar.actor.py": LIAR, "echo.actor.py": ECHO})
+    async with open_client(host.url) as c:
+        with pytest.raises(Exception) as err:
+            await c.call("Liar", {"x": 1})
+        assert err.value.code == -32002 and "attachment" in err.value.message
+        res = await c.call("Echo", {"data": {"type": "bytes", "value": "AAE="}})
+        assert res["outputs"]["data"]["value"] == "AAE="
