@@ -34,7 +34,7 @@ import trio_websocket
 
 from ._errors import ActorError
 from ._protocol import (INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, OVERLOADED, REQUEST_CANCELLED,
-                        ErrorResponse, Invalid, Notification, Request, Response, decode_frame, encode,
+                        ErrorResponse, Invalid, Notification, Request, Response, attach, decode_frame, encode,
                         error_response, invalid_to_reply, reply_frame)
 
 __all__ = ["CANCEL_METHOD", "ConnectionLost", "FrameTooLarge", "Peer", "RpcError", "StreamTransport",
@@ -104,12 +104,13 @@ class WebSocketTransport:
     connection is opened (past it, trio-websocket closes with 1009).
     """
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection):
+    def __init__(self, ws: trio_websocket.WebSocketConnection, *, binary: bool = False):
         self.ws = ws
+        self.binary = binary  # binary frames (attachment frames among them) instead of text
 
     async def send(self, frame: bytes) -> None:
         # Our encoder writes UTF-8, so this decode cannot fail; a text frame is what the host reads.
-        text = frame.decode() if isinstance(frame, (bytes, bytearray)) else frame
+        text = frame if self.binary else frame.decode() if isinstance(frame, (bytes, bytearray)) else frame
         try:
             await self.ws.send_message(text)
         except trio_websocket.ConnectionClosed as exc:
@@ -221,14 +222,17 @@ class Peer:
             ``notify`` wait for room (backpressure).
         max_in_flight: requests answered at once; more are answered -32004.
         close_timeout: how long closing the transport may take.
+        attachments: write bytes messages holding a :class:`Blob` as raw attachments
+            (an attachment frame, see ``_protocol.attach``) instead of base64 text.
 
     A peer serves one connection once: for a new connection make a new peer.
     """
 
     def __init__(self, transport: Transport, handler: Handler | None = None,
                  on_notification: NotificationHandler | None = None, *, send_queue: int = 64,
-                 max_in_flight: int = 1024, close_timeout: float = 2.0):
+                 max_in_flight: int = 1024, close_timeout: float = 2.0, attachments: bool = False):
         self.transport = transport
+        self._attachments = attachments
         self._handler = handler
         self._on_notification = on_notification
         self._ids = itertools.count(1)
@@ -250,6 +254,12 @@ class Peer:
         self._started = False
         self._lost = trio.Event()
         self._closed = trio.Event()
+
+    def _encode(self, msg: Any) -> bytes:
+        if not self._attachments:
+            return encode(msg)
+        atts: list = []
+        return attach(encode(msg, atts), atts)
 
     # -- introspection ----------------------------------------------------------------------------
 
@@ -355,7 +365,7 @@ class Peer:
             TypeError, ValueError: ``params`` cannot be sent as JSON (nothing was sent).
         """
         rid = next(self._ids)
-        data = encode(Request(rid, method, params))
+        data = self._encode(Request(rid, method, params))
         if self._why is not None:
             raise ConnectionLost(self._why)
         call = _Call()
@@ -369,7 +379,7 @@ class Peer:
             # Still in the table: we are leaving without an answer (cancelled). Tell the
             # other side, after the request in the FIFO, so it stops working for nobody.
             if self._calls.pop(rid, None) is call and sent and self._why is None:
-                self._put_nowait(encode(Notification(CANCEL_METHOD, {"id": rid})))
+                self._put_nowait(self._encode(Notification(CANCEL_METHOD, {"id": rid})))
         return _outcome(call.reply)
 
     async def notify(self, method: str, params: dict | list | None = None) -> None:
@@ -379,7 +389,7 @@ class Peer:
             ConnectionLost: the connection has ended.
             TypeError, ValueError: ``params`` cannot be sent as JSON.
         """
-        await self._put(encode(Notification(method, params)))
+        await self._put(self._encode(Notification(method, params)))
 
     async def _put(self, data: bytes) -> None:
         """Queue a frame, waiting while ``send_queue`` frames already wait."""
@@ -431,7 +441,7 @@ class Peer:
             why = f"the other side sent {exc}"
             reply = error_response(None, INVALID_REQUEST, str(exc),
                                    {"limit": "max_frame_size", "max": exc.limit, "size": exc.size})
-            self._put_nowait(encode(reply))
+            self._put_nowait(self._encode(reply))
             self._lose(why, stop=False)  # fail our calls now; nothing more is queued
             self._out_send.close()  # the writer sends what is queued, then ends
             with trio.move_on_after(self._close_timeout):

@@ -26,7 +26,7 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import attrs
@@ -47,6 +47,7 @@ __all__ = [
     "ErrorObject", "Request", "Notification", "Response", "ErrorResponse", "Invalid", "Incoming", "Frame",
     "decode_frame", "encode", "encode_batch", "reply_frame", "error_response", "invalid_to_reply",
     "MESSAGE_TYPES", "wrap", "unwrap", "is_typed", "Blob", "json_default",
+    "attach", "split_attachments", "bind_attachments",
 ]
 
 Id = Union[int, str, None]
@@ -238,11 +239,16 @@ def decode_frame(data: bytes | str) -> Frame:
             raw = data
         else:
             raw = bytes(memoryview(data))  # bytearray, memoryview; anything else: TypeError
+        attachments = None
+        if raw[:1] == b"@" and not isinstance(data, str):  # a binary attachment frame
+            raw, attachments = split_attachments(raw)
         marks = raw.translate(_DIGITS_AS_ZERO)
         if marks.count(48) >= 19 and marks.find(_DIGIT_RUN) >= 0:
             obj = _loads_exact(raw)
         else:
             obj = orjson.loads(raw)
+        if attachments is not None:
+            obj = bind_attachments(obj, attachments, lambda v: Blob(bytes(v)))
     except (ValueError, TypeError, RecursionError) as exc:
         # orjson.JSONDecodeError and UnicodeError are ValueErrors; its text locates
         # the problem in the client's own input and reveals nothing of ours.
@@ -383,8 +389,12 @@ def _dumps(obj: Any) -> bytes:
     return out
 
 
-def encode(msg: Request | Notification | Response | ErrorResponse) -> bytes:
+def encode(msg: Request | Notification | Response | ErrorResponse, attachments: list | None = None) -> bytes:
     """One message as compact UTF-8 JSON (never containing a raw newline).
+
+    With an ``attachments`` list, each bytes message holding a :class:`Blob` is
+    written ``{"type": "bytes", "$att": k}`` and its buffer appended to the list
+    (see :func:`attach`); otherwise Blobs are written as base64 text.
 
     ``params`` None and ``error.data`` None are omitted; a ``Request`` id None
     is written as ``"id": null``.
@@ -396,6 +406,8 @@ def encode(msg: Request | Notification | Response | ErrorResponse) -> bytes:
         ValueError: a value inside is not JSON: NaN or infinity (the message
             names where), an unsupported type, a non-str key, a lone surrogate.
     """
+    if attachments is not None:
+        return _dumps(_lift(_to_dict(msg), attachments))
     return _dumps(_to_dict(msg))
 
 
@@ -407,7 +419,8 @@ def encode_batch(msgs: Sequence[Request | Notification | Response | ErrorRespons
     return _dumps([_to_dict(m) for m in msgs])
 
 
-def reply_frame(replies: Sequence[Response | ErrorResponse], is_batch: bool) -> bytes | None:
+def reply_frame(replies: Sequence[Response | ErrorResponse], is_batch: bool,
+                attachments: list | None = None) -> bytes | None:
     """The frame answering a decoded :class:`Frame`, or None when nothing is to be sent.
 
     A batch is answered with an array of its replies (the spec forbids an
@@ -418,10 +431,75 @@ def reply_frame(replies: Sequence[Response | ErrorResponse], is_batch: bool) -> 
     if not replies:
         return None
     if is_batch:
-        return _dumps([_to_dict(r) for r in replies])
-    if len(replies) != 1:
+        obj: Any = [_to_dict(r) for r in replies]
+    elif len(replies) != 1:
         raise ValueError(f"a single message has one reply, not {len(replies)}")
-    return _dumps(_to_dict(replies[0]))
+    else:
+        obj = _to_dict(replies[0])
+    return _dumps(obj if attachments is None else _lift(obj, attachments))
+
+
+# -- attachments: bytes without base64 (binary WebSocket frames, the sandbox channel) -------------
+#
+# An attachment frame is ``@LEN,LEN,… JSON\n`` followed by the raw attachments back to
+# back; inside the JSON, ``{"type": "bytes", "$att": k}`` stands for a bytes message
+# holding attachment k. JSON never starts with ``@``, so a frame says what it is.
+
+def _lift(obj: Any, attachments: list) -> Any:
+    if type(obj) is dict:
+        if len(obj) == 2 and obj.get("type") == "bytes" and isinstance(obj.get("value"), Blob):
+            attachments.append(obj["value"].data)
+            return {"type": "bytes", "$att": len(attachments) - 1}
+        return {k: _lift(v, attachments) for k, v in obj.items()}
+    if type(obj) is list:
+        return [_lift(v, attachments) for v in obj]
+    return obj
+
+
+def attach(body: bytes, attachments: Sequence[Any]) -> bytes:
+    """``body`` (JSON) and its attachments as one attachment frame; ``body`` alone if none."""
+    if not attachments:
+        return body
+    sizes = b",".join(b"%d" % memoryview(a).nbytes for a in attachments)
+    return b"".join([b"@", sizes, b" ", body, b"\n", *attachments])
+
+
+def split_attachments(data: bytes) -> tuple[bytes, list[memoryview]]:
+    """An attachment frame → (its JSON, its attachments as views into ``data``).
+
+    Raises:
+        ValueError: the header is not ``@LEN,… JSON\\n`` or the lengths do not add up.
+    """
+    nl = data.find(b"\n")
+    sp = data.find(b" ", 0, nl)
+    if not data.startswith(b"@") or nl < 0 or sp < 2:
+        raise ValueError("an attachment frame starts with @LEN,LEN,… then a space, the JSON and a newline")
+    try:
+        sizes = [int(x) for x in data[1:sp].split(b",")]
+    except ValueError:
+        raise ValueError("attachment lengths are decimal integers") from None
+    if min(sizes) < 0 or nl + 1 + sum(sizes) != len(data):
+        raise ValueError(f"attachment lengths add up to {sum(sizes)}, the frame carries {len(data) - nl - 1}")
+    view, at, out = memoryview(data), nl + 1, []
+    for n in sizes:
+        out.append(view[at:at + n])
+        at += n
+    return data[sp + 1:nl], out
+
+
+def bind_attachments(obj: Any, attachments: Sequence[Any], make: Callable[[Any], Any] = Blob) -> Any:
+    """Replace each ``{"type": "bytes", "$att": k}`` with a bytes message holding
+    ``make(attachments[k])``. Raises ValueError for a reference to no attachment."""
+    if type(obj) is dict:
+        if "$att" in obj and obj.get("type") == "bytes" and len(obj) == 2:
+            k = obj["$att"]
+            if type(k) is not int or not 0 <= k < len(attachments):
+                raise ValueError(f"$att {k!r} names no attachment of this frame")
+            return {"type": "bytes", "value": make(attachments[k])}
+        return {k: bind_attachments(v, attachments, make) for k, v in obj.items()}
+    if type(obj) is list:
+        return [bind_attachments(v, attachments, make) for v in obj]
+    return obj
 
 
 # -- typed values (CONTRACT §3/§4) ---------------------------------------------------------------

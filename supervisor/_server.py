@@ -223,12 +223,15 @@ class Connection:
         self.ws = ws
         self.in_flight: dict[Any, trio.CancelScope] = {}
         self.subscriptions: dict[str, tuple[Any, int]] = {}
-        self._send, self._recv = trio.open_memory_channel[bytes | str](SEND_QUEUE)
+        self._send, self._recv = trio.open_memory_channel[tuple[bytes | str, int]](SEND_QUEUE)
         self._nursery: trio.Nursery | None = None
         self._close_code: int | None = None
         self._writer_done = trio.Event()
         self._progress = trio.Event()  # set each time the writer sent a frame
         self._queued = 0  # bytes waiting in the send queue
+        # A client that sends binary frames gets bytes messages back in binary attachment
+        # frames (raw, no base64); one that sends text gets JSON text only (CONTRACT §4).
+        self.binary = False
 
     def queue(self, data: bytes, *, reply: bool = False) -> None:
         """Queue a frame; a client that lets SEND_QUEUE frames pile up is cut off. Replies
@@ -238,7 +241,7 @@ class Connection:
         try:
             if not reply and self._queued and self._queued + len(data) > SEND_BUFFER:
                 raise trio.WouldBlock
-            self._send.send_nowait(data.decode())
+            self._send.send_nowait((data if data[:1] == b"@" else data.decode(), len(data)))
             self._queued += len(data)
         except trio.WouldBlock:
             log.warning("client %s is not reading; closing it", self.ws.remote)
@@ -249,7 +252,10 @@ class Connection:
 
     def notify(self, method: str, params: dict) -> None:
         try:
-            data = proto.encode(proto.Notification(method, params))
+            atts: list | None = [] if self.binary else None
+            data = proto.encode(proto.Notification(method, params), atts)
+            if atts:
+                data = proto.attach(data, atts)
         except (TypeError, ValueError) as exc:
             log.error("dropped a %s notification that is not JSON: %s", method, exc)
             return
@@ -259,12 +265,14 @@ class Connection:
         """Queue the answer to one frame. A result that cannot be written as JSON
         (NaN, an integer orjson and the stdlib both refuse…) becomes -32603 for
         that request alone; the other replies of a batch still go out."""
+        atts: list | None = [] if self.binary else None
         try:
-            data = proto.reply_frame(replies, is_batch)
+            data = proto.reply_frame(replies, is_batch, atts)
         except (TypeError, ValueError):
-            data = proto.reply_frame([_encodable(r) for r in replies], is_batch)
+            atts = [] if self.binary else None
+            data = proto.reply_frame([_encodable(r) for r in replies], is_batch, atts)
         if data is not None:
-            self.queue(data, reply=True)
+            self.queue(proto.attach(data, atts) if atts else data, reply=True)
 
     async def run(self) -> None:
         try:
@@ -284,6 +292,8 @@ class Connection:
                     except trio_websocket.ConnectionClosed:
                         break
                     limit = self.api.cfg.max_frame_size
+                    if isinstance(frame, bytes):
+                        self.binary = True
                     if len(frame) > limit:
                         self._too_large(len(frame), limit)
                         break
@@ -310,12 +320,12 @@ class Connection:
 
     async def _writer(self) -> None:
         try:
-            async for data in self._recv:
+            async for data, size in self._recv:
                 try:
                     await self.ws.send_message(data)
                 except trio_websocket.ConnectionClosed:
                     return
-                self._queued -= len(data)
+                self._queued -= size
                 self._progress.set()
             if self._close_code is not None:
                 await self.ws.aclose(self._close_code, "frame too large")

@@ -10,10 +10,16 @@ never hangs, and is never silently sent again unless the caller marked it
 ``idempotent=True``. With ``reconnect=True`` (the default) the client
 reconnects with exponential backoff and jitter and re-subscribes every live
 subscription, which keeps delivering.
+
+With ``binary=True`` bytes never pay for base64: the client speaks binary
+frames, sends ``bytes``-like values (or ``{"type": "bytes", "value": b"…"}``)
+as raw attachments and gets bytes messages back the same way; every bytes
+message it returns then holds a Python ``bytes`` value.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import random
 from collections.abc import AsyncIterator
@@ -24,6 +30,7 @@ import trio_websocket
 
 # One definition of each error, in _peer; this is their public home.
 from ._peer import ConnectionLost as ConnectionLost, Peer, RpcError as RpcError, WebSocketTransport, open_peer
+from ._protocol import Blob
 
 __all__ = ["Client", "ConnectionLost", "RpcError", "open_client"]
 
@@ -37,8 +44,9 @@ class _Sub:
 
 class Client:
     def __init__(self, url: str, *, token: str | None, max_message_size: int, reconnect: bool,
-                 backoff: tuple[float, float] = (0.05, 5.0)):
+                 backoff: tuple[float, float] = (0.05, 5.0), binary: bool = False):
         self.url = url
+        self.binary = binary
         self._headers = [(b"Authorization", f"Bearer {token}".encode())] if token else None
         self._max = max_message_size
         self._reconnect = reconnect
@@ -61,7 +69,8 @@ class Client:
                         self.url, extra_headers=self._headers, max_message_size=self._max,
                         connect_timeout=10, disconnect_timeout=2) as ws:
                     failures = 0
-                    async with open_peer(WebSocketTransport(ws), on_notification=self._notify) as peer:
+                    async with open_peer(WebSocketTransport(ws, binary=self.binary), on_notification=self._notify,
+                                         attachments=self.binary) as peer:
                         self._ws, self._peer, self._lost = ws, peer, None
                         self.connections += 1
                         self._connected.set()
@@ -94,7 +103,7 @@ class Client:
         """Called by the peer's reader, in order: route by subscription id, else by method."""
         item: dict = {"jsonrpc": "2.0", "method": method}
         if params is not None:
-            item["params"] = params
+            item["params"] = _as_bytes(params) if self.binary else params
         sub = params.get("subscription") if isinstance(params, dict) else None
         ch = self._notifications.get(sub if sub and isinstance(sub, (str, int)) else method)
         if ch is not None:
@@ -128,6 +137,8 @@ class Client:
         if peer is None or self._lost:
             raise ConnectionLost(self._lost or "not connected")
         # Cancelled (a timeout around us): the peer sends $/cancelRequest and drops the slot.
+        if self.binary:
+            return _as_bytes(await peer.call(method, params))
         return await peer.call(method, params)
 
     def on_notification(self, key: str, size: int = 1000) -> trio.MemoryReceiveChannel:
@@ -137,12 +148,16 @@ class Client:
         return recv
 
     async def call(self, actor: str, inputs: dict, timeout: float | None = None, *, idempotent: bool = False) -> dict:
+        if self.binary and isinstance(inputs, dict):
+            inputs = {port: _raw(v) for port, v in inputs.items()}
         params: dict = {"actor": actor, "inputs": inputs}
         if timeout is not None:
             params["timeout"] = timeout
         return await self.request("actor.call", params, idempotent=idempotent)
 
     async def send(self, actor: str, port: str, value: Any) -> str:
+        if self.binary:
+            value = _raw(value)
         return (await self.request("actor.send", {"actor": actor, "port": port, "value": value}))["message_id"]
 
     async def status(self) -> dict:
@@ -166,15 +181,42 @@ class Client:
                 self._notifications.pop(sub.server_id, None)
 
 
+_BUFFERS = (bytes, bytearray, memoryview)
+
+
+def _raw(value: Any) -> Any:
+    """A value to send in binary mode: bytes (bare or typed) ride as an attachment."""
+    if isinstance(value, _BUFFERS):
+        return {"type": "bytes", "value": Blob(value)}
+    if isinstance(value, dict) and value.get("type") == "bytes" and isinstance(value.get("value"), _BUFFERS):
+        return {"type": "bytes", "value": Blob(value["value"])}
+    return value
+
+
+def _as_bytes(obj: Any) -> Any:
+    """Every bytes message in a result or notification holding Python ``bytes``."""
+    if type(obj) is dict:
+        if obj.get("type") == "bytes" and len(obj) == 2:
+            v = obj.get("value")
+            if isinstance(v, Blob):
+                return {"type": "bytes", "value": bytes(v.data)}
+            if isinstance(v, str):
+                return {"type": "bytes", "value": base64.b64decode(v)}
+        return {k: _as_bytes(v) for k, v in obj.items()}
+    if type(obj) is list:
+        return [_as_bytes(v) for v in obj]
+    return obj
+
+
 @contextlib.asynccontextmanager
 async def open_client(url: str, *, token: str | None = None, max_message_size: int = 64 * 2**20,
-                      reconnect: bool = True) -> AsyncIterator[Client]:
+                      reconnect: bool = True, binary: bool = False) -> AsyncIterator[Client]:
     """Connect to ``url`` and keep connected (unless ``reconnect=False``).
 
     The first connection must succeed: it raises OSError, or HandshakeError
     (``ConnectionRejected`` with the HTTP status, e.g. 401 without a token).
     """
-    client = Client(url, token=token, max_message_size=max_message_size, reconnect=reconnect)
+    client = Client(url, token=token, max_message_size=max_message_size, reconnect=reconnect, binary=binary)
     failed: BaseException | None = None
     async with trio.open_nursery() as nursery:
         try:

@@ -154,3 +154,51 @@ async def test_a_worker_naming_an_attachment_it_did_not_send_is_killed_and_other
         assert err.value.code == -32002 and "attachment" in err.value.message
         res = await c.call("Echo", {"data": {"type": "bytes", "value": "AAE="}})
         assert res["outputs"]["data"]["value"] == "AAE="
+
+
+# -- the client API: binary frames -----------------------------------------------------------------
+
+@given(body=json_values, attachments=st.lists(st.binary(max_size=300), max_size=5))
+def test_attachment_frames_split_back_into_their_parts(body, attachments):
+    from supervisor._protocol import Blob, attach, bind_attachments, split_attachments
+
+    refs = {"refs": [{"type": "bytes", "$att": k} for k in range(len(attachments))], "body": body}
+    frame = attach(orjson.dumps(refs), attachments)
+    if attachments:
+        raw, atts = split_attachments(frame)
+        bound = bind_attachments(orjson.loads(raw), atts, lambda v: Blob(bytes(v)))
+        assert [m["value"] for m in bound["refs"]] == [Blob(a) for a in attachments] and bound["body"] == body
+    else:
+        assert frame == orjson.dumps(refs)  # nothing to attach: plain JSON
+
+
+async def test_the_python_client_in_binary_mode_sends_and_gets_raw_bytes(make_host):
+    host = await make_host({"echo.actor.py": ECHO})
+    data = os.urandom(2 << 20)
+    async with open_client(host.url, binary=True) as c:
+        res = await c.call("Echo", {"data": data})
+        assert res["outputs"]["data"] == {"type": "bytes", "value": data}
+        res = await c.call("Echo", {"data": {"type": "bytes", "value": "AAE="}})  # base64 in, bytes out
+        assert res["outputs"]["data"]["value"] == b"\x00\x01"
+    async with open_client(host.url) as c:  # a text client on the same host: base64, as ever
+        res = await c.call("Echo", {"data": {"type": "bytes", "value": "AAE="}})
+        assert res["outputs"]["data"]["value"] == "AAE="
+
+
+async def test_a_raw_websocket_client_gets_attachment_frames_back_and_a_parse_error_for_bad_ones(make_host):
+    import trio_websocket
+
+    host = await make_host({"echo.actor.py": ECHO})
+    async with trio_websocket.open_websocket_url(host.url, max_message_size=2**24) as ws:
+        call = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "actor.call",
+                             "params": {"actor": "Echo", "inputs": {"data": {"type": "bytes", "$att": 0}}}})
+        await ws.send_message(b"@5 " + call + b"\nhello")
+        reply = await ws.get_message()
+        assert isinstance(reply, bytes) and reply.startswith(b"@5 ") and reply.endswith(b"\nhello")
+        for bad in (b"@9 {}\nhello", b"@x {}\n", b'@1 {"jsonrpc":"2.0","id":2,"method":"actors.list","params":'
+                                                  b'{"x":{"type":"bytes","$att":3}}}\nA'):
+            await ws.send_message(bad)
+            err = orjson.loads(await ws.get_message())
+            assert err["error"]["code"] == -32700 and err["id"] is None, err
+        await ws.send_message(orjson.dumps({"jsonrpc": "2.0", "id": 3, "method": "actors.list"}))
+        assert orjson.loads(await ws.get_message())["id"] == 3  # still served
