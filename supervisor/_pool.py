@@ -20,6 +20,9 @@ __all__ = ["WorkerPool"]
 
 log = logging.getLogger("supervisor.pool")
 
+# Seconds a refill waits after an acquire before starting the replacement (see ``_refill``).
+REFILL_DELAY = 0.005
+
 
 class _RuntimePool:
     def __init__(self, runtime: str, spec: WorkerSpec, preload: int, max_size: int):
@@ -76,6 +79,10 @@ class WorkerPool:
 
     async def _refill(self, p: _RuntimePool) -> None:
         while True:
+            if p.wanted.is_set():
+                # Woken by an acquire: let the taker's first requests (its ``load``) run before
+                # this start's synchronous spawn work and the new sandbox's boot take the CPU.
+                await trio.sleep(REFILL_DELAY)
             while len(p.warm) < p.preload and p.limiter.value > 0 and p.failed_starts < 3:
                 p.limiter.acquire_nowait()
                 try:

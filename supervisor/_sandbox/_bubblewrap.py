@@ -5,18 +5,28 @@ The sandbox sees only: the interpreter and the shared libraries it links
 for Node), the in-sandbox SDK at ``/reflow``, a private size-capped ``/tmp``,
 its own ``/proc`` and ``/dev/{null,zero,urandom}``. No network, no host
 environment, no workspace: the script's source arrives over the channel.
+
+Cold start is on the hot path (restarts, pool refills), so the mount table is
+kept short: the libraries a runtime links are bound as one read-only directory
+per sandbox directory (``_staged``) rather than one mount per file — the same
+files at the same paths, ~8 ms less per spawn for Python's ~50 libraries.
 """
 
 from __future__ import annotations
 
+import compileall
 import functools
 import glob
+import hashlib
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
+from collections import defaultdict
 from pathlib import Path
 
 from ._base import SandboxBackend, SandboxUnavailable, Worker, WorkerSpec, ulimit_commands
@@ -26,6 +36,8 @@ from ._spawn import PACKAGES_AT, limits_arg, spawn_worker
 __all__ = ["BubblewrapBackend", "runtime_dir"]
 
 _LDD_LINE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
+
+log = logging.getLogger("supervisor.sandbox")
 
 
 def runtime_dir() -> Path:
@@ -57,7 +69,7 @@ def python_binds() -> tuple[tuple[str, str], ...]:
     dynload = glob.glob(os.path.join(stdlib, "lib-dynload", "*.so"))
     binds = [(exe, "/usr/local/bin/python3"), (stdlib, f"/usr/local/lib/{ver}")]
     binds += [(os.path.realpath(lib), _neutral_lib_path(lib)) for lib in sorted(_shared_libs([exe, *dynload]))]
-    return tuple(binds)
+    return tuple(_staged(binds))
 
 
 @functools.cache
@@ -68,7 +80,7 @@ def node_binds() -> tuple[tuple[str, str], ...] | None:
     exe = os.path.realpath(node)
     binds = [(exe, "/usr/bin/node")]
     binds += [(os.path.realpath(lib), _neutral_lib_path(lib)) for lib in sorted(_shared_libs([exe]))]
-    return tuple(binds)
+    return tuple(_staged(binds))
 
 
 def _neutral_lib_path(lib: str) -> str:
@@ -77,6 +89,128 @@ def _neutral_lib_path(lib: str) -> str:
         return lib
     return "/usr/lib/x86_64-linux-gnu/" + os.path.basename(lib) if os.path.isdir(
         "/usr/lib/x86_64-linux-gnu") else "/usr/lib/" + os.path.basename(lib)
+
+
+def _stage_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reflow" / "sandbox-libs"
+
+
+def _staged(binds: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The same (host path, sandbox path) view with one bind per sandbox directory.
+
+    Each sandbox directory that gets two or more files (``/lib/x86_64-linux-gnu``)
+    is bound from one host directory holding hard links to exactly those files,
+    under their sandbox names: the sandbox sees the same files at the same paths,
+    and bwrap makes one mount instead of one mount, one mount point and one
+    read-only remount per file. The directory lives in the user's cache, named by
+    the identity (device, inode, size, mtime) of what it links, so every host of
+    this interpreter shares it and a changed library gets a new one; a directory
+    found there is used only if it links exactly those inodes. Wherever a hard
+    link cannot be made (another filesystem, ``fs.protected_hardlinks`` for files
+    we do not own) the files stay bound one by one.
+    """
+    dsts = {dst for _, dst in binds}
+    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for src, dst in binds:
+        if os.path.isfile(src):
+            groups[os.path.dirname(dst)].append((src, dst))
+    out = list(binds)
+    for folder, files in groups.items():
+        # Only a directory nothing else is bound into: a read-only bind takes the whole of it.
+        if len(files) < 2 or any(d.startswith(folder + "/") and os.path.dirname(d) != folder for d in dsts):
+            continue
+        try:
+            staged = _stage_dir({os.path.basename(dst): src for src, dst in files})
+        except OSError as exc:
+            log.debug("binding %s file by file: %s", folder, exc)
+            continue
+        out = [b for b in out if b not in files] + [(staged, folder)]
+    return out
+
+
+def _stage_dir(files: dict[str, str]) -> str:
+    """A directory of hard links ``name -> files[name]``, reused when one already matches.
+
+    Raises OSError when the links cannot be made.
+    """
+    stats = {name: os.stat(src) for name, src in files.items()}
+    key = hashlib.sha256(repr(sorted(
+        (name, files[name], st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for name, st in stats.items()
+    )).encode()).hexdigest()[:24]
+    root = _stage_root()
+    final = root / key
+    if _links_exactly(final, stats):
+        return str(final)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        for name, src in files.items():
+            os.link(src, tmp / name)
+        os.chmod(tmp, 0o755)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another host made it meanwhile (or a stale one is in the way): use ours
+        if _links_exactly(final, stats):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return str(final)
+        return str(tmp)
+    return str(final)
+
+
+def _links_exactly(folder: Path, stats: dict[str, os.stat_result]) -> bool:
+    try:
+        if set(os.listdir(folder)) != set(stats):
+            return False
+        for name, want in stats.items():
+            st = os.stat(folder / name, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+                return False
+    except OSError:
+        return False
+    return True
+
+
+_bytecode_seen: dict[Path, list[tuple]] = {}
+
+
+def refresh_bytecode(folder: Path) -> None:
+    """Compile the in-sandbox Python runtime's stale or missing ``.pyc`` files, on the host.
+
+    The sandbox runs with ``-B`` on a read-only ``/reflow``, so it can use bytecode
+    but never write it: a source edited since the last compile (or a checkout run
+    with ``PYTHONDONTWRITEBYTECODE``) would be recompiled by every worker at start.
+    Cheap when nothing changed (a stat per file); a read-only install is left as
+    it is (pip compiled it at install time).
+    """
+    mark = []
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            if name.endswith(".py"):
+                try:
+                    st = os.stat(os.path.join(top, name))
+                except OSError:
+                    continue
+                mark.append((top, name, st.st_mtime_ns, st.st_size))
+    if _bytecode_seen.get(folder) == mark:
+        return
+    try:
+        # Named as the sandbox sees them (/reflow/…): no host path inside the .pyc.
+        compileall.compile_dir(str(folder), ddir="/reflow", quiet=2)
+    except OSError:
+        pass
+    _bytecode_seen[folder] = mark
+
+
+# Runs /reflow/reflow_worker.py as `python3 /reflow/reflow_worker.py ARGS…` would (as
+# __main__, argv[0] and __file__ set), but from its cached bytecode: a script named on the
+# command line is compiled afresh every time (~4 ms for the worker), a loader uses its .pyc.
+PY_WORKER = "/reflow/reflow_worker.py"
+PY_BOOT = ("import sys; sys.argv[0] = __file__ = %r; exec(__import__('_frozen_importlib_external')"
+           ".SourceFileLoader('__main__', __file__).get_code('__main__'))" % PY_WORKER)
 
 
 # Denied with EPERM inside every sandbox: what could reach the kernel's attack surface or
@@ -188,9 +322,9 @@ class BubblewrapBackend(SandboxBackend):
         if spec.runtime == "python":
             for src, dst in python_binds():
                 args += ["--ro-bind", src, dst]
+            refresh_bytecode(rt / "python")
             args += ["--ro-bind", str(rt / "python"), "/reflow", "--remount-ro", "/", "--chdir", "/tmp",
-                     "/usr/local/bin/python3", "-I", "-S", "-B", "/reflow/reflow_worker.py",
-                     limits_arg(spec)]
+                     "/usr/local/bin/python3", "-I", "-S", "-B", "-c", PY_BOOT, limits_arg(spec)]
         elif spec.runtime == "javascript":
             binds = node_binds()
             if binds is None:

@@ -12,7 +12,7 @@ import shutil
 import sys
 
 from ._base import SandboxBackend, SandboxUnavailable, Worker, WorkerSpec, ulimit_commands
-from ._bubblewrap import runtime_dir
+from ._bubblewrap import refresh_bytecode, runtime_dir
 from ._spawn import limits_arg, spawn_worker
 
 __all__ = ["ProcessBackend"]
@@ -25,6 +25,7 @@ class ProcessBackend(SandboxBackend):
     def argv(self, spec: WorkerSpec) -> list[str]:
         rt = runtime_dir()
         if spec.runtime == "python":
+            refresh_bytecode(rt / "python")
             exe = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
             return [exe, "-I", "-S", "-B", str(rt / "python" / "reflow_worker.py"),
                     limits_arg(spec, spec.packages)]
