@@ -29,6 +29,7 @@ from ._mailbox import feed, inbox_key, poke, retry_or_deadletter_cmds
 from ._protocol import Blob, is_typed, json_default
 from ._redis import RedisError, RedisUnavailable
 from ._sandbox._base import ExitInfo, Worker
+from ._shm import ShmError
 from ._state import StateTxn, state_prefix
 
 if TYPE_CHECKING:
@@ -86,6 +87,9 @@ class ProcessSpec:
     memory: int | None = None
 
 
+SEND_AHEAD = 8  # messages sent to a worker before the one it is on is answered
+
+
 def new_message_id() -> str:
     return f"m{next(_message_ids)}-{_run_tag}"
 
@@ -105,6 +109,7 @@ class Envelope:
     attempts: int = 0
     outage: bool = False                        # a state call met Redis unavailable
     body: bytes | None = None
+    shm_end: int = 0                            # its inputs' end in the worker's inbound ring
     done: trio.Event = attrs.field(factory=trio.Event)
 
     def resolve(self, outputs: dict) -> None:
@@ -164,10 +169,12 @@ class ActorCell:
         self.prefix = state_prefix(cfg.workspace.redis.namespace, self.name)
         self.default_ttl = cfg.workspace.redis.ttl
         self.max_output = cfg.workspace.sandbox.max_output
+        self.shm_threshold = cfg.workspace.sandbox.shm_threshold
         self.subscribers: dict[int, Callable[[str, str, dict, str], None]] = {}
         self.stopped_reason: str | None = None
         self._retry: collections.deque[Envelope] = collections.deque()
-        self.prefetched: Envelope | None = None  # sent to the worker behind ``current``
+        # Sent to the worker behind ``current``, with their request ids, not yet started.
+        self.ahead: collections.deque[tuple[Envelope, int]] = collections.deque()
         self.inbox = inbox_key(cfg.workspace.redis.namespace, self.name)
         self.wake: trio.Event | None = None
         self.in_hand: set[bytes] = set()  # durable entries this run took and has not finished (see feed)
@@ -253,9 +260,10 @@ class ActorCell:
                 await worker.aclose()
                 self.host.pool.release(worker)
                 self.worker = None
-                pre, self.prefetched = self.prefetched, None
-                if pre is not None and pre.stream_id is None:
-                    # Sent to this worker but never started: it did nothing wrong.
+                while self.ahead:  # sent to this worker but never started: they did nothing wrong
+                    pre, _ = self.ahead.pop()
+                    if pre.stream_id is not None:
+                        continue  # still pending in its stream: the next run's feeder hands it out
                     if self.host.stopping:
                         pre.fail(ActorStopped(f"actor {self.name!r} was stopped"))
                     else:
@@ -285,11 +293,9 @@ class ActorCell:
         await worker.wait()
         scope.cancel()
 
-    async def _request(self, worker: Worker, method: str, params: dict, attachments: list | None = None) -> int:
+    async def _request(self, worker: Worker, method: str, params: dict) -> int:
         rid = next(self._rid)
-        frame = orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params},
-                             default=json_default)
-        await worker.channel.send_with(frame, attachments or [])
+        await worker.channel.send(orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params}))
         return rid
 
     async def trial_load(self) -> str | None:
@@ -337,36 +343,33 @@ class ActorCell:
                 raise
 
     async def _serve(self, worker: Worker, inbox: trio.MemoryReceiveChannel[Envelope]) -> None:
-        """Serve messages one at a time, with the next one already sent to the worker.
+        """Serve messages in order, with up to SEND_AHEAD more already sent to the worker.
 
         The worker handles them strictly in order and starts the next only after
         answering the current one, so this overlaps its work (and the channel's round
         trip) with ours on the reply, without changing what any message sees: the state
         calls of the next message are served only after the current one committed.
+        Messages that are waiting when the window has room go out in one write: under
+        load, one system call (and one wake-up of the worker) carries several.
         """
-        cur = self.current = await self._next(inbox)
-        if cur is None:
-            return
-        rid = await self._send_process(worker, cur)
+        ahead = self.ahead
         while True:
+            if not ahead:
+                env = await self._next(inbox)
+                if env is None:
+                    return
+                await self._send_process(worker, [env])
+            more = []
+            while len(ahead) + len(more) < SEND_AHEAD and (nxt := self._next_nowait(inbox)) is not None:
+                more.append(nxt)
+            if more:
+                await self._send_process(worker, more)
+            cur, rid = ahead.popleft()
             self.current = cur
-            nxt = self._next_nowait(inbox)
-            nrid = 0
-            if nxt is not None:
-                self.prefetched = nxt
-                nrid = await self._send_process(worker, nxt)
             await self._handle(worker, cur, rid)
             self.current = None
-            if worker.exit_info is not None:  # a limit ended the worker: `nxt` waits for the next one
+            if worker.exit_info is not None:  # a limit ended the worker: the rest wait for the next one
                 raise WorkerDied(self.name, worker.exit_info)
-            if nxt is not None:
-                self.prefetched = None
-                cur, rid = nxt, nrid
-                continue
-            cur = self.current = await self._next(inbox)
-            if cur is None:
-                return
-            rid = await self._send_process(worker, cur)
 
     async def _next(self, inbox: trio.MemoryReceiveChannel[Envelope]) -> Envelope | None:
         if self._retry:
@@ -384,30 +387,50 @@ class ActorCell:
         except (trio.WouldBlock, trio.EndOfChannel):
             return None
 
-    async def _send_process(self, worker: Worker, env: Envelope) -> int:
-        """Hand ``env`` to the worker. If the worker is already gone, the message never
-        reached it: it waits for the next worker (memory) or stays pending (durable)."""
-        payload, attachments = env.inputs, []
-        if getattr(worker, "ready_info", {}).get("attachments") is True:
-            payload = {}
-            for port, msg in env.inputs.items():
-                if msg.get("type") == "bytes" and isinstance(msg.get("value"), Blob):
-                    attachments.append(msg["value"].data)
-                    msg = {"type": "bytes", "$att": len(attachments) - 1}
-                payload[port] = msg
-        try:
-            return await self._request(worker, "process", {
+    async def _send_process(self, worker: Worker, envs: list[Envelope]) -> None:
+        """Hand ``envs`` to the worker in one write; each joins ``ahead``. If the worker is
+        already gone, they never reached it: they wait for the next worker (memory) or stay
+        pending (durable)."""
+        frames = []
+        for env in envs:
+            rid = next(self._rid)
+            payload, attachments = self._payload(worker, env)
+            frames.append((orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": "process", "params": {
                 "actor_id": self.name, "payload": payload, "message_id": env.message_id,
                 "config": self.process.config if env.config is None else env.config,
-                "timestamp": int(time.time() * 1000)}, attachments)
+                "timestamp": int(time.time() * 1000)}}, default=json_default), attachments))
+            self.ahead.append((env, rid))
+        try:
+            await worker.channel.send_frames(frames)
         except ChannelClosed:
-            if self.current is env:
-                self.current = None
-            if self.prefetched is env:
-                self.prefetched = None
-            if env.stream_id is None:
-                self._retry.appendleft(env)
+            for _ in envs:
+                self.ahead.pop()
+            for env in reversed(envs):
+                if env.stream_id is None:
+                    self._retry.appendleft(env)
             raise WorkerDied(self.name, await _gone(worker)) from None
+
+    def _payload(self, worker: Worker, env: Envelope) -> tuple[dict, list]:
+        """``env``'s inputs for the channel: large bytes in shared memory when there is room,
+        other bytes as attachments (where the worker takes them)."""
+        if getattr(worker, "ready_info", {}).get("attachments") is not True:
+            return env.inputs, []
+        payload, attachments = {}, []
+        shm = getattr(worker, "shm", None)
+        for port, msg in env.inputs.items():
+            if msg.get("type") == "bytes" and isinstance(msg.get("value"), Blob):
+                data = msg["value"].data
+                ref = None
+                if shm is not None and memoryview(data).nbytes >= self.shm_threshold:
+                    ref = shm.inbound.put(data)  # None when the ring is full: attach instead
+                if ref is not None:
+                    env.shm_end = ref[3]
+                    msg = {"type": "bytes", "$shm": ref}
+                else:
+                    attachments.append(data)
+                    msg = {"type": "bytes", "$att": len(attachments) - 1}
+            payload[port] = msg
+        return payload, attachments
 
     async def _handle(self, worker: Worker, env: Envelope, rid: int) -> None:
         txn = StateTxn(self.host.redis, self.prefix, self.default_ttl)
@@ -536,11 +559,12 @@ class ActorCell:
                 if msg.get("id") == rid:
                     if not isinstance(msg.get("error", {}), dict) or not isinstance(msg.get("result", {}), dict):
                         self._violation(worker, env, "a reply whose result or error is not an object")
-                    if channel.attachments:
-                        outputs = (msg.get("result") or {}).get("outputs")
-                        if isinstance(outputs, dict):
-                            for port, message in outputs.items():
-                                outputs[port] = self._attached(worker, env, message, channel.attachments)
+                    if env is not None and env.shm_end:  # the worker is done with its inputs
+                        worker.shm.inbound.release(env.shm_end)  # type: ignore[attr-defined]
+                    outputs = (msg.get("result") or {}).get("outputs")
+                    if isinstance(outputs, dict):
+                        for port, message in outputs.items():
+                            outputs[port] = self._attached(worker, env, message, channel.attachments)
                     return msg
                 continue
             params = msg.get("params")
@@ -551,8 +575,7 @@ class ActorCell:
                     env.outage = True
             elif method == "output" and env is not None:
                 port, message = params.get("port"), params.get("message")
-                if channel.attachments:
-                    message = self._attached(worker, env, message, channel.attachments)
+                message = self._attached(worker, env, message, channel.attachments)
                 if not isinstance(port, str) or not is_typed(message):
                     self._violation(worker, env, "an output that is not a port name and a typed message")
                 env.emitted.append((port, message))
@@ -563,8 +586,19 @@ class ActorCell:
                                                  "text": str(params.get("text"))[:512]})
 
     def _attached(self, worker: Worker, env: Envelope | None, message: Any, attachments: list[bytes]) -> Any:
-        """``{"type": "bytes", "$att": k}`` from the worker → a bytes message holding attachment k."""
-        if not (isinstance(message, dict) and "$att" in message):
+        """``{"type": "bytes", "$att": k}`` from the worker → a bytes message holding attachment k;
+        ``{"type": "bytes", "$shm": ref}`` → one holding the bytes copied out of its ring."""
+        if not isinstance(message, dict) or len(message) != 2 or message.get("type") != "bytes":
+            return message
+        if "$shm" in message:
+            shm = getattr(worker, "shm", None)
+            if shm is None:
+                self._violation(worker, env, "a shared-memory reference from a worker that has none")
+            try:
+                return {"type": "bytes", "value": Blob(shm.outbound.take(message["$shm"]))}
+            except ShmError as exc:
+                self._violation(worker, env, str(exc))
+        if "$att" not in message:
             return message
         k = message["$att"]
         if message.keys() != {"type", "$att"} or message["type"] != "bytes" or not isinstance(k, int) \

@@ -116,6 +116,24 @@ class LineChannel:
         data = b"\n".join(frames) + b"\n"
         await self._send_all(data)
 
+    async def send_frames(self, frames: list[tuple[bytes, list]]) -> None:
+        """Several frames, each with its attachments (maybe none), in order, in one write
+        when they are small."""
+        parts: list = []
+        small = True
+        for frame, attachments in frames:
+            if attachments:
+                sizes = [memoryview(a).nbytes for a in attachments]
+                parts.append(b"@%s %s\n" % (b",".join(b"%d" % n for n in sizes), frame))
+                parts.extend(attachments)
+                small = small and sum(sizes) < 1 << 16
+            else:
+                parts.append(frame + b"\n")
+        if small:
+            await self._send_all(b"".join(parts))
+        else:  # large attachments: no joined copy
+            await self._send_all(*parts)
+
     async def send_with(self, frame: bytes, attachments: list) -> None:
         """One frame and its raw attachments (buffer-protocol objects), in one write."""
         if not attachments:

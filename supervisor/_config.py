@@ -135,7 +135,8 @@ class SandboxConfig:
     tmp_size: Size = Size(64 * 2**20)
     cpu_seconds: Duration | None = None   # per-worker CPU-time rlimit; None = unlimited
     max_processes: Count = Count(64)
-    shm_threshold: Size = Size(64 * 2**10)
+    shm_threshold: Size = Size(64 * 2**10)  # bytes payloads this large go through shared memory
+    shm_size: Size = Size(16 * 2**20)       # each of a Python worker's two rings; 0: no shared memory
 
 
 @attrs.frozen

@@ -318,7 +318,10 @@ class Host:
                 continue
             specs[rt] = WorkerSpec(runtime=rt, memory=rc.memory, cpu=rc.cpu, cpu_seconds=sb.cpu_seconds,
                                    max_processes=sb.max_processes, tmp_size=sb.tmp_size, max_output=sb.max_output,
-                                   packages=self.package_dirs.get(rt))
+                                   packages=self.package_dirs.get(rt),
+                                   # shared memory is capped by the worker's memory (a quarter per ring)
+                                   shm_size=min(sb.shm_size, rc.memory // 4) if rt == "python" else 0,
+                                   shm_threshold=sb.shm_threshold)
         return specs
 
     async def _ensure_packages(self, runtime: str) -> None:

@@ -25,7 +25,7 @@ REQUIRED = {
     "ours.send.memory.batch64.accepted", "ours.send.durable.batch64.accepted",
     "ours.send.memory.batch64.processed", "ours.send.durable.batch64.processed",
     "ours.graph.memory", "ours.graph.durable",
-    *(f"{who}.payload.{size}.{path}.{stat}" for who, path in (("ours", "att"), ("baseline", "b64"))
+    *(f"{who}.payload.{size}.{path}.{stat}" for who, path in (("ours", "shm"), ("ours", "att"), ("baseline", "b64"))
       for size in ("64k", "1m", "10m") for stat in ("p50", "mbps")),
 }
 

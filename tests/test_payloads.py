@@ -202,3 +202,141 @@ async def test_a_raw_websocket_client_gets_attachment_frames_back_and_a_parse_er
             assert err["error"]["code"] == -32700 and err["id"] is None, err
         await ws.send_message(orjson.dumps({"jsonrpc": "2.0", "id": 3, "method": "actors.list"}))
         assert orjson.loads(await ws.get_message())["id"] == 3  # still served
+
+
+# -- shared memory ----------------------------------------------------------------------------------
+
+@settings(max_examples=80, deadline=None)
+@given(sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=40), lag=st.integers(0, 3))
+def test_host_ring_to_worker_view_round_trips_across_wrap_around(sizes, lag):
+    """The host produces into a small ``in`` ring, the worker's own code reads the slots,
+    the host releases them a few messages late: every payload arrives whole, wrap-around
+    included, and a full ring says so (None) instead of overwriting a live slot."""
+    from supervisor._shm import Regions
+
+    regions = Regions(16 * 1024)
+    worker = reflow_worker._Shm({"in": os.dup(regions.child_in), "out": os.dup(regions.child_out),
+                                 "size": regions.size, "threshold": 0})
+    try:
+        live: list[tuple[list[int], bytes]] = []
+        for i, n in enumerate(sizes):
+            data = bytes([i % 251]) * n
+            ref = regions.inbound.put(data)
+            while ref is None and live:  # full: the oldest message finishes
+                regions.inbound.release(live.pop(0)[0][3])
+                ref = regions.inbound.put(data)
+            if ref is None:
+                assert n + 16 > regions.size - 64 - 64, "an empty ring refused a payload that fits"
+                continue
+            live.append((ref, data))
+            for r, d in live:  # everything still live is intact
+                assert bytes(worker.view(r)) == d
+            while len(live) > lag:
+                regions.inbound.release(live.pop(0)[0][3])
+    finally:
+        regions.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=40))
+def test_worker_ring_to_host_take_round_trips_and_rejects_torn_or_stale_slots(sizes):
+    from supervisor._shm import Regions, ShmError
+
+    regions = Regions(16 * 1024)
+    worker = reflow_worker._Shm({"in": os.dup(regions.child_in), "out": os.dup(regions.child_out),
+                                 "size": regions.size, "threshold": 0})
+    try:
+        taken: list[list[int]] = []
+        for i, n in enumerate(sizes):
+            data = os.urandom(n)
+            ref = worker.put(data)
+            if ref is None:
+                assert n + 16 > regions.size - 64 - 64
+                continue
+            assert regions.outbound.take(ref) == data
+            taken.append(ref)
+        for old in taken[:-1]:  # a reference to a slot since reused no longer matches its header
+            try:
+                got = regions.outbound.view(old)
+            except ShmError:
+                continue
+            assert len(got) == old[1]
+        if taken:  # a torn slot (the header never written) is refused, not read
+            ref = taken[-1]
+            regions.maps[1][ref[0] - 16:ref[0] - 8] = b"\0" * 8
+            with pytest.raises(ShmError):
+                regions.outbound.take(ref)
+        for bad in ([0, 1, 1, 1], [regions.size - 8, 64, 1, 1], "x", [1, 2, 3]):
+            with pytest.raises(ShmError):
+                regions.outbound.view(bad)
+    finally:
+        regions.close()
+
+
+SNOOP_SHM = '''
+import os
+from reflow import actor
+
+@actor(name="Peek", inports=["x"], outports=["mine", "size"])
+def peek(context):
+    mine = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if "reflow-" in target:
+                mine.append(target.split(" ")[0])
+    return {"mine": sorted(mine), "size": len(context.get_input("x"))}
+'''
+
+CRASH_MID_WRITE = '''
+import mmap, os, signal
+from reflow import actor
+
+@actor(name="Torn", inports=["data", "crash"], outports=["data"])
+def torn(context):
+    if context.has_input("crash"):  # scribble over our whole out ring, then die mid-"write"
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if "reflow-out" in os.readlink(f"/proc/self/fd/{fd}"):
+                    m = mmap.mmap(int(fd), os.fstat(int(fd)).st_size)
+                    m[:] = os.urandom(len(m))
+            except OSError:
+                pass
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"data": context.get_input("data")}
+'''
+
+
+async def test_large_bytes_go_through_shared_memory_and_each_worker_sees_only_its_own(make_host):
+    host = await make_host({"echo.actor.py": ECHO, "peek.actor.py": SNOOP_SHM})
+    data = os.urandom(5 << 20)
+    async with open_client(host.url, binary=True) as c:
+        for _ in range(3):  # several, so the ring wraps
+            res = await c.call("Echo", {"data": data})
+            assert res["outputs"]["data"]["value"] == data
+        peek = (await c.call("Peek", {"x": b"y" * (200 << 10)}))["outputs"]
+    assert peek["size"]["value"] == 200 << 10
+    # its own two regions (the Echo worker's are in another pid namespace), nothing else
+    assert peek["mine"]["value"] == ["/memfd:reflow-in", "/memfd:reflow-out"], peek["mine"]
+
+
+async def test_a_worker_killed_mid_write_leaves_nothing_corrupt_and_the_next_message_whole(make_host):
+    host = await make_host({"torn.actor.py": CRASH_MID_WRITE})
+    data = os.urandom(1 << 20)
+    async with open_client(host.url, binary=True) as c:
+        assert (await c.call("Torn", {"data": data}))["outputs"]["data"]["value"] == data
+        with pytest.raises(Exception) as err:
+            await c.call("Torn", {"crash": 1})
+        assert err.value.code == -32002
+        for _ in range(2):  # a fresh worker, a fresh region: intact
+            assert (await c.call("Torn", {"data": data}, timeout=30))["outputs"]["data"]["value"] == data
+

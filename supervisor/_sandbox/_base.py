@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import logging
 import signal as _signal
+from typing import Any
 
 import attrs
 import trio
@@ -41,6 +42,8 @@ class WorkerSpec:
     tmp_size: int = 64 * 2**20
     max_output: int = 16 * 2**20
     packages: str | None = None  # host directory of the runtime's installed ``packages:``, bound read-only
+    shm_size: int = 0  # bytes of each shared-memory ring (0: none; see _shm.py)
+    shm_threshold: int = 64 * 2**10
 
 
 def ulimit_commands(spec: WorkerSpec) -> str:
@@ -110,6 +113,7 @@ class Worker(abc.ABC):
     channel: LineChannel
     runtime: str
     exit_info: ExitInfo | None = None
+    shm: Any = None  # the host's side of its shared-memory regions (_shm.Regions), if any
 
     @property
     @abc.abstractmethod

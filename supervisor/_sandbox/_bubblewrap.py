@@ -29,6 +29,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from .._shm import Regions
 from ._base import SandboxBackend, SandboxUnavailable, Worker, WorkerSpec, ulimit_commands
 from ._cgroup import Cgroups
 from ._spawn import PACKAGES_AT, limits_arg, spawn_worker
@@ -300,7 +301,7 @@ class BubblewrapBackend(SandboxBackend):
         if self._cgroups is not None:
             self._cgroups.close()
 
-    def argv(self, spec: WorkerSpec) -> list[str]:
+    def argv(self, spec: WorkerSpec, shm: dict | None = None) -> list[str]:
         assert self._bwrap is not None
         args = [
             self._bwrap,
@@ -324,7 +325,7 @@ class BubblewrapBackend(SandboxBackend):
                 args += ["--ro-bind", src, dst]
             refresh_bytecode(rt / "python")
             args += ["--ro-bind", str(rt / "python"), "/reflow", "--remount-ro", "/", "--chdir", "/tmp",
-                     "/usr/local/bin/python3", "-I", "-S", "-B", "-c", PY_BOOT, limits_arg(spec)]
+                     "/usr/local/bin/python3", "-I", "-S", "-B", "-c", PY_BOOT, limits_arg(spec, shm=shm)]
         elif spec.runtime == "javascript":
             binds = node_binds()
             if binds is None:
@@ -339,7 +340,14 @@ class BubblewrapBackend(SandboxBackend):
         return args
 
     async def start(self, spec: WorkerSpec) -> Worker:
-        argv = self.argv(spec)
+        regions = None
+        if spec.runtime == "python" and spec.shm_size:
+            # Two fresh regions for this worker alone; inherited (pass_fds), never on a filesystem.
+            regions = Regions(spec.shm_size)
+            argv = self.argv(spec, shm={"in": regions.child_in, "out": regions.child_out,
+                                        "size": spec.shm_size, "threshold": spec.shm_threshold})
+        else:
+            argv = self.argv(spec)
         if self._cgroups is None:
             self._cgroups = Cgroups.probe()
         groups: list = []
@@ -359,10 +367,17 @@ class BubblewrapBackend(SandboxBackend):
             extra = (fd,)
             i = argv.index(self._bwrap) + 1
             argv = [*argv[:i], "--seccomp", str(fd), *argv[i:]]
+        if regions is not None:
+            extra += regions.child_fds  # spawn_worker closes them once the child has them
         try:
             worker = await spawn_worker(argv, spec, tier=self.tier, shell_status=True, extra_fds=extra)
         except BaseException:
             Cgroups.remove(groups)
+            if regions is not None:
+                regions.close()
             raise
         worker.on_exit.append(lambda: Cgroups.remove(groups))
+        if regions is not None:
+            worker.shm = regions
+            worker.on_exit.append(regions.close)  # unmapped once the worker is reaped
         return worker

@@ -161,11 +161,15 @@ async def spawn_worker(argv: Sequence[str], spec: WorkerSpec, *, tier: str,
 PACKAGES_AT = "/packages"  # where sandboxes see the runtime's installed packages
 
 
-def limits_arg(spec: WorkerSpec, packages_at: str | None = PACKAGES_AT) -> str:
-    """The limits the in-sandbox runtime applies to itself before loading user code, and
-    where it finds the runtime's packages (``packages_at`` as the sandbox sees them)."""
-    return orjson.dumps({
+def limits_arg(spec: WorkerSpec, packages_at: str | None = PACKAGES_AT, shm: dict | None = None) -> str:
+    """The limits the in-sandbox runtime applies to itself before loading user code, where
+    it finds the runtime's packages (``packages_at`` as the sandbox sees them), and its
+    shared-memory regions (inherited fds, see _shm.py) when it has them."""
+    limits = {
         "memory": spec.memory, "cpu_seconds": spec.cpu_seconds, "nproc": spec.max_processes,
         "nofile": spec.max_open_files, "fsize": spec.file_size,
         "packages": packages_at if spec.packages else None,
-    }).decode()
+    }
+    if shm is not None:
+        limits["shm"] = shm
+    return orjson.dumps(limits).decode()

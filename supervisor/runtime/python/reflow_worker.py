@@ -55,15 +55,34 @@ class Channel:
         self.attachments = attachments
         self.buf = bytearray()
         self.pending = []  # frames read while waiting for a specific reply
+        self.held = []  # replies held back while the next request is already here
 
-    def send(self, obj, atts=None):
+    def send(self, obj, atts=None, hold=False):
+        """Write a frame. ``hold``: the host has already sent the next request, so this reply
+        may wait and go out with whatever is written next (one write, one wake-up for both);
+        held frames are flushed before any blocking read."""
         data = _dumps(obj).encode()
         if not atts:
-            return self._write([data + b"\n"])
+            if hold and len(self.held) < 16:
+                self.held.append(data + b"\n")
+                return None
+            return self._write([*self._take_held(), data + b"\n"])
         views = [memoryview(a).cast("B") if memoryview(a).ndim != 1 or memoryview(a).format != "B"
                  else memoryview(a) for a in atts]
         head = b"@" + b",".join(b"%d" % v.nbytes for v in views) + b" " + data + b"\n"
-        self._write([head, *views])
+        self._write([*self._take_held(), head, *views])
+
+    def _take_held(self):
+        held, self.held = self.held, []
+        return held
+
+    def flush(self):
+        if self.held:
+            self._write(self._take_held())
+
+    def has_frame(self):
+        """Whether a whole request is already here (read, or set aside)."""
+        return bool(self.pending) or self.buf.find(b"\n") >= 0
 
     def _write(self, bufs):
         bufs = [memoryview(b) for b in bufs]
@@ -93,6 +112,7 @@ class Channel:
             self._read()
 
     def _read(self):
+        self.flush()
         chunk = os.read(self.fd, 1 << 18)
         if not chunk:
             raise EOFError
@@ -120,6 +140,49 @@ class Channel:
         return msg
 
 
+class _Shm:
+    """This worker's two shared-memory regions (see supervisor/_shm.py, whose layout this
+    repeats: the sandbox has only the standard library). ``in``: the host's payloads,
+    mapped read-only; ``out``: ours, a ring the host copies out of and marks consumed."""
+
+    def __init__(self, spec):
+        import mmap
+
+        self.size, self.threshold = spec["size"], spec["threshold"]
+        self.inbound = memoryview(mmap.mmap(spec["in"], self.size, prot=mmap.PROT_READ))
+        self.out = memoryview(mmap.mmap(spec["out"], self.size))
+        os.close(spec["in"])
+        os.close(spec["out"])
+        self.cap = self.size - 64
+        self.head = self.seq = 0
+
+    def view(self, ref):
+        off, n, seq, _end = ref
+        h = self.inbound[off - 16:off]
+        if int.from_bytes(h[:8], "little") != seq or int.from_bytes(h[8:], "little") != n:
+            raise RuntimeError("shared-memory slot does not match its reference")
+        return self.inbound[off:off + n]
+
+    def put(self, data):
+        """Our bytes into the ``out`` ring: the reference, or None when they do not fit now."""
+        view = memoryview(data)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        n = view.nbytes
+        total = (16 + n + 63) & ~63
+        pos = self.head % self.cap
+        pad = self.cap - pos if pos + total > self.cap else 0
+        consumed = int.from_bytes(self.out[:8], "little")
+        if total > self.cap or self.head + pad + total - consumed > self.cap:
+            return None
+        at = 64 + (0 if pad else pos)
+        self.seq += 1
+        self.out[at + 16:at + 16 + n] = view
+        self.out[at:at + 16] = self.seq.to_bytes(8, "little") + n.to_bytes(8, "little")  # header last
+        self.head += pad + total
+        return [at + 16, n, self.seq, self.head]
+
+
 class Worker:
     def __init__(self, chan):
         self.chan = chan
@@ -132,6 +195,7 @@ class Worker:
         self.loop = None
         self.current = None  # id of the message being processed
         self.result_atts = None  # attachments of the reply being built
+        self.shm = None  # _Shm when the host gave this worker shared memory
 
     # -- calls from the script -------------------------------------------
     def state_call(self, op, args):
@@ -146,6 +210,7 @@ class Worker:
                     raise reflow.ActorError(err.get("message", "state call failed"), err.get("code"))
                 return msg.get("result")
             if msg.get("method") == "shutdown":
+                self.chan.flush()
                 os._exit(0)
             self.chan.pending.append(msg)
 
@@ -156,7 +221,12 @@ class Worker:
                         "params": {"id": self.current, "port": port, "message": wire}}, atts)
 
     def wire(self, msg, atts):
-        """A Message for the channel: a bytes value as an attachment where the channel has them."""
+        """A Message for the channel: large bytes through shared memory where there is room,
+        else as an attachment where the channel has them, else base64."""
+        if msg.type == "bytes" and self.shm is not None and memoryview(msg.value).nbytes >= self.shm.threshold:
+            ref = self.shm.put(msg.value)
+            if ref is not None:
+                return {"type": "bytes", "$shm": ref}
         if msg.type == "bytes" and atts is not None:
             atts.append(msg.value)
             return {"type": "bytes", "$att": len(atts) - 1}
@@ -188,6 +258,8 @@ class Worker:
         for port, v in (params.get("payload") or {}).items():
             if isinstance(v, dict) and "$att" in v:  # read-only, zero-copy view of the attachment
                 payload[port] = reflow.Message("bytes", atts[v["$att"]])
+            elif isinstance(v, dict) and "$shm" in v:  # read-only view into the host's region
+                payload[port] = reflow.Message("bytes", self.shm.view(v["$shm"]))
             else:
                 payload[port] = reflow.Message.from_wire(v)
         config = params.get("config")
@@ -250,6 +322,7 @@ class Worker:
             method = msg.get("method")
             rid = msg.get("id")
             if method == "shutdown":
+                chan.flush()
                 return
             if rid is None or method not in ("load", "process", "ping"):
                 if rid is not None:
@@ -265,7 +338,7 @@ class Worker:
                     result = self.load(msg.get("params") or {})
                 else:
                     result = {}
-                chan.send({"jsonrpc": "2.0", "id": rid, "result": result}, atts)
+                chan.send({"jsonrpc": "2.0", "id": rid, "result": result}, atts, hold=chan.has_frame())
             except MemoryError:
                 self.fn = None
                 chan.send({"jsonrpc": "2.0", "id": rid, "error": {
@@ -320,6 +393,8 @@ def main():
     else:
         chan = Channel(int(sys.argv[-1]))
     worker = Worker(chan)
+    if limits.get("shm"):
+        worker.shm = _Shm(limits["shm"])
     reflow._state_call = worker.state_call
     reflow._emit = worker.emit
     sys.stdout = _Stream(chan, "stdout")
