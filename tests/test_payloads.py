@@ -340,3 +340,46 @@ async def test_a_worker_killed_mid_write_leaves_nothing_corrupt_and_the_next_mes
         for _ in range(2):  # a fresh worker, a fresh region: intact
             assert (await c.call("Torn", {"data": data}, timeout=30))["outputs"]["data"]["value"] == data
 
+
+ECHO_JS = '''
+const { actor, Message } = require('reflow');
+
+module.exports = actor({name: 'EchoJs', inports: ['data'], outports: ['data', 'kind']}, (context) => {
+  const d = context.getInput('data');
+  context.sendOutput('kind', Buffer.isBuffer(d) ? 'buffer' : typeof d);
+  return {data: Message.bytes(d)};
+});
+'''
+
+
+async def test_node_workers_take_and_give_bytes_as_attachments(make_host):
+    from supervisor._host import runtime_unavailable
+
+    if (why := runtime_unavailable("javascript")) is not None:
+        pytest.skip(why)
+    host = await make_host({"echo.actor.js": ECHO_JS})
+    data = os.urandom(3 << 20) + b"\n@"
+    async with open_client(host.url, binary=True) as c:
+        res = await c.call("EchoJs", {"data": data})
+    assert res["outputs"]["data"]["value"] == data
+    assert [e["message"]["value"] for e in res["emitted"]] == ["buffer"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=json_values | st.floats(allow_nan=False, allow_infinity=False), garbage=st.text(max_size=30))
+def test_the_workers_json_codec_matches_the_standard_librarys(value, garbage):
+    """The worker skips ``import json`` (it pulls in ``re``: ~8 ms of every cold start) and
+    drives the C ``_json`` directly; it must write and read exactly what ``json`` does."""
+    import json
+
+    assert reflow_worker._dumps.__qualname__ == "_json_codec.<locals>.dumps"  # not the fallback
+    std = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+    assert reflow_worker._dumps(value) == std(value)
+    assert reflow_worker._loads(std(value).encode()) == json.loads(std(value))
+    try:
+        expected = json.loads(garbage)
+    except ValueError:
+        with pytest.raises(ValueError):
+            reflow_worker._loads(garbage.encode())
+    else:
+        assert reflow_worker._loads(garbage.encode()) == expected

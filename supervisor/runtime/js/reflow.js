@@ -192,7 +192,7 @@ class ActorContext {
   sendOutput(port, value) {
     const msg = Message.infer(value);
     this._outputs.set(port, msg);
-    hooks.emit(String(port), msg.toWire());
+    hooks.emit(String(port), msg);
     return DONE;
   }
   getOutputs() { return new Map(this._outputs); }

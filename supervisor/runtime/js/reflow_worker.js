@@ -39,8 +39,16 @@ class Channel {
     this.readBuf = Buffer.allocUnsafe(1 << 18);
   }
 
-  send(obj) {
-    const data = Buffer.from(JSON.stringify(obj) + '\n', 'utf8');
+  // One frame; with `atts` (Buffers) the line is `@LEN,… JSON` and the raw bytes follow
+  // (bytes messages without base64; see supervisor/_channel.py).
+  send(obj, atts) {
+    const json = JSON.stringify(obj);
+    if (!atts || !atts.length) return this.write(Buffer.from(json + '\n', 'utf8'));
+    this.write(Buffer.from('@' + atts.map((a) => a.length).join(',') + ' ' + json + '\n', 'utf8'));
+    for (const a of atts) this.write(a);
+  }
+
+  write(data) {
     let off = 0;
     while (off < data.length) {
       try {
@@ -69,8 +77,15 @@ class Channel {
         const line = all.subarray(0, at);
         const rest = all.subarray(at + 1);
         this.chunks = rest.length ? [Buffer.from(rest)] : [];
+        if (line[0] === 64) return this.attached(line); // '@': attachments follow
         return JSON.parse(line.toString('utf8'));
       }
+      this.readMore();
+    }
+  }
+
+  readMore() {
+    for (;;) {
       let n;
       try {
         n = fs.readSync(this.inFd, this.readBuf, 0, this.readBuf.length, null);
@@ -81,7 +96,25 @@ class Channel {
       }
       if (n === 0) throw new ChannelClosed();
       this.chunks.push(Buffer.from(this.readBuf.subarray(0, n)));
+      return;
     }
+  }
+
+  attached(line) {
+    const text = line.toString('utf8');
+    const sp = text.indexOf(' ');
+    const sizes = text.slice(1, sp).split(',').map(Number);
+    const msg = JSON.parse(text.slice(sp + 1));
+    const need = sizes.reduce((a, b) => a + b, 0);
+    let have = this.chunks.reduce((a, c) => a + c.length, 0);
+    while (have < need) { this.readMore(); have += this.chunks[this.chunks.length - 1].length; }
+    const all = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks);
+    const atts = [];
+    let at = 0;
+    for (const n of sizes) { atts.push(all.subarray(at, at + n)); at += n; }
+    this.chunks = at < all.length ? [Buffer.from(all.subarray(at))] : [];
+    msg._atts = atts;
+    return msg;
   }
 }
 
@@ -161,8 +194,19 @@ class Worker {
     }
   }
 
-  emit(port, wire) {
-    this.chan.send({ jsonrpc: '2.0', method: 'output', params: { id: this.current, port, message: wire } });
+  emit(port, msg) {
+    const atts = [];
+    const wire = this.wire(msg, atts);
+    this.chan.send({ jsonrpc: '2.0', method: 'output', params: { id: this.current, port, message: wire } }, atts);
+  }
+
+  // A Message for the channel: a bytes value as a raw attachment.
+  wire(msg, atts) {
+    if (msg.type === 'bytes' && atts) {
+      atts.push(msg.value);
+      return { type: 'bytes', $att: atts.length - 1 };
+    }
+    return msg.toWire();
   }
 
   load(params) {
@@ -206,9 +250,12 @@ class Worker {
     return {};
   }
 
-  async process(params) {
+  async process(params, inAtts) {
     const payload = new Map();
-    for (const [port, v] of Object.entries(params.payload || {})) payload.set(port, Message.fromWire(v));
+    for (const [port, v] of Object.entries(params.payload || {})) {
+      const att = v !== null && typeof v === 'object' && v.type === 'bytes' ? v.$att : undefined;
+      payload.set(port, att !== undefined ? new Message('bytes', inAtts[att]) : Message.fromWire(v));
+    }
     const config = params.config === undefined || params.config === null ? this.config : params.config;
     const ctx = new ActorContext(payload, config, params.actor_id || this.actorId, params.timestamp);
     const fn = this.fn; // called bare so stack frames name the script's function only
@@ -219,10 +266,11 @@ class Worker {
       const keep = setInterval(() => {}, 1 << 30);
       try { result = await result; } finally { clearInterval(keep); }
     }
-    return { outputs: this.outputs(result) };
+    const atts = [];
+    return [{ outputs: this.outputs(result, atts) }, atts];
   }
 
-  outputs(result) {
+  outputs(result, atts) {
     if (result === undefined || result === null) return {};
     if (result instanceof Message && result.type === 'error') { // `return Message.error(...)`
       throw new ActorError(result.value.message, result.value.code);
@@ -231,11 +279,11 @@ class Worker {
     if (typeof result === 'object' && !Array.isArray(result) && !(result instanceof Message) &&
         !Buffer.isBuffer(result) && !ArrayBuffer.isView(result)) {
       const out = {};
-      for (const [port, v] of Object.entries(result)) if (v !== undefined) out[port] = Message.infer(v).toWire();
+      for (const [port, v] of Object.entries(result)) if (v !== undefined) out[port] = this.wire(Message.infer(v), atts);
       return out;
     }
     const outs = this.meta.outports || [];
-    if (outs.length === 1) return { [outs[0]]: Message.infer(result).toWire() };
+    if (outs.length === 1) return { [outs[0]]: this.wire(Message.infer(result), atts) };
     throw new TypeError(`return an object of port -> value, not ${Array.isArray(result) ? 'an array' : typeof result}`);
   }
 
@@ -258,8 +306,8 @@ class Worker {
     return { type: err.name || 'Error', message: String(err.message), traceback };
   }
 
-  reply(rid, result) {
-    this.chan.send({ jsonrpc: '2.0', id: rid, result });
+  reply(rid, result, atts) {
+    this.chan.send({ jsonrpc: '2.0', id: rid, result }, atts);
   }
 
   fail(rid, err) {
@@ -294,7 +342,7 @@ class Worker {
       }
       this.current = rid;
       try {
-        if (method === 'process') this.reply(rid, await this.process(msg.params || {}));
+        if (method === 'process') this.reply(rid, ...(await this.process(msg.params || {}, msg._atts || [])));
         else if (method === 'load') this.reply(rid, this.load(msg.params || {}));
         else this.reply(rid, {});
       } catch (err) {
@@ -355,7 +403,8 @@ function main() {
   globalThis.ActorContext = ActorContext;
   globalThis.ActorError = ActorError;
 
-  chan.send({ jsonrpc: '2.0', method: 'ready', params: { runtime: 'javascript', pid: process.pid, limits: LIMITS } });
+  chan.send({ jsonrpc: '2.0', method: 'ready', params: { runtime: 'javascript', pid: process.pid, limits: LIMITS,
+                                                        attachments: CHANNEL_ARG !== 'stdio' } });
   worker.serve().then(() => process.exit(0), (e) => {
     err.write(`worker failed: ${e && e.stack ? e.stack : safeString(e)}\n`);
     process.exit(1);
