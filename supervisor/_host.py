@@ -76,7 +76,18 @@ class CellChild:
         w = c.worker
         return {"name": c.name, "kind": "actor", "component": c.component.name,
                 "runtime": c.component.runtime, "tier": c.tier, "pid": w.pid if w else None,
-                "pending": c.pending(), "processed": c.processed}
+                "pending": c.pending(), "processed": c.processed, "bytes": bytes_path(w)}
+
+
+def bytes_path(worker: Any) -> str | None:
+    """How bytes payloads reach this worker: "shared-memory" (with attachments below the
+    threshold), "attachments" (raw on the channel), "base64" (a channel that carries only
+    text, e.g. a microVM's stdio); None while it has no worker."""
+    if worker is None:
+        return None
+    if getattr(worker, "shm", None) is not None:
+        return "shared-memory"
+    return "attachments" if getattr(worker, "ready_info", {}).get("attachments") is True else "base64"
 
 
 def _policy_from(sup_cfg: Any) -> policy.Policy:
