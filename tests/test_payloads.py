@@ -384,8 +384,8 @@ def test_the_workers_json_codec_matches_the_standard_librarys(value, garbage):
     except ValueError:
         with pytest.raises(ValueError):
             reflow_worker._loads(garbage.encode())
-    else:
-        assert reflow_worker._loads(garbage.encode()) == expected
+    else:  # (compared as text: "NaN" parses to a nan, which equals nothing)
+        assert json.dumps(reflow_worker._loads(garbage.encode())) == json.dumps(expected)
 
 
 async def test_a_payload_larger_than_the_ring_falls_back_to_attachments_and_arrives(make_host):
