@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import redis as redis_py
@@ -370,6 +370,8 @@ async def test_node_workers_take_and_give_bytes_as_attachments(make_host):
 
 @settings(max_examples=300, deadline=None)
 @given(value=json_values | st.floats(allow_nan=False, allow_infinity=False), garbage=st.text(max_size=30))
+@example(value=None, garbage="NaN")
+@example(value=None, garbage=" [1, -Infinity] ")
 def test_the_workers_json_codec_matches_the_standard_librarys(value, garbage):
     """The worker skips ``import json`` (it pulls in ``re``: ~8 ms of every cold start) and
     drives the C ``_json`` directly; it must write and read exactly what ``json`` does."""
