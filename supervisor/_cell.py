@@ -354,12 +354,12 @@ class ActorCell:
         """
         ahead = self.ahead
         while True:
+            more = []
             if not ahead:
                 env = await self._next(inbox)
                 if env is None:
                     return
-                await self._send_process(worker, [env])
-            more = []
+                more.append(env)
             while len(ahead) + len(more) < SEND_AHEAD and (nxt := self._next_nowait(inbox)) is not None:
                 more.append(nxt)
             if more:
