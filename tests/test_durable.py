@@ -99,7 +99,7 @@ async def test_embedded_redis_killed_mid_run_is_restarted_and_the_tree_rides_it_
             except Exception:
                 return False
         await wait_for(accepted, timeout=15)
-        # appendfsync always (the default): the first increment was on disk before it was acknowledged
+        # Redis write()s its AOF before it answers: the first increment, acknowledged, outlives its SIGKILL
         await wait_for(lambda: _redis(host).get("reflow:Counter:state:total") == b"11", timeout=15)
         status = await c.status()
         assert status["state"] == "running" and status["children"][0]["state"] == "running"
