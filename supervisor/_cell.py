@@ -413,6 +413,7 @@ class ActorCell:
     def _payload(self, worker: Worker, env: Envelope) -> tuple[dict, list]:
         """``env``'s inputs for the channel: large bytes in shared memory when there is room,
         other bytes as attachments (where the worker takes them)."""
+        env.shm_end = 0  # (a message sent again goes to a new worker: nothing of the old ring)
         if getattr(worker, "ready_info", {}).get("attachments") is not True:
             return env.inputs, []
         payload, attachments = {}, []
