@@ -57,7 +57,21 @@ class Client:
         self._notifications: dict[str, trio.MemorySendChannel] = {}
         self._subs: dict[int, _Sub] = {}
         self._lost: str | None = "not connected yet"
+        self._closing = False
         self.connections = 0
+
+    async def aclose(self) -> None:
+        """Close the connection with the WebSocket close handshake and stop reconnecting.
+
+        It must run before the connection's task is cancelled: trio-websocket reads the
+        peer's close frame in a task of that connection, so an ``aclose`` from an
+        already-cancelled connection waits out the whole disconnect timeout (2 s).
+        """
+        self._closing = True
+        ws = self._ws
+        if ws is not None:
+            with trio.CancelScope(shield=True):
+                await ws.aclose()  # bounded by disconnect_timeout
 
     # -- the connection loop ------------------------------------------------------------
     async def _run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -93,7 +107,7 @@ class Client:
                 if self._connected.is_set():  # (an unset one may have waiters: keep it)
                     self._connected = trio.Event()
                 self._lost = self._lost or "connection closed"
-            if not self._reconnect:
+            if not self._reconnect or self._closing:
                 return
             failures += 1
             lo, hi = self._backoff
@@ -227,6 +241,7 @@ async def open_client(url: str, *, token: str | None = None, max_message_size: i
             try:
                 yield client
             finally:
+                await client.aclose()
                 nursery.cancel_scope.cancel()
     if failed is not None:
         raise failed

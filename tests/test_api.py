@@ -138,6 +138,17 @@ def test_unknown_network_component_is_a_startup_error(tmp_path):
     assert r.returncode == 2 and "network.processes.p.component: unknown component 'Nope'" in r.stderr
 
 
+async def test_closing_a_client_completes_the_close_handshake(make_host):
+    """Leaving ``open_client`` closes with a normal close handshake at once, not after the
+    2 s disconnect timeout (a CLI ``status`` used to take 2 s longer than its answer)."""
+    host = await make_host({"double.actor.py": DOUBLE})
+    with trio.fail_after(1):  # well inside trio-websocket's 2 s disconnect timeout
+        async with open_client(host.url) as c:
+            assert (await c.status())["state"] == "running"
+            ws = c._ws
+    assert ws.closed is not None and ws.closed.code == 1000, ws.closed
+
+
 async def test_client_reconnects_and_its_subscription_delivers_again(make_host):
     host = await make_host({"double.actor.py": DOUBLE})
     async with open_client(host.url) as c:
