@@ -34,6 +34,8 @@ from ._protocol import Blob
 
 __all__ = ["Client", "ConnectionLost", "RpcError", "open_client"]
 
+_DISCONNECT_TIMEOUT = 2.0  # seconds to wait for the host's close frame
+
 
 class _Sub:
     def __init__(self, params: dict, send: trio.MemorySendChannel):
@@ -70,8 +72,10 @@ class Client:
         self._closing = True
         ws = self._ws
         if ws is not None:
-            with trio.CancelScope(shield=True):
-                await ws.aclose()  # bounded by disconnect_timeout
+            # trio-websocket bounds its own close only in open_websocket's exit; a bare
+            # aclose waits for the peer's close frame forever (a dead or stuck host).
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + _DISCONNECT_TIMEOUT):
+                await ws.aclose()
 
     # -- the connection loop ------------------------------------------------------------
     async def _run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -81,7 +85,7 @@ class Client:
             try:
                 async with trio_websocket.open_websocket_url(
                         self.url, extra_headers=self._headers, max_message_size=self._max,
-                        connect_timeout=10, disconnect_timeout=2) as ws:
+                        connect_timeout=10, disconnect_timeout=_DISCONNECT_TIMEOUT) as ws:
                     failures = 0
                     async with open_peer(WebSocketTransport(ws, binary=self.binary), on_notification=self._notify,
                                          attachments=self.binary) as peer:

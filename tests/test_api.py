@@ -149,6 +149,29 @@ async def test_closing_a_client_completes_the_close_handshake(make_host):
     assert ws.closed is not None and ws.closed.code == 1000, ws.closed
 
 
+async def test_leaving_a_client_whose_host_never_answers_the_close_takes_at_most_the_disconnect_timeout():
+    """A stuck host (a stand-in: a TCP server that completes the WebSocket handshake,
+    then never reads again) must not hang the client's exit: at most the 2 s timeout."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request
+
+    async def stuck_host(stream):
+        ws = WSConnection(ConnectionType.SERVER)
+        while True:
+            ws.receive_data(await stream.receive_some())
+            if any(isinstance(ev, Request) for ev in ws.events()):
+                await stream.send_all(ws.send(AcceptConnection()))
+                await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, stuck_host, 0)
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(5):
+            async with open_client(f"ws://127.0.0.1:{port}", reconnect=False):
+                pass
+        nursery.cancel_scope.cancel()
+
+
 async def test_client_reconnects_and_its_subscription_delivers_again(make_host):
     host = await make_host({"double.actor.py": DOUBLE})
     async with open_client(host.url) as c:
