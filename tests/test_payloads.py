@@ -411,3 +411,38 @@ def _node(tree: dict, name: str) -> dict:
         if found := _node(child, name):
             return found
     return {}
+
+
+ORDER = '''
+import time
+from reflow import actor
+
+@actor(name="Order", inports=["x"], outports=["n"])
+def order(context):
+    x = context.get_input("x")
+    time.sleep(x.get("sleep", 0))
+    st = context.get_state()
+    seen = st.get("seen") or []
+    seen.append(x["seq"])
+    st.set("seen", seen)
+    return {"n": len(x["pad"])}
+'''
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_backlog_of_large_messages_is_sent_ahead_in_bounded_writes_and_runs_in_order(make_host, kind):
+    """40 messages of 100 KB wait while the worker is busy: the cell sends them ahead in
+    writes of at most ~1 MiB (the rest go back to the front of the queue), and every one
+    runs once, in the order it was accepted."""
+    host = await make_host({"order.actor.py": ORDER}, start=False)
+    host.config.write_text(host.config.read_text().replace("  root: .\n", f"  root: .\n  mailbox: {{kind: {kind}}}\n"))
+    await host.start()
+    pad = "p" * 100_000
+    async with open_client(host.url) as c:
+        await c.call("Order", {"x": {"seq": -2, "pad": ""}})  # loaded and warm
+        await c.send("Order", "x", {"seq": -1, "pad": "", "sleep": 0.5})  # the backlog builds behind it
+        for seq in range(40):
+            await c.send("Order", "x", {"seq": seq, "pad": pad})
+    r = redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
+    await wait_for(lambda: len(orjson.loads(r.get("reflow:Order:state:seen") or b"[]")) >= 42, timeout=30)
+    assert orjson.loads(r.get("reflow:Order:state:seen")) == [-2, -1, *range(40)]
