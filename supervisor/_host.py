@@ -456,9 +456,7 @@ class Host:
         """Accept a message for ``cell`` (``actor.send``); returns once it is durable (or queued,
         with memory mailboxes). Raises Overloaded past ``max_pending``, ActorFailed if Redis is down."""
         if not self.durable:
-            env = Envelope(inputs=inputs)
-            cell.submit(env)
-            return env.message_id
+            return self.enqueue_memory(cell, inputs)
         if cell.stopped_reason is not None:
             raise ActorStopped(cell.stopped_reason, {"actor": cell.name})
         limit = self.config.workspace.mailbox.max_pending
@@ -484,13 +482,23 @@ class Host:
         poke(cell)
         return mid
 
+    def enqueue_memory(self, cell: ActorCell, inputs: dict) -> str:
+        """``enqueue`` with memory mailboxes: queued at once (or Overloaded, see ``submit``)."""
+        env = Envelope(inputs=inputs)
+        cell.submit(env)
+        return env.message_id
+
     async def deliver(self, process: str, port: str, message: dict) -> None:
         target = self.cells.get(process)
         if target is None:
             return
         buffers = self._fan_in.get(process)
         if buffers is None:
-            await target._send.send(Envelope(inputs={port: message}))
+            env = Envelope(inputs={port: message})
+            try:  # without a trip through the scheduler when there is room (the usual case)
+                target._send.send_nowait(env)
+            except trio.WouldBlock:
+                await target._send.send(env)
             return
         if port in buffers:
             buffers[port].append(message)

@@ -106,11 +106,27 @@ class Api:
         raise ActorTimedOut(f"no answer from {cell.name!r} within {timeout:g}s", {"timeout": timeout})
 
     async def actor_send(self, conn: Connection, params: Any) -> Any:
+        cell, inputs = self._send_args(params)
+        return {"message_id": await self.host.enqueue(cell, inputs)}
+
+    def actor_send_now(self, conn: Connection, params: Any) -> Any:
+        """actor.send into a memory mailbox: nothing to wait for, so no task (see ``now``)."""
+        cell, inputs = self._send_args(params)
+        return {"message_id": self.host.enqueue_memory(cell, inputs)}
+
+    def _send_args(self, params: Any) -> tuple[Any, dict]:
         p = _object(params, required=("actor", "port", "value"))
         cell = self.host.cell(p["actor"])
         if not isinstance(p["port"], str):
             raise InvalidParams("port must be a string")
-        return {"message_id": await self.host.enqueue(cell, {p["port"]: _wrap(p["value"])})}
+        return cell, {p["port"]: _wrap(p["value"])}
+
+    def now(self, method: str) -> Callable[[Connection, Any], Any] | None:
+        """The synchronous form of ``method`` when it never waits (so a request needs no task
+        of its own, which is most of what a small request costs), else None."""
+        if method == "actor.send":
+            return None if self.host.durable else self.actor_send_now
+        return None
 
     async def actor_subscribe(self, conn: Connection, params: Any) -> Any:
         p = _object(params, required=("actor",))
@@ -355,6 +371,10 @@ class Connection:
         if not frame.is_batch and len(frame.items) == 1:
             item = frame.items[0]
             if isinstance(item, proto.Request):
+                now = self._answer_now(item)
+                if now is not None:
+                    self.reply([now], False)
+                    return
                 admitted = self._admit(item)
                 if isinstance(admitted, proto.ErrorResponse):
                     self.reply([admitted], False)
@@ -365,39 +385,92 @@ class Connection:
                 if reply is not None:
                     self.reply([reply], False)
             return
-        admitted = [self._admit(i) if isinstance(i, proto.Request) else None for i in frame.items]
-        self._nursery.start_soon(self._answer_batch, frame, admitted)
+        replies: list[Any] = []
+        later: list[tuple[Any, Any]] = []
+        for item in frame.items:
+            if not isinstance(item, proto.Request):
+                r = self._immediate(item)
+                if r is not None:
+                    replies.append(r)
+            elif (now := self._answer_now(item)) is not None:
+                replies.append(now)
+            else:
+                later.append((item, self._admit(item)))
+        if later:
+            self._nursery.start_soon(self._answer_batch, later, replies)
+        else:
+            self.reply(replies, True)
+
+    def _answer_now(self, req: proto.Request) -> Any | None:
+        """The reply to a request that never waits, computed here; None if it needs a task."""
+        fn = self.api.now(req.method)
+        if fn is None:
+            return None
+        if self.api.host.stopping and req.method in _MESSAGE_METHODS:
+            return proto.error_response(req.id, Overloaded.code, "the host is shutting down; retry later")
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
+            log.debug("rpc request", extra={"id": req.id, "method": req.method, "peer": str(self.ws.remote)})
+        try:
+            result = fn(self, req.params)
+        except ActorError as exc:
+            return proto.error_response(req.id, exc.code, exc.message, exc.data)
+        except Exception as exc:  # a bug of ours must not take the connection down
+            log.exception("internal error in %s", req.method)
+            return proto.error_response(req.id, proto.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+        if debug:
+            log.debug("rpc reply", extra={"id": req.id, "method": req.method})
+        return proto.Response(req.id, result)
 
     def _immediate(self, item: Any) -> Any:
         """Handle what needs no task: notifications, invalid entries, stray responses."""
         if isinstance(item, proto.Invalid):
             return proto.invalid_to_reply(item)
         if isinstance(item, proto.Notification):
-            if item.method == "$/cancelRequest" and isinstance(item.params, dict):
-                scope = self.in_flight.get(_id_key(item.params.get("id")))
-                if scope is not None:
-                    scope.cancel()
+            if item.method == "$/cancelRequest":
+                if isinstance(item.params, dict):
+                    scope = self.in_flight.get(_id_key(item.params.get("id")))
+                    if scope is not None:
+                        scope.cancel()
+            elif item.method in self.api.methods:
+                self._run_unanswered(item)
         return None
+
+    def _run_unanswered(self, note: proto.Notification) -> None:
+        """Execute a notification (JSON-RPC: a request whose answer the client does not
+        want): a fire-and-forget ``actor.send`` must not be dropped. It is never answered,
+        not even with an error; an error is logged. It counts against ``max_in_flight``
+        under a key no client id can name, so it cannot be cancelled."""
+        req = proto.Request(_Unanswered(), note.method, note.params)
+        reply = self._answer_now(req)
+        if reply is None:
+            scope = self._admit(req)
+            if not isinstance(scope, trio.CancelScope):
+                reply = scope
+            else:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._finish_unanswered, req, scope)
+                return
+        _log_unanswered(req, reply)
+
+    async def _finish_unanswered(self, req: proto.Request, scope: trio.CancelScope) -> None:
+        _log_unanswered(req, await self._call(req, scope))
 
     async def _answer_one(self, req: proto.Request, scope: trio.CancelScope) -> None:
         self.reply([await self._call(req, scope)], False)
 
-    async def _answer_batch(self, frame: Any, admitted: list[Any]) -> None:
-        replies: list[Any] = []
-
+    async def _answer_batch(self, admitted: list[tuple[proto.Request, Any]], replies: list[Any]) -> None:
+        """Answer a batch's requests that wait, each in its own task, then send every reply
+        (``replies`` holds those already known) in one frame."""
         async def one(req: proto.Request, scope: trio.CancelScope) -> None:
             replies.append(await self._call(req, scope))
 
         async with trio.open_nursery() as nursery:
-            for item, adm in zip(frame.items, admitted):
+            for req, adm in admitted:
                 if isinstance(adm, proto.ErrorResponse):
                     replies.append(adm)
-                elif isinstance(item, proto.Request):
-                    nursery.start_soon(one, item, adm)
                 else:
-                    r = self._immediate(item)
-                    if r is not None:
-                        replies.append(r)
+                    nursery.start_soon(one, req, adm)
         self.reply(replies, True)
 
     def _admit(self, req: proto.Request) -> trio.CancelScope | proto.ErrorResponse:
@@ -435,6 +508,21 @@ class Connection:
         finally:
             if self.in_flight.get(key) is scope:
                 del self.in_flight[key]
+
+
+class _Unanswered:
+    """The id of an executed notification: unique, equal only to itself, never sent."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "(notification)"
+
+
+def _log_unanswered(req: proto.Request, reply: Any) -> None:
+    if isinstance(reply, proto.ErrorResponse):
+        log.warning("notification %s failed (it has no id to answer): %s", req.method, reply.error.message,
+                    extra={"code": reply.error.code})
 
 
 def _id_key(rid: Any) -> Any:

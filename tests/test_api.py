@@ -64,6 +64,33 @@ async def test_bad_frames_get_spec_answers_and_never_hurt_other_calls(make_host)
         assert results[0]["outputs"]["y"]["value"] == 8
 
 
+async def test_a_batch_mixing_sends_and_calls_answers_every_request_in_one_frame(make_host):
+    """Memory-mailbox sends are answered without a task of their own; in a batch they
+    share the frame with the calls that wait, errors included, and the sent message runs."""
+    host = await make_host({"double.actor.py": DOUBLE})
+    async with trio_websocket.open_websocket_url(host.url) as ws, open_client(host.url) as c:
+        sub = await c.request("actor.subscribe", {"actor": "Double", "port": "y"})
+        notes = c.on_notification(sub["subscription"])
+        batch = await raw(ws, orjson.dumps([
+            {"jsonrpc": "2.0", "id": 1, "method": "actor.send", "params": {"actor": "Double", "port": "x", "value": 3}},
+            {"jsonrpc": "2.0", "id": 2, "method": "actor.send", "params": {"actor": "Nope", "port": "x", "value": 3}},
+            {"jsonrpc": "2.0", "id": 3, "method": "actor.send", "params": {"actor": "Double", "port": "x"}},
+            {"jsonrpc": "2.0", "method": "actor.send", "params": {"actor": "Double", "port": "x", "value": 4}},
+            {"jsonrpc": "2.0", "id": 4, "method": "actor.call", "params": {"actor": "Double", "inputs": {"x": 5}}},
+        ]).decode())
+        by_id = {r["id"]: r for r in batch}
+        assert sorted(by_id) == [1, 2, 3, 4]
+        assert isinstance(by_id[1]["result"]["message_id"], str)
+        assert by_id[2]["error"]["code"] == -32001
+        assert by_id[3]["error"]["code"] == -32602 and "value" in by_id[3]["error"]["message"]
+        assert by_id[4]["result"]["outputs"]["y"]["value"] == 10
+        seen = set()
+        with trio.fail_after(10):
+            while len(seen) < 3:  # the notification runs too; the call publishes its output
+                seen.add((await notes.receive())["params"]["message"]["value"])
+        assert seen == {6, 8, 10}
+
+
 async def test_cancel_request_answers_minus_32800(make_host):
     host = await make_host({"double.actor.py": DOUBLE})
     async with trio_websocket.open_websocket_url(host.url) as ws:
