@@ -101,6 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_USAGE
 
 
+def _tune_gc() -> None:
+    """The host allocates a few short-lived containers per message; CPython's default
+    (a young-generation collection every 700 allocations, each older one walking every
+    module and config object) spent ~5% of a loaded host in the collector. Freeze what
+    exists at start (imports, config) out of the collector's walks and collect the
+    young generation less often; cycles still go, just in larger batches."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+
+
 def _run(args: argparse.Namespace) -> int:
     import trio
 
@@ -117,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         if not Path(s).is_file():
             raise UsageError(f"no such script: {s}")
     host = Host(config, extra_scripts=getattr(args, "scripts", []))
+    _tune_gc()
     try:
         trio.run(host.main)
     except HostError as exc:
