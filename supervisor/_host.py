@@ -13,13 +13,14 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import trio
 
 from . import _policy as policy
 from ._cell import ActorCell, Envelope, ProcessSpec, ScriptLoadFailed, new_message_id
-from ._mailbox import done_cmds, enqueue_cmd, poke
+from ._mailbox import done_cmds, enqueue_cmd, enqueue_if_room_cmd, poke
 from ._config import Config
 from ._discovery import ComponentSpec, Discovery, ScriptProblem, discover
 from ._errors import ActorError, ActorFailed, ActorStopped, Overloaded, UnknownActor
@@ -457,30 +458,51 @@ class Host:
         with memory mailboxes). Raises Overloaded past ``max_pending``, ActorFailed if Redis is down."""
         if not self.durable:
             return self.enqueue_memory(cell, inputs)
+        return await self.enqueue_durable(cell, inputs)()
+
+    def enqueue_durable(self, cell: ActorCell, inputs: dict) -> Callable[[], Awaitable[str]]:
+        """``enqueue`` in two steps: the message is queued for Redis now, so messages taken in
+        one order reach the inbox in that order; what this returns waits until Redis has it."""
         if cell.stopped_reason is not None:
             raise ActorStopped(cell.stopped_reason, {"actor": cell.name})
         limit = self.config.workspace.mailbox.max_pending
         mid = new_message_id()
         ports = self._fan_in.get(cell.name)
+        if ports is not None:  # one value per port waits for the others (await_all_inports)
+            async def fan_in() -> str:
+                with self._accepting(cell):
+                    self._refuse_past(cell, await self.redis.execute("XLEN", cell.inbox), limit)
+                    await self.redis.transaction([push_cmd(self._fanin_key(cell.name, p), v)
+                                                  for p, v in inputs.items() if p in ports])
+                await self._assemble(cell)
+                poke(cell)
+                return mid
+            return fan_in
+        reply = self.redis.submit(*enqueue_if_room_cmd(cell.inbox, limit, mid, inputs))
+
+        async def accepted() -> str:
+            with self._accepting(cell):
+                self._refuse_past(cell, await reply(), limit)
+            poke(cell)
+            return mid
+        return accepted
+
+    @staticmethod
+    def _refuse_past(cell: ActorCell, length: int, limit: int) -> None:
+        if length >= limit:
+            raise Overloaded(f"actor {cell.name!r} has {length} messages waiting (max_pending {limit}); "
+                             "retry later", {"actor": cell.name})
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _accepting(cell: ActorCell) -> Iterator[None]:
         try:
-            length = await self.redis.execute("XLEN", cell.inbox)
-            if length >= limit:
-                raise Overloaded(f"actor {cell.name!r} has {length} messages waiting (max_pending {limit}); "
-                                 "retry later", {"actor": cell.name})
-            if ports is None:
-                await self.redis.execute(*enqueue_cmd(cell.inbox, mid, inputs))
-            else:  # one value per port waits for the others (await_all_inports)
-                await self.redis.transaction([push_cmd(self._fanin_key(cell.name, p), v)
-                                              for p, v in inputs.items() if p in ports])
+            yield
         except RedisUnavailable as exc:  # an outage is a retry-later, not the actor's failure
             raise Overloaded(f"message not accepted, Redis is unavailable ({exc}); retry later",
                              {"actor": cell.name, "redis": "unavailable"}) from exc
         except RedisError as exc:
             raise ActorFailed(f"message not accepted: {exc}", {"type": type(exc).__name__}) from exc
-        if ports is not None:
-            await self._assemble(cell)
-        poke(cell)
-        return mid
 
     def enqueue_memory(self, cell: ActorCell, inputs: dict) -> str:
         """``enqueue`` with memory mailboxes: queued at once (or Overloaded, see ``submit``)."""

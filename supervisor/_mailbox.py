@@ -33,7 +33,8 @@ log = logging.getLogger("supervisor.mailbox")
 if TYPE_CHECKING:
     from ._cell import ActorCell, Envelope
 
-__all__ = ["list_deadletters", "replay_deadletter", "GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed", "enqueue_cmd", "done_cmds",
+__all__ = ["list_deadletters", "replay_deadletter", "GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed", "enqueue_cmd",
+           "enqueue_if_room_cmd", "done_cmds",
            "retry_or_deadletter_cmds"]
 
 GROUP = "cells"
@@ -51,6 +52,23 @@ def deadletter_key(namespace: str) -> str:
 def enqueue_cmd(key: str, message_id: str, inputs: dict, attempts: int = 0) -> tuple:
     return ("XADD", key, "*", "m", orjson.dumps({"id": message_id, "inputs": inputs}, default=json_default),
             "a", attempts)
+
+
+# KEYS[1] the inbox; ARGV[1] max_pending, ARGV[2] the body, ARGV[3] attempts. Returns -1
+# when it added the entry, else the inbox's length: the check and the add are one command,
+# so a send costs one round trip, and sends queued in order are added in order.
+ENQUEUE_IF_ROOM = """
+local n = redis.call('XLEN', KEYS[1])
+if n >= tonumber(ARGV[1]) then return n end
+redis.call('XADD', KEYS[1], '*', 'm', ARGV[2], 'a', ARGV[3])
+return -1
+"""
+
+
+def enqueue_if_room_cmd(key: str, limit: int, message_id: str, inputs: dict) -> tuple:
+    """``enqueue_cmd`` unless the inbox already holds ``limit`` entries (see ENQUEUE_IF_ROOM)."""
+    return ("EVAL", ENQUEUE_IF_ROOM, 1, key, limit,
+            orjson.dumps({"id": message_id, "inputs": inputs}, default=json_default), 0)
 
 
 def done_cmds(key: str, stream_id: bytes) -> list[tuple]:

@@ -20,7 +20,7 @@ import os
 import signal
 import subprocess
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,12 @@ class _Slot:
         self.replies: list[Any] = []
         self.want = want
         self.error: BaseException | None = None
+
+    async def wait(self) -> list[Any]:
+        await self.event.wait()  # a caller cancelled here leaves its slot to take its reply
+        if self.error is not None:
+            raise self.error
+        return self.replies
 
 
 class _Connection:
@@ -158,14 +164,22 @@ class _Connection:
             if self.closed:
                 raise RedisUnavailable(self.close_reason)
         slot = _Slot(len(commands))
+        self.queue(data, slot)
+        return await slot.wait()
+
+    def queue(self, data: bytes, slot: _Slot) -> None:
+        """Queue encoded commands with the slot that takes their replies (wire order = slot order)."""
         self.outbox.append(data)
         self.unsent += len(data)
         self.pending.append(slot)
         self.has_output.set()
-        await slot.event.wait()  # a caller cancelled here leaves its slot to take its reply
-        if slot.error is not None:
-            raise slot.error
-        return slot.replies
+
+
+def _checked(args: Sequence[Any], reply: Any) -> Any:
+    if isinstance(reply, hiredis.ReplyError):
+        _raise_if_loading(reply)
+        raise RedisError(f"{args[0]}: {reply}")
+    return reply
 
 
 def _raise_if_loading(reply: Any) -> None:
@@ -193,6 +207,7 @@ class Redis:
         self._failures = 0  # consecutive failed connects; callers fail fast until _retry_at
         self._retry_at = 0.0
         self._last_failure = ""
+        self._backlog: deque[tuple[bytes, _Slot]] = deque()  # submitted, waiting for a connection or room
 
     @property
     def connected(self) -> bool:
@@ -262,10 +277,47 @@ class Redis:
     async def execute(self, *args: Any) -> Any:
         conn = await self._connection()
         (reply,) = await conn.roundtrip((args,))
-        if isinstance(reply, hiredis.ReplyError):
-            _raise_if_loading(reply)
-            raise RedisError(f"{args[0]}: {reply}")
+        return _checked(args, reply)
+
+    def submit(self, *args: Any) -> Callable[[], Awaitable[Any]]:
+        """Queue one command now, without waiting; returns what awaits its reply (as ``execute``).
+
+        Commands submitted one after another reach Redis in that order, even those
+        that must wait for a connection or for room in the outbox (they wait in a
+        backlog that one task drains in order) — what ``execute`` from several tasks
+        cannot promise, as the scheduler runs those tasks in any order.
+        """
+        slot = _Slot(1)
+        data = _encode(args)
+        conn = self._conn
+        if not self._backlog and conn is not None and not conn.closed and conn.unsent < _OUTBOX_LIMIT:
+            conn.queue(data, slot)
+        else:
+            self._backlog.append((data, slot))
+            if len(self._backlog) == 1:
+                self._nursery.start_soon(self._drain_backlog)
+
+        async def reply() -> Any:
+            return _checked(args, (await slot.wait())[0])
         return reply
+
+    async def _drain_backlog(self) -> None:
+        backlog = self._backlog
+        error: BaseException = RedisUnavailable("the client was closed")
+        try:
+            while backlog:
+                conn = await self._connection()
+                while conn.unsent >= _OUTBOX_LIMIT and not conn.closed:
+                    await conn.room.wait()
+                while backlog and not conn.closed and conn.unsent < _OUTBOX_LIMIT:
+                    conn.queue(*backlog.popleft())
+        except RedisUnavailable as exc:  # what execute would raise, for everything waiting
+            error = exc
+        finally:
+            while backlog:
+                _, slot = backlog.popleft()
+                slot.error = error
+                slot.event.set()
 
     async def transaction(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Run commands atomically (MULTI/EXEC); raise RedisError if any was rejected."""

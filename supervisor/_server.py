@@ -9,10 +9,11 @@ Frames are decoded and validated by the pure :mod:`supervisor._protocol`.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -121,11 +122,28 @@ class Api:
             raise InvalidParams("port must be a string")
         return cell, {p["port"]: _wrap(p["value"])}
 
+    def actor_send_start(self, conn: Connection, params: Any) -> Callable[[], Awaitable[Any]]:
+        """actor.send into a durable mailbox, step one (see ``start``): queued for Redis now."""
+        cell, inputs = self._send_args(params)
+        accepted = self.host.enqueue_durable(cell, inputs)
+
+        async def result() -> Any:
+            return {"message_id": await accepted()}
+        return result
+
     def now(self, method: str) -> Callable[[Connection, Any], Any] | None:
         """The synchronous form of ``method`` when it never waits (so a request needs no task
         of its own, which is most of what a small request costs), else None."""
         if method == "actor.send":
             return None if self.host.durable else self.actor_send_now
+        return None
+
+    def start(self, method: str) -> Callable[[Connection, Any], Callable[[], Awaitable[Any]]] | None:
+        """A method's synchronous first step, run when its request is read, returning what
+        its task then awaits; None when the whole method runs in the task. A durable
+        actor.send queues its Redis command there, so messages keep the order they were sent."""
+        if method == "actor.send" and self.host.durable:
+            return self.actor_send_start
         return None
 
     async def actor_subscribe(self, conn: Connection, params: Any) -> Any:
@@ -379,7 +397,7 @@ class Connection:
                 if isinstance(admitted, proto.ErrorResponse):
                     self.reply([admitted], False)
                 else:
-                    self._nursery.start_soon(self._answer_one, item, admitted)
+                    self._nursery.start_soon(self._answer_one, item, *admitted)
             else:
                 reply = self._immediate(item)
                 if reply is not None:
@@ -413,11 +431,8 @@ class Connection:
             log.debug("rpc request", extra={"id": req.id, "method": req.method, "peer": str(self.ws.remote)})
         try:
             result = fn(self, req.params)
-        except ActorError as exc:
-            return proto.error_response(req.id, exc.code, exc.message, exc.data)
-        except Exception as exc:  # a bug of ours must not take the connection down
-            log.exception("internal error in %s", req.method)
-            return proto.error_response(req.id, proto.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+        except Exception as exc:
+            return _error_reply(req, exc)
         if debug:
             log.debug("rpc reply", extra={"id": req.id, "method": req.method})
         return proto.Response(req.id, result)
@@ -444,38 +459,40 @@ class Connection:
         req = proto.Request(_Unanswered(), note.method, note.params)
         reply = self._answer_now(req)
         if reply is None:
-            scope = self._admit(req)
-            if not isinstance(scope, trio.CancelScope):
-                reply = scope
+            admitted = self._admit(req)
+            if isinstance(admitted, proto.ErrorResponse):
+                reply = admitted
             else:
                 assert self._nursery is not None
-                self._nursery.start_soon(self._finish_unanswered, req, scope)
+                self._nursery.start_soon(self._finish_unanswered, req, *admitted)
                 return
         _log_unanswered(req, reply)
 
-    async def _finish_unanswered(self, req: proto.Request, scope: trio.CancelScope) -> None:
-        _log_unanswered(req, await self._call(req, scope))
+    async def _finish_unanswered(self, req: proto.Request, scope: trio.CancelScope, run: _Run) -> None:
+        _log_unanswered(req, await self._call(req, scope, run))
 
-    async def _answer_one(self, req: proto.Request, scope: trio.CancelScope) -> None:
-        self.reply([await self._call(req, scope)], False)
+    async def _answer_one(self, req: proto.Request, scope: trio.CancelScope, run: _Run) -> None:
+        self.reply([await self._call(req, scope, run)], False)
 
     async def _answer_batch(self, admitted: list[tuple[proto.Request, Any]], replies: list[Any]) -> None:
         """Answer a batch's requests that wait, each in its own task, then send every reply
         (``replies`` holds those already known) in one frame."""
-        async def one(req: proto.Request, scope: trio.CancelScope) -> None:
-            replies.append(await self._call(req, scope))
+        async def one(req: proto.Request, scope: trio.CancelScope, run: _Run) -> None:
+            replies.append(await self._call(req, scope, run))
 
         async with trio.open_nursery() as nursery:
             for req, adm in admitted:
                 if isinstance(adm, proto.ErrorResponse):
                     replies.append(adm)
                 else:
-                    nursery.start_soon(one, req, adm)
+                    nursery.start_soon(one, req, *adm)
         self.reply(replies, True)
 
-    def _admit(self, req: proto.Request) -> trio.CancelScope | proto.ErrorResponse:
+    def _admit(self, req: proto.Request) -> tuple[trio.CancelScope, _Run] | proto.ErrorResponse:
         """Register a request's cancel scope now, before its task runs, so that a
-        ``$/cancelRequest`` in the very next frame finds it; or refuse it."""
+        ``$/cancelRequest`` in the very next frame finds it, and run the method's first,
+        synchronous step if it has one (``Api.start``: an actor.send takes its place in
+        line here, in the order the frames list the requests); or refuse it."""
         if req.method not in self.api.methods:
             return proto.error_response(req.id, proto.METHOD_NOT_FOUND, f"method not found: {req.method}")
         if self.api.host.stopping and req.method in _MESSAGE_METHODS:
@@ -483,31 +500,45 @@ class Connection:
         if len(self.in_flight) >= self.api.cfg.max_in_flight:
             return proto.error_response(req.id, Overloaded.code, f"more than {self.api.cfg.max_in_flight} "
                                         "requests in flight on this connection; retry later")
-        scope = trio.CancelScope()
-        self.in_flight[_id_key(req.id)] = scope
-        return scope
+        start = self.api.start(req.method)
+        if start is None:
+            run = functools.partial(self.api.methods[req.method], self, req.params)
+        else:
+            try:
+                run = start(self, req.params)
+            except Exception as exc:
+                return _error_reply(req, exc)
+        scope = self.in_flight[_id_key(req.id)] = trio.CancelScope()
+        return scope, run
 
-    async def _call(self, req: proto.Request, scope: trio.CancelScope) -> Any:
-        method = self.api.methods[req.method]
+    async def _call(self, req: proto.Request, scope: trio.CancelScope, run: _Run) -> Any:
         key = _id_key(req.id)
         debug = log.isEnabledFor(logging.DEBUG)
         if debug:
             log.debug("rpc request", extra={"id": req.id, "method": req.method, "peer": str(self.ws.remote)})
         try:
             with scope:
-                result = await method(self, req.params)
+                result = await run()
                 if debug:
                     log.debug("rpc reply", extra={"id": req.id, "method": req.method})
                 return proto.Response(req.id, result)
             return proto.error_response(req.id, RequestCancelled.code, "request cancelled")
-        except ActorError as exc:
-            return proto.error_response(req.id, exc.code, exc.message, exc.data)
-        except Exception as exc:  # a bug of ours must not take the connection down
-            log.exception("internal error in %s", req.method)
-            return proto.error_response(req.id, proto.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+        except Exception as exc:
+            return _error_reply(req, exc)
         finally:
             if self.in_flight.get(key) is scope:
                 del self.in_flight[key]
+
+
+_Run = Callable[[], Awaitable[Any]]  # what a request's task awaits for its result
+
+
+def _error_reply(req: proto.Request, exc: Exception) -> proto.ErrorResponse:
+    if isinstance(exc, ActorError):
+        return proto.error_response(req.id, exc.code, exc.message, exc.data)
+    # a bug of ours must not take the connection down
+    log.error("internal error in %s", req.method, exc_info=exc)
+    return proto.error_response(req.id, proto.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
 
 
 class _Unanswered:

@@ -446,3 +446,30 @@ async def test_a_backlog_of_large_messages_is_sent_ahead_in_bounded_writes_and_r
     r = redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
     await wait_for(lambda: len(orjson.loads(r.get("reflow:Order:state:seen") or b"[]")) >= 42, timeout=30)
     assert orjson.loads(r.get("reflow:Order:state:seen")) == [-2, -1, *range(40)]
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_sends_pipelined_in_batch_frames_run_in_the_order_they_were_sent(make_host, kind):
+    """Three batch frames of 40 actor.send each, written back to back without waiting for
+    an answer: the actor sees the 120 messages (within max_in_flight) in the order the frames list them."""
+    import trio_websocket
+
+    host = await make_host({"order.actor.py": ORDER}, start=False)
+    host.config.write_text(host.config.read_text().replace("  root: .\n", f"  root: .\n  mailbox: {{kind: {kind}}}\n"))
+    await host.start()
+    async with open_client(host.url) as c:
+        await c.call("Order", {"x": {"seq": -1, "pad": ""}})  # loaded and warm
+    async with trio_websocket.open_websocket_url(host.url) as ws:
+        for frame in range(3):
+            await ws.send_message(orjson.dumps([
+                {"jsonrpc": "2.0", "id": 40 * frame + i, "method": "actor.send",
+                 "params": {"actor": "Order", "port": "x", "value": {"seq": 40 * frame + i, "pad": ""}}}
+                for i in range(40)]).decode())
+        replies = []
+        with trio.fail_after(20):
+            while len(replies) < 120:
+                replies += orjson.loads(await ws.get_message())
+    assert all("result" in r for r in replies), [r for r in replies if "result" not in r][:3]
+    r = redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
+    await wait_for(lambda: len(orjson.loads(r.get("reflow:Order:state:seen") or b"[]")) >= 121, timeout=30)
+    assert orjson.loads(r.get("reflow:Order:state:seen")) == [-1, *range(120)]

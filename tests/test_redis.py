@@ -74,3 +74,32 @@ async def test_a_dead_redis_fails_calls_in_flight_and_the_next_call_reconnects(t
                 except RedisUnavailable:
                     await trio.sleep(0.02)  # the supervisor restarts redis-server
         assert redis.connected
+
+
+async def test_submitted_commands_reach_redis_in_submission_order_through_connect_and_backpressure(tmp_path, nursery):
+    """``submit`` queues in call order even when commands must wait: the first ones for the
+    connection (none is open yet), later ones behind 1 MiB of unsent commands."""
+    url = await nursery.start(serve_embedded_redis, tmp_path)
+    async with open_redis(url) as redis:
+        big = b"x" * (300 << 10)  # four of these fill the outbox: the rest wait in the backlog
+        replies = [redis.submit("RPUSH", "order", b"%d:" % i + (big if i % 10 == 0 else b"")) for i in range(60)]
+        assert not redis.connected  # the first submit had no connection to queue on
+        lengths = []
+        with trio.fail_after(10):
+            for reply in replies:
+                lengths.append(await reply())
+        assert lengths == list(range(1, 61))
+        got = await redis.execute("LRANGE", "order", 0, -1)
+        assert [int(v.split(b":")[0]) for v in got] == list(range(60))
+
+
+async def test_submitted_commands_fail_with_unavailable_when_redis_cannot_be_reached(tmp_path):
+    async with open_redis(f"unix://{tmp_path}/no-such.sock") as redis:
+        reply = redis.submit("PING")
+        with trio.fail_after(10):
+            try:
+                await reply()
+            except RedisUnavailable as exc:
+                assert "cannot connect" in str(exc)
+            else:
+                raise AssertionError("a PING reached no Redis")
