@@ -6,6 +6,7 @@ import redis as redis_py
 import trio
 
 from conftest import open_client, wait_for
+from supervisor.client import RpcError
 
 COUNTER = '''
 import time
@@ -213,3 +214,29 @@ def _redis_down(c):
     async def check() -> bool:
         return (await c.status())["redis"]["connected"] is False
     return check
+
+
+SLOW = '''
+import time
+from reflow import actor
+
+@actor(name="Slow", inports=["x"], outports=[])
+def slow(context):
+    time.sleep(2)
+'''
+
+
+async def test_a_full_durable_mailbox_refuses_with_minus_32004_naming_max_pending(make_host):
+    host = await make_host({"slow.actor.py": SLOW}, start=False)
+    host.config.write_text(host.config.read_text().replace("  root: .\n", "  root: .\n  mailbox: {max_pending: 3}\n"))
+    await host.start()
+    async with open_client(host.url) as c:
+        for _ in range(3):  # one in the worker for a second, two waiting: all three still in the inbox
+            await c.send("Slow", "x", 1)
+        try:
+            await c.send("Slow", "x", 1)
+        except RpcError as exc:
+            assert exc.code == -32004 and "max_pending 3" in str(exc), exc
+        else:
+            raise AssertionError("a fourth message was accepted past max_pending 3")
+        assert _redis(host).xlen("reflow:Slow:inbox") == 3
