@@ -18,7 +18,7 @@ import orjson
 
 from ._protocol import json_default
 
-__all__ = ["ASSEMBLE", "assemble", "fanin_key", "push_cmd"]
+__all__ = ["ASSEMBLE", "PUSH_IF_ROOM", "assemble", "fanin_key", "push_cmd", "push_if_room_cmd"]
 
 # KEYS[1] the inbox stream, KEYS[2..] the port lists; ARGV[1] the new message id,
 # ARGV[2..] the port names (JSON-quoted). Builds the same body as enqueue_cmd.
@@ -34,6 +34,25 @@ redis.call('XADD', KEYS[1], '*', 'm', '{"id":' .. ARGV[1] .. ',"inputs":{' .. ta
            'a', 0)
 return 1
 """
+
+
+# KEYS[1] the inbox stream, KEYS[2..] port lists; ARGV[1] max_pending, ARGV[2..] one value per
+# list. Returns -1 when it pushed the values, else the inbox's length (refused, nothing pushed):
+# one command, so sends submitted in order are buffered in order.
+PUSH_IF_ROOM = """
+local n = redis.call('XLEN', KEYS[1])
+if n >= tonumber(ARGV[1]) then return n end
+for i = 2, #KEYS do
+  redis.call('RPUSH', KEYS[i], ARGV[i])
+end
+return -1
+"""
+
+
+def push_if_room_cmd(inbox: str, limit: int, pushes: Sequence[tuple[str, Any]]) -> tuple:
+    """``push_cmd`` for each (list key, message), unless ``inbox`` holds ``limit`` entries."""
+    return ("EVAL", PUSH_IF_ROOM, 1 + len(pushes), inbox, *(k for k, _ in pushes), limit,
+            *(orjson.dumps(m, default=json_default) for _, m in pushes))
 
 
 def fanin_key(namespace: str, process: str, port: str) -> str:

@@ -33,7 +33,7 @@ from ._mailbox import done_cmds, enqueue_cmd, enqueue_if_room_cmd, poke
 from ._config import Config
 from ._discovery import ComponentSpec, Discovery, ScriptProblem, discover
 from ._errors import ActorError, ActorFailed, ActorStopped, Overloaded, UnknownActor
-from ._fanin import assemble, fanin_key, push_cmd
+from ._fanin import assemble, fanin_key, push_cmd, push_if_room_cmd
 from ._packages import PackageInstallFailed, ensure_packages
 from ._pool import WorkerPool
 from ._protocol import wrap
@@ -468,21 +468,17 @@ class Host:
         limit = self.config.workspace.mailbox.max_pending
         mid = new_message_id()
         ports = self._fan_in.get(cell.name)
-        if ports is not None:  # one value per port waits for the others (await_all_inports)
-            async def fan_in() -> str:
-                with self._accepting(cell):
-                    self._refuse_past(cell, await self.redis.execute("XLEN", cell.inbox), limit)
-                    await self.redis.transaction([push_cmd(self._fanin_key(cell.name, p), v)
-                                                  for p, v in inputs.items() if p in ports])
-                await self._assemble(cell)
-                poke(cell)
-                return mid
-            return fan_in
-        reply = self.redis.submit(*enqueue_if_room_cmd(cell.inbox, limit, mid, inputs))
+        if ports is None:
+            reply = self.redis.submit(*enqueue_if_room_cmd(cell.inbox, limit, mid, inputs))
+        else:  # one value per port waits for the others (await_all_inports)
+            reply = self.redis.submit(*push_if_room_cmd(
+                cell.inbox, limit, [(self._fanin_key(cell.name, p), v) for p, v in inputs.items() if p in ports]))
 
         async def accepted() -> str:
             with self._accepting(cell):
                 self._refuse_past(cell, await reply(), limit)
+            if ports is not None:
+                await self._assemble(cell)
             poke(cell)
             return mid
         return accepted

@@ -473,3 +473,36 @@ async def test_sends_pipelined_in_batch_frames_run_in_the_order_they_were_sent(m
     r = redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
     await wait_for(lambda: len(orjson.loads(r.get("reflow:Order:state:seen") or b"[]")) >= 121, timeout=30)
     assert orjson.loads(r.get("reflow:Order:state:seen")) == [-1, *range(120)]
+
+
+PAIRS = '''
+from reflow import actor
+
+@actor(name="Pairs", inports=["a", "b"], outports=[], await_all_inports=True)
+def pairs(context):
+    st = context.get_state()
+    seen = st.get("seen") or []
+    seen.append([context.get_input("a"), context.get_input("b")])
+    st.set("seen", seen)
+'''
+
+
+async def test_sends_to_a_durable_fan_in_are_paired_in_the_order_they_were_sent(make_host):
+    """A batch frame of 40 sends to port a, then one of 40 to port b (await_all_inports, durable):
+    the i-th a meets the i-th b, and the pairs run in that order."""
+    import trio_websocket
+
+    host = await make_host({"pairs.actor.py": PAIRS})
+    async with trio_websocket.open_websocket_url(host.url) as ws:
+        for port in ("a", "b"):
+            await ws.send_message(orjson.dumps([
+                {"jsonrpc": "2.0", "id": f"{port}{i}", "method": "actor.send",
+                 "params": {"actor": "Pairs", "port": port, "value": i}} for i in range(40)]).decode())
+        replies = []
+        with trio.fail_after(20):
+            while len(replies) < 80:
+                replies += orjson.loads(await ws.get_message())
+    assert all("result" in r for r in replies), [r for r in replies if "result" not in r][:3]
+    r = redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
+    await wait_for(lambda: len(orjson.loads(r.get("reflow:Pairs:state:seen") or b"[]")) >= 40, timeout=30)
+    assert orjson.loads(r.get("reflow:Pairs:state:seen")) == [[i, i] for i in range(40)]
