@@ -452,27 +452,42 @@ async def test_a_backlog_of_large_messages_is_sent_ahead_in_bounded_writes_and_r
 async def test_sends_pipelined_in_batch_frames_run_in_the_order_they_were_sent(make_host, kind):
     """Three batch frames of 40 actor.send each, written back to back without waiting for
     an answer: the actor sees the 120 messages (within max_in_flight) in the order the frames list them."""
-    import trio_websocket
-
     host = await make_host({"order.actor.py": ORDER}, start=False)
     host.config.write_text(host.config.read_text().replace("  root: .\n", f"  root: .\n  mailbox: {{kind: {kind}}}\n"))
     await host.start()
     async with open_client(host.url) as c:
         await c.call("Order", {"x": {"seq": -1, "pad": ""}})  # loaded and warm
+    await _send_batches(host, [[("Order", "x", {"seq": 40 * frame + i, "pad": ""}) for i in range(40)]
+                               for frame in range(3)])
+    assert await _state_list(host, "Order", "seen", 121) == [-1, *range(120)]
+
+
+async def _send_batches(host, frames: list[list[tuple[str, str, object]]]) -> None:
+    """Write each frame, a batch of actor.send (actor, port, value), back to back without
+    waiting for an answer; then check every one was accepted."""
+    import trio_websocket
+
+    rid = 0
     async with trio_websocket.open_websocket_url(host.url) as ws:
-        for frame in range(3):
-            await ws.send_message(orjson.dumps([
-                {"jsonrpc": "2.0", "id": 40 * frame + i, "method": "actor.send",
-                 "params": {"actor": "Order", "port": "x", "value": {"seq": 40 * frame + i, "pad": ""}}}
-                for i in range(40)]).decode())
+        for frame in frames:
+            batch = []
+            for actor, port, value in frame:
+                rid += 1
+                batch.append({"jsonrpc": "2.0", "id": rid, "method": "actor.send",
+                              "params": {"actor": actor, "port": port, "value": value}})
+            await ws.send_message(orjson.dumps(batch).decode())
         replies = []
         with trio.fail_after(20):
-            while len(replies) < 120:
+            while len(replies) < rid:
                 replies += orjson.loads(await ws.get_message())
     assert all("result" in r for r in replies), [r for r in replies if "result" not in r][:3]
+
+
+async def _state_list(host, actor: str, key: str, n: int) -> list:
+    """The list an actor keeps in state ``key``, once it holds ``n`` items."""
     r = redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
-    await wait_for(lambda: len(orjson.loads(r.get("reflow:Order:state:seen") or b"[]")) >= 121, timeout=30)
-    assert orjson.loads(r.get("reflow:Order:state:seen")) == [-1, *range(120)]
+    await wait_for(lambda: len(orjson.loads(r.get(f"reflow:{actor}:state:{key}") or b"[]")) >= n, timeout=30)
+    return orjson.loads(r.get(f"reflow:{actor}:state:{key}"))
 
 
 PAIRS = '''
@@ -490,19 +505,6 @@ def pairs(context):
 async def test_sends_to_a_durable_fan_in_are_paired_in_the_order_they_were_sent(make_host):
     """A batch frame of 40 sends to port a, then one of 40 to port b (await_all_inports, durable):
     the i-th a meets the i-th b, and the pairs run in that order."""
-    import trio_websocket
-
     host = await make_host({"pairs.actor.py": PAIRS})
-    async with trio_websocket.open_websocket_url(host.url) as ws:
-        for port in ("a", "b"):
-            await ws.send_message(orjson.dumps([
-                {"jsonrpc": "2.0", "id": f"{port}{i}", "method": "actor.send",
-                 "params": {"actor": "Pairs", "port": port, "value": i}} for i in range(40)]).decode())
-        replies = []
-        with trio.fail_after(20):
-            while len(replies) < 80:
-                replies += orjson.loads(await ws.get_message())
-    assert all("result" in r for r in replies), [r for r in replies if "result" not in r][:3]
-    r = redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
-    await wait_for(lambda: len(orjson.loads(r.get("reflow:Pairs:state:seen") or b"[]")) >= 40, timeout=30)
-    assert orjson.loads(r.get("reflow:Pairs:state:seen")) == [[i, i] for i in range(40)]
+    await _send_batches(host, [[("Pairs", port, i) for i in range(40)] for port in ("a", "b")])
+    assert await _state_list(host, "Pairs", "seen", 40) == [[i, i] for i in range(40)]
