@@ -275,12 +275,6 @@ class ActorCell:
                         pre.fail(ActorStopped(f"actor {self.name!r} was stopped"))
                     else:
                         self._retry.appendleft(pre)
-                if any(e.stream_id is not None for e in self._retry):
-                    # pushed back by _send_process's byte cap: still pending in their stream,
-                    # so the next run's feeder hands them out (kept here, they would run twice)
-                    keep = [e for e in self._retry if e.stream_id is None]
-                    self._retry.clear()
-                    self._retry.extend(keep)
                 env, self.current = self.current, None
                 if env is not None:
                     if env.stream_id is not None:
@@ -367,17 +361,13 @@ class ActorCell:
         """
         ahead = self.ahead
         while True:
-            more = []
             if not ahead:
                 env = await self._next(inbox)
                 if env is None:
                     return
-                more.append(env)
-            if len(ahead) <= SEND_REFILL:
-                while len(ahead) + len(more) < SEND_AHEAD and (nxt := self._next_nowait(inbox)) is not None:
-                    more.append(nxt)
-            if more:
-                await self._send_process(worker, more)
+                await self._send_ahead(worker, inbox, env)
+            elif len(ahead) <= SEND_REFILL:
+                await self._send_ahead(worker, inbox, self._next_nowait(inbox))
             cur, rid = ahead.popleft()
             self.current = cur
             await self._handle(worker, cur, rid)
@@ -401,17 +391,16 @@ class ActorCell:
         except (trio.WouldBlock, trio.EndOfChannel):
             return None
 
-    async def _send_process(self, worker: Worker, envs: list[Envelope]) -> None:
-        """Hand ``envs`` to the worker in one write; each joins ``ahead``. If the worker is
-        already gone, they never reached it: they wait for the next worker (memory) or stay
-        pending (durable)."""
+    async def _send_ahead(self, worker: Worker, inbox: trio.MemoryReceiveChannel[Envelope],
+                          env: Envelope | None) -> None:
+        """Hand the worker ``env`` and what else is waiting, in one write, until ``ahead``
+        holds SEND_AHEAD messages or the write passes SEND_AHEAD_BYTES; each joins ``ahead``.
+        If the worker is already gone, they never reached it: they wait for the next worker
+        (memory) or stay pending (durable)."""
+        envs: list[Envelope] = []
         frames = []
         size = 0
-        for i, env in enumerate(envs):
-            if size > SEND_AHEAD_BYTES:  # the rest go next time, first
-                self._retry.extendleft(reversed(envs[i:]))
-                envs = envs[:i]
-                break
+        while env is not None:
             rid = next(self._rid)
             payload, attachments = self._payload(worker, env)
             frame = orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": "process", "params": {
@@ -420,7 +409,13 @@ class ActorCell:
                 "timestamp": int(time.time() * 1000)}}, default=json_default)
             size += len(frame) + sum(memoryview(a).nbytes for a in attachments)
             frames.append((frame, attachments))
+            envs.append(env)
             self.ahead.append((env, rid))
+            if len(self.ahead) >= SEND_AHEAD or size > SEND_AHEAD_BYTES:
+                break
+            env = self._next_nowait(inbox)
+        if not envs:
+            return
         try:
             await worker.channel.send_frames(frames)
         except ChannelClosed:
@@ -462,12 +457,12 @@ class ActorCell:
         else:
             with trio.move_on_after(timeout) as scope:
                 reply = await self._reply(worker, rid, env, txn)
-        if timeout and scope.cancelled_caught:
-            env.fail(ActorTimedOut(f"actor {self.name!r} took longer than {timeout:g}s", {"timeout": timeout}))
-            self._charge(env)
-            worker.kill(limit="time")
-            await worker.wait()
-            raise ActorTimedOut(f"actor {self.name!r} timed out after {timeout:g}s; its worker was killed")
+            if scope.cancelled_caught:
+                env.fail(ActorTimedOut(f"actor {self.name!r} took longer than {timeout:g}s", {"timeout": timeout}))
+                self._charge(env)
+                worker.kill(limit="time")
+                await worker.wait()
+                raise ActorTimedOut(f"actor {self.name!r} timed out after {timeout:g}s; its worker was killed")
         if "error" in reply:
             err = reply["error"]
             if err.get("code") == ResourceLimitExceeded.code:

@@ -13,14 +13,13 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import re
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -475,30 +474,21 @@ class Host:
                 cell.inbox, limit, [(self._fanin_key(cell.name, p), v) for p, v in inputs.items() if p in ports]))
 
         async def accepted() -> str:
-            with self._accepting(cell):
-                self._refuse_past(cell, await reply(), limit)
+            try:
+                length = await reply()
+            except RedisUnavailable as exc:  # an outage is a retry-later, not the actor's failure
+                raise Overloaded(f"message not accepted, Redis is unavailable ({exc}); retry later",
+                                 {"actor": cell.name, "redis": "unavailable"}) from exc
+            except RedisError as exc:
+                raise ActorFailed(f"message not accepted: {exc}", {"type": type(exc).__name__}) from exc
+            if length >= limit:
+                raise Overloaded(f"actor {cell.name!r} has {length} messages waiting (max_pending {limit}); "
+                                 "retry later", {"actor": cell.name})
             if ports is not None:
                 await self._assemble(cell)
             poke(cell)
             return mid
         return accepted
-
-    @staticmethod
-    def _refuse_past(cell: ActorCell, length: int, limit: int) -> None:
-        if length >= limit:
-            raise Overloaded(f"actor {cell.name!r} has {length} messages waiting (max_pending {limit}); "
-                             "retry later", {"actor": cell.name})
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _accepting(cell: ActorCell) -> Iterator[None]:
-        try:
-            yield
-        except RedisUnavailable as exc:  # an outage is a retry-later, not the actor's failure
-            raise Overloaded(f"message not accepted, Redis is unavailable ({exc}); retry later",
-                             {"actor": cell.name, "redis": "unavailable"}) from exc
-        except RedisError as exc:
-            raise ActorFailed(f"message not accepted: {exc}", {"type": type(exc).__name__}) from exc
 
     def enqueue_memory(self, cell: ActorCell, inputs: dict) -> str:
         """``enqueue`` with memory mailboxes: queued at once (or Overloaded, see ``submit``)."""

@@ -107,8 +107,10 @@ class Api:
         raise ActorTimedOut(f"no answer from {cell.name!r} within {timeout:g}s", {"timeout": timeout})
 
     async def actor_send(self, conn: Connection, params: Any) -> Any:
-        cell, inputs = self._send_args(params)
-        return {"message_id": await self.host.enqueue(cell, inputs)}
+        """actor.send in one step; a request takes its two forms below instead (``now``, ``start``)."""
+        if not self.host.durable:
+            return self.actor_send_now(conn, params)
+        return await self.actor_send_start(conn, params)()
 
     def actor_send_now(self, conn: Connection, params: Any) -> Any:
         """actor.send into a memory mailbox: nothing to wait for, so no task (see ``now``)."""
@@ -424,8 +426,8 @@ class Connection:
         fn = self.api.now(req.method)
         if fn is None:
             return None
-        if self.api.host.stopping and req.method in _MESSAGE_METHODS:
-            return proto.error_response(req.id, Overloaded.code, "the host is shutting down; retry later")
+        if (refused := self._refused_when_stopping(req)) is not None:
+            return refused
         debug = log.isEnabledFor(logging.DEBUG)
         if debug:
             log.debug("rpc request", extra={"id": req.id, "method": req.method, "peer": str(self.ws.remote)})
@@ -436,6 +438,11 @@ class Connection:
         if debug:
             log.debug("rpc reply", extra={"id": req.id, "method": req.method})
         return proto.Response(req.id, result)
+
+    def _refused_when_stopping(self, req: proto.Request) -> proto.ErrorResponse | None:
+        if self.api.host.stopping and req.method in _MESSAGE_METHODS:
+            return proto.error_response(req.id, Overloaded.code, "the host is shutting down; retry later")
+        return None
 
     def _immediate(self, item: Any) -> Any:
         """Handle what needs no task: notifications, invalid entries, stray responses."""
@@ -495,8 +502,8 @@ class Connection:
         line here, in the order the frames list the requests); or refuse it."""
         if req.method not in self.api.methods:
             return proto.error_response(req.id, proto.METHOD_NOT_FOUND, f"method not found: {req.method}")
-        if self.api.host.stopping and req.method in _MESSAGE_METHODS:
-            return proto.error_response(req.id, Overloaded.code, "the host is shutting down; retry later")
+        if (refused := self._refused_when_stopping(req)) is not None:
+            return refused
         if len(self.in_flight) >= self.api.cfg.max_in_flight:
             return proto.error_response(req.id, Overloaded.code, f"more than {self.api.cfg.max_in_flight} "
                                         "requests in flight on this connection; retry later")

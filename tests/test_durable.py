@@ -231,7 +231,7 @@ async def test_a_full_durable_mailbox_refuses_with_minus_32004_naming_max_pendin
     host.config.write_text(host.config.read_text().replace("  root: .\n", "  root: .\n  mailbox: {max_pending: 3}\n"))
     await host.start()
     async with open_client(host.url) as c:
-        for _ in range(3):  # one in the worker for a second, two waiting: all three still in the inbox
+        for _ in range(3):  # one in the worker for 2 s, two waiting: all three still in the inbox
             await c.send("Slow", "x", 1)
         try:
             await c.send("Slow", "x", 1)
