@@ -27,19 +27,23 @@ async def latency(call: Call, n: int, warmup: int) -> list[float]:
     return out
 
 
-async def throughput(call: Call, total: int, inflight: int) -> float:
-    """Calls per second with ``inflight`` concurrent callers sharing ``total`` calls."""
+async def throughput(call: Call, total: int, inflight: int) -> tuple[float, list[float]]:
+    """Calls per second with ``inflight`` concurrent callers sharing ``total`` calls, and
+    each call's latency in seconds (as seen with that many in flight)."""
     counter = itertools.count()
+    took: list[float] = []
 
     async def worker() -> None:
         while (i := next(counter)) < total:
+            t = time.perf_counter()
             await call(i)
+            took.append(time.perf_counter() - t)
 
     t0 = time.perf_counter()
     async with trio.open_nursery() as n:
         for _ in range(inflight):
             n.start_soon(worker)
-    return total / (time.perf_counter() - t0)
+    return total / (time.perf_counter() - t0), took
 
 
 async def batch_throughput(url: str, make_request: Callable[[int], dict], batches: int, size: int,

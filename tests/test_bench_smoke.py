@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Figures that need nothing beyond what `make test` installs (bubblewrap, the Python runtime).
 REQUIRED = {
     "baseline.pipe_rtt.p50", "baseline.floor.latency.p50", "baseline.floor.latency.p99",
-    "baseline.floor.throughput32", "baseline.per_call.p50",
-    "ours.latency.p50", "ours.latency.p99", "ours.throughput32", "ours.batch64",
+    "baseline.floor.throughput32", "baseline.floor.latency32.p50", "baseline.per_call.p50",
+    "ours.latency.p50", "ours.latency.p99", "ours.throughput32", "ours.latency32.p50", "ours.latency32.p99",
+    "ours.batch64",
     "ours.cold_start.python.p50", "ours.warm_acquire_load.p50", "ours.idle_rss.python",
     "ours.discovery100", "ours.discovery1000", "ours.state_get.p50", "ours.restart.p50",
     "ours.latency_on_durable_host.p50", "ours.send_latency.memory.p50", "ours.send_latency.durable.p50",
