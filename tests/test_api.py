@@ -383,3 +383,42 @@ async def test_many_calls_in_flight_see_each_others_state_in_order(make_host):
                     for _ in range(4):
                         n.start_soon(some)
             assert sorted(seen) == list(range(1, 201)), actor
+
+
+async def test_queued_replies_leave_in_one_write_as_separate_messages():
+    """The host's writer joins what is queued (send_messages): one write to the socket,
+    still one WebSocket message per frame, in order, text and binary alike. Over a real
+    trio-websocket connection pair; the stream counts the writes."""
+    from trio.testing import memory_stream_pair
+
+    from supervisor._server import send_messages
+
+    server_stream, client_stream = memory_stream_pair()
+    writes = []
+    real_send_all = server_stream.send_all
+
+    async def counted(data):
+        writes.append(len(data))
+        await real_send_all(data)
+    server_stream.send_all = counted
+    async with trio.open_nursery() as n:
+        ends = {}
+
+        async def serve():
+            ends["server"] = await (await trio_websocket.wrap_server_stream(n, server_stream)).accept()
+
+        async def connect():
+            ends["client"] = await trio_websocket.wrap_client_stream(n, client_stream, "localhost", "/")
+        async with trio.open_nursery() as handshake:
+            handshake.start_soon(serve)
+            handshake.start_soon(connect)
+        server, client = ends["server"], ends["client"]
+        writes.clear()
+        frames = ['{"id":1}', b"@3 {}\nabc", "é" * 10]
+        await send_messages(server, frames)
+        assert len(writes) == 1
+        assert [await client.get_message() for _ in frames] == frames
+        await client.aclose()
+        with pytest.raises(trio_websocket.ConnectionClosed):
+            await send_messages(server, ["late"])
+        n.cancel_scope.cancel()
