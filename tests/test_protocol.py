@@ -333,7 +333,8 @@ def test_typed_values_round_trip_by_inference(value):
     assert p.is_typed(typed) and typed["type"] in p.MESSAGE_TYPES
     assert p.wrap(typed) is typed  # already typed passes through unchanged
     assert p.unwrap(typed) == value
-    on_the_wire = orjson.loads(p.encode(p.Response(1, typed))).get("result")
+    # read back as the host and client read frames (orjson alone turns ints past 64 bits into floats)
+    on_the_wire = p.decode_frame(p.encode(p.Response(1, typed))).items[0].result
     assert p.wrap(on_the_wire) == typed and p.unwrap(on_the_wire) == value
 
 
