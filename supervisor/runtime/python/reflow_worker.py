@@ -101,6 +101,8 @@ class Channel:
         self.out_fd = fd if out_fd is None else out_fd
         self.attachments = attachments
         self.buf = bytearray()
+        self.rbuf = bytearray(1 << 18)
+        self.rview = memoryview(self.rbuf)
         self.pending = []  # frames read while waiting for a specific reply
         self.held = []  # replies held back while the next request is already here
 
@@ -160,10 +162,13 @@ class Channel:
 
     def _read(self):
         self.flush()
-        chunk = os.read(self.fd, 1 << 18)
-        if not chunk:
+        # Into one buffer kept for the worker's life: os.read(fd, 256 KiB) allocates that
+        # much per call, which glibc maps, shrinks and unmaps again (three system calls
+        # and fresh zeroed pages on every message).
+        n = os.readv(self.fd, [self.rbuf])
+        if not n:
             raise EOFError
-        self.buf += chunk
+        self.buf += self.rview[:n]
 
     def _attached(self, i):
         sp = self.buf.find(b" ", 0, i)
