@@ -117,24 +117,44 @@ class Envelope:
     outage: bool = False                        # a state call met Redis unavailable
     body: bytes | None = None
     shm_end: int = 0                            # its inputs' end in the worker's inbound ring
-    done: trio.Event = attrs.field(factory=trio.Event)
+    finished: bool = False
+    # Called once, when the message is answered: how its sender hears, with no task
+    # waiting on an event (a request answered from a callback costs the host far less).
+    on_done: Callable[[], None] | None = None
 
     def resolve(self, outputs: dict) -> None:
-        if not self.done.is_set():
+        if not self.finished:
             self.outputs = outputs
-            self.done.set()
+            self._finish()
 
     def fail(self, error: ActorError) -> None:
-        if not self.done.is_set():
+        if not self.finished:
             self.error = error
-            self.done.set()
+            self._finish()
 
-    async def wait(self) -> dict:
-        await self.done.wait()
+    def _finish(self) -> None:
+        self.finished = True
+        done, self.on_done = self.on_done, None
+        if done is not None:
+            done()
+
+    def result(self) -> dict:
+        """The answer of a finished message.
+
+        Raises:
+            ActorError: the message failed.
+        """
         if self.error is not None:
             raise self.error
         return {"message_id": self.message_id, "outputs": self.outputs,
                 "emitted": [{"port": p, "message": m} for p, m in self.emitted]}
+
+    async def wait(self) -> dict:
+        if not self.finished:
+            event = trio.Event()
+            self.on_done = event.set
+            await event.wait()
+        return self.result()
 
 
 async def _gone(worker: Worker) -> ExitInfo:

@@ -13,9 +13,11 @@ import functools
 import hmac
 import itertools
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 import trio_websocket
 from wsproto.events import BytesMessage, TextMessage
@@ -70,6 +72,7 @@ class Api:
             "deadletters.replay": self.deadletters_replay,
             "process": self.process,
         }
+        self._starts = {"actor.call": self.actor_call_start, "process": self.process_start}
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
         token = self.cfg.token
@@ -96,18 +99,19 @@ class Api:
         return self.host.status()
 
     async def actor_call(self, conn: Connection, params: Any) -> Any:
+        return await self.actor_call_start(conn, params)()
+
+    def actor_call_start(self, conn: Connection, params: Any) -> Later:
+        """actor.call, step one (see ``start``): the message is in the mailbox."""
         p = _object(params, required=("actor", "inputs"))
         cell = self.host.cell(p["actor"])
         inputs = p["inputs"]
         if not isinstance(inputs, dict):
             raise InvalidParams("inputs must be an object of port -> value")
+        timeout = _timeout(p.get("timeout"))
         env = Envelope(inputs=_wrap_all(inputs))
         cell.submit(env)
-        timeout = _timeout(p.get("timeout"))
-        with trio.move_on_after(timeout) as scope:
-            return await env.wait()
-        assert scope.cancelled_caught
-        raise ActorTimedOut(f"no answer from {cell.name!r} within {timeout:g}s", {"timeout": timeout})
+        return Later(env, Envelope.result, timeout, cell.name)
 
     async def actor_send(self, conn: Connection, params: Any) -> Any:
         """actor.send in one step; a request takes its two forms below instead (``now``, ``start``)."""
@@ -143,13 +147,14 @@ class Api:
             return None if self.host.durable else self.actor_send_now
         return None
 
-    def start(self, method: str) -> Callable[[Connection, Any], Callable[[], Awaitable[Any]]] | None:
+    def start(self, method: str) -> Callable[[Connection, Any], _Run] | None:
         """A method's synchronous first step, run when its request is read, returning what
-        its task then awaits; None when the whole method runs in the task. A durable
-        actor.send queues its Redis command there, so messages keep the order they were sent."""
-        if method == "actor.send" and self.host.durable:
-            return self.actor_send_start
-        return None
+        its task then awaits (a ``Later`` needs no task when it has no timeout); None when
+        the whole method runs in the task. A durable actor.send queues its Redis command
+        there and a call its message, so messages keep the order they were sent in."""
+        if method == "actor.send":
+            return self.actor_send_start if self.host.durable else None
+        return self._starts.get(method)
 
     async def actor_subscribe(self, conn: Connection, params: Any) -> Any:
         p = _object(params, required=("actor",))
@@ -200,7 +205,10 @@ class Api:
         return {"process": process}
 
     async def process(self, conn: Connection, params: Any) -> Any:
-        """Reflow's WebSocketScriptActor call: plain JSON values both ways."""
+        return await self.process_start(conn, params)()
+
+    def process_start(self, conn: Connection, params: Any) -> Later:
+        """Reflow's WebSocketScriptActor call (plain JSON values both ways), step one."""
         p = _object(params, required=("actor_id", "payload"))
         cell = self.host.cell(p["actor_id"])
         payload = p["payload"]
@@ -213,14 +221,33 @@ class Api:
                                    "timestamp": p.get("timestamp")})
 
         config = p.get("config")
+        timeout = _timeout(p.get("timeout"))
         env = Envelope(inputs={k: proto.wrap(v) for k, v in payload.items()}, on_output=stream,
                        config=config if isinstance(config, dict) and config else None)
         cell.submit(env)
-        timeout = _timeout(p.get("timeout"))
-        with trio.move_on_after(timeout):
-            result = await env.wait()
-            return {"outputs": {k: _plain(v) for k, v in result["outputs"].items()}}
-        raise ActorTimedOut(f"no answer from {cell.name!r} within {timeout:g}s", {"timeout": timeout})
+        return Later(env, _process_result, timeout, cell.name)
+
+
+@attrs.frozen
+class Later:
+    """The rest of a request that put a message in a mailbox: once the message is done,
+    its answer is ``finish(env)``, unless ``timeout`` seconds pass first. Awaited by the
+    request's task; a connection answers one without a timeout from ``env.on_done``."""
+
+    env: Envelope
+    finish: Callable[[Envelope], Any]
+    timeout: float
+    actor: str
+
+    async def __call__(self) -> Any:
+        with trio.move_on_after(self.timeout):
+            await self.env.wait()
+            return self.finish(self.env)
+        raise ActorTimedOut(f"no answer from {self.actor!r} within {self.timeout:g}s", {"timeout": self.timeout})
+
+
+def _process_result(env: Envelope) -> dict:
+    return {"outputs": {k: _plain(v) for k, v in env.result()["outputs"].items()}}
 
 
 def _plain(message: Any) -> Any:
@@ -260,7 +287,7 @@ class Connection:
     def __init__(self, api: Api, ws: trio_websocket.WebSocketConnection):
         self.api = api
         self.ws = ws
-        self.in_flight: dict[Any, trio.CancelScope] = {}
+        self.in_flight: dict[Any, trio.CancelScope | _Waiting] = {}
         self.subscriptions: dict[str, tuple[Any, int]] = {}
         self._send, self._recv = trio.open_memory_channel[tuple[bytes | str, int]](SEND_QUEUE)
         self._nursery: trio.Nursery | None = None
@@ -345,6 +372,10 @@ class Connection:
             for cell, key in self.subscriptions.values():
                 cell.subscribers.pop(key, None)
             self.subscriptions.clear()
+            for waiting in list(self.in_flight.values()):  # (tasks were cancelled with the nursery)
+                if isinstance(waiting, _Waiting):
+                    waiting.detach()
+            self._send.close()  # what is answered from now on has no one to go to
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.ws.aclose()
 
@@ -398,39 +429,31 @@ class Connection:
 
     def _dispatch(self, data: bytes | str) -> None:
         frame = proto.decode_frame(data)
-        assert self._nursery is not None
         if not frame.is_batch and len(frame.items) == 1:
             item = frame.items[0]
             if isinstance(item, proto.Request):
                 now = self._answer_now(item)
-                if now is not None:
-                    self.reply([now], False)
-                    return
-                admitted = self._admit(item)
-                if isinstance(admitted, proto.ErrorResponse):
-                    self.reply([admitted], False)
+                if now is None:
+                    self._begin(item, self._reply_one)
                 else:
-                    self._nursery.start_soon(self._answer_one, item, *admitted)
-            else:
-                reply = self._immediate(item)
-                if reply is not None:
-                    self.reply([reply], False)
+                    self._reply_one(now)
+            elif (reply := self._immediate(item)) is not None:
+                self._reply_one(reply)
             return
-        replies: list[Any] = []
-        later: list[tuple[Any, Any]] = []
+        # A batch's requests start in the order listed; its one reply frame goes out
+        # when the last of them is answered.
+        batch = _BatchReply(self)
         for item in frame.items:
             if not isinstance(item, proto.Request):
-                r = self._immediate(item)
-                if r is not None:
-                    replies.append(r)
+                batch.add(self._immediate(item))
             elif (now := self._answer_now(item)) is not None:
-                replies.append(now)
+                batch.add(now)
             else:
-                later.append((item, self._admit(item)))
-        if later:
-            self._nursery.start_soon(self._answer_batch, later, replies)
-        else:
-            self.reply(replies, True)
+                self._begin(item, batch.expect())
+        batch.finish()
+
+    def _reply_one(self, reply: Any) -> None:
+        self.reply([reply], False)
 
     def _answer_now(self, req: proto.Request) -> Any | None:
         """The reply to a request that never waits, computed here; None if it needs a task."""
@@ -439,16 +462,12 @@ class Connection:
             return None
         if (refused := self._refused_when_stopping(req)) is not None:
             return refused
-        debug = log.isEnabledFor(logging.DEBUG)
-        if debug:
+        self._log_request(req)
+        return _outcome(req, functools.partial(fn, self, req.params))
+
+    def _log_request(self, req: proto.Request) -> None:
+        if log.isEnabledFor(logging.DEBUG):
             log.debug("rpc request", extra={"id": req.id, "method": req.method, "peer": str(self.ws.remote)})
-        try:
-            result = fn(self, req.params)
-        except Exception as exc:
-            return _error_reply(req, exc)
-        if debug:
-            log.debug("rpc reply", extra={"id": req.id, "method": req.method})
-        return proto.Response(req.id, result)
 
     def _refused_when_stopping(self, req: proto.Request) -> proto.ErrorResponse | None:
         if self.api.host.stopping and req.method in _MESSAGE_METHODS:
@@ -462,9 +481,9 @@ class Connection:
         if isinstance(item, proto.Notification):
             if item.method == "$/cancelRequest":
                 if isinstance(item.params, dict):
-                    scope = self.in_flight.get(_id_key(item.params.get("id")))
-                    if scope is not None:
-                        scope.cancel()
+                    waiting = self.in_flight.get(_id_key(item.params.get("id")))
+                    if waiting is not None:
+                        waiting.cancel()
             elif item.method in self.api.methods:
                 self._run_unanswered(item)
         return None
@@ -477,40 +496,35 @@ class Connection:
         req = proto.Request(_Unanswered(), note.method, note.params)
         reply = self._answer_now(req)
         if reply is None:
-            admitted = self._admit(req)
-            if isinstance(admitted, proto.ErrorResponse):
-                reply = admitted
-            else:
-                assert self._nursery is not None
-                self._nursery.start_soon(self._finish_unanswered, req, *admitted)
-                return
-        _log_unanswered(req, reply)
+            self._begin(req, functools.partial(_log_unanswered, req))
+        else:
+            _log_unanswered(req, reply)
 
-    async def _finish_unanswered(self, req: proto.Request, scope: trio.CancelScope, run: _Run) -> None:
-        _log_unanswered(req, await self._call(req, scope, run))
+    def _begin(self, req: proto.Request, answer: Callable[[Any], None]) -> None:
+        """Start a request that waits; ``answer`` gets its reply. It is in ``in_flight`` at
+        once, so that a ``$/cancelRequest`` in the very next frame finds it. One that waits
+        for a message with no timeout is answered from the message's ``on_done`` (no task);
+        any other runs in a task of its own, in its own cancel scope."""
+        run = self._admit(req)
+        if isinstance(run, proto.ErrorResponse):
+            answer(run)
+            return
+        key = _id_key(req.id)
+        if isinstance(run, Later) and run.timeout == math.inf:
+            self.in_flight[key] = _Waiting(self, key, req, run, answer)
+            return
+        scope = self.in_flight[key] = trio.CancelScope()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._answer, req, scope, run, answer)
 
-    async def _answer_one(self, req: proto.Request, scope: trio.CancelScope, run: _Run) -> None:
-        self.reply([await self._call(req, scope, run)], False)
+    async def _answer(self, req: proto.Request, scope: trio.CancelScope, run: _Run,
+                      answer: Callable[[Any], None]) -> None:
+        answer(await self._call(req, scope, run))
 
-    async def _answer_batch(self, admitted: list[tuple[proto.Request, Any]], replies: list[Any]) -> None:
-        """Answer a batch's requests that wait, each in its own task, then send every reply
-        (``replies`` holds those already known) in one frame."""
-        async def one(req: proto.Request, scope: trio.CancelScope, run: _Run) -> None:
-            replies.append(await self._call(req, scope, run))
-
-        async with trio.open_nursery() as nursery:
-            for req, adm in admitted:
-                if isinstance(adm, proto.ErrorResponse):
-                    replies.append(adm)
-                else:
-                    nursery.start_soon(one, req, *adm)
-        self.reply(replies, True)
-
-    def _admit(self, req: proto.Request) -> tuple[trio.CancelScope, _Run] | proto.ErrorResponse:
-        """Register a request's cancel scope now, before its task runs, so that a
-        ``$/cancelRequest`` in the very next frame finds it, and run the method's first,
-        synchronous step if it has one (``Api.start``: an actor.send takes its place in
-        line here, in the order the frames list the requests); or refuse it."""
+    def _admit(self, req: proto.Request) -> _Run | proto.ErrorResponse:
+        """Refuse a request, or run the method's first, synchronous step if it has one
+        (``Api.start``: an actor.send or call takes its place in line here, in the order
+        the frames list the requests) and return what is left to await."""
         if req.method not in self.api.methods:
             return proto.error_response(req.id, proto.METHOD_NOT_FOUND, f"method not found: {req.method}")
         if (refused := self._refused_when_stopping(req)) is not None:
@@ -518,34 +532,85 @@ class Connection:
         if len(self.in_flight) >= self.api.cfg.max_in_flight:
             return proto.error_response(req.id, Overloaded.code, f"more than {self.api.cfg.max_in_flight} "
                                         "requests in flight on this connection; retry later")
+        self._log_request(req)
         start = self.api.start(req.method)
         if start is None:
-            run = functools.partial(self.api.methods[req.method], self, req.params)
-        else:
-            try:
-                run = start(self, req.params)
-            except Exception as exc:
-                return _error_reply(req, exc)
-        scope = self.in_flight[_id_key(req.id)] = trio.CancelScope()
-        return scope, run
+            return functools.partial(self.api.methods[req.method], self, req.params)
+        try:
+            return start(self, req.params)
+        except Exception as exc:
+            return _error_reply(req, exc)
 
     async def _call(self, req: proto.Request, scope: trio.CancelScope, run: _Run) -> Any:
         key = _id_key(req.id)
-        debug = log.isEnabledFor(logging.DEBUG)
-        if debug:
-            log.debug("rpc request", extra={"id": req.id, "method": req.method, "peer": str(self.ws.remote)})
         try:
             with scope:
                 result = await run()
-                if debug:
-                    log.debug("rpc reply", extra={"id": req.id, "method": req.method})
+                _log_reply(req)
                 return proto.Response(req.id, result)
-            return proto.error_response(req.id, RequestCancelled.code, "request cancelled")
+            return _cancelled_reply(req)
         except Exception as exc:
             return _error_reply(req, exc)
         finally:
-            if self.in_flight.get(key) is scope:
-                del self.in_flight[key]
+            self.forget(key, scope)
+
+    def forget(self, key: Any, entry: Any) -> None:
+        """``entry`` is no longer in flight (unless its id was reused meanwhile)."""
+        if self.in_flight.get(key) is entry:
+            del self.in_flight[key]
+
+
+class _Waiting:
+    """A request in flight with no task: its message's ``on_done`` answers it. ``cancel``
+    answers it at once, as a cancelled task would, and the message's outcome is dropped."""
+
+    __slots__ = ("conn", "key", "req", "later", "answer")
+
+    def __init__(self, conn: Connection, key: Any, req: proto.Request, later: Later,
+                 answer: Callable[[Any], None]):
+        self.conn, self.key, self.req, self.later, self.answer = conn, key, req, later, answer
+        later.env.on_done = self.done
+
+    def done(self) -> None:
+        self.conn.forget(self.key, self)
+        self.answer(_outcome(self.req, functools.partial(self.later.finish, self.later.env)))
+
+    def cancel(self) -> None:
+        self.detach()
+        self.answer(_cancelled_reply(self.req))
+
+    def detach(self) -> None:
+        self.later.env.on_done = None
+        self.conn.forget(self.key, self)
+
+
+class _BatchReply:
+    """A batch's replies, sent as one frame once the last is known."""
+
+    __slots__ = ("conn", "replies", "waiting")
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.replies: list[Any] = []
+        self.waiting = 1  # held until ``finish``: every entry has been read by then
+
+    def add(self, reply: Any) -> None:
+        if reply is not None:
+            self.replies.append(reply)
+
+    def expect(self) -> Callable[[Any], None]:
+        """One more reply to wait for; it is given to the returned callable."""
+        self.waiting += 1
+        return self._answer
+
+    def _answer(self, reply: Any) -> None:
+        self.replies.append(reply)
+        self.finish()
+
+    def finish(self) -> None:
+        self.waiting -= 1
+        if not self.waiting:
+            self.conn.reply(self.replies, True)
 
 
 async def send_messages(ws: trio_websocket.WebSocketConnection, frames: list[str | bytes]) -> None:
@@ -582,6 +647,25 @@ async def send_messages(ws: trio_websocket.WebSocketConnection, frames: list[str
 
 
 _Run = Callable[[], Awaitable[Any]]  # what a request's task awaits for its result
+
+
+def _outcome(req: proto.Request, produce: Callable[[], Any]) -> Any:
+    """``req``'s reply: ``produce()``'s result, or the error it raised."""
+    try:
+        result = produce()
+    except Exception as exc:
+        return _error_reply(req, exc)
+    _log_reply(req)
+    return proto.Response(req.id, result)
+
+
+def _log_reply(req: proto.Request) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("rpc reply", extra={"id": req.id, "method": req.method})
+
+
+def _cancelled_reply(req: proto.Request) -> proto.ErrorResponse:
+    return proto.error_response(req.id, RequestCancelled.code, "request cancelled")
 
 
 def _error_reply(req: proto.Request, exc: Exception) -> proto.ErrorResponse:

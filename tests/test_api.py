@@ -102,6 +102,34 @@ async def test_cancel_request_answers_minus_32800(make_host):
         assert r["id"] == 7 and r["error"]["code"] == -32800
 
 
+async def test_a_cancelled_call_is_answered_once_and_a_bad_timeout_sends_nothing(make_host):
+    """A call waits for its message with no task of its own: cancelling it answers -32800
+    at once and its late outcome is dropped, not sent as a second answer. A call whose
+    timeout is invalid is refused before its message reaches the mailbox."""
+    host = await make_host({"double.actor.py": DOUBLE})
+    async with open_client(host.url) as c, trio_websocket.open_websocket_url(host.url) as ws:
+        sub = await c.request("actor.subscribe", {"actor": "Double", "port": "y"})
+        outputs = c.on_notification(sub["subscription"])
+        bad = await raw(ws, '{"jsonrpc": "2.0", "id": 1, "method": "actor.call", "params": '
+                            '{"actor": "Double", "inputs": {"x": 100}, "timeout": "soon"}}')
+        assert bad["error"]["code"] == -32602 and "timeout" in bad["error"]["message"]
+        await ws.send_message('{"jsonrpc": "2.0", "id": 7, "method": "actor.call", "params": '
+                              '{"actor": "Double", "inputs": {"x": 1, "sleep": 0.3}}}')
+        await ws.send_message('{"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": 7}}')
+        await ws.send_message('{"jsonrpc": "2.0", "id": 8, "method": "actor.call", "params": '
+                              '{"actor": "Double", "inputs": {"x": 2}}}')
+        with trio.fail_after(10):
+            first, second = orjson.loads(await ws.get_message()), orjson.loads(await ws.get_message())
+            seen = [(await outputs.receive())["params"]["message"]["value"] for _ in range(2)]
+        assert first["id"] == 7 and first["error"]["code"] == -32800
+        assert second["id"] == 8 and second["result"]["outputs"]["y"]["value"] == 4
+        assert seen == [2, 4]  # the cancelled message still ran; the refused one never did
+        assert (await c.call("Double", {"x": 3}))["outputs"]["y"]["value"] == 6
+        with trio.move_on_after(0.3):  # nothing more comes on this connection
+            extra = await ws.get_message()
+            pytest.fail(f"unexpected frame {extra}")
+
+
 async def test_send_and_subscribe(make_host):
     host = await make_host({"double.actor.py": DOUBLE})
     async with open_client(host.url) as c:

@@ -263,3 +263,40 @@ async def test_two_hundred_clients_that_stop_reading_are_cut_off_and_stall_no_on
     assert rss_mb() - before < 300, (before, rss_mb())
     for s in stalled:
         s.close()
+
+
+# -- max_in_flight -----------------------------------------------------------------------------------
+
+SLOW = '''
+import time
+from reflow import actor
+
+@actor(name="Slow", inports=["x"], outports=["y"])
+def slow(context):
+    time.sleep(context.get_input("x"))
+    return {"y": 1}
+'''
+
+
+async def test_max_in_flight_counts_waiting_calls_and_frees_them_when_answered(make_host):
+    """Calls wait for their messages without a task each; they still count against
+    max_in_flight, and each frees its place once answered (or cancelled)."""
+    host = await host_with(make_host, {"slow.actor.py": SLOW}, max_in_flight=2)
+    async with trio_websocket.open_websocket_url(host.url) as ws:
+        def call(rid, x):
+            return orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": "actor.call",
+                                 "params": {"actor": "Slow", "inputs": {"x": x}}}).decode()
+        for rid in (1, 2, 3):
+            await ws.send_message(call(rid, 0.2))
+        with trio.fail_after(10):
+            refused = orjson.loads(await ws.get_message())
+            assert refused["id"] == 3 and refused["error"]["code"] == -32004
+            assert "in flight" in refused["error"]["message"]
+            got = {orjson.loads(await ws.get_message())["id"] for _ in range(2)}
+            assert got == {1, 2}
+            await ws.send_message(call(4, 5))
+            await ws.send_message('{"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": 4}}')
+            assert orjson.loads(await ws.get_message())["error"]["code"] == -32800
+            for rid in (5, 6):  # the answered and the cancelled calls left room for two more
+                await ws.send_message(orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": "actors.list"}).decode())
+            assert {orjson.loads(await ws.get_message())["id"] for _ in range(2)} == {5, 6}
