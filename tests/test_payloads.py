@@ -74,6 +74,38 @@ def test_frames_with_attachments_round_trip_both_ways(header, attachments, trail
         worker_sock.close()
 
 
+async def test_reading_frames_already_waiting_still_lets_other_tasks_run(monkeypatch):
+    """The host reads what waits on a worker's socket without a trip through the scheduler,
+    but never more than a few reads in a row: a worker that never stops writing must not
+    keep the host's other tasks (or a timeout) from running."""
+    from supervisor import _channel
+
+    monkeypatch.setattr(_channel, "_READ_SIZE", 4096)  # 50 reads for what is waiting below
+    host_sock, worker_sock = socket.socketpair()
+    frame = b'{"method":"log","params":{"text":"' + b"x" * 960 + b'"}}\n'
+    frames = 200
+    worker_sock.sendall(frame * frames)  # all of it already waiting before the first read
+    chan = LineChannel(trio.SocketStream(trio.socket.from_stdlib_socket(host_sock)))
+    ran = 0
+
+    async def other_task():
+        nonlocal ran
+        while True:
+            ran += 1
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        await trio.sleep(0)
+        ran = 0
+        for _ in range(frames):
+            assert await chan.receive() == frame[:-1]
+        assert ran >= 5, "the other task never ran while 200 waiting frames were read"
+        nursery.cancel_scope.cancel()
+    worker_sock.close()
+    await chan.aclose()
+
+
 @pytest.mark.parametrize("garbage", [b"@x {}\n", b"@-1 {}\n", b"@ {}\n"])
 async def test_a_malformed_attachment_header_is_a_bad_frame(garbage):
     a, b = trio.testing.memory_stream_pair()
