@@ -421,6 +421,19 @@ async def test_queued_replies_leave_in_one_write_as_separate_messages():
 
     from supervisor._server import send_messages
 
+    async def pair(server_stream, client_stream, nursery):
+        ends = {}
+
+        async def serve():
+            ends["server"] = await (await trio_websocket.wrap_server_stream(nursery, server_stream)).accept()
+
+        async def connect():
+            ends["client"] = await trio_websocket.wrap_client_stream(nursery, client_stream, "localhost", "/")
+        async with trio.open_nursery() as handshake:
+            handshake.start_soon(serve)
+            handshake.start_soon(connect)
+        return ends["server"], ends["client"]
+
     server_stream, client_stream = memory_stream_pair()
     writes = []
     real_send_all = server_stream.send_all
@@ -430,17 +443,7 @@ async def test_queued_replies_leave_in_one_write_as_separate_messages():
         await real_send_all(data)
     server_stream.send_all = counted
     async with trio.open_nursery() as n:
-        ends = {}
-
-        async def serve():
-            ends["server"] = await (await trio_websocket.wrap_server_stream(n, server_stream)).accept()
-
-        async def connect():
-            ends["client"] = await trio_websocket.wrap_client_stream(n, client_stream, "localhost", "/")
-        async with trio.open_nursery() as handshake:
-            handshake.start_soon(serve)
-            handshake.start_soon(connect)
-        server, client = ends["server"], ends["client"]
+        server, client = await pair(server_stream, client_stream, n)
         writes.clear()
         frames = ['{"id":1}', b"@3 {}\nabc", "é" * 10]
         await send_messages(server, frames)
@@ -449,4 +452,13 @@ async def test_queued_replies_leave_in_one_write_as_separate_messages():
         await client.aclose()
         with pytest.raises(trio_websocket.ConnectionClosed):
             await send_messages(server, ["late"])
+        n.cancel_scope.cancel()
+    # Over a socket the bytes go straight out while they fit; 3 MB do not, and the rest
+    # follows in order while the client reads.
+    a, b = trio.socket.socketpair()
+    async with trio.open_nursery() as n:
+        server, client = await pair(trio.SocketStream(a), trio.SocketStream(b), n)
+        frames = ["x" * 1_000_000, b"\0" * 1_000_000, "é" * 500_000, "last"]
+        n.start_soon(send_messages, server, frames)
+        assert [await client.get_message() for _ in frames] == frames
         n.cancel_scope.cancel()
