@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["BadFrame", "ChannelClosed", "FrameTooLarge", "LineChannel", "write_now"]
+__all__ = ["BadFrame", "ChannelClosed", "FrameTooLarge", "LineChannel", "SocketReader", "write_now"]
 
 # Reads that found data waiting in a row without a checkpoint: a worker that never stops
 # writing must not hold up the host's other tasks, nor the cancel scope timing it out.
@@ -46,6 +46,45 @@ def write_now(sock: trio.socket.SocketType, data: bytes) -> int:
         return os.write(fd, data)
     except BlockingIOError:
         return 0
+
+
+class SocketReader:
+    """Reads a trio socket into one buffer kept for its life: at once when data is waiting
+    (trio's ``recv`` yields to the scheduler even then), else once the socket is readable.
+    At most _READS_PER_CHECKPOINT reads in a row skip the scheduler, so that a peer that
+    never stops writing cannot hold up the other tasks (nor a cancel scope timing it out).
+    """
+
+    def __init__(self, sock: trio.socket.SocketType, size: int | None = None):
+        self._sock = sock
+        self._buf = memoryview(bytearray(size or _READ_SIZE))
+        self.size = len(self._buf)
+        self._quick = 0
+
+    async def read(self) -> memoryview:
+        """What arrived (valid until the next read); empty at end of stream.
+
+        Raises:
+            OSError: the socket is closed or broken.
+        """
+        if self._quick >= _READS_PER_CHECKPOINT:  # (before reading: a cancel here loses nothing)
+            self._quick = 0
+            await trio.lowlevel.checkpoint()
+        try:
+            while True:
+                fd = self._sock.fileno()
+                if fd < 0:
+                    raise OSError("socket closed")
+                try:
+                    n = os.readv(fd, [self._buf])
+                    break
+                except BlockingIOError:
+                    self._quick = 0
+                    await trio.lowlevel.wait_readable(self._sock)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise OSError(str(exc) or "socket closed") from exc
+        self._quick += 1
+        return self._buf[:n]
 
 
 class ChannelClosed(Exception):
@@ -80,8 +119,7 @@ class LineChannel:
         # when that cannot block: trio's own calls always yield to the scheduler, even with
         # data waiting, and a call's round trip took three such trips more than it needed.
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
-        self._rbuf = memoryview(bytearray(_READ_SIZE)) if self._sock is not None else None
-        self._quick_reads = 0
+        self._reader = SocketReader(self._sock) if self._sock is not None else None
         self._buf = bytearray()
         self._scan = 0
         self._max = max_frame
@@ -108,8 +146,16 @@ class LineChannel:
 
     async def _fill(self, want: int = 0) -> None:
         """Read more into the buffer: at least some, as much as ``want`` if it is there."""
-        if self._rbuf is not None and want <= len(self._rbuf):
-            return await self._fill_from_socket()
+        if self._reader is not None and want <= self._reader.size:
+            try:
+                data = await self._reader.read()
+            except OSError as exc:
+                raise ChannelClosed(str(exc) or "channel broken") from exc
+            if not data:
+                raise ChannelClosed("end of stream")
+            self.bytes_received += len(data)
+            self._buf += data
+            return
         try:
             data = await self._stream.receive_some(max(want, _READ_SIZE))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -118,32 +164,6 @@ class LineChannel:
             raise ChannelClosed("end of stream")
         self.bytes_received += len(data)
         self._buf += data
-
-    async def _fill_from_socket(self) -> None:
-        """Read what is waiting on the socket, at once if there is some (no yield),
-        else once it is readable."""
-        assert self._sock is not None and self._rbuf is not None
-        try:
-            while True:
-                fd = self._sock.fileno()
-                if fd < 0:
-                    raise ChannelClosed("channel closed")
-                try:
-                    n = os.readv(fd, [self._rbuf])
-                    break
-                except BlockingIOError:
-                    self._quick_reads = 0
-                    await trio.lowlevel.wait_readable(self._sock)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise ChannelClosed(str(exc) or "channel broken") from exc
-        if not n:
-            raise ChannelClosed("end of stream")
-        self.bytes_received += n
-        self._buf += self._rbuf[:n]
-        self._quick_reads += 1
-        if self._quick_reads >= _READS_PER_CHECKPOINT:
-            self._quick_reads = 0
-            await trio.lowlevel.checkpoint()
 
     async def _with_attachments(self, i: int) -> bytes:
         sp = self._buf.find(b" ", 0, i)

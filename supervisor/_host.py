@@ -469,6 +469,10 @@ class Host:
         ports = self._fan_in.get(cell.name)
         if ports is None:
             reply = self.redis.submit(*enqueue_if_room_cmd(cell.inbox, limit, mid, inputs))
+            # Wake the feeder now, not once Redis has answered: its read goes out on the
+            # same connection behind the add, so it finds the message one round trip sooner
+            # (if the add was held back, the read finds nothing and the wake below repeats).
+            poke(cell)
         else:  # one value per port waits for the others (await_all_inports)
             reply = self.redis.submit(*push_if_room_cmd(
                 cell.inbox, limit, [(self._fanin_key(cell.name, p), v) for p, v in inputs.items() if p in ports]))
