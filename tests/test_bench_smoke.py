@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {
     "baseline.pipe_rtt.p50", "baseline.floor.latency.p50", "baseline.floor.latency.p99",
     "baseline.floor.throughput32", "baseline.floor.latency32.p50", "baseline.per_call.p50",
+    "baseline.per_call.throughput2",
     "ours.latency.p50", "ours.latency.p99", "ours.throughput32", "ours.latency32.p50", "ours.latency32.p99",
     "ours.batch64",
     "ours.cold_start.python.p50", "ours.warm_acquire_load.p50", "ours.idle_rss.python",
