@@ -1,10 +1,13 @@
 """The WebSocket JSON-RPC 2.0 API (CONTRACT §4), a thin trio shell.
 
-Each connection owns a reader (this handler's task), a writer task draining a
+Each connection owns a reader (this handler's task) and a writer task draining a
 bounded queue (a client that stops reading is disconnected instead of growing
-host memory), and one task per in-flight request, each in its own cancel
-scope so ``$/cancelRequest`` and disconnects cancel exactly what they should.
-Frames are decoded and validated by the pure :mod:`supervisor._protocol`.
+host memory). A request that never waits is answered where its frame is read.
+A call waiting for its message with no timeout is answered from the message's
+completion callback; every other waiting request gets a task in its own cancel
+scope. Either way it is in ``in_flight`` from the moment it is read, so that
+``$/cancelRequest`` and disconnects cancel exactly what they should. Frames are
+decoded and validated by the pure :mod:`supervisor._protocol`.
 """
 
 from __future__ import annotations
