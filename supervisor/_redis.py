@@ -45,18 +45,12 @@ class RedisError(Exception):
 
 
 def _encode(args: Sequence[Any]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        if isinstance(a, bytes):
-            b = a
-        elif isinstance(a, str):
-            b = a.encode()
-        elif isinstance(a, (int, float)) and not isinstance(a, bool):
-            b = repr(a).encode()
-        else:
-            raise TypeError(f"cannot send {type(a).__name__} to Redis")
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
+    """One command in RESP (hiredis's C encoder: bytes, str, int and float arguments).
+
+    Raises:
+        TypeError: an argument of another type (None, bool, …).
+    """
+    return hiredis.pack_command(tuple(args))
 
 
 _SEND_TIMEOUT = 10.0
