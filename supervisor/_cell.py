@@ -34,7 +34,7 @@ from ._state import StateTxn, state_prefix
 
 if TYPE_CHECKING:
     from ._discovery import ComponentSpec
-    from ._host import Host
+    from ._host import Commit, Host
 
 __all__ = ["ActorCell", "Envelope", "ProcessSpec", "WorkerDied"]
 
@@ -95,6 +95,7 @@ class ProcessSpec:
 SEND_AHEAD = 64
 SEND_REFILL = SEND_AHEAD // 2
 SEND_AHEAD_BYTES = 1 << 20
+SETTLE_AT_EXIT = 5.0  # seconds a stopping run waits for Redis to answer its commits
 
 
 def new_message_id() -> str:
@@ -208,6 +209,8 @@ class ActorCell:
         self.resweep = False
         self.charged: set[bytes] = set()  # durable entries a run died holding: they cost an attempt
         self.runs = 0
+        # Handled messages whose commit is on its way to Redis, oldest first (see _serve).
+        self._committing: collections.deque[tuple[Commit, Envelope, list, dict]] = collections.deque()
 
     @property
     def component(self) -> ComponentSpec:
@@ -257,6 +260,7 @@ class ActorCell:
         worker = await self.host.pool.acquire(self.component.runtime)
         self.worker, self.tier = worker, worker.tier
         failure: BaseException | None = None
+        merged: trio.MemoryReceiveChannel[Envelope] | None = None
         try:
             try:
                 async with trio.open_nursery() as nursery:
@@ -265,8 +269,10 @@ class ActorCell:
                     log.debug("script loaded into worker", extra={"actor": self.name, "pid": worker.pid})
                     inbox: trio.MemoryReceiveChannel[Envelope] = self._recv
                     if self.host.durable:
-                        # Calls (memory) and durable messages meet in one rendezvous channel.
-                        merged_send, inbox = trio.open_memory_channel[Envelope](0)
+                        # Calls (memory) and durable messages meet in one channel, with room
+                        # for a send-ahead window of them (see _serve).
+                        merged_send, merged = trio.open_memory_channel[Envelope](SEND_AHEAD)
+                        inbox = merged
                         nursery.start_soon(self._forward, merged_send)
                         nursery.start_soon(feed, self, merged_send)
                     task_status.started()
@@ -287,6 +293,7 @@ class ActorCell:
                 await worker.aclose()
                 self.host.pool.release(worker)
                 self.worker = None
+                await self._settle_at_exit()
                 while self.ahead:  # sent to this worker but never started: they did nothing wrong
                     pre, _ = self.ahead.pop()
                     if pre.stream_id is not None:
@@ -295,6 +302,17 @@ class ActorCell:
                         pre.fail(ActorStopped(f"actor {self.name!r} was stopped"))
                     else:
                         self._retry.appendleft(pre)
+                while merged is not None:  # taken from the mailbox, not yet served: the same
+                    try:
+                        pre = merged.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break
+                    if pre.stream_id is not None:
+                        continue
+                    if self.host.stopping:
+                        pre.fail(ActorStopped(f"actor {self.name!r} was stopped"))
+                    else:
+                        self._retry.append(pre)
                 env, self.current = self.current, None
                 if env is not None:
                     if env.stream_id is not None:
@@ -378,10 +396,18 @@ class ActorCell:
         calls of the next message are served only after the current one committed.
         Messages that are waiting when the window has room go out in one write: under
         load, one system call (and one wake-up of the worker) carries several.
+
+        Commits are pipelined the same way: a handled message's MULTI/EXEC is queued for
+        Redis and the next reply handled while it travels; each is finished (answered,
+        published, routed) in order once Redis has answered, and all of them before this
+        waits for new messages or handles a failure. A state call's reads go out behind
+        the commits on the same connection, so it still sees every earlier message
+        committed.
         """
         ahead = self.ahead
         while True:
             if not ahead:
+                await self._settle(everything=True)
                 env = await self._next(inbox)
                 if env is None:
                     return
@@ -392,6 +418,7 @@ class ActorCell:
             self.current = cur
             await self._handle(worker, cur, rid)
             self.current = None
+            await self._settle(everything=len(self._committing) >= SEND_AHEAD)
             if worker.exit_info is not None:  # a limit ended the worker: the rest wait for the next one
                 raise WorkerDied(self.name, worker.exit_info)
 
@@ -484,6 +511,7 @@ class ActorCell:
                 await worker.wait()
                 raise ActorTimedOut(f"actor {self.name!r} timed out after {timeout:g}s; its worker was killed")
         if "error" in reply:
+            await self._settle(everything=True)  # (so that what a failure sends comes after)
             err = reply["error"]
             if err.get("code") == ResourceLimitExceeded.code:
                 limit = (err.get("data") or {}).get("limit", "memory")
@@ -506,21 +534,44 @@ class ActorCell:
             return
         outputs = (reply.get("result") or {}).get("outputs") or {}
         routed = env.emitted + [(p, m) for p, m in outputs.items() if (p, m) not in env.emitted]
-        try:
-            await self.host.commit(self, txn, routed, env)
-        except ActorError as exc:
+        self._committing.append((self.host.start_commit(self, txn, routed, env), env, routed, outputs))
+
+    async def _settle_at_exit(self) -> None:
+        """A run ends: finish the commits on their way (they are queued in Redis; only the
+        answers and the routing are left). If Redis does not answer in time, a durable
+        message stays pending in its stream (the next run hands it out, or finds it
+        acknowledged); a call is told its outcome is unknown."""
+        with trio.move_on_after(SETTLE_AT_EXIT):
+            await self._settle(everything=True)
+        while self._committing:
+            _, env, _, _ = self._committing.popleft()
+            env.fail(ActorFailed(f"actor {self.name!r}: the commit of this message was not confirmed "
+                                 f"within {SETTLE_AT_EXIT:g}s", {"type": "CommitUnconfirmed"}))
+
+    async def _settle(self, *, everything: bool) -> None:
+        """Finish the commits on their way, oldest first: those Redis has answered, or
+        with ``everything``, all of them."""
+        committing = self._committing
+        while committing and (everything or committing[0][0].ready):
+            commit, env, routed, outputs = committing[0]
+            try:
+                # (A cancel here leaves it first in line, for the run's exit to finish.)
+                await commit.finish()
+            except ActorError as exc:
+                committing.popleft()
+                if env.stream_id is not None:
+                    if isinstance(exc.__cause__, RedisUnavailable):
+                        self._lost_to_outage(env)
+                    else:  # Redis refused the commit (e.g. out of memory): that costs an attempt
+                        await self._retry_later(env, {"type": "CommitFailed", "message": exc.message})
+                env.fail(exc)
+                continue
+            committing.popleft()
             if env.stream_id is not None:
-                if isinstance(exc.__cause__, RedisUnavailable):
-                    self._lost_to_outage(env)
-                else:  # Redis refused the commit (e.g. out of memory): that costs an attempt
-                    await self._retry_later(env, {"type": "CommitFailed", "message": exc.message})
-            env.fail(exc)
-            return
-        if env.stream_id is not None:
-            self.in_hand.discard(env.stream_id)
-        self.processed += 1
-        env.resolve(outputs)
-        self.host.publish(self, routed, env.message_id)
+                self.in_hand.discard(env.stream_id)
+            self.processed += 1
+            env.resolve(outputs)
+            self.host.publish(self, routed, env.message_id)
 
     async def _emit_error(self, env: Envelope, err: dict) -> None:
         """Send a failed message's error out of the actor's ``error`` port (CONTRACT: error ports)."""

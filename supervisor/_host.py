@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import orjson
 import trio
 
@@ -37,7 +38,7 @@ from ._packages import PackageInstallFailed, ensure_packages
 from ._pool import WorkerPool
 from ._protocol import wrap
 from ._reload import plan_reload, watch_scripts
-from ._redis import RedisError, RedisUnavailable, open_redis, serve_embedded_redis
+from ._redis import RedisError, RedisUnavailable, Reply, open_redis, serve_embedded_redis
 from ._sandbox import select_backend
 from ._sandbox._base import SandboxBackend, SandboxUnavailable, WorkerSpec
 from ._tree import PermanentFailure, Supervisor, SupervisorGaveUp
@@ -109,6 +110,19 @@ def runtime_unavailable(runtime: str) -> str | None:
         if not (runtime_dir() / "js" / "reflow_worker.js").exists():
             return "this build has no JavaScript runtime (supervisor/runtime/js)"
     return None
+
+
+@attrs.frozen
+class Commit:
+    """A message's commit on its way: ``finish()`` waits for Redis's answer, then routes
+    what follows from it; ``ready`` says whether that answer is in (no Redis: always)."""
+
+    reply: Reply | None
+    finish: Callable[[], Awaitable[None]]
+
+    @property
+    def ready(self) -> bool:
+        return self.reply is None or self.reply.ready
 
 
 class Host:
@@ -404,7 +418,17 @@ class Host:
     # -- what cells call ----------------------------------------------------
     async def commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope, *, ack: bool = True) -> None:
         """Commit one message in one MULTI/EXEC: its state changes, the messages it sends
-        downstream (durable mode) and its acknowledgement; then route what stays in memory."""
+        downstream (durable mode) and its acknowledgement; then route what stays in memory.
+
+        Raises:
+            ActorFailed: Redis refused the commit or could not be reached (its ``__cause__``).
+        """
+        await self.start_commit(cell, txn, routed, env, ack=ack).finish()
+
+    def start_commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope, *,
+                     ack: bool = True) -> Commit:
+        """``commit`` in two steps: the MULTI/EXEC is queued for Redis now (so whatever is
+        sent after it, on the connection, sees it done), and ``finish`` waits for it."""
         cmds = txn.commands()
         later: list[tuple[str, str, dict]] = []
         woken: list[ActorCell] = []
@@ -423,18 +447,22 @@ class Host:
                     woken.append(target)
         if ack and env.stream_id is not None:
             cmds += done_cmds(cell.inbox, env.stream_id)
-        if cmds:
-            try:
-                await self.redis.transaction(cmds)
-            except (RedisUnavailable, RedisError) as exc:
-                raise ActorFailed(f"actor {cell.name!r}: state not committed: {exc}",
-                                  {"type": type(exc).__name__, "message": str(exc)}) from exc
-        for target in woken:
-            poke(target)
-        for target in dict.fromkeys(gathering):
-            await self._assemble(target)
-        for tgt, tport, message in later:
-            await self.deliver(tgt, tport, message)
+        reply = self.redis.submit_transaction(cmds) if cmds else None
+
+        async def finish() -> None:
+            if reply is not None:
+                try:
+                    await reply()
+                except (RedisUnavailable, RedisError) as exc:
+                    raise ActorFailed(f"actor {cell.name!r}: state not committed: {exc}",
+                                      {"type": type(exc).__name__, "message": str(exc)}) from exc
+            for target in woken:
+                poke(target)
+            for target in dict.fromkeys(gathering):
+                await self._assemble(target)
+            for tgt, tport, message in later:
+                await self.deliver(tgt, tport, message)
+        return Commit(reply, finish)
 
     def _fanin_key(self, process: str, port: str) -> str:
         return fanin_key(self.config.workspace.redis.namespace, process, port)

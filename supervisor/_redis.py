@@ -207,6 +207,38 @@ def _raise_if_loading(reply: Any) -> None:
         raise RedisUnavailable(f"Redis is still loading its data: {reply}")
 
 
+def _exec_result(replies: list[Any]) -> list[Any]:
+    """EXEC's replies from those of MULTI … EXEC; RedisError if any command was refused."""
+    for r in replies:
+        _raise_if_loading(r)
+    for r in replies[:-1]:
+        if isinstance(r, hiredis.ReplyError):
+            raise RedisError(str(r))
+    result = replies[-1]
+    if result is None:
+        raise RedisError("transaction aborted")
+    for r in [result] if isinstance(result, hiredis.ReplyError) else result:
+        if isinstance(r, hiredis.ReplyError):
+            raise RedisError(str(r))
+    return result
+
+
+class Reply:
+    """The reply to submitted commands: await it (call, then await), or ask whether it is in."""
+
+    __slots__ = ("_slot", "_convert")
+
+    def __init__(self, slot: _Slot, convert: Callable[[list[Any]], Any]):
+        self._slot, self._convert = slot, convert
+
+    @property
+    def ready(self) -> bool:
+        return self._slot.event.is_set()
+
+    async def __call__(self) -> Any:
+        return self._convert(await self._slot.wait())
+
+
 class Redis:
     """A reconnecting, pipelining Redis client owned by a nursery.
 
@@ -298,7 +330,7 @@ class Redis:
         (reply,) = await conn.roundtrip((args,))
         return _checked(args, reply)
 
-    def submit(self, *args: Any) -> Callable[[], Awaitable[Any]]:
+    def submit(self, *args: Any) -> Reply:
         """Queue one command now, without waiting; returns what awaits its reply (as ``execute``).
 
         Commands submitted one after another reach Redis in that order, even those
@@ -306,8 +338,15 @@ class Redis:
         backlog that one task drains in order) — what ``execute`` from several tasks
         cannot promise, as the scheduler runs those tasks in any order.
         """
-        slot = _Slot(1)
-        data = _encode(args)
+        return Reply(self._submit(_encode(args), 1), lambda replies: _checked(args, replies[0]))
+
+    def submit_transaction(self, commands: Sequence[Sequence[Any]]) -> Reply:
+        """``transaction`` in two steps, as ``submit``: queued now, in submission order."""
+        cmds = [("MULTI",), *commands, ("EXEC",)]
+        return Reply(self._submit(b"".join(_encode(c) for c in cmds), len(cmds)), _exec_result)
+
+    def _submit(self, data: bytes, want: int) -> _Slot:
+        slot = _Slot(want)
         conn = self._conn
         if not self._backlog and conn is not None and not conn.closed and conn.unsent < _OUTBOX_LIMIT:
             conn.queue(data, slot)
@@ -315,10 +354,7 @@ class Redis:
             self._backlog.append((data, slot))
             if len(self._backlog) == 1:
                 self._nursery.start_soon(self._drain_backlog)
-
-        async def reply() -> Any:
-            return _checked(args, (await slot.wait())[0])
-        return reply
+        return slot
 
     async def _drain_backlog(self) -> None:
         backlog = self._backlog
@@ -340,19 +376,8 @@ class Redis:
 
     async def transaction(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Run commands atomically (MULTI/EXEC); raise RedisError if any was rejected."""
-        replies = await self.pipeline([("MULTI",), *commands, ("EXEC",)])
-        for r in replies[:-1]:
-            if isinstance(r, RedisError):
-                raise r
-        result = replies[-1]
-        if isinstance(result, RedisError):
-            raise result
-        if result is None:
-            raise RedisError("transaction aborted")
-        for r in result:
-            if isinstance(r, hiredis.ReplyError):
-                raise RedisError(str(r))
-        return result
+        conn = await self._connection()
+        return _exec_result(await conn.roundtrip([("MULTI",), *commands, ("EXEC",)]))
 
     async def aclose(self) -> None:
         if self._conn is not None:

@@ -57,6 +57,12 @@ class StateTxn:
         self._overlay: dict[str, Any] = {}       # key -> JSON bytes | _DELETED
         self._expire: dict[str, float | None] = {}  # key -> seconds (None = persist)
 
+    async def _read(self, *args: Any) -> Any:
+        # Submitted, not executed: it then reaches Redis behind every commit queued before
+        # it, even one still waiting for the connection, so a message sees the commits of
+        # all earlier ones (the cell pipelines them: see ActorCell._serve).
+        return await self.redis.submit(*args)()
+
     @property
     def dirty(self) -> bool:
         return bool(self._overlay or self._expire)
@@ -66,7 +72,7 @@ class StateTxn:
         if v is _DELETED:
             return None
         if v is None:
-            v = await self.redis.execute("GET", self.prefix + key)
+            v = await self._read("GET", self.prefix + key)
             if v is None:
                 return None
         return orjson.loads(v)
@@ -75,7 +81,7 @@ class StateTxn:
         v = self._overlay.get(key)
         if v is not None:
             return v is not _DELETED
-        return bool(await self.redis.execute("EXISTS", self.prefix + key))
+        return bool(await self._read("EXISTS", self.prefix + key))
 
     def _store(self, key: str, value: Any) -> None:
         try:
@@ -170,7 +176,7 @@ class StateTxn:
             return self._expire[key]
         if key in self._overlay and self.default_ttl is not None:
             return self.default_ttl
-        ms = await self.redis.execute("PTTL", self.prefix + key)
+        ms = await self._read("PTTL", self.prefix + key)
         if key in self._overlay and ms == -2:
             return -1
         return -1 if ms < 0 else ms / 1000
@@ -185,7 +191,7 @@ class StateTxn:
         cursor = b"0"
         n = len(self.prefix)
         while True:
-            cursor, batch = await self.redis.execute("SCAN", cursor, "MATCH", escape_glob(self.prefix) + pattern,
+            cursor, batch = await self._read("SCAN", cursor, "MATCH", escape_glob(self.prefix) + pattern,
                                                      "COUNT", 1000)
             for k in batch:
                 k = k.decode()
