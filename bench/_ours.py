@@ -268,7 +268,7 @@ async def host_figures(fig: Figures, *, kind: str, n: int, warmup: int, total: i
     """Every figure measured through a host with ``kind`` (memory | redis) mailboxes.
 
     ``actor.call`` always takes the in-memory path (on a durable host through the same
-    rendezvous as the stream's messages); ``actor.send`` and the graph's A → B hop go through
+    in-memory channel as the stream's messages); ``actor.send`` and the graph's A → B hop go through
     the Redis stream when ``kind`` is redis.
     """
     tag = "memory" if kind == "memory" else "durable"

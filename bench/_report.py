@@ -116,7 +116,7 @@ measured about half the durable throughput and twice the durable latency); each 
 A → B (both the Double component, connection A.value → B.value), on bubblewrap. `max_pending` is raised so \
 that fast ingestion is measured rather than answered with -32004.
 - `actor.call` never touches the Redis stream (on a durable host it meets the stream's messages in one \
-in-memory rendezvous). The durable path is `actor.send`: one Lua check-and-XADD (answered once Redis has it) → the \
+in-memory channel). The durable path is `actor.send`: one Lua check-and-XADD (answered once Redis has it) → the \
 cell's feeder (XREADGROUP) → worker → one MULTI/EXEC of state, downstream XADDs and XACK+XDEL → \
 `actor.output` notification. Its latency is timed from the send to the output at a subscriber on the same \
 connection, one message in flight.

@@ -392,8 +392,8 @@ class ActorCell:
 
         The worker handles them strictly in order and starts the next only after
         answering the current one, so this overlaps its work (and the channel's round
-        trip) with ours on the reply, without changing what any message sees: the state
-        calls of the next message are served only after the current one committed.
+        trip) with ours on the reply, without changing what any message sees (see below
+        for its state reads).
         Messages that are waiting when the window has room go out in one write: under
         load, one system call (and one wake-up of the worker) carries several.
 
