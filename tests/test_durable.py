@@ -273,6 +273,8 @@ async def test_pipelined_commits_keep_each_message_seeing_the_ones_before(make_h
                 frame.append({"jsonrpc": "2.0", "id": rid, "method": "actor.send",
                               "params": {"actor": "Tally", "port": "n", "value": rid}})
             await ws.send_message(orjson.dumps(frame).decode())
+            with trio.fail_after(30):  # (one frame at a time: within max_in_flight, all accepted)
+                assert not [r for r in orjson.loads(await ws.get_message()) if "error" in r]
         with trio.fail_after(60):
             seen = [(await outputs.receive())["params"]["message"]["value"] for _ in range(300)]
         assert seen == list(range(1, 301))
