@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import orjson
-import trio
 
 from supervisor._sandbox._base import WorkerSpec
 from supervisor._sandbox._bubblewrap import BubblewrapBackend

@@ -294,25 +294,15 @@ class ActorCell:
                 self.host.pool.release(worker)
                 self.worker = None
                 await self._settle_at_exit()
-                while self.ahead:  # sent to this worker but never started: they did nothing wrong
-                    pre, _ = self.ahead.pop()
-                    if pre.stream_id is not None:
-                        continue  # still pending in its stream: the next run's feeder hands it out
-                    if self.host.stopping:
-                        pre.fail(ActorStopped(f"actor {self.name!r} was stopped"))
-                    else:
-                        self._retry.appendleft(pre)
-                while merged is not None:  # taken from the mailbox, not yet served: the same
+                self._give_back([pre for pre, _ in self.ahead], front=True)  # sent to this worker
+                self.ahead.clear()
+                waiting = []  # taken from the mailbox into the merged inbox, not yet served
+                while merged is not None:
                     try:
-                        pre = merged.receive_nowait()
+                        waiting.append(merged.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                         break
-                    if pre.stream_id is not None:
-                        continue
-                    if self.host.stopping:
-                        pre.fail(ActorStopped(f"actor {self.name!r} was stopped"))
-                    else:
-                        self._retry.append(pre)
+                self._give_back(waiting, front=False)
                 env, self.current = self.current, None
                 if env is not None:
                     if env.stream_id is not None:
@@ -333,6 +323,19 @@ class ActorCell:
                                              {"type": type(failure).__name__, "message": str(failure)}))
         if worker.exit_info is not None:
             raise WorkerDied(self.name, worker.exit_info)
+
+    def _give_back(self, envs: list[Envelope], *, front: bool) -> None:
+        """Messages a run took but never started (they did nothing wrong): those from memory
+        go back in line, in order (``front``: ahead of what is there), or are refused if the
+        host is stopping; durable ones are still pending in their stream, for the next run."""
+        envs = [env for env in envs if env.stream_id is None]
+        if self.host.stopping:
+            for env in envs:
+                env.fail(ActorStopped(f"actor {self.name!r} was stopped"))
+        elif front:
+            self._retry.extendleft(reversed(envs))
+        else:
+            self._retry.extend(envs)
 
     async def _watch(self, worker: Worker, scope: trio.CancelScope) -> None:
         await worker.wait()

@@ -264,7 +264,6 @@ class Host:
         """The processes to run: the network's, or one per discovered component."""
         assert self.discovery is not None
         comps = {c.name: c for c in self.discovery.components}
-        sup = self.config.supervision
         net = self.config.network
         specs: list[ProcessSpec] = []
         problems: list[str] = []
@@ -448,8 +447,12 @@ class Host:
         if ack and env.stream_id is not None:
             cmds += done_cmds(cell.inbox, env.stream_id)
         reply = self.redis.submit_transaction(cmds) if cmds else None
+        delivered = 0
 
         async def finish() -> None:
+            """Safe to call again after a cancel: it resumes with the first delivery not
+            made (waking and assembling may repeat; they are idempotent)."""
+            nonlocal delivered
             if reply is not None:
                 try:
                     await reply()
@@ -460,8 +463,9 @@ class Host:
                 poke(target)
             for target in dict.fromkeys(gathering):
                 await self._assemble(target)
-            for tgt, tport, message in later:
-                await self.deliver(tgt, tport, message)
+            while delivered < len(later):
+                await self.deliver(*later[delivered])
+                delivered += 1
         return Commit(reply, finish)
 
     def _fanin_key(self, process: str, port: str) -> str:

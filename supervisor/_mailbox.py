@@ -49,9 +49,12 @@ def deadletter_key(namespace: str) -> str:
     return f"{namespace}:deadletter"
 
 
+def _body(message_id: str, inputs: dict) -> bytes:
+    return orjson.dumps({"id": message_id, "inputs": inputs}, default=json_default)
+
+
 def enqueue_cmd(key: str, message_id: str, inputs: dict, attempts: int = 0) -> tuple:
-    return ("XADD", key, "*", "m", orjson.dumps({"id": message_id, "inputs": inputs}, default=json_default),
-            "a", attempts)
+    return ("XADD", key, "*", "m", _body(message_id, inputs), "a", attempts)
 
 
 # KEYS[1] the inbox; ARGV[1] max_pending, ARGV[2] the body, ARGV[3] attempts. Returns -1
@@ -67,8 +70,7 @@ return -1
 
 def enqueue_if_room_cmd(key: str, limit: int, message_id: str, inputs: dict) -> tuple:
     """``enqueue_cmd`` unless the inbox already holds ``limit`` entries (see ENQUEUE_IF_ROOM)."""
-    return ("EVAL", ENQUEUE_IF_ROOM, 1, key, limit,
-            orjson.dumps({"id": message_id, "inputs": inputs}, default=json_default), 0)
+    return ("EVAL", ENQUEUE_IF_ROOM, 1, key, limit, _body(message_id, inputs), 0)
 
 
 def done_cmds(key: str, stream_id: bytes) -> list[tuple]:

@@ -64,19 +64,30 @@ class Api:
         self.host = host
         self.cfg = host.config.workspace.websocket
         self.connections = 0
-        self.methods: dict[str, Callable[[Connection, Any], Any]] = {
+        # Every method has one of three forms, by what it waits for. ``now``: nothing, so it
+        # is answered where its frame is read (no task, which is most of what a small request
+        # costs). ``start``: a synchronous first step, run when the request is read, that
+        # returns what is left to await; a durable actor.send queues its Redis command there
+        # and a call its message, so messages keep the order they were sent in (and a
+        # ``Later`` with no timeout needs no task at all). ``tasks``: the whole method runs
+        # in the request's task.
+        self.now: dict[str, Callable[[Connection, Any], Any]] = {}
+        self.start: dict[str, Callable[[Connection, Any], _Run]] = {
+            "actor.call": self.actor_call_start, "process": self.process_start}
+        if host.durable:
+            self.start["actor.send"] = self.actor_send_start
+        else:
+            self.now["actor.send"] = self.actor_send_now
+        self.tasks: dict[str, Callable[[Connection, Any], Awaitable[Any]]] = {
             "actors.list": self.actors_list,
-            "actor.call": self.actor_call,
-            "actor.send": self.actor_send,
             "actor.subscribe": self.actor_subscribe,
             "actor.unsubscribe": self.actor_unsubscribe,
             "actor.restart": self.actor_restart,
             "supervisor.status": self.supervisor_status,
             "deadletters.list": self.deadletters_list,
             "deadletters.replay": self.deadletters_replay,
-            "process": self.process,
         }
-        self._starts = {"actor.call": self.actor_call_start, "process": self.process_start}
+        self.methods = frozenset(self.now) | frozenset(self.start) | frozenset(self.tasks)
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
         token = self.cfg.token
@@ -102,9 +113,6 @@ class Api:
     async def supervisor_status(self, conn: Connection, params: Any) -> Any:
         return self.host.status()
 
-    async def actor_call(self, conn: Connection, params: Any) -> Any:
-        return await self.actor_call_start(conn, params)()
-
     def actor_call_start(self, conn: Connection, params: Any) -> Later:
         """actor.call, step one (see ``start``): the message is in the mailbox."""
         p = _object(params, required=("actor", "inputs"))
@@ -116,12 +124,6 @@ class Api:
         env = Envelope(inputs=_wrap_all(inputs))
         cell.submit(env)
         return Later(env, Envelope.result, timeout, cell.name)
-
-    async def actor_send(self, conn: Connection, params: Any) -> Any:
-        """actor.send in one step; a request takes its two forms below instead (``now``, ``start``)."""
-        if not self.host.durable:
-            return self.actor_send_now(conn, params)
-        return await self.actor_send_start(conn, params)()
 
     def actor_send_now(self, conn: Connection, params: Any) -> Any:
         """actor.send into a memory mailbox: nothing to wait for, so no task (see ``now``)."""
@@ -143,22 +145,6 @@ class Api:
         async def result() -> Any:
             return {"message_id": await accepted()}
         return result
-
-    def now(self, method: str) -> Callable[[Connection, Any], Any] | None:
-        """The synchronous form of ``method`` when it never waits (so a request needs no task
-        of its own, which is most of what a small request costs), else None."""
-        if method == "actor.send":
-            return None if self.host.durable else self.actor_send_now
-        return None
-
-    def start(self, method: str) -> Callable[[Connection, Any], _Run] | None:
-        """A method's synchronous first step, run when its request is read, returning what
-        its task then awaits (a ``Later`` needs no task when it has no timeout); None when
-        the whole method runs in the task. A durable actor.send queues its Redis command
-        there and a call its message, so messages keep the order they were sent in."""
-        if method == "actor.send":
-            return self.actor_send_start if self.host.durable else None
-        return self._starts.get(method)
 
     async def actor_subscribe(self, conn: Connection, params: Any) -> Any:
         p = _object(params, required=("actor",))
@@ -207,9 +193,6 @@ class Api:
             raise InvalidParams(f"no dead letter {p['id']!r}") from None
         poke(self.host.cell(process))
         return {"process": process}
-
-    async def process(self, conn: Connection, params: Any) -> Any:
-        return await self.process_start(conn, params)()
 
     def process_start(self, conn: Connection, params: Any) -> Later:
         """Reflow's WebSocketScriptActor call (plain JSON values both ways), step one."""
@@ -461,7 +444,7 @@ class Connection:
 
     def _answer_now(self, req: proto.Request) -> Any | None:
         """The reply to a request that never waits, computed here; None if it needs a task."""
-        fn = self.api.now(req.method)
+        fn = self.api.now.get(req.method)
         if fn is None:
             return None
         if (refused := self._refused_when_stopping(req)) is not None:
@@ -537,9 +520,9 @@ class Connection:
             return proto.error_response(req.id, Overloaded.code, f"more than {self.api.cfg.max_in_flight} "
                                         "requests in flight on this connection; retry later")
         self._log_request(req)
-        start = self.api.start(req.method)
+        start = self.api.start.get(req.method)
         if start is None:
-            return functools.partial(self.api.methods[req.method], self, req.params)
+            return functools.partial(self.api.tasks[req.method], self, req.params)
         try:
             return start(self, req.params)
         except Exception as exc:

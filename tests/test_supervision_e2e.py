@@ -220,3 +220,67 @@ supervision:
         assert group["restarts"] == 1 and group["last_error"]["type"] == "SupervisorGaveUp"
         assert _node(status, "solo")["pid"] == solo_pid and _node(status, "solo")["restarts"] == 0
         assert (await c.call("solo", {"x": 3}))["outputs"]["y"]["value"] == 3
+
+
+SPLIT = '''
+from reflow import actor
+
+@actor(name="Split", inports=["x"], outports=["a", "b"])
+def split(context):
+    return {"a": context.get_input("x"), "b": context.get_input("x")}
+'''
+TICK = '''
+from reflow import actor
+
+@actor(name="Tick", inports=["x"], outports=[])
+def tick(context):
+    return {}
+'''
+STUCK = '''
+import time
+from reflow import actor
+
+@actor(name="Stuck", inports=["x"], outports=[])
+def stuck(context):
+    time.sleep(60)
+'''
+
+
+async def test_a_restart_while_routing_to_a_full_mailbox_delivers_nothing_twice(make_host):
+    """Split routes each message to Tick, then to Stuck, whose worker never finishes and
+    whose mailbox fills. A message's routing then blocks after Tick got its copy; killing
+    Split's worker there cancels it, and the run's exit finishes the routing: Tick's copy
+    must not be delivered a second time."""
+    host = await make_host({"split.actor.py": SPLIT, "tick.actor.py": TICK, "stuck.actor.py": STUCK}, """\
+network:
+  processes:
+    split: {component: Split}
+    tick: {component: Tick}
+    stuck: {component: Stuck}
+  connections:
+    - {src: {process: split, port: a}, tgt: {process: tick, port: x}}
+    - {src: {process: split, port: b}, tgt: {process: stuck, port: x}}
+""", start=False)
+    host.config.write_text(host.config.read_text().replace(
+        "  root: .\n", "  root: .\n  mailbox: {kind: memory, max_pending: 2}\n"))
+    await host.start()
+    async with open_client(host.url) as c:
+        sent = 0
+        with trio.fail_after(60):
+            while True:  # each call returns once both copies are routed, until Stuck is full
+                sent += 1
+                try:
+                    await c.call("split", {"x": sent}, timeout=1)
+                except RpcError as exc:
+                    assert exc.code == -32003, exc  # timed out: its routing is blocked
+                    break
+            assert sent > 3
+            await c.request("actor.restart", {"actor": "split"})
+            await wait_for(lambda: _restarted(c, "split"), timeout=30)
+            await c.call("tick", {"x": "last"})  # behind anything already in Tick's mailbox
+        assert _node(await c.status(), "tick")["processed"] == sent + 1
+
+
+async def _restarted(c, name: str) -> bool:
+    node = _node(await c.status(), name)
+    return node["restarts"] >= 1 and node["state"] == "running"
