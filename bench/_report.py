@@ -118,8 +118,9 @@ that fast ingestion is measured rather than answered with -32004.
 - `actor.call` never touches the Redis stream (on a durable host it meets the stream's messages in one \
 in-memory channel). The durable path is `actor.send`: one Lua check-and-XADD (answered once Redis has it) → the \
 cell's feeder (XREADGROUP) → worker → one MULTI/EXEC of state, downstream XADDs and XACK+XDEL → \
-`actor.output` notification. Its latency is timed from the send to the output at a subscriber on the same \
-connection, one message in flight.
+`actor.output` notification. With one message in flight the actor is idle at each send, so the add's script \
+also reads the entry for the cell's feeder and the worker starts on it while Redis answers (it commits once the \
+add is confirmed). Its latency is timed from the send to the output at a subscriber on the same connection.
 - actor.send throughput: one WebSocket connection; "accepted" stops at the last reply (every message in the \
 mailbox), "end to end" when the last actor (Double, or B for the graph) has processed every message, seen by \
 polling its `processed` count in `supervisor.status` every 5 ms on a second connection. {subscribed}\

@@ -25,9 +25,9 @@ import trio
 from ._channel import BadFrame, ChannelClosed, FrameTooLarge
 from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
                       ResourceLimitExceeded, single_error)
-from ._mailbox import feed, inbox_key, poke, retry_or_deadletter_cmds
+from ._mailbox import feed, find_entry, inbox_key, poke, retry_or_deadletter_cmds
 from ._protocol import Blob, is_typed, json_default
-from ._redis import RedisError, RedisUnavailable
+from ._redis import RedisError, RedisUnavailable, Reply
 from ._sandbox._base import ExitInfo, Worker
 from ._shm import ShmError
 from ._state import StateTxn, state_prefix
@@ -116,12 +116,17 @@ class Envelope:
     stream_id: bytes | None = None              # set for messages from the durable inbox
     attempts: int = 0
     outage: bool = False                        # a state call met Redis unavailable
-    body: bytes | None = None
+    body: bytes | None = None                   # its entry's body: set for every durable message
+    claim: Reply | None = None                  # started before Redis confirmed its add (see start_now)
     shm_end: int = 0                            # its inputs' end in the worker's inbound ring
     finished: bool = False
     # Called once, when the message is answered: how its sender hears, with no task
     # waiting on an event (a request answered from a callback costs the host far less).
     on_done: Callable[[], None] | None = None
+
+    @property
+    def durable(self) -> bool:
+        return self.body is not None
 
     def resolve(self, outputs: dict) -> None:
         if not self.finished:
@@ -204,7 +209,12 @@ class ActorCell:
         # Sent to the worker behind ``current``, with their request ids, not yet started.
         self.ahead: collections.deque[tuple[Envelope, int]] = collections.deque()
         self.inbox = inbox_key(cfg.workspace.redis.namespace, self.name)
+        # The feeder's (see _mailbox.feed): woken by poke (which sets unread) or claimed.
         self.wake: trio.Event | None = None
+        self.unread = False
+        self.idle = False
+        self.claimed: tuple[Reply, bytes | None] | None = None
+        self._merged: tuple[trio.MemorySendChannel[Envelope], trio.MemoryReceiveChannel[Envelope]] | None = None
         self.in_hand: set[bytes] = set()  # durable entries this run took and has not finished (see feed)
         self.resweep = False
         self.charged: set[bytes] = set()  # durable entries a run died holding: they cost an attempt
@@ -231,6 +241,36 @@ class ActorCell:
         except trio.WouldBlock:
             raise Overloaded(f"actor {self.name!r} has {self.host.config.workspace.mailbox.max_pending} "
                              "messages waiting; retry later", {"actor": self.name}) from None
+
+    def start_now(self, message_id: str, body: bytes, claim: Reply) -> bool:
+        """Start a durable message at once, while Redis adds it, if this run waits with
+        nothing in line (its feeder is idle too: the caller claimed, see _mailbox.claim).
+
+        Its add also reads it for the feeder (into the group's pending list), so once
+        confirmed (``_confirm``) it is a durable message like any other; the worker meanwhile
+        runs it, which takes the add's round trip off its latency. If the add fails, what
+        the run did leaves no trace: it is neither committed nor published (its sender is
+        told the add failed, as always)."""
+        if self._merged is None:
+            return False
+        send, recv = self._merged
+        if not recv.statistics().tasks_waiting_receive:
+            return False  # (_serve waits for its next message only when all is done)
+        send.send_nowait(Envelope(inputs=orjson.loads(body)["inputs"], message_id=message_id, body=body,
+                                  claim=claim))
+        return True
+
+    async def _confirm(self, env: Envelope) -> bool:
+        """Whether a message started before Redis confirmed its add (``start_now``) was added;
+        if so it takes its stream id."""
+        assert env.claim is not None and env.body is not None
+        try:
+            entries = await env.claim()  # (cancelled here, it keeps its claim for the run's exit)
+        except (RedisUnavailable, RedisError):
+            entries = None
+        env.claim = None
+        env.stream_id = find_entry(entries, env.body) if isinstance(entries, list) else None
+        return env.stream_id is not None
 
     def pending(self) -> int:
         return self._send.statistics().current_buffer_used
@@ -273,6 +313,7 @@ class ActorCell:
                         # for a send-ahead window of them (see _serve).
                         merged_send, merged = trio.open_memory_channel[Envelope](SEND_AHEAD)
                         inbox = merged
+                        self._merged = merged_send, merged
                         nursery.start_soon(self._forward, merged_send)
                         nursery.start_soon(feed, self, merged_send)
                     task_status.started()
@@ -289,6 +330,7 @@ class ActorCell:
             raise
         finally:
             died_by_itself = worker.exit_info is not None
+            self._merged = None
             with trio.CancelScope(shield=True):
                 await worker.aclose()
                 self.host.pool.release(worker)
@@ -304,11 +346,15 @@ class ActorCell:
                         break
                 self._give_back(waiting, front=False)
                 env, self.current = self.current, None
+                if env is not None and env.claim is not None:
+                    with trio.move_on_after(SETTLE_AT_EXIT):
+                        await self._confirm(env)
                 if env is not None:
-                    if env.stream_id is not None:
-                        # Still pending in its stream: the next run's feeder hands it out again,
-                        # counting an attempt unless it was only stopped by its supervisor.
-                        if not _cancelled(failure):
+                    if env.durable:
+                        # Still pending in its stream (if added: see start_now): the next run's
+                        # feeder hands it out again, counting an attempt unless it was only
+                        # stopped by its supervisor.
+                        if env.stream_id is not None and not _cancelled(failure):
                             self.charged.add(env.stream_id)
                     elif died_by_itself:
                         env.fail(_death_error(self.name, worker.exit_info))
@@ -328,7 +374,7 @@ class ActorCell:
         """Messages a run took but never started (they did nothing wrong): those from memory
         go back in line, in order (``front``: ahead of what is there), or are refused if the
         host is stopping; durable ones are still pending in their stream, for the next run."""
-        envs = [env for env in envs if env.stream_id is None]
+        envs = [env for env in envs if not env.durable]
         if self.host.stopping:
             for env in envs:
                 env.fail(ActorStopped(f"actor {self.name!r} was stopped"))
@@ -472,7 +518,7 @@ class ActorCell:
             for _ in envs:
                 self.ahead.pop()
             for env in reversed(envs):
-                if env.stream_id is None:
+                if not env.durable:
                     self._retry.appendleft(env)
             raise WorkerDied(self.name, await _gone(worker)) from None
 
@@ -500,6 +546,8 @@ class ActorCell:
         return payload, attachments
 
     async def _handle(self, worker: Worker, env: Envelope, rid: int) -> None:
+        # (The worker already has the message: confirming it overlaps with its run.)
+        added = env.claim is None or await self._confirm(env)
         txn = StateTxn(self.host.redis, self.prefix, self.default_ttl)
         timeout = self.process.timeout or self.component.timeout
         if not timeout:  # (no cancel scope to open and close per message)
@@ -523,6 +571,8 @@ class ActorCell:
                 worker.kill(limit=limit)
                 await worker.wait()
                 return
+            if not added:  # (see start_now)
+                return
             error = ActorFailed(f"actor {self.name!r} failed: {err.get('message')}", err.get("data"))
             final = True  # no further attempt will be made: the error port hears of it
             if env.stream_id is not None:
@@ -534,6 +584,8 @@ class ActorCell:
             if final and "error" in self.component.outports:
                 await self._emit_error(env, err)
             env.fail(error)
+            return
+        if not added:
             return
         outputs = (reply.get("result") or {}).get("outputs") or {}
         routed = env.emitted + [(p, m) for p, m in outputs.items() if (p, m) not in env.emitted]

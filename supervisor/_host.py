@@ -29,7 +29,7 @@ import trio
 
 from . import _policy as policy
 from ._cell import ActorCell, Envelope, ProcessSpec, ScriptLoadFailed, new_message_id
-from ._mailbox import done_cmds, enqueue_cmd, enqueue_if_room_cmd, poke
+from ._mailbox import claim, claimed, done_cmds, enqueue_cmd, enqueue_if_room_cmd, entry_body, poke
 from ._config import Config
 from ._discovery import ComponentSpec, Discovery, ScriptProblem, discover
 from ._errors import ActorError, ActorFailed, ActorStopped, Overloaded, UnknownActor
@@ -444,6 +444,9 @@ class Host:
                 else:
                     cmds.append(enqueue_cmd(target.inbox, new_message_id(), {tport: message}))
                     woken.append(target)
+                    # Not read yet: a send must not start ahead of it (see ActorCell.start_now);
+                    # the feeder is woken once the commit is in.
+                    target.unread = True
         if ack and env.stream_id is not None:
             cmds += done_cmds(cell.inbox, env.stream_id)
         reply = self.redis.submit_transaction(cmds) if cmds else None
@@ -500,11 +503,16 @@ class Host:
         mid = new_message_id()
         ports = self._fan_in.get(cell.name)
         if ports is None:
-            reply = self.redis.submit(*enqueue_if_room_cmd(cell.inbox, limit, mid, inputs))
-            # Wake the feeder now, not once Redis has answered: its read goes out on the
-            # same connection behind the add, so it finds the message one round trip sooner
-            # (if the add was held back, the read finds nothing and the wake below repeats).
-            poke(cell)
+            batch = claim(cell)
+            body = entry_body(mid, inputs)
+            reply = self.redis.submit(*enqueue_if_room_cmd(cell.inbox, limit, body, batch))
+            if batch:  # the feeder waits, with everything read: the add reads for it
+                claimed(cell, reply, body if cell.start_now(mid, body, reply) else None)
+            else:
+                # Wake the feeder now, not once Redis has answered: its read goes out on the
+                # same connection behind the add, so it finds the message one round trip sooner
+                # (if the add was held back, the read finds nothing and the wake below repeats).
+                poke(cell)
         else:  # one value per port waits for the others (await_all_inports)
             reply = self.redis.submit(*push_if_room_cmd(
                 cell.inbox, limit, [(self._fanin_key(cell.name, p), v) for p, v in inputs.items() if p in ports]))
@@ -517,6 +525,8 @@ class Host:
                                  {"actor": cell.name, "redis": "unavailable"}) from exc
             except RedisError as exc:
                 raise ActorFailed(f"message not accepted: {exc}", {"type": type(exc).__name__}) from exc
+            if isinstance(length, list):  # added, and read for the feeder
+                return mid
             if length >= limit:
                 raise Overloaded(f"actor {cell.name!r} has {length} messages waiting (max_pending {limit}); "
                                  "retry later", {"actor": cell.name})

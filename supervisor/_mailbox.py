@@ -3,7 +3,9 @@
 Life of a message (``actor.send``, or an output routed along the graph):
 XADD to ``{ns}:{process}:inbox`` (the send is answered only after Redis took
 it) → the cell's feeder reads it (XREADGROUP) → the worker processes it → one
-MULTI/EXEC commits the state changes, the downstream XADDs and XACK+XDEL.
+MULTI/EXEC commits the state changes, the downstream XADDs and XACK+XDEL. A send
+that finds the cell idle reads for the feeder in the same script as its add, and
+its worker starts on it while Redis adds it (``claim``, ``ActorCell.start_now``).
 
 A worker that dies mid-message leaves the entry pending in the group; when
 the cell starts again its feeder reads its pending entries first and puts
@@ -26,7 +28,7 @@ import orjson
 import trio
 
 from ._protocol import json_default
-from ._redis import Redis, RedisError, RedisUnavailable
+from ._redis import Redis, RedisError, RedisUnavailable, Reply
 
 log = logging.getLogger("supervisor.mailbox")
 
@@ -34,8 +36,8 @@ if TYPE_CHECKING:
     from ._cell import ActorCell, Envelope
 
 __all__ = ["list_deadletters", "replay_deadletter", "GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed", "enqueue_cmd",
-           "enqueue_if_room_cmd", "done_cmds",
-           "retry_or_deadletter_cmds"]
+           "enqueue_if_room_cmd", "entry_body", "done_cmds", "retry_or_deadletter_cmds", "poke", "claim", "claimed",
+           "find_entry"]
 
 GROUP = "cells"
 CONSUMER = "host"
@@ -49,28 +51,37 @@ def deadletter_key(namespace: str) -> str:
     return f"{namespace}:deadletter"
 
 
-def _body(message_id: str, inputs: dict) -> bytes:
+def entry_body(message_id: str, inputs: dict) -> bytes:
     return orjson.dumps({"id": message_id, "inputs": inputs}, default=json_default)
 
 
 def enqueue_cmd(key: str, message_id: str, inputs: dict, attempts: int = 0) -> tuple:
-    return ("XADD", key, "*", "m", _body(message_id, inputs), "a", attempts)
+    return ("XADD", key, "*", "m", entry_body(message_id, inputs), "a", attempts)
 
 
 # KEYS[1] the inbox; ARGV[1] max_pending, ARGV[2] the body, ARGV[3] attempts. Returns -1
 # when it added the entry, else the inbox's length: the check and the add are one command,
 # so a send costs one round trip, and sends queued in order are added in order.
+# With ARGV[4] = 1 it then also reads, for the cell's idle feeder, what the group has not
+# delivered yet (at most ARGV[7] entries; usually just this one), into the group's pending
+# list as the feeder's own XREADGROUP would, and returns those entries: the feeder needs no
+# round trip of its own (see claim), and the send may start at once (ActorCell.start_now).
 ENQUEUE_IF_ROOM = """
 local n = redis.call('XLEN', KEYS[1])
 if n >= tonumber(ARGV[1]) then return n end
 redis.call('XADD', KEYS[1], '*', 'm', ARGV[2], 'a', ARGV[3])
+if ARGV[4] == '1' then
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[5], ARGV[6], 'COUNT', ARGV[7], 'STREAMS', KEYS[1], '>')
+  if r then return r[1][2] end
+end
 return -1
 """
 
 
-def enqueue_if_room_cmd(key: str, limit: int, message_id: str, inputs: dict) -> tuple:
-    """``enqueue_cmd`` unless the inbox already holds ``limit`` entries (see ENQUEUE_IF_ROOM)."""
-    return ("EVAL", ENQUEUE_IF_ROOM, 1, key, limit, _body(message_id, inputs), 0)
+def enqueue_if_room_cmd(key: str, limit: int, body: bytes, claim: int = 0) -> tuple:
+    """``enqueue_cmd`` (of ``body``, see ``entry_body``) unless the inbox already holds ``limit``
+    entries; with ``claim`` (a batch size), also read for the feeder (see ENQUEUE_IF_ROOM)."""
+    return ("EVAL", ENQUEUE_IF_ROOM, 1, key, limit, body, 0, int(claim > 0), GROUP, CONSUMER, claim)
 
 
 def done_cmds(key: str, stream_id: bytes) -> list[tuple]:
@@ -137,6 +148,7 @@ async def feed(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None:
     """
     cell.in_hand = set()
     cell.resweep = False
+    cell.claimed = None  # (what a run's claim took is pending: the sweep hands it out)
     first = True
     failures = 0
     while True:
@@ -152,6 +164,14 @@ async def feed(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None:
             await trio.sleep(min(5.0, 0.05 * 2 ** min(failures, 7)))
 
 
+def find_entry(entries: list, body: bytes) -> bytes | None:
+    """The stream id of the entry with this body among XREADGROUP's entries."""
+    for sid, raw in entries:
+        if raw is not None and _fields(raw).get(b"m") == body:
+            return sid
+    return None
+
+
 def _envelope(sid: bytes, f: dict[bytes, bytes]) -> Envelope:
     from ._cell import Envelope
 
@@ -165,6 +185,8 @@ async def _sweep(cell: ActorCell, send: trio.MemorySendChannel[Envelope], first:
     redis = cell.host.redis
     key = cell.inbox
     batch = cell.host.config.workspace.mailbox.batch
+    if cell.claimed is not None:  # (so that what it took counts as in hand)
+        await _take_claimed(cell, send, batch)
     await ensure_group(redis, key)
     cell.resweep = False
     start = b"0"
@@ -196,32 +218,91 @@ async def _sweep(cell: ActorCell, send: trio.MemorySendChannel[Envelope], first:
 
 
 async def _read_new(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None:
-    """New entries, woken by whoever adds to the inbox (and a slow poll as a safety net),
-    until a commit lost to an outage asks for another sweep."""
+    """New entries, until a commit lost to an outage asks for another sweep.
+
+    The feeder reads again only when someone added to the inbox since its last read
+    (``poke``: ``cell.unread``), or its last read filled a batch, or a slow poll says so
+    as a safety net; a send that finds it waiting reads for it in the same command as its
+    add (``claim``)."""
     redis = cell.host.redis
     key = cell.inbox
     batch = cell.host.config.workspace.mailbox.batch
+    cell.unread = True
     while not cell.resweep:
-        wake = cell.wake = trio.Event()
-        reply = await redis.execute("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, ">")
-        entries = reply[0][1] if reply else []
-        if not entries:
-            with trio.move_on_after(1.0):
-                await wake.wait()
+        if cell.claimed is not None:
+            await _take_claimed(cell, send, batch)
             continue
-        for sid, raw in entries:
-            f = _fields(raw)
-            hold = float(f.get(b"t", b"0")) - time.time()
-            if hold > 0:  # it killed a worker: see crash_spacing (later entries wait behind it)
-                await trio.sleep(hold)
+        if cell.unread:
+            cell.unread = False
+            reply = await redis.execute("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, ">")
+            await _hand_out(cell, send, reply[0][1] if reply else [], batch)
+            continue
+        cell.wake = trio.Event()
+        cell.idle = True
+        try:
+            with trio.move_on_after(1.0) as poll:
+                await cell.wake.wait()
+        finally:
+            cell.idle = False
+        if poll.cancelled_caught:
+            cell.unread = True
+
+
+async def _take_claimed(cell: ActorCell, send: trio.MemorySendChannel[Envelope], batch: int) -> None:
+    """Hand out what a send read for the feeder (see ``claim``), except the message that
+    send already started (see ``ActorCell.start_now``): that one only joins ``in_hand``,
+    as though handed out."""
+    assert cell.claimed is not None
+    reply, started = cell.claimed
+    try:
+        entries = await reply()
+    except RedisError:
+        entries = None  # not added: its sender hears why (RedisUnavailable: see feed)
+    finally:
+        cell.claimed = None
+    if isinstance(entries, list):
+        await _hand_out(cell, send, entries, batch, started)
+
+
+async def _hand_out(cell: ActorCell, send: trio.MemorySendChannel[Envelope], entries: list, batch: int,
+                    started: bytes | None = None) -> None:
+    if len(entries) >= batch:
+        cell.unread = True  # there may be more
+    skip = find_entry(entries, started) if started is not None else None
+    for sid, raw in entries:
+        if sid == skip:
             cell.in_hand.add(sid)
-            await send.send(_envelope(sid, f))
+            continue
+        f = _fields(raw)
+        hold = float(f.get(b"t", b"0")) - time.time()
+        if hold > 0:  # it killed a worker: see crash_spacing (later entries wait behind it)
+            await trio.sleep(hold)
+        cell.in_hand.add(sid)
+        await send.send(_envelope(sid, f))
 
 
 def poke(cell: ActorCell) -> None:
-    wake: Any = getattr(cell, "wake", None)
-    if wake is not None:
-        wake.set()
+    """Tell the cell's feeder that its inbox has new entries."""
+    cell.unread = True
+    if cell.wake is not None:
+        cell.wake.set()
+
+
+def claim(cell: ActorCell) -> int:
+    """Whether a send may read for the feeder (the batch size to read, else 0): only when
+    the feeder waits with everything read, so the entries it gets are next in line."""
+    if not cell.idle or cell.unread or cell.claimed is not None:
+        return 0
+    cell.idle = False
+    return cell.host.config.workspace.mailbox.batch
+
+
+def claimed(cell: ActorCell, reply: Reply, started: bytes | None) -> None:
+    """Hand the feeder the reply of a send that ``claim``ed (``started``: the body of the
+    message the send started at once, if it did)."""
+    cell.claimed = (reply, started)
+    assert cell.wake is not None
+    cell.wake.set()
 
 
 def _decode(v: bytes) -> Any:

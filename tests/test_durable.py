@@ -297,3 +297,72 @@ async def test_calls_queued_behind_a_crash_on_a_durable_host_are_all_answered(ma
     assert sorted(by_id) == list(range(101))
     assert by_id[0]["error"]["code"] == -32002
     assert sorted(by_id[i]["result"]["outputs"]["seen"]["value"] for i in range(1, 101)) == list(range(1, 101))
+
+
+RECORD = '''
+from reflow import actor
+
+@actor(name="Record", inports=["n"], outports=["got"])
+def record(context):
+    n = context.get_input("n")
+    context.get_state().push("order", n)
+    return {"got": n}
+'''
+
+
+def _external_entry(r: redis_py.Redis, key: str, n: int) -> None:
+    """An entry added behind the host's back (as only a bug or an operator would): the
+    feeder is not told, so it is still unread when the next send arrives."""
+    r.xadd(key, {"m": orjson.dumps({"id": f"ext-{n}", "inputs": {"n": {"type": "integer", "value": n}}}), "a": 0})
+
+
+async def test_a_send_to_an_idle_actor_that_redis_refuses_leaves_no_trace(make_host):
+    """A send that finds its actor idle is started while Redis adds it; if Redis refuses the
+    add (here: the inbox is full of entries the host has not read), the sender hears -32004
+    and what the run did is neither committed nor published."""
+    host = await make_host({"record.actor.py": RECORD}, start=False)
+    host.config.write_text(host.config.read_text().replace("  root: .\n", "  root: .\n  mailbox: {max_pending: 2}\n"))
+    await host.start()
+    r = _redis(host)
+    async with open_client(host.url) as c:
+        sub = await c.request("actor.subscribe", {"actor": "Record", "port": "got"})
+        outputs = c.on_notification(sub["subscription"])
+        assert (await c.call("Record", {"n": 0}))["outputs"]["got"]["value"] == 0  # up and idle
+        _external_entry(r, "reflow:Record:inbox", 100)
+        _external_entry(r, "reflow:Record:inbox", 200)
+        try:
+            await c.send("Record", "n", 1)
+        except RpcError as exc:
+            assert exc.code == -32004 and "max_pending 2" in str(exc), exc
+        else:
+            raise AssertionError("a send past max_pending 2 was accepted")
+        with trio.fail_after(10):  # the feeder's slow poll finds the two
+            seen = [(await outputs.receive())["params"]["message"]["value"] for _ in range(3)]
+        await c.send("Record", "n", 3)
+        with trio.fail_after(10):
+            seen.append((await outputs.receive())["params"]["message"]["value"])
+    assert seen == [0, 100, 200, 3]
+    assert orjson.loads(r.get("reflow:Record:state:order")) == [0, 100, 200, 3]
+
+
+async def test_a_send_to_an_idle_actor_and_entries_not_yet_read_each_run_once(make_host):
+    """The add of a send that finds its actor idle also reads, for the feeder, what was not
+    read yet: the send itself (started at once) and anything before it, which the feeder
+    hands out; none of them runs twice, and a later send comes after all of them."""
+    host = await make_host({"record.actor.py": RECORD})
+    r = _redis(host)
+    async with open_client(host.url) as c:
+        sub = await c.request("actor.subscribe", {"actor": "Record", "port": "got"})
+        outputs = c.on_notification(sub["subscription"])
+        assert (await c.call("Record", {"n": 0}))["outputs"]["got"]["value"] == 0  # up and idle
+        _external_entry(r, "reflow:Record:inbox", 100)
+        await c.send("Record", "n", 1)
+        await c.send("Record", "n", 2)
+        seen = []
+        with trio.fail_after(10):
+            while 2 not in seen:
+                seen.append((await outputs.receive())["params"]["message"]["value"])
+    # 1 overtakes the entry it found unread, unless the feeder's slow poll read that first.
+    assert seen in ([0, 1, 100, 2], [0, 100, 1, 2]), seen
+    assert orjson.loads(r.get("reflow:Record:state:order")) == seen
+    assert r.xlen("reflow:Record:inbox") == 0 and r.xpending("reflow:Record:inbox", "cells")["pending"] == 0
