@@ -136,6 +136,7 @@ class Host:
         self.unavailable: dict[str, str] = {}   # component name -> why it cannot run
         self.routes: dict[tuple[str, str], list[tuple[str, str]]] = collections.defaultdict(list)
         self._fan_in: dict[str, dict[str, collections.deque]] = {}
+        self._fan_in_locks: dict[str, trio.Lock] = {}
         self.root: Supervisor | None = None
         self.pool: WorkerPool | None = None
         self.redis: Any = None
@@ -467,8 +468,15 @@ class Host:
             for target in dict.fromkeys(gathering):
                 await self._assemble(target)
             while delivered < len(later):
-                await self.deliver(*later[delivered])
-                delivered += 1
+                tgt, tport, message = later[delivered]
+                if self._fan_in_put(tgt, tport, message):
+                    delivered += 1  # (buffered: a cancel in the flush loses nothing, see below)
+                    await self._flush_fan_in(tgt)
+                else:
+                    await self.deliver(tgt, tport, message)
+                    delivered += 1
+            for tgt in dict.fromkeys(t for t, _, _ in later if t in self._fan_in):
+                await self._flush_fan_in(tgt)  # (what a cancelled flush left, when this resumes)
         return Commit(reply, finish)
 
     def _fanin_key(self, process: str, port: str) -> str:
@@ -543,21 +551,43 @@ class Host:
         return env.message_id
 
     async def deliver(self, process: str, port: str, message: dict) -> None:
+        """Route a value into ``process``'s memory mailbox, waiting for room (cancelled, it
+        was not delivered). A fan-in process's value joins its port's buffer instead, and
+        every complete set goes on as one message."""
+        if self._fan_in_put(process, port, message):
+            await self._flush_fan_in(process)
+            return
         target = self.cells.get(process)
         if target is None:
             return
+        env = Envelope(inputs={port: message})
+        try:  # without a trip through the scheduler when there is room (the usual case)
+            target._send.send_nowait(env)
+        except trio.WouldBlock:
+            await target._send.send(env)
+
+    def _fan_in_put(self, process: str, port: str, message: dict) -> bool:
+        """Buffer a value for an ``await_all_inports`` process (memory mailboxes); False if
+        ``process`` is not one."""
         buffers = self._fan_in.get(process)
-        if buffers is None:
-            env = Envelope(inputs={port: message})
-            try:  # without a trip through the scheduler when there is room (the usual case)
-                target._send.send_nowait(env)
-            except trio.WouldBlock:
-                await target._send.send(env)
-            return
+        if buffers is None or process not in self.cells:
+            return False
         if port in buffers:
             buffers[port].append(message)
-        if all(buffers.values()):
-            await target._send.send(Envelope(inputs={p: q.popleft() for p, q in buffers.items()}))
+        return True
+
+    async def _flush_fan_in(self, process: str) -> None:
+        """Send each complete set of ``process``'s buffered values as one message. A set
+        leaves its buffers only once sent, so a wait for room that is cancelled loses
+        nothing; one task at a time waits, so no set goes twice."""
+        target, buffers = self.cells.get(process), self._fan_in.get(process)
+        if target is None or buffers is None:
+            return
+        async with self._fan_in_locks.setdefault(process, trio.Lock()):
+            while all(buffers.values()):
+                await target._send.send(Envelope(inputs={p: q[0] for p, q in buffers.items()}))
+                for q in buffers.values():
+                    q.popleft()
 
     def publish(self, cell: ActorCell, routed: list, message_id: str) -> None:
         for callback in list(cell.subscribers.values()):

@@ -284,3 +284,52 @@ network:
 async def _restarted(c, name: str) -> bool:
     node = _node(await c.status(), name)
     return node["restarts"] >= 1 and node["state"] == "running"
+
+
+JOIN = '''
+import time
+from reflow import actor
+
+@actor(name="Join", inports=["a", "b"], outports=["out"], await_all_inports=True, timeout=2)
+def join(context):
+    a, b = context.get_input("a"), context.get_input("b")
+    if a == 1:
+        time.sleep(60)  # held until its 2 s timeout, while the mailbox fills behind it
+    return {"out": [a, b]}
+'''
+
+
+async def test_a_restart_while_routing_to_a_full_fan_in_mailbox_loses_no_set(make_host):
+    """Split sends each value to both inports of Join (await_all_inports, memory mailboxes).
+    Join holds the first set, its mailbox fills, and Split's routing of the fourth set waits
+    for room; restarting Split there cancels that wait. The set must still reach Join, once,
+    and the sets after it must still pair a with b."""
+    host = await make_host({"split.actor.py": SPLIT, "join.actor.py": JOIN}, """\
+network:
+  processes:
+    split: {component: Split}
+    join: {component: Join}
+  connections:
+    - {src: {process: split, port: a}, tgt: {process: join, port: a}}
+    - {src: {process: split, port: b}, tgt: {process: join, port: b}}
+""", start=False)
+    host.config.write_text(host.config.read_text().replace(
+        "  root: .\n", "  root: .\n  mailbox: {kind: memory, max_pending: 2}\n"))
+    await host.start()
+    async with open_client(host.url) as c:
+        sub = await c.request("actor.subscribe", {"actor": "join", "port": "out"})
+        outputs = c.on_notification(sub["subscription"])
+        with trio.fail_after(60):
+            for x in (1, 2, 3):  # 1 held in Join's worker, 2 and 3 fill its mailbox
+                await c.call("split", {"x": x})
+            try:
+                await c.call("split", {"x": 4}, timeout=1)
+            except RpcError as exc:
+                assert exc.code == -32003, exc  # timed out: its routing waits for room
+            else:
+                raise AssertionError("the routing of the fourth set did not wait")
+            await c.request("actor.restart", {"actor": "split"})
+            await wait_for(lambda: _restarted(c, "split"), timeout=30)
+            await c.call("split", {"x": 5})
+            seen = [(await outputs.receive())["params"]["message"]["value"] for _ in range(4)]
+    assert seen == [[x, x] for x in (2, 3, 4, 5)], seen
