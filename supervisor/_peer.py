@@ -36,6 +36,7 @@ from ._errors import ActorError
 from ._protocol import (INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, OVERLOADED, REQUEST_CANCELLED,
                         ErrorResponse, Invalid, Notification, Request, Response, attach, decode_frame, encode,
                         error_response, invalid_to_reply, reply_frame)
+from ._wsio import send_messages
 
 __all__ = ["CANCEL_METHOD", "ConnectionLost", "FrameTooLarge", "Peer", "RpcError", "StreamTransport",
            "Transport", "WebSocketTransport", "open_peer"]
@@ -104,6 +105,9 @@ class WebSocketTransport:
     connection is opened (past it, trio-websocket closes with 1009).
     """
 
+    # Sends may overlap: trio-websocket writes each message whole, under its stream lock.
+    concurrent_sends = True
+
     def __init__(self, ws: trio_websocket.WebSocketConnection, *, binary: bool = False):
         self.ws = ws
         self.binary = binary  # binary frames (attachment frames among them) instead of text
@@ -112,7 +116,7 @@ class WebSocketTransport:
         # Our encoder writes UTF-8, so this decode cannot fail; a text frame is what the host reads.
         text = frame if self.binary else frame.decode() if isinstance(frame, (bytes, bytearray)) else frame
         try:
-            await self.ws.send_message(text)
+            await send_messages(self.ws, [text])
         except trio_websocket.ConnectionClosed as exc:
             raise ConnectionLost(f"connection closed: {exc.reason}") from exc
 
@@ -372,7 +376,17 @@ class Peer:
         self._calls[rid] = call
         sent = False
         try:
-            await self._put(data)
+            direct = getattr(self.transport, "concurrent_sends", False)
+            if direct and not self._out_send.statistics().current_buffer_used:
+                # Nothing waits to go before it: send it from here, without the trip through
+                # the scheduler that handing it to the writer costs (a call's latency).
+                try:
+                    await self.transport.send(data)
+                except ConnectionLost as exc:
+                    self._lose(str(exc))
+                    raise
+            else:
+                await self._put(data)
             sent = True
             await call.done.wait()
         finally:

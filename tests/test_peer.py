@@ -18,6 +18,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
+from conftest import wait_for
 from supervisor._errors import UnknownActor
 from supervisor._peer import (ConnectionLost, FrameTooLarge, Peer, RpcError, StreamTransport, WebSocketTransport,
                               open_peer)
@@ -439,6 +440,54 @@ async def test_peers_over_a_real_websocket_call_both_ways_and_see_the_close():
                 assert len(served[0].serving) == 1
                 await served[0].aclose()
             assert client.pending == () and served[0].serving == ()
+        nursery.cancel_scope.cancel()
+
+
+async def test_calls_written_by_their_callers_over_a_real_websocket_are_each_answered_to_their_caller():
+    """Over a WebSocket a call is written by its caller when nothing waits to go before it
+    (not handed to the writer task). Many callers at once, with notifications and
+    cancelled calls among them: each call gets its own answer, every notification
+    arrives, and each cancelled call's handler on the other side is cancelled."""
+    notes: list[Any] = []
+    served: list[Peer] = []
+
+    async def serve(req: trio_websocket.WebSocketRequest) -> None:
+        ws = await req.accept()
+
+        async def handler(method, params):
+            if method == "hang":
+                await trio.sleep_forever()
+            await trio.sleep(0)
+            return params
+
+        async with open_peer(WebSocketTransport(ws), handler, lambda m, p: notes.append(p)) as peer:
+            served.append(peer)
+            await peer.wait_closed()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(trio_websocket.serve_websocket, serve, "127.0.0.1", 0, None)
+        async with trio_websocket.open_websocket("127.0.0.1", server.port, "/", use_ssl=False) as ws, \
+                open_peer(WebSocketTransport(ws)) as client:
+            got: dict[int, Any] = {}
+
+            async def caller(t: int) -> None:
+                for i in range(20):
+                    k = t * 100 + i
+                    if i % 7 == 3:
+                        with trio.move_on_after(0.01):
+                            await client.call("hang", {"k": k})
+                        continue
+                    got[k] = await client.call("m", {"k": k})
+                    await client.notify("note", {"k": k})
+
+            with trio.fail_after(20):
+                async with trio.open_nursery() as callers:
+                    for t in range(20):
+                        callers.start_soon(caller, t)
+                assert await client.call("m", {"k": "last"}) == {"k": "last"}  # behind every frame before
+            assert got == {k: {"k": k} for k in got} and len(got) == 20 * 17
+            assert sorted(n["k"] for n in notes) == sorted(got)
+            await wait_for(lambda: not served[0].serving)  # each cancel reached the other side
         nursery.cancel_scope.cancel()
 
 

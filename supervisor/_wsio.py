@@ -1,0 +1,50 @@
+"""Writing WebSocket messages through trio-websocket, faster than its public API allows."""
+
+from __future__ import annotations
+
+import trio
+import trio_websocket
+from wsproto.events import BytesMessage, TextMessage
+
+from ._channel import write_now
+
+__all__ = ["send_messages"]
+
+
+async def send_messages(ws: trio_websocket.WebSocketConnection, frames: list[str | bytes]) -> None:
+    """Send each of ``frames`` as one WebSocket message, all in one write.
+
+    trio-websocket writes every message on its own, so each reply cost a system call
+    on the host and a wake-up of the client; with 32 calls in flight that was a third of
+    the host's time. It has no call for several messages, so this does what its own
+    ``_send`` does for one (wsproto encodes; the bytes go out under the connection's
+    stream lock; a broken stream aborts the connection) for a list. It uses attributes
+    that trio-websocket 0.11 and 0.12 share; without them it sends one by one, and
+    test_api checks that the joined path is the one taken. Over plain TCP, while no one
+    else writes, the bytes go straight to the socket (see ``write_now``).
+
+    Raises:
+        trio_websocket.ConnectionClosed: as ``send_message`` does.
+    """
+    wsp = getattr(ws, "_wsproto", None)
+    lock = getattr(ws, "_stream_lock", None)
+    stream = getattr(ws, "_stream", None)
+    if wsp is None or lock is None or stream is None or not hasattr(ws, "_abort_web_socket"):
+        for frame in frames:
+            await ws.send_message(frame)
+        return
+    if ws._close_reason:
+        raise trio_websocket.ConnectionClosed(ws._close_reason)
+    data = b"".join([wsp.send(TextMessage(data=f) if isinstance(f, str) else BytesMessage(data=f))
+                     for f in frames])
+    try:
+        if isinstance(stream, trio.SocketStream) and not lock.locked():  # (not over TLS)
+            sent = write_now(stream.socket, data)
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        async with lock:
+            await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await ws._abort_web_socket()
+        raise trio_websocket.ConnectionClosed(ws._close_reason) from None
