@@ -411,36 +411,43 @@ async def test_the_stream_transport_frames_lines_and_bounds_its_buffer():
 
 # -- WebSocket ------------------------------------------------------------------------------------
 
-async def test_peers_over_a_real_websocket_call_both_ways_and_see_the_close():
+@asynccontextmanager
+async def over_websocket(handler, on_notification=None, client_handler=None):
+    """A client peer and a served peer (``handler``) over a real WebSocket: (client, [served])."""
     served: list[Peer] = []
 
     async def serve(req: trio_websocket.WebSocketRequest) -> None:
         ws = await req.accept()
-
-        async def handler(method, params):
-            if method == "hang":
-                await trio.sleep_forever()
-            return await echo(method, params)
-        async with open_peer(WebSocketTransport(ws), handler) as p:
+        async with open_peer(WebSocketTransport(ws), handler, on_notification) as p:
             served.append(p)
             await p.wait_closed()
 
     async with trio.open_nursery() as nursery:
         server = await nursery.start(trio_websocket.serve_websocket, serve, "127.0.0.1", 0, None)
         async with trio_websocket.open_websocket("127.0.0.1", server.port, "/", use_ssl=False) as ws, \
-                open_peer(WebSocketTransport(ws), echo) as client:
-            assert await client.call("m", {"x": 1}) == {"method": "m", "params": {"x": 1}}
-            assert await served[0].call("back", [2]) == {"method": "back", "params": [2]}
-            async with trio.open_nursery() as calls:
-                async def hang() -> None:
-                    with pytest.raises(ConnectionLost, match="connection closed"):
-                        await client.call("hang")
-                calls.start_soon(hang)
-                await trio.testing.wait_all_tasks_blocked()
-                assert len(served[0].serving) == 1
-                await served[0].aclose()
-            assert client.pending == () and served[0].serving == ()
+                open_peer(WebSocketTransport(ws), client_handler) as client:
+            yield client, served
         nursery.cancel_scope.cancel()
+
+
+async def test_peers_over_a_real_websocket_call_both_ways_and_see_the_close():
+    async def handler(method, params):
+        if method == "hang":
+            await trio.sleep_forever()
+        return await echo(method, params)
+
+    async with over_websocket(handler, client_handler=echo) as (client, served):
+        assert await client.call("m", {"x": 1}) == {"method": "m", "params": {"x": 1}}
+        assert await served[0].call("back", [2]) == {"method": "back", "params": [2]}
+        async with trio.open_nursery() as calls:
+            async def hang() -> None:
+                with pytest.raises(ConnectionLost, match="connection closed"):
+                    await client.call("hang")
+            calls.start_soon(hang)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(served[0].serving) == 1
+            await served[0].aclose()
+        assert client.pending == () and served[0].serving == ()
 
 
 async def test_calls_written_by_their_callers_over_a_real_websocket_are_each_answered_to_their_caller():
@@ -449,46 +456,34 @@ async def test_calls_written_by_their_callers_over_a_real_websocket_are_each_ans
     cancelled calls among them: each call gets its own answer, every notification
     arrives, and each cancelled call's handler on the other side is cancelled."""
     notes: list[Any] = []
-    served: list[Peer] = []
 
-    async def serve(req: trio_websocket.WebSocketRequest) -> None:
-        ws = await req.accept()
+    async def handler(method, params):
+        if method == "hang":
+            await trio.sleep_forever()
+        await trio.sleep(0)
+        return params
 
-        async def handler(method, params):
-            if method == "hang":
-                await trio.sleep_forever()
-            await trio.sleep(0)
-            return params
+    async with over_websocket(handler, lambda m, p: notes.append(p)) as (client, served):
+        got: dict[int, Any] = {}
 
-        async with open_peer(WebSocketTransport(ws), handler, lambda m, p: notes.append(p)) as peer:
-            served.append(peer)
-            await peer.wait_closed()
+        async def caller(t: int) -> None:
+            for i in range(20):
+                k = t * 100 + i
+                if i % 7 == 3:
+                    with trio.move_on_after(0.01):
+                        await client.call("hang", {"k": k})
+                    continue
+                got[k] = await client.call("m", {"k": k})
+                await client.notify("note", {"k": k})
 
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(trio_websocket.serve_websocket, serve, "127.0.0.1", 0, None)
-        async with trio_websocket.open_websocket("127.0.0.1", server.port, "/", use_ssl=False) as ws, \
-                open_peer(WebSocketTransport(ws)) as client:
-            got: dict[int, Any] = {}
-
-            async def caller(t: int) -> None:
-                for i in range(20):
-                    k = t * 100 + i
-                    if i % 7 == 3:
-                        with trio.move_on_after(0.01):
-                            await client.call("hang", {"k": k})
-                        continue
-                    got[k] = await client.call("m", {"k": k})
-                    await client.notify("note", {"k": k})
-
-            with trio.fail_after(20):
-                async with trio.open_nursery() as callers:
-                    for t in range(20):
-                        callers.start_soon(caller, t)
-                assert await client.call("m", {"k": "last"}) == {"k": "last"}  # behind every frame before
-            assert got == {k: {"k": k} for k in got} and len(got) == 20 * 17
-            assert sorted(n["k"] for n in notes) == sorted(got)
-            await wait_for(lambda: not served[0].serving)  # each cancel reached the other side
-        nursery.cancel_scope.cancel()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as callers:
+                for t in range(20):
+                    callers.start_soon(caller, t)
+            assert await client.call("m", {"k": "last"}) == {"k": "last"}  # behind every frame before
+        assert got == {k: {"k": k} for k in got} and len(got) == 20 * 17
+        assert sorted(n["k"] for n in notes) == sorted(got)
+        await wait_for(lambda: not served[0].serving)  # each cancel reached the other side
 
 
 def test_client_reexports_the_one_definition_of_its_errors():

@@ -246,12 +246,22 @@ def stuck(context):
 '''
 
 
+async def _small_memory_mailboxes(make_host, scripts: dict, config: str):
+    """A host with memory mailboxes of room 2 (so that routing soon waits for room)."""
+    host = await make_host(scripts, config, start=False)
+    host.config.write_text(host.config.read_text().replace(
+        "  root: .\n", "  root: .\n  mailbox: {kind: memory, max_pending: 2}\n"))
+    await host.start()
+    return host
+
+
 async def test_a_restart_while_routing_to_a_full_mailbox_delivers_nothing_twice(make_host):
     """Split routes each message to Tick, then to Stuck, whose worker never finishes and
     whose mailbox fills. A message's routing then blocks after Tick got its copy; killing
     Split's worker there cancels it, and the run's exit finishes the routing: Tick's copy
     must not be delivered a second time."""
-    host = await make_host({"split.actor.py": SPLIT, "tick.actor.py": TICK, "stuck.actor.py": STUCK}, """\
+    host = await _small_memory_mailboxes(make_host, {"split.actor.py": SPLIT, "tick.actor.py": TICK,
+                                                     "stuck.actor.py": STUCK}, """\
 network:
   processes:
     split: {component: Split}
@@ -260,10 +270,7 @@ network:
   connections:
     - {src: {process: split, port: a}, tgt: {process: tick, port: x}}
     - {src: {process: split, port: b}, tgt: {process: stuck, port: x}}
-""", start=False)
-    host.config.write_text(host.config.read_text().replace(
-        "  root: .\n", "  root: .\n  mailbox: {kind: memory, max_pending: 2}\n"))
-    await host.start()
+""")
     async with open_client(host.url) as c:
         sent = 0
         with trio.fail_after(60):
@@ -304,7 +311,7 @@ async def test_a_restart_while_routing_to_a_full_fan_in_mailbox_loses_no_set(mak
     Join holds the first set, its mailbox fills, and Split's routing of the fourth set waits
     for room; restarting Split there cancels that wait. The set must still reach Join, once,
     and the sets after it must still pair a with b."""
-    host = await make_host({"split.actor.py": SPLIT, "join.actor.py": JOIN}, """\
+    host = await _small_memory_mailboxes(make_host, {"split.actor.py": SPLIT, "join.actor.py": JOIN}, """\
 network:
   processes:
     split: {component: Split}
@@ -312,10 +319,7 @@ network:
   connections:
     - {src: {process: split, port: a}, tgt: {process: join, port: a}}
     - {src: {process: split, port: b}, tgt: {process: join, port: b}}
-""", start=False)
-    host.config.write_text(host.config.read_text().replace(
-        "  root: .\n", "  root: .\n  mailbox: {kind: memory, max_pending: 2}\n"))
-    await host.start()
+""")
     async with open_client(host.url) as c:
         sub = await c.request("actor.subscribe", {"actor": "join", "port": "out"})
         outputs = c.on_notification(sub["subscription"])
