@@ -511,8 +511,8 @@ class Host:
         mid = new_message_id()
         ports = self._fan_in.get(cell.name)
         if ports is None:
+            body = entry_body(mid, inputs)  # (first: nothing may raise between claim and claimed)
             batch = claim(cell)
-            body = entry_body(mid, inputs)
             reply = self.redis.submit(*enqueue_if_room_cmd(cell.inbox, limit, body, batch))
             if batch:  # the feeder waits, with everything read: the add reads for it
                 claimed(cell, reply, body if cell.start_now(mid, body, reply) else None)
