@@ -105,9 +105,6 @@ class WebSocketTransport:
     connection is opened (past it, trio-websocket closes with 1009).
     """
 
-    # Sends may overlap: trio-websocket writes each message whole, under its stream lock.
-    concurrent_sends = True
-
     def __init__(self, ws: trio_websocket.WebSocketConnection, *, binary: bool = False):
         self.ws = ws
         self.binary = binary  # binary frames (attachment frames among them) instead of text
@@ -376,17 +373,7 @@ class Peer:
         self._calls[rid] = call
         sent = False
         try:
-            direct = getattr(self.transport, "concurrent_sends", False)
-            if direct and not self._out_send.statistics().current_buffer_used:
-                # Nothing waits to go before it: send it from here, without the trip through
-                # the scheduler that handing it to the writer costs (a call's latency).
-                try:
-                    await self.transport.send(data)
-                except ConnectionLost as exc:
-                    self._lose(str(exc))
-                    raise
-            else:
-                await self._put(data)
+            await self._put(data)
             sent = True
             await call.done.wait()
         finally:

@@ -450,31 +450,32 @@ async def test_peers_over_a_real_websocket_call_both_ways_and_see_the_close():
         assert client.pending == () and served[0].serving == ()
 
 
-async def test_calls_written_by_their_callers_over_a_real_websocket_are_each_answered_to_their_caller():
-    """Over a WebSocket a call is written by its caller when nothing waits to go before it
-    (not handed to the writer task). Many callers at once, with notifications and
-    cancelled calls among them: each call gets its own answer, every notification
-    arrives, and each cancelled call's handler on the other side is cancelled."""
-    notes: list[Any] = []
+async def test_many_callers_over_a_real_websocket_are_each_answered_and_keep_their_order():
+    """Many callers at once over a WebSocket, with notifications and cancelled calls among
+    them: each call gets its own answer, each caller's frames arrive in the order it sent
+    them (a notification, then the call after it), and each cancelled call's handler on
+    the other side is cancelled."""
+    arrived: list[tuple[str, Any]] = []
 
     async def handler(method, params):
+        arrived.append((method, params["k"]))
         if method == "hang":
             await trio.sleep_forever()
         await trio.sleep(0)
         return params
 
-    async with over_websocket(handler, lambda m, p: notes.append(p)) as (client, served):
+    async with over_websocket(handler, lambda m, p: arrived.append((m, p["k"]))) as (client, served):
         got: dict[int, Any] = {}
 
         async def caller(t: int) -> None:
             for i in range(20):
                 k = t * 100 + i
+                await client.notify("note", {"k": k})
                 if i % 7 == 3:
                     with trio.move_on_after(0.01):
                         await client.call("hang", {"k": k})
                     continue
                 got[k] = await client.call("m", {"k": k})
-                await client.notify("note", {"k": k})
 
         with trio.fail_after(20):
             async with trio.open_nursery() as callers:
@@ -482,7 +483,9 @@ async def test_calls_written_by_their_callers_over_a_real_websocket_are_each_ans
                     callers.start_soon(caller, t)
             assert await client.call("m", {"k": "last"}) == {"k": "last"}  # behind every frame before
         assert got == {k: {"k": k} for k in got} and len(got) == 20 * 17
-        assert sorted(n["k"] for n in notes) == sorted(got)
+        at = {frame: i for i, frame in enumerate(arrived)}
+        assert all(at[("note", k)] < at[("m", k)] for k in got)
+        assert len([f for f in arrived if f[0] == "note"]) == 20 * 20
         await wait_for(lambda: not served[0].serving)  # each cancel reached the other side
 
 
