@@ -213,6 +213,7 @@ class Host:
             await parent.remove_child(cell.name)
         self.cells.pop(cell.name, None)
         self._fan_in.pop(cell.name, None)
+        self._fan_in_locks.pop(cell.name, None)
 
     async def _replace_cell(self, cell: ActorCell, comp: ComponentSpec) -> None:
         net = self.config.network
@@ -461,6 +462,8 @@ class Host:
                 try:
                     await reply()
                 except (RedisUnavailable, RedisError) as exc:
+                    for target in woken:  # (their unread, set above, is settled by a read)
+                        poke(target)
                     raise ActorFailed(f"actor {cell.name!r}: state not committed: {exc}",
                                       {"type": type(exc).__name__, "message": str(exc)}) from exc
             for target in woken:
@@ -552,8 +555,9 @@ class Host:
 
     async def deliver(self, process: str, port: str, message: dict) -> None:
         """Route a value into ``process``'s memory mailbox, waiting for room (cancelled, it
-        was not delivered). A fan-in process's value joins its port's buffer instead, and
-        every complete set goes on as one message."""
+        was not delivered). A fan-in process's value joins its port's buffer at once (even
+        if the wait that follows is cancelled), and every complete set goes on as one
+        message."""
         if self._fan_in_put(process, port, message):
             await self._flush_fan_in(process)
             return

@@ -66,13 +66,16 @@ def enqueue_cmd(key: str, message_id: str, inputs: dict, attempts: int = 0) -> t
 # delivered yet (at most ARGV[7] entries; usually just this one), into the group's pending
 # list as the feeder's own XREADGROUP would, and returns those entries: the feeder needs no
 # round trip of its own (see claim), and the send may start at once (ActorCell.start_now).
+# The read is a pcall: Redis does not undo a script's writes when it fails, so once the entry
+# is added the script must report it added (-1, and the feeder reads for itself), whatever
+# the read meets (NOGROUP after the stream was deleted under us, say).
 ENQUEUE_IF_ROOM = """
 local n = redis.call('XLEN', KEYS[1])
 if n >= tonumber(ARGV[1]) then return n end
 redis.call('XADD', KEYS[1], '*', 'm', ARGV[2], 'a', ARGV[3])
 if ARGV[4] == '1' then
-  local r = redis.call('XREADGROUP', 'GROUP', ARGV[5], ARGV[6], 'COUNT', ARGV[7], 'STREAMS', KEYS[1], '>')
-  if r then return r[1][2] end
+  local r = redis.pcall('XREADGROUP', 'GROUP', ARGV[5], ARGV[6], 'COUNT', ARGV[7], 'STREAMS', KEYS[1], '>')
+  if type(r) == 'table' and r.err == nil then return r[1][2] end
 end
 return -1
 """
@@ -191,7 +194,7 @@ async def _sweep(cell: ActorCell, send: trio.MemorySendChannel[Envelope], first:
     cell.resweep = False
     start = b"0"
     while True:
-        reply = await redis.execute("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, start)
+        reply = await redis.submit("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, start)()
         entries = reply[0][1] if reply else []
         if not entries:
             if first:
@@ -234,7 +237,9 @@ async def _read_new(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> 
             continue
         if cell.unread:
             cell.unread = False
-            reply = await redis.execute("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, ">")
+            # (Submitted, so it reaches Redis behind every add submitted before it, even
+            # one still waiting for a connection: it cannot miss one and go idle.)
+            reply = await redis.submit("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, ">")()
             await _hand_out(cell, send, reply[0][1] if reply else [], batch)
             continue
         cell.wake = trio.Event()
@@ -262,6 +267,8 @@ async def _take_claimed(cell: ActorCell, send: trio.MemorySendChannel[Envelope],
         cell.claimed = None
     if isinstance(entries, list):
         await _hand_out(cell, send, entries, batch, started)
+    else:  # (added but not read for us, or not added: a read of our own settles it)
+        cell.unread = True
 
 
 async def _hand_out(cell: ActorCell, send: trio.MemorySendChannel[Envelope], entries: list, batch: int,

@@ -368,3 +368,20 @@ async def test_a_send_to_an_idle_actor_and_entries_not_yet_read_each_run_once(ma
     assert seen in ([0, 1, 100, 2], [0, 100, 1, 2]), seen
     assert orjson.loads(r.get("reflow:Record:state:order")) == seen
     assert r.xlen("reflow:Record:inbox") == 0 and r.xpending("reflow:Record:inbox", "cells")["pending"] == 0
+
+
+async def test_a_send_after_its_inbox_was_deleted_under_the_host_is_accepted_and_runs_once(make_host):
+    """Redis does not undo a script's writes when it fails: the add's read for the feeder
+    meeting NOGROUP (the stream deleted under the host, group and all) must not turn an
+    added message into an error for its sender. It is accepted, and it runs once."""
+    host = await make_host({"record.actor.py": RECORD})
+    r = _redis(host)
+    async with open_client(host.url) as c:
+        outputs = await _idle_record(c)
+        r.delete("reflow:Record:inbox")
+        await c.send("Record", "n", 1)
+        await c.send("Record", "n", 2)
+        with trio.fail_after(15):  # (the feeder meets NOGROUP too, and sweeps again)
+            seen = [(await outputs.receive())["params"]["message"]["value"] for _ in range(3)]
+    assert seen == [0, 1, 2]
+    assert orjson.loads(r.get("reflow:Record:state:order")) == [0, 1, 2]
