@@ -276,9 +276,10 @@ async def _hand_out(cell: ActorCell, send: trio.MemorySendChannel[Envelope], ent
     if len(entries) >= batch:
         cell.unread = True  # there may be more
     skip = find_entry(entries, started) if started is not None else None
+    if skip is not None:
+        cell.in_hand.add(skip)  # (first: the loop may sleep, and the started one may finish meanwhile)
     for sid, raw in entries:
         if sid == skip:
-            cell.in_hand.add(sid)
             continue
         f = _fields(raw)
         hold = float(f.get(b"t", b"0")) - time.time()
