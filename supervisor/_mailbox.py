@@ -188,7 +188,7 @@ async def _sweep(cell: ActorCell, send: trio.MemorySendChannel[Envelope], first:
     redis = cell.host.redis
     key = cell.inbox
     batch = cell.host.config.workspace.mailbox.batch
-    if cell.claimed is not None:  # (so that what it took counts as in hand)
+    if cell.claimed is not None:  # (a resweep: what a claim took counts as in hand before the read)
         await _take_claimed(cell, send, batch)
     await ensure_group(redis, key)
     cell.resweep = False
