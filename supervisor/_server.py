@@ -185,9 +185,14 @@ class Api:
     async def deadletters_replay(self, conn: Connection, params: Any) -> Any:
         p = _object(params, required=("id",))
         ns = self.host.config.workspace.redis.namespace
+
+        def inbox_of(name: str) -> str:
+            cell = self.host.cell(name)
+            cell.unread = True  # (added behind the feeder's back: no send may start ahead of it)
+            return cell.inbox
+
         try:
-            process = await replay_deadletter(self.host.redis, ns, str(p["id"]),
-                                              lambda name: self.host.cell(name).inbox)
+            process = await replay_deadletter(self.host.redis, ns, str(p["id"]), inbox_of)
         except KeyError:
             raise InvalidParams(f"no dead letter {p['id']!r}") from None
         poke(self.host.cell(process))
