@@ -94,7 +94,7 @@ def test_metadata_round_trips_through_python_and_js(tmp_path_factory, name, inpo
                                                    description):
     d = tmp_path_factory.mktemp("rt")
     meta = dict(name=name, inports=inports, outports=outports, tags=tags, version=version, description=description)
-    (d / "m.actor.py").write_text(f"from reflow import actor\n@actor(**{{}})\n".replace("**{}", ", ".join(
+    (d / "m.actor.py").write_text("from reflow import actor\n@actor(**{})\n".replace("**{}", ", ".join(
         f"{k}={v!r}" for k, v in meta.items())) + "async def f(context):\n    pass\n")
     (d / "m.actor.js").write_text(f"@actor({json.dumps(meta)})\nasync function f(context) {{}}\n")
     for f in ("m.actor.py", "m.actor.js"):

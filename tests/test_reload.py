@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import open_client, wait_for
+from conftest import open_client
 from supervisor._discovery import Discovery, ScriptProblem, extract
 from supervisor._reload import plan_reload
 from supervisor.client import RpcError
