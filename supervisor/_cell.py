@@ -517,9 +517,7 @@ class ActorCell:
         except ChannelClosed:
             for _ in envs:
                 self.ahead.pop()
-            for env in reversed(envs):
-                if not env.durable:
-                    self._retry.appendleft(env)
+            self._give_back(envs, front=True)
             raise WorkerDied(self.name, await _gone(worker)) from None
 
     def _payload(self, worker: Worker, env: Envelope) -> tuple[dict, list]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["BadFrame", "ChannelClosed", "FrameTooLarge", "LineChannel", "SocketReader", "write_now"]
+__all__ = ["BadFrame", "ChannelClosed", "FrameTooLarge", "LineChannel", "SocketReader", "send_all_now", "write_now"]
 
 # Reads that found data waiting in a row without a checkpoint: a worker that never stops
 # writing must not hold up the host's other tasks, nor the cancel scope timing it out.
@@ -46,6 +46,24 @@ def write_now(sock: trio.socket.SocketType, data: bytes) -> int:
         return os.write(fd, data)
     except BlockingIOError:
         return 0
+
+
+async def send_all_now(sock: trio.socket.SocketType | None, stream: trio.abc.SendStream, lock: trio.Lock,
+                       data: bytes) -> None:
+    """``stream.send_all(data)`` under ``lock``, but straight to ``sock`` (the stream's
+    socket, or None) first while nobody holds the lock: no trip through the scheduler
+    when the socket takes it all, and what it does not take follows in order.
+
+    Raises:
+        OSError, trio.BrokenResourceError, trio.ClosedResourceError: as ``send_all``.
+    """
+    if sock is not None and not lock.locked():
+        n = write_now(sock, data)
+        if n == len(data):
+            return
+        data = memoryview(data)[n:]
+    async with lock:
+        await stream.send_all(data)
 
 
 class SocketReader:
@@ -224,23 +242,15 @@ class LineChannel:
             await self._send_all(head, *attachments)
 
     async def _send_all(self, *parts: Any) -> None:
-        if self._sock is not None and len(parts) == 1 and type(parts[0]) is bytes and not self._send_lock.locked():
-            # Straight to the socket while nobody else is writing; what does not fit now
-            # goes the usual way, under the lock.
-            data = parts[0]
-            try:
-                n = write_now(self._sock, data)
-            except OSError as exc:
-                raise ChannelClosed(str(exc) or "channel broken") from exc
-            if n == len(data):
+        try:
+            if len(parts) == 1 and type(parts[0]) is bytes:
+                await send_all_now(self._sock, self._stream, self._send_lock, parts[0])
                 return
-            parts = (memoryview(data)[n:],)
-        async with self._send_lock:
-            try:
+            async with self._send_lock:
                 for data in parts:
                     await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise ChannelClosed(str(exc) or "channel broken") from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ChannelClosed(str(exc) or "channel broken") from exc
 
     async def aclose(self) -> None:
         await self._stream.aclose()

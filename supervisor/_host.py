@@ -458,28 +458,24 @@ class Host:
             """Safe to call again after a cancel: it resumes with the first delivery not
             made (waking and assembling may repeat; they are idempotent)."""
             nonlocal delivered
-            if reply is not None:
-                try:
+            try:
+                if reply is not None:
                     await reply()
-                except (RedisUnavailable, RedisError) as exc:
-                    for target in woken:  # (their unread, set above, is settled by a read)
-                        poke(target)
-                    raise ActorFailed(f"actor {cell.name!r}: state not committed: {exc}",
-                                      {"type": type(exc).__name__, "message": str(exc)}) from exc
-            for target in woken:
-                poke(target)
+            except (RedisUnavailable, RedisError) as exc:
+                raise ActorFailed(f"actor {cell.name!r}: state not committed: {exc}",
+                                  {"type": type(exc).__name__, "message": str(exc)}) from exc
+            finally:  # (committed or not, a read settles the unread set above)
+                for target in woken:
+                    poke(target)
             for target in dict.fromkeys(gathering):
                 await self._assemble(target)
             while delivered < len(later):
                 tgt, tport, message = later[delivered]
-                if self._fan_in_put(tgt, tport, message):
-                    delivered += 1  # (buffered: a cancel in the flush loses nothing, see below)
-                    await self._flush_fan_in(tgt)
-                else:
-                    await self.deliver(tgt, tport, message)
-                    delivered += 1
+                if not self._fan_in_put(tgt, tport, message):  # (buffered: flushed below)
+                    await self._send_to(tgt, tport, message)
+                delivered += 1
             for tgt in dict.fromkeys(t for t, _, _ in later if t in self._fan_in):
-                await self._flush_fan_in(tgt)  # (what a cancelled flush left, when this resumes)
+                await self._flush_fan_in(tgt)
         return Commit(reply, finish)
 
     def _fanin_key(self, process: str, port: str) -> str:
@@ -520,9 +516,8 @@ class Host:
             if batch:  # the feeder waits, with everything read: the add reads for it
                 claimed(cell, reply, body if cell.start_now(mid, body, reply) else None)
             else:
-                # Wake the feeder now, not once Redis has answered: its read goes out on the
-                # same connection behind the add, so it finds the message one round trip sooner
-                # (if the add was held back, the read finds nothing and the wake below repeats).
+                # Wake the feeder now, not once Redis has answered: its read is submitted behind
+                # the add (see _mailbox._read_new), so it finds the message one round trip sooner.
                 poke(cell)
         else:  # one value per port waits for the others (await_all_inports)
             reply = self.redis.submit(*push_if_room_cmd(
@@ -542,8 +537,7 @@ class Host:
                 raise Overloaded(f"actor {cell.name!r} has {length} messages waiting (max_pending {limit}); "
                                  "retry later", {"actor": cell.name})
             if ports is not None:
-                await self._assemble(cell)
-            poke(cell)
+                await self._assemble(cell)  # (which wakes the feeder if it made a message)
             return mid
         return accepted
 
@@ -560,7 +554,10 @@ class Host:
         message."""
         if self._fan_in_put(process, port, message):
             await self._flush_fan_in(process)
-            return
+        else:
+            await self._send_to(process, port, message)
+
+    async def _send_to(self, process: str, port: str, message: dict) -> None:
         target = self.cells.get(process)
         if target is None:
             return

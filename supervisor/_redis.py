@@ -376,8 +376,7 @@ class Redis:
 
     async def transaction(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Run commands atomically (MULTI/EXEC); raise RedisError if any was rejected."""
-        conn = await self._connection()
-        return _exec_result(await conn.roundtrip([("MULTI",), *commands, ("EXEC",)]))
+        return await self.submit_transaction(commands)()
 
     async def aclose(self) -> None:
         if self._conn is not None:

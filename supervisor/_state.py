@@ -192,7 +192,7 @@ class StateTxn:
         n = len(self.prefix)
         while True:
             cursor, batch = await self._read("SCAN", cursor, "MATCH", escape_glob(self.prefix) + pattern,
-                                                     "COUNT", 1000)
+                                             "COUNT", 1000)
             for k in batch:
                 k = k.decode()
                 if k.startswith(self.prefix):

@@ -6,7 +6,7 @@ import trio
 import trio_websocket
 from wsproto.events import BytesMessage, TextMessage
 
-from ._channel import write_now
+from ._channel import send_all_now
 
 __all__ = ["send_messages"]
 
@@ -21,7 +21,7 @@ async def send_messages(ws: trio_websocket.WebSocketConnection, frames: list[str
     stream lock; a broken stream aborts the connection) for a list. It uses attributes
     that trio-websocket 0.11 and 0.12 share; without them it sends one by one, and
     test_api checks that the joined path is the one taken. Over plain TCP, while no one
-    else writes, the bytes go straight to the socket (see ``write_now``).
+    else writes, the bytes go straight to the socket (see ``send_all_now``).
 
     Raises:
         trio_websocket.ConnectionClosed: as ``send_message`` does.
@@ -38,13 +38,8 @@ async def send_messages(ws: trio_websocket.WebSocketConnection, frames: list[str
     data = b"".join([wsp.send(TextMessage(data=f) if isinstance(f, str) else BytesMessage(data=f))
                      for f in frames])
     try:
-        if isinstance(stream, trio.SocketStream) and not lock.locked():  # (not over TLS)
-            sent = write_now(stream.socket, data)
-            if sent == len(data):
-                return
-            data = memoryview(data)[sent:]
-        async with lock:
-            await stream.send_all(data)
+        await send_all_now(stream.socket if isinstance(stream, trio.SocketStream) else None,  # (not over TLS)
+                           stream, lock, data)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await ws._abort_web_socket()
         raise trio_websocket.ConnectionClosed(ws._close_reason) from None
