@@ -23,6 +23,7 @@ JSON, bounded line buffer) are here.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,7 +37,7 @@ from ._errors import ActorError
 from ._protocol import (INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, OVERLOADED, REQUEST_CANCELLED,
                         ErrorResponse, Invalid, Notification, Request, Response, attach, decode_frame, encode,
                         error_response, invalid_to_reply, reply_frame)
-from ._wsio import send_messages
+from ._wsio import get_messages, send_messages
 
 __all__ = ["CANCEL_METHOD", "ConnectionLost", "FrameTooLarge", "Peer", "RpcError", "StreamTransport",
            "Transport", "WebSocketTransport", "open_peer"]
@@ -108,6 +109,7 @@ class WebSocketTransport:
     def __init__(self, ws: trio_websocket.WebSocketConnection, *, binary: bool = False):
         self.ws = ws
         self.binary = binary  # binary frames (attachment frames among them) instead of text
+        self._read: collections.deque[bytes | str] = collections.deque()  # read together, not yet returned
 
     async def send(self, frame: bytes) -> None:
         # Our encoder writes UTF-8, so this decode cannot fail; a text frame is what the host reads.
@@ -118,8 +120,12 @@ class WebSocketTransport:
             raise ConnectionLost(f"connection closed: {exc.reason}") from exc
 
     async def receive(self) -> bytes | str:
+        if self._read:
+            return self._read.popleft()
         try:
-            return await self.ws.get_message()
+            first, *rest = await get_messages(self.ws)
+            self._read.extend(rest)
+            return first
         except trio_websocket.ConnectionClosed as exc:
             raise ConnectionLost(f"connection closed: {exc.reason}") from exc
 

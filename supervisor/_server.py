@@ -28,7 +28,7 @@ from . import _protocol as proto
 from ._cell import Envelope
 from ._mailbox import list_deadletters, poke, replay_deadletter
 from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
-from ._wsio import send_messages
+from ._wsio import get_messages, send_messages
 
 if TYPE_CHECKING:
     from ._host import Host
@@ -345,16 +345,11 @@ class Connection:
                         self._progress = trio.Event()
                         await self._progress.wait()
                     try:
-                        frame = await self.ws.get_message()
+                        frames = await get_messages(self.ws)
                     except trio_websocket.ConnectionClosed:
                         break
-                    limit = self.api.cfg.max_frame_size
-                    if isinstance(frame, bytes):
-                        self.binary = True
-                    if len(frame) > limit:
-                        self._too_large(len(frame), limit)
+                    if not self._dispatch_all(frames):
                         break
-                    self._dispatch(frame)
                 if self._close_code is not None:
                     with trio.move_on_after(2):
                         await self._writer_done.wait()
@@ -369,6 +364,19 @@ class Connection:
             self._send.close()  # what is answered from now on has no one to go to
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.ws.aclose()
+
+    def _dispatch_all(self, frames: list[str | bytes]) -> bool:
+        """Handle frames read together, in order; False once one was too large (the
+        connection closes; what followed it is not read, as ever)."""
+        limit = self.api.cfg.max_frame_size
+        for frame in frames:
+            if isinstance(frame, bytes):
+                self.binary = True
+            if len(frame) > limit:
+                self._too_large(len(frame), limit)
+                return False
+            self._dispatch(frame)
+        return True
 
     def _too_large(self, size: int, limit: int) -> None:
         """Answer an oversized frame (unread, so id null) and close with 1009 once it is sent."""

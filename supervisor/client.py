@@ -35,6 +35,10 @@ from ._protocol import Blob
 __all__ = ["Client", "ConnectionLost", "RpcError", "open_client"]
 
 _DISCONNECT_TIMEOUT = 2.0  # seconds to wait for the host's close frame
+# Messages trio-websocket may read ahead of us (its default is 1): with pipelined calls the
+# host answers dozens in one write, and the reader takes what is queued without a task
+# switch per message (see _wsio.get_messages). Each is at most max_message_size.
+_MESSAGE_QUEUE = 8
 
 
 class _Sub:
@@ -85,6 +89,7 @@ class Client:
             try:
                 async with trio_websocket.open_websocket_url(
                         self.url, extra_headers=self._headers, max_message_size=self._max,
+                        message_queue_size=_MESSAGE_QUEUE,
                         connect_timeout=10, disconnect_timeout=_DISCONNECT_TIMEOUT) as ws:
                     failures = 0
                     async with open_peer(WebSocketTransport(ws, binary=self.binary), on_notification=self._notify,

@@ -413,6 +413,21 @@ async def test_many_calls_in_flight_see_each_others_state_in_order(make_host):
             assert sorted(seen) == list(range(1, 201)), actor
 
 
+async def _ws_pair(server_stream, client_stream, nursery, **server_kw):
+    """A trio-websocket server and client connection over two ends of a stream."""
+    ends = {}
+
+    async def serve():
+        ends["server"] = await (await trio_websocket.wrap_server_stream(nursery, server_stream, **server_kw)).accept()
+
+    async def connect():
+        ends["client"] = await trio_websocket.wrap_client_stream(nursery, client_stream, "localhost", "/")
+    async with trio.open_nursery() as handshake:
+        handshake.start_soon(serve)
+        handshake.start_soon(connect)
+    return ends["server"], ends["client"]
+
+
 async def test_queued_replies_leave_in_one_write_as_separate_messages():
     """The host's writer joins what is queued (send_messages): one write to the socket,
     still one WebSocket message per frame, in order, text and binary alike. Over a real
@@ -420,19 +435,6 @@ async def test_queued_replies_leave_in_one_write_as_separate_messages():
     from trio.testing import memory_stream_pair
 
     from supervisor._wsio import send_messages
-
-    async def pair(server_stream, client_stream, nursery):
-        ends = {}
-
-        async def serve():
-            ends["server"] = await (await trio_websocket.wrap_server_stream(nursery, server_stream)).accept()
-
-        async def connect():
-            ends["client"] = await trio_websocket.wrap_client_stream(nursery, client_stream, "localhost", "/")
-        async with trio.open_nursery() as handshake:
-            handshake.start_soon(serve)
-            handshake.start_soon(connect)
-        return ends["server"], ends["client"]
 
     server_stream, client_stream = memory_stream_pair()
     writes = []
@@ -443,7 +445,7 @@ async def test_queued_replies_leave_in_one_write_as_separate_messages():
         await real_send_all(data)
     server_stream.send_all = counted
     async with trio.open_nursery() as n:
-        server, client = await pair(server_stream, client_stream, n)
+        server, client = await _ws_pair(server_stream, client_stream, n)
         writes.clear()
         frames = ['{"id":1}', b"@3 {}\nabc", "é" * 10]
         await send_messages(server, frames)
@@ -457,8 +459,40 @@ async def test_queued_replies_leave_in_one_write_as_separate_messages():
     # follows in order while the client reads.
     a, b = trio.socket.socketpair()
     async with trio.open_nursery() as n:
-        server, client = await pair(trio.SocketStream(a), trio.SocketStream(b), n)
+        server, client = await _ws_pair(trio.SocketStream(a), trio.SocketStream(b), n)
         frames = ["x" * 1_000_000, b"\0" * 1_000_000, "é" * 500_000, "last"]
         n.start_soon(send_messages, server, frames)
         assert [await client.get_message() for _ in frames] == frames
+        n.cancel_scope.cancel()
+
+
+async def test_waiting_messages_are_read_together_in_order():
+    """get_messages returns the next message and those trio-websocket has already queued
+    behind it (no task switch each), in order; what was sent before a close is still read,
+    then ConnectionClosed. Over a real trio-websocket pair."""
+    from trio.testing import memory_stream_pair, wait_all_tasks_blocked
+
+    from supervisor._wsio import get_messages, send_messages
+
+    server_stream, client_stream = memory_stream_pair()
+    async with trio.open_nursery() as n:
+        server, client = await _ws_pair(server_stream, client_stream, n, message_queue_size=8)
+        await send_messages(client, ["a", b"b", "c"])
+        await wait_all_tasks_blocked()
+        assert await get_messages(server) == ["a", b"b", "c"]
+        sent = [str(i) for i in range(50)]
+        await send_messages(client, sent)
+        got, sizes = [], []
+        while len(got) < len(sent):
+            await wait_all_tasks_blocked()
+            batch = await get_messages(server)
+            got += batch
+            sizes.append(len(batch))
+        assert got == sent
+        assert max(sizes) > 1
+        await send_messages(client, ["last"])
+        await client.aclose()
+        assert await get_messages(server) == ["last"]
+        with pytest.raises(trio_websocket.ConnectionClosed):
+            await get_messages(server)
         n.cancel_scope.cancel()
