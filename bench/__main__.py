@@ -21,19 +21,21 @@ from ._stats import Figures
 
 # (n latency samples, warmup, total calls at 32 in flight, batch frames, state ops, restarts,
 #  cold starts, warm acquires, per-call messages, discovery reps, pipe round trips,
-#  actor.send batch frames of 64 per throughput run, payload round trips per size, whether Ray runs)
+#  actor.send batch frames of 64 per throughput run, payload round trips per size, whether Ray runs,
+#  turns each of the floor and ours take in against_floor)
 COUNTS = {
     "quick": dict(n=150, warmup=30, total=300, batches=4, state_n=100, restarts=2, cold=3, warm=3, per_call=3,
-                  disc=1, pipe=2000, sends=4, payloads=2, ray=False),
+                  disc=1, pipe=2000, sends=4, payloads=2, ray=False, turns=2),
     "full": dict(n=3000, warmup=300, total=10000, batches=100, state_n=2000, restarts=15, cold=20, warm=30,
-                 per_call=30, disc=5, pipe=20000, sends=150, payloads=40, ray=True),
+                 per_call=30, disc=5, pipe=20000, sends=150, payloads=40, ray=True, turns=10),
 }
 
 
 async def run(fig: Figures, c: dict, log) -> None:
     steps = [
         ("plain pipe round trip", lambda: _baselines.pipe_round_trip(fig, c["pipe"], c["pipe"] // 10)),
-        ("bare floor", lambda: _baselines.floor(fig, c["n"], c["warmup"], c["total"])),
+        ("bare floor and ours, interleaved", lambda: _ours.against_floor(
+            fig, n=c["n"], warmup=c["warmup"], total=c["total"], rounds=c["turns"])),
         *[(f"ours through a host, {kind} mailboxes", lambda kind=kind: _ours.host_figures(
             fig, kind=kind, n=c["n"], warmup=c["warmup"], total=c["total"], batches=c["batches"],
             state_n=c["state_n"], restarts=c["restarts"], sends=c["sends"])) for kind in ("memory", "redis")],

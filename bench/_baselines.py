@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
@@ -14,11 +16,11 @@ from supervisor._sandbox._base import WorkerSpec
 from supervisor._sandbox._bubblewrap import BubblewrapBackend
 from supervisor.client import open_client
 
-from ._load import latency, throughput
+from ._load import Call, throughput
 from ._stats import Figures
 from ._workers import DOUBLE_SOURCE, load_and_process
 
-__all__ = ["floor", "per_call", "pipe_round_trip", "ray_actors"]
+__all__ = ["open_floor", "per_call", "pipe_round_trip", "ray_actors"]
 
 ECHO = "import sys\nr, w = sys.stdin.buffer, sys.stdout.buffer\nfor line in r:\n    w.write(line); w.flush()\n"
 
@@ -44,8 +46,10 @@ def pipe_round_trip(fig: Figures, n: int, warmup: int) -> None:
     fig.latency("baseline.pipe_rtt", samples, "plain pipe round trip to a long-lived child echoing lines")
 
 
-async def floor(fig: Figures, n: int, warmup: int, total: int) -> None:
-    """The bare trio-websocket relay (bench/_floor_server.py) in its own process."""
+@asynccontextmanager
+async def open_floor() -> AsyncIterator[Call]:
+    """The bare trio-websocket relay (bench/_floor_server.py) in its own process, and a
+    ``call(i)`` that doubles ``i`` through it (through the same client as our figures)."""
     server = Path(__file__).with_name("_floor_server.py")
     proc = subprocess.Popen([sys.executable, str(server)], stdout=subprocess.PIPE)
     try:
@@ -56,11 +60,7 @@ async def floor(fig: Figures, n: int, warmup: int, total: int) -> None:
                 assert r["value"] == 2 * i, r
                 return r
 
-            fig.latency("baseline.floor.latency", await latency(call, n, warmup),
-                        "bare trio-websocket server → pipe → long-lived child, 1 in flight")
-            rate, took = await throughput(call, total, 32)
-            fig.add("baseline.floor.throughput32", rate, "calls/s", note="32 in flight")
-            fig.latency("baseline.floor.latency32", took, "bare floor, each call's latency with 32 in flight")
+            yield call
     finally:
         proc.kill()
         proc.wait()

@@ -21,11 +21,12 @@ import trio_websocket
 from supervisor._discovery import discover
 from supervisor.client import RpcError, open_client
 
+from ._baselines import open_floor
 from ._load import batch_throughput, latency, throughput
 from ._stats import Figures, median, pct
 from ._workers import DOUBLE_JS_SOURCE, DOUBLE_SOURCE, worker_python_pid
 
-__all__ = ["discovery", "host_figures"]
+__all__ = ["against_floor", "discovery", "host_figures"]
 
 STATE_SOURCE = '''\
 import time
@@ -263,6 +264,36 @@ async def send_load(url: str, actor: str, observe: str, frames: int, size: int, 
     return total / (t_accepted - t0), total / (t_done - t0)
 
 
+async def against_floor(fig: Figures, *, n: int, warmup: int, total: int, rounds: int) -> None:
+    """Call latency at 1 in flight and throughput at 32, ours (actor.call, memory mailbox)
+    and the bare floor's, interleaved: ``rounds`` turns each, taking turns to go first, so
+    that both meet the same minutes of this machine's noise (run one after the other, the
+    ratio swung with whatever else the machine was doing at the time)."""
+    async with open_floor() as floor_call, _open_host("memory") as url, open_client(url) as c:
+        async def ours_call(i: int) -> None:
+            await _call_ok(c, "Double", i)
+
+        sides = {"baseline.floor": floor_call, "ours": ours_call}
+        lat: dict[str, list[float]] = {k: [] for k in sides}
+        took: dict[str, list[float]] = {k: [] for k in sides}
+        spent = dict.fromkeys(sides, 0.0)
+        for r in range(rounds):
+            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                lat[name] += await latency(sides[name], n // rounds, warmup if r == 0 else warmup // rounds)
+        for r in range(rounds):
+            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                rate, t = await throughput(sides[name], total // rounds, 32)
+                spent[name] += (total // rounds) / rate
+                took[name] += t
+    what = {"baseline.floor": "bare trio-websocket server → pipe → long-lived child",
+            "ours": "actor.call, memory mailbox"}
+    for name in sides:
+        fig.latency(f"{name}.latency", lat[name], f"{what[name]}, 1 in flight ({rounds} turns, interleaved)")
+        fig.add(f"{name}.throughput32", rounds * (total // rounds) / spent[name], "calls/s",
+                note=f"{what[name]}, 32 in flight ({rounds} turns, interleaved)")
+        fig.latency(f"{name}.latency32", took[name], f"{what[name]}, each call's latency with 32 in flight")
+
+
 async def host_figures(fig: Figures, *, kind: str, n: int, warmup: int, total: int, batches: int, state_n: int,
                        restarts: int, sends: int) -> None:
     """Every figure measured through a host with ``kind`` (memory | redis) mailboxes.
@@ -276,11 +307,7 @@ async def host_figures(fig: Figures, *, kind: str, n: int, warmup: int, total: i
         async def call(i: int) -> None:
             await _call_ok(c, "Double", i)
 
-        if kind == "memory":
-            fig.latency("ours.latency", await latency(call, n, warmup), "actor.call, memory mailbox, 1 in flight")
-            rate, took = await throughput(call, total, 32)
-            fig.add("ours.throughput32", rate, "calls/s", note="actor.call, memory mailbox, 32 in flight")
-            fig.latency("ours.latency32", took, "actor.call, memory mailbox, each call's latency with 32 in flight")
+        if kind == "memory":  # (its latency and 32 in flight: against_floor)
             fig.add("ours.batch64", await batch_throughput(
                 url, lambda rid: {"jsonrpc": "2.0", "id": rid, "method": "actor.call",
                                   "params": {"actor": "Double", "inputs": {"value": rid}}},

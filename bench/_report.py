@@ -115,6 +115,9 @@ How it is measured:
 measured about half the durable throughput and twice the durable latency); each runs a `network:` of Double, StateProbe, Victim and \
 A → B (both the Double component, connection A.value → B.value), on bubblewrap. `max_pending` is raised so \
 that fast ingestion is measured rather than answered with -32004.
+- The bare floor and our memory host run side by side for the call latency (1 in flight) and the 32-in-flight \
+throughput, in alternating turns (10 each in a full run; each goes first in every other), so that both meet the same minutes of the \
+machine's noise. Ray runs last, on its own.
 - `actor.call` never touches the Redis stream (on a durable host it meets the stream's messages in one \
 in-memory channel). The durable path is `actor.send`: one Lua check-and-XADD (answered once Redis has it) → the \
 cell's feeder (XREADGROUP) → worker → one MULTI/EXEC of state, downstream XADDs and XACK+XDEL → \
