@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import trio
+from websockets import exceptions as websockets_exceptions
 from websockets.sync import client as websockets_sync
 
 ACTORS = {
@@ -176,3 +177,21 @@ async def test_contract_through_nodes_built_in_websocket(make_host, tmp_path):
     for (_, check), reply in zip(SCRIPT, replies):
         check(reply)
 
+
+
+def _fragments_and_oversize(url: str) -> None:
+    with websockets_sync.connect(url, max_size=2**25) as ws:
+        ws.send(iter(['{"jsonrpc":"2.0","id":1,', '"method":"actors.list"}']))  # one message, two frames
+        _check_list(json.loads(ws.recv(timeout=30)))
+    with websockets_sync.connect(url, max_size=2**25) as ws:
+        ws.send('{"jsonrpc":"2.0","id":2,"method":"actors.list","params":{"pad":"' + "x" * (11 * 2**20) + '"}}')
+        err = json.loads(ws.recv(timeout=30))["error"]
+        assert err["code"] == -32600 and err["data"]["limit"] == "max_frame_size" and err["data"]["max"] == 10 * 10**6
+        with pytest.raises(websockets_exceptions.ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+        assert closed.value.rcvd.code == 1009
+
+
+async def test_fragmented_messages_are_read_whole_and_an_oversized_one_is_answered_then_closed(make_host):
+    host = await make_host(ACTORS)  # (max_frame_size: the default 10MB)
+    await trio.to_thread.run_sync(_fragments_and_oversize, host.url)
