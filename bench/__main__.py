@@ -22,7 +22,7 @@ from ._stats import Figures
 # (n latency samples, warmup, total calls at 32 in flight, batch frames, state ops, restarts,
 #  cold starts, warm acquires, per-call messages, discovery reps, pipe round trips,
 #  actor.send batch frames of 64 per throughput run, payload round trips per size, whether Ray runs,
-#  turns each of the floor and ours take in against_floor)
+#  turns each side takes in against_floor and against_ray)
 COUNTS = {
     "quick": dict(n=150, warmup=30, total=300, batches=4, state_n=100, restarts=2, cold=3, warm=3, per_call=3,
                   disc=1, pipe=2000, sends=4, payloads=2, ray=False, turns=2),
@@ -45,7 +45,8 @@ async def run(fig: Figures, c: dict, log) -> None:
         ("large payloads", lambda: _payloads.payload_round_trips(fig, c["payloads"])),
         ("per-call execution", lambda: _baselines.per_call(fig, c["per_call"])),
         ("discovery", lambda: _ours.discovery(fig, c["disc"])),
-        ("Ray", lambda: _baselines.ray_actors(fig, c["n"], c["total"], run=c["ray"])),
+        ("Ray, and ours in turns with it", lambda: _ours.against_ray(
+            fig, n=c["n"], warmup=c["warmup"], total=c["total"], rounds=c["turns"], run=c["ray"])),
     ]
     for name, step in steps:
         t0 = time.perf_counter()

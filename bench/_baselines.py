@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
+import trio
 
 from supervisor._sandbox._base import WorkerSpec
 from supervisor._sandbox._bubblewrap import BubblewrapBackend
@@ -20,7 +21,7 @@ from ._load import Call, throughput
 from ._stats import Figures
 from ._workers import DOUBLE_SOURCE, load_and_process
 
-__all__ = ["open_floor", "per_call", "pipe_round_trip", "ray_actors"]
+__all__ = ["RAY_FIGURES", "RayActor", "RayUnavailable", "open_floor", "open_ray", "per_call", "pipe_round_trip"]
 
 ECHO = "import sys\nr, w = sys.stdin.buffer, sys.stdout.buffer\nfor line in r:\n    w.write(line); w.flush()\n"
 
@@ -116,7 +117,7 @@ def descendants(root):
             out.append(k); todo.append(k)
     return out
 
-n, total = int(sys.argv[1]), int(sys.argv[2])
+total = int(sys.argv[1])
 ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
 @ray.remote
 class Double:
@@ -127,9 +128,15 @@ class Double:
 a = Double.remote()
 for i in range(300):
     assert ray.get(a.double.remote(i)) == 2 * i
-lat = []
-for i in range(n):
-    t0 = time.perf_counter(); ray.get(a.double.remote(i)); lat.append(time.perf_counter() - t0)
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:  # "lat K": K sequential calls, their seconds; anything else: the rest
+    cmd = line.split()
+    if not cmd or cmd[0] != "lat":
+        break
+    lat = []
+    for i in range(int(cmd[1])):
+        t0 = time.perf_counter(); ray.get(a.double.remote(i)); lat.append(time.perf_counter() - t0)
+    print(json.dumps(lat), flush=True)
 t0 = time.perf_counter()
 for i in range(total):
     ray.get(a.double.remote(i))
@@ -145,7 +152,7 @@ for p in procs:
         system_rss += rss(p)
     except OSError:
         pass
-print(json.dumps({"lat": lat, "seq": seq, "batched": batched, "version": ray.__version__,
+print(json.dumps({"seq": seq, "batched": batched, "version": ray.__version__,
                   "actor_rss": actor_rss, "others_rss": system_rss, "others": len(procs)}))
 ray.shutdown()
 """
@@ -153,39 +160,69 @@ ray.shutdown()
 RAY_FIGURES = ("ray.latency.p50", "ray.latency.p99", "ray.throughput_seq", "ray.throughput_batched", "ray.actor_rss")
 
 
-def ray_actors(fig: Figures, n: int, total: int, *, run: bool = True) -> None:
-    """Ray actor calls in a separate interpreter (``ray.init(num_cpus=2)``), if ``import ray``
-    works here: ``make bench`` installs it into the bench environment; nothing else does.
-    Every Ray figure is either measured or skipped with the reason."""
-    def skip(reason: str) -> None:
-        for name in RAY_FIGURES:
-            fig.skip(name, reason)
+class RayUnavailable(Exception):
+    """Ray cannot run here; ``reason`` says why (the report shows it in place of its figures)."""
 
-    if not run:
-        skip("not run in --quick (the smoke run does not need Ray)")
-        return
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RayActor:
+    """A Ray actor doubling numbers, in its own interpreter running RAY_BENCH."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self._proc = proc
+
+    async def _line(self, timeout: float) -> bytes:
+        assert self._proc.stdout is not None
+        with trio.move_on_after(timeout):
+            line = await trio.to_thread.run_sync(self._proc.stdout.readline, abandon_on_cancel=True)
+            if line:
+                return line
+            raise RayUnavailable(f"Ray failed here (exit {self._proc.wait()}): {self._stderr_tail()}")
+        raise RayUnavailable(f"Ray did not answer within {timeout:g} s")
+
+    def _stderr_tail(self) -> str:
+        assert self._proc.stderr is not None
+        return " ".join(self._proc.stderr.read().decode(errors="replace").strip().splitlines()[-3:])[-300:]
+
+    def _say(self, line: str) -> None:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(line.encode() + b"\n")
+        self._proc.stdin.flush()
+
+    async def latency(self, k: int) -> list[float]:
+        """Seconds per ``ray.get(actor.double.remote(i))``, ``k`` of them, one at a time."""
+        self._say(f"lat {k}")
+        return orjson.loads(await self._line(120))
+
+    async def finish(self) -> dict:
+        """The sequential and batched rates and the RSS figures; Ray then shuts down."""
+        self._say("done")
+        return orjson.loads(await self._line(600))
+
+
+@asynccontextmanager
+async def open_ray(total: int) -> AsyncIterator[RayActor]:
+    """Ray in a separate interpreter (``ray.init(num_cpus=2)``), if ``import ray`` works here:
+    ``make bench`` installs it into the bench environment; nothing else does. ``total``:
+    calls for the sequential and batched rates.
+
+    Raises:
+        RayUnavailable: Ray is not installed, failed or did not answer in time.
+    """
     probe = subprocess.run([sys.executable, "-c", "import ray"], capture_output=True, text=True)
     if probe.returncode != 0:
-        skip("Ray is not installed in this environment (`make bench` installs ray>=2.9; "
-             f"import failed: {probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else '?'})")
-        return
+        raise RayUnavailable("Ray is not installed in this environment (`make bench` installs ray>=2.9; "
+                             f"import failed: {probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else '?'})")
+    proc = subprocess.Popen([sys.executable, "-c", RAY_BENCH, str(total)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        out = subprocess.run([sys.executable, "-c", RAY_BENCH, str(n), str(total)], capture_output=True,
-                             timeout=600)
-    except subprocess.TimeoutExpired:
-        skip("Ray did not finish within 600 s")
-        return
-    if out.returncode != 0:
-        tail = " ".join(out.stderr.decode(errors="replace").strip().splitlines()[-3:])[-300:]
-        skip(f"Ray failed here (exit {out.returncode}): {tail}")
-        return
-    data = orjson.loads(out.stdout.splitlines()[-1])
-    v = data["version"]
-    fig.latency("ray.latency", data["lat"], f"Ray {v}, ray.init(num_cpus=2), ray.get(actor.double.remote(i)) per call")
-    fig.add("ray.throughput_seq", data["seq"], "calls/s", [data["seq"]], "one ray.get per call, sequential")
-    fig.add("ray.throughput_batched", data["batched"], "calls/s", [data["batched"]],
-            f"ray.get of a list of {total} calls")
-    mb = data["actor_rss"] / 2**20
-    fig.add("ray.actor_rss", mb, "MB", [mb],
-            f"RSS of the actor's worker process; Ray's {data['others']} other processes (raylet, GCS, idle "
-            f"workers…) hold {data['others_rss'] / 2**20:,.0f} MB more")
+        ray = RayActor(proc)
+        await ray._line(600)  # {"ready": true}
+        yield ray
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

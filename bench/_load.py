@@ -5,14 +5,27 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import orjson
 import trio
 import trio_websocket
 
-__all__ = ["batch_throughput", "latency", "throughput"]
+__all__ = ["batch_throughput", "latency", "take_turns", "throughput"]
 
 Call = Callable[[int], Awaitable[object]]
+T = TypeVar("T")
+
+
+async def take_turns(sides: dict[str, Callable[[int], Awaitable[T]]], rounds: int) -> dict[str, list[T]]:
+    """Each side's ``turn(r)`` for r in range(rounds), the sides alternating which goes
+    first, so that a baseline and ours meet the same minutes of the machine's noise."""
+    out: dict[str, list[T]] = {name: [] for name in sides}
+    names = list(sides)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            out[name].append(await sides[name](r))
+    return out
 
 
 async def latency(call: Call, n: int, warmup: int) -> list[float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -10,7 +11,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,12 +22,12 @@ import trio_websocket
 from supervisor._discovery import discover
 from supervisor.client import RpcError, open_client
 
-from ._baselines import open_floor
-from ._load import batch_throughput, latency, throughput
+from ._baselines import RAY_FIGURES, RayUnavailable, open_floor, open_ray
+from ._load import batch_throughput, latency, take_turns, throughput
 from ._stats import Figures, median, pct
 from ._workers import DOUBLE_JS_SOURCE, DOUBLE_SOURCE, worker_python_pid
 
-__all__ = ["against_floor", "discovery", "host_figures"]
+__all__ = ["against_floor", "against_ray", "discovery", "host_figures"]
 
 STATE_SOURCE = '''\
 import time
@@ -266,32 +267,70 @@ async def send_load(url: str, actor: str, observe: str, frames: int, size: int, 
 
 async def against_floor(fig: Figures, *, n: int, warmup: int, total: int, rounds: int) -> None:
     """Call latency at 1 in flight and throughput at 32, ours (actor.call, memory mailbox)
-    and the bare floor's, interleaved: ``rounds`` turns each, taking turns to go first, so
-    that both meet the same minutes of this machine's noise (run one after the other, the
-    ratio swung with whatever else the machine was doing at the time)."""
+    and the bare floor's, in ``rounds`` alternating turns each (see take_turns): run one
+    after the other, the ratio swung with whatever else the machine was doing."""
     async with open_floor() as floor_call, _open_host("memory") as url, open_client(url) as c:
         async def ours_call(i: int) -> None:
             await _call_ok(c, "Double", i)
 
-        sides = {"baseline.floor": floor_call, "ours": ours_call}
-        lat: dict[str, list[float]] = {k: [] for k in sides}
-        took: dict[str, list[float]] = {k: [] for k in sides}
-        spent = dict.fromkeys(sides, 0.0)
-        for r in range(rounds):
-            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                lat[name] += await latency(sides[name], n // rounds, warmup if r == 0 else warmup // rounds)
-        for r in range(rounds):
-            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                rate, t = await throughput(sides[name], total // rounds, 32)
-                spent[name] += (total // rounds) / rate
-                took[name] += t
+        calls = {"baseline.floor": floor_call, "ours": ours_call}
+        lat = await take_turns({name: functools.partial(_latency_turn, call, n // rounds, warmup)
+                                for name, call in calls.items()}, rounds)
+        thr = await take_turns({name: functools.partial(_throughput_turn, call, total // rounds)
+                                for name, call in calls.items()}, rounds)
     what = {"baseline.floor": "bare trio-websocket server → pipe → long-lived child",
             "ours": "actor.call, memory mailbox"}
-    for name in sides:
-        fig.latency(f"{name}.latency", lat[name], f"{what[name]}, 1 in flight ({rounds} turns, interleaved)")
-        fig.add(f"{name}.throughput32", rounds * (total // rounds) / spent[name], "calls/s",
+    for name in calls:
+        fig.latency(f"{name}.latency", sum(lat[name], []), f"{what[name]}, 1 in flight ({rounds} turns, interleaved)")
+        fig.add(f"{name}.throughput32", rounds * (total // rounds) / sum(spent for spent, _ in thr[name]), "calls/s",
                 note=f"{what[name]}, 32 in flight ({rounds} turns, interleaved)")
-        fig.latency(f"{name}.latency32", took[name], f"{what[name]}, each call's latency with 32 in flight")
+        fig.latency(f"{name}.latency32", sum((took for _, took in thr[name]), []),
+                    f"{what[name]}, each call's latency with 32 in flight")
+
+
+async def _latency_turn(call: Callable[[int], Awaitable[object]], k: int, warmup: int, turn: int) -> list[float]:
+    return await latency(call, k, warmup if turn == 0 else warmup // 10)
+
+
+async def _throughput_turn(call: Callable[[int], Awaitable[object]], k: int, turn: int) -> tuple[float, list[float]]:
+    """(seconds taken, each call's latency) for ``k`` calls at 32 in flight."""
+    rate, took = await throughput(call, k, 32)
+    return k / rate, took
+
+
+async def against_ray(fig: Figures, *, n: int, warmup: int, total: int, rounds: int, run: bool) -> None:
+    """Ray's figures (see open_ray), its call latency in ``rounds`` turns alternating with
+    ours (actor.call, memory mailbox) in the same minutes; every Ray figure is either
+    measured or skipped with the reason."""
+    names = (*RAY_FIGURES, "ours.latency_vs_ray.p50", "ours.latency_vs_ray.p99")
+    if not run:
+        for name in names:
+            fig.skip(name, "not run in --quick (the smoke run does not need Ray)")
+        return
+    try:
+        async with open_ray(total) as ray, _open_host("memory") as url, open_client(url) as c:
+            async def ours_call(i: int) -> None:
+                await _call_ok(c, "Double", i)
+
+            lat = await take_turns({"ours": functools.partial(_latency_turn, ours_call, n // rounds, warmup),
+                                    "ray": lambda turn: ray.latency(n // rounds)}, rounds)
+            data = await ray.finish()
+    except RayUnavailable as exc:
+        for name in names:
+            fig.skip(name, exc.reason)
+        return
+    v = data["version"]
+    fig.latency("ours.latency_vs_ray", sum(lat["ours"], []),
+                f"actor.call, memory mailbox, 1 in flight, in {rounds} turns alternating with Ray's")
+    fig.latency("ray.latency", sum(lat["ray"], []), f"Ray {v}, ray.init(num_cpus=2), ray.get(actor.double.remote(i)) "
+                f"per call, in {rounds} turns alternating with ours")
+    fig.add("ray.throughput_seq", data["seq"], "calls/s", [data["seq"]], "one ray.get per call, sequential")
+    fig.add("ray.throughput_batched", data["batched"], "calls/s", [data["batched"]],
+            f"ray.get of a list of {total} calls")
+    mb = data["actor_rss"] / 2**20
+    fig.add("ray.actor_rss", mb, "MB", [mb],
+            f"RSS of the actor's worker process; Ray's {data['others']} other processes (raylet, GCS, idle "
+            f"workers…) hold {data['others_rss'] / 2**20:,.0f} MB more")
 
 
 async def host_figures(fig: Figures, *, kind: str, n: int, warmup: int, total: int, batches: int, state_n: int,
