@@ -307,6 +307,7 @@ async def against_ray(fig: Figures, *, n: int, warmup: int, total: int, rounds: 
         for name in names:
             fig.skip(name, "not run in --quick (the smoke run does not need Ray)")
         return
+    failed: list[RayUnavailable] = []
     try:
         async with open_ray(total) as ray, _open_host("memory") as url, open_client(url) as c:
             async def ours_call(i: int) -> None:
@@ -315,9 +316,11 @@ async def against_ray(fig: Figures, *, n: int, warmup: int, total: int, rounds: 
             lat = await take_turns({"ours": functools.partial(_latency_turn, ours_call, n // rounds, warmup),
                                     "ray": lambda turn: ray.latency(n // rounds)}, rounds)
             data = await ray.finish()
-    except RayUnavailable as exc:
+    except* RayUnavailable as group:  # (from inside the client's nursery it comes grouped)
+        failed += [e for e in _leaves(group) if isinstance(e, RayUnavailable)]
+    if failed:
         for name in names:
-            fig.skip(name, exc.reason)
+            fig.skip(name, failed[0].reason)
         return
     v = data["version"]
     fig.latency("ours.latency_vs_ray", sum(lat["ours"], []),
@@ -331,6 +334,12 @@ async def against_ray(fig: Figures, *, n: int, warmup: int, total: int, rounds: 
     fig.add("ray.actor_rss", mb, "MB", [mb],
             f"RSS of the actor's worker process; Ray's {data['others']} other processes (raylet, GCS, idle "
             f"workers…) hold {data['others_rss'] / 2**20:,.0f} MB more")
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
 
 
 async def host_figures(fig: Figures, *, kind: str, n: int, warmup: int, total: int, batches: int, state_n: int,
