@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import IO
 
 import orjson
 import trio
@@ -171,8 +173,9 @@ class RayUnavailable(Exception):
 class RayActor:
     """A Ray actor doubling numbers, in its own interpreter running RAY_BENCH."""
 
-    def __init__(self, proc: subprocess.Popen):
+    def __init__(self, proc: subprocess.Popen, stderr: IO[bytes]):
         self._proc = proc
+        self._stderr = stderr  # a file, not a pipe: Ray's logging must never fill a pipe and stall it
 
     async def _line(self, timeout: float) -> bytes:
         assert self._proc.stdout is not None
@@ -184,8 +187,8 @@ class RayActor:
         raise RayUnavailable(f"Ray did not answer within {timeout:g} s")
 
     def _stderr_tail(self) -> str:
-        assert self._proc.stderr is not None
-        return " ".join(self._proc.stderr.read().decode(errors="replace").strip().splitlines()[-3:])[-300:]
+        self._stderr.seek(0)
+        return " ".join(self._stderr.read().decode(errors="replace").strip().splitlines()[-3:])[-300:]
 
     def _say(self, line: str) -> None:
         assert self._proc.stdin is not None
@@ -216,13 +219,14 @@ async def open_ray(total: int) -> AsyncIterator[RayActor]:
     if probe.returncode != 0:
         raise RayUnavailable("Ray is not installed in this environment (`make bench` installs ray>=2.9; "
                              f"import failed: {probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else '?'})")
-    proc = subprocess.Popen([sys.executable, "-c", RAY_BENCH, str(total)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        ray = RayActor(proc)
-        await ray._line(600)  # {"ready": true}
-        yield ray
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", RAY_BENCH, str(total)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=stderr)
+        try:
+            ray = RayActor(proc, stderr)
+            await ray._line(600)  # {"ready": true}
+            yield ray
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
