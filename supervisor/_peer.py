@@ -37,7 +37,7 @@ from ._errors import ActorError
 from ._protocol import (INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, OVERLOADED, REQUEST_CANCELLED,
                         ErrorResponse, Invalid, Notification, Request, Response, attach, decode_frame, encode,
                         error_response, invalid_to_reply, reply_frame)
-from ._wsio import get_messages, send_messages
+from ._wsio import eager_reader, get_messages, send_messages
 
 __all__ = ["CANCEL_METHOD", "ConnectionLost", "FrameTooLarge", "Peer", "RpcError", "StreamTransport",
            "Transport", "WebSocketTransport", "open_peer"]
@@ -110,6 +110,7 @@ class WebSocketTransport:
         self.ws = ws
         self.binary = binary  # binary frames (attachment frames among them) instead of text
         self._read: collections.deque[bytes | str] = collections.deque()  # read together, not yet returned
+        eager_reader(ws)  # (replies that arrive together are read together: see _wsio)
 
     async def send(self, frame: bytes) -> None:
         # Our encoder writes UTF-8, so this decode cannot fail; a text frame is what the host reads.

@@ -28,7 +28,7 @@ from . import _protocol as proto
 from ._cell import Envelope
 from ._mailbox import list_deadletters, poke, replay_deadletter
 from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
-from ._wsio import get_messages, send_messages
+from ._wsio import eager_reader, get_messages, send_messages
 
 if TYPE_CHECKING:
     from ._host import Host
@@ -99,6 +99,7 @@ class Api:
             await request.reject(503, body=b"too many connections\n")
             return
         ws = await request.accept()
+        eager_reader(ws)
         self.connections += 1
         try:
             await Connection(self, ws).run()

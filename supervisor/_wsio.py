@@ -8,7 +8,7 @@ from wsproto.events import BytesMessage, TextMessage
 
 from ._channel import send_all_now
 
-__all__ = ["get_messages", "send_messages"]
+__all__ = ["eager_reader", "get_messages", "send_messages"]
 
 
 async def send_messages(ws: trio_websocket.WebSocketConnection, frames: list[str | bytes]) -> None:
@@ -48,12 +48,11 @@ async def send_messages(ws: trio_websocket.WebSocketConnection, frames: list[str
 async def get_messages(ws: trio_websocket.WebSocketConnection) -> list[str | bytes]:
     """The next message, and those already waiting behind it, in order.
 
-    ``get_message`` yields to the scheduler for every message, even one already waiting.
-    A client pipelining calls sends dozens per read, so this takes what trio-websocket's
-    (bounded) queue already holds without a yield each; its reader task still yields
-    once per message it queues (at 32 calls in flight, the host's connection task woke
-    for a third fewer of them). It uses the queue that trio-websocket 0.11 and 0.12
-    share; without it, one message at a time.
+    ``get_message`` yields to the scheduler for every message, even one already waiting;
+    this takes what trio-websocket's (bounded) queue holds without a yield each. With
+    eager_reader, that is every message of the network read that brought the first.
+    It uses the queue that trio-websocket 0.11 and 0.12 share; without it, one message
+    at a time.
 
     Raises:
         trio_websocket.ConnectionClosed: as ``get_message`` does (only when nothing is left).
@@ -67,3 +66,45 @@ async def get_messages(ws: trio_websocket.WebSocketConnection) -> list[str | byt
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
     return frames
+
+
+class _EagerSend:
+    """trio-websocket's message queue as its reader task sees it: ``send`` puts a message
+    in at once while there is room, without the scheduler trip that a memory channel's
+    ``send`` always makes. The reader still yields once per network read (≤ its receive
+    buffer), and waits as before when the queue is full."""
+
+    def __init__(self, channel: trio.MemorySendChannel):
+        self._channel = channel
+
+    async def send(self, msg: str | bytes) -> None:
+        try:
+            self._channel.send_nowait(msg)
+        except trio.WouldBlock:
+            await self._channel.send(msg)
+
+    async def __aenter__(self) -> _EagerSend:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._channel.aclose()
+
+    def __getattr__(self, name: str):  # aclose, close, statistics, …: the channel's own
+        return getattr(self._channel, name)
+
+
+def eager_reader(ws: trio_websocket.WebSocketConnection) -> None:
+    """Let ``ws``'s reader task queue every message of one network read before anything
+    else runs (see _EagerSend), so that get_messages takes them together.
+
+    Why: its ``send`` yields once per message, and each yield let the connection task take
+    that one message, hand it to its actor, and the actor write it to its worker: at 32
+    calls in flight, one write and one worker wake-up per call. Read together, a burst
+    goes out in one write. Measured at 32 in flight, interleaved against 8ac0705: host
+    CPU per call 97-104 -> 62-70 µs, worker 28-29 -> 18-19 µs, the Python client's (which
+    does this too) 88 -> 64 µs, 7.6-8.4k -> 11.0-12.4k calls/s. It replaces a private
+    attribute that trio-websocket 0.11 and 0.12 share; without it, nothing changes.
+    """
+    channel = getattr(ws, "_send_channel", None)
+    if isinstance(channel, trio.MemorySendChannel):
+        ws._send_channel = _EagerSend(channel)

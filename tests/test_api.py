@@ -496,3 +496,35 @@ async def test_waiting_messages_are_read_together_in_order():
         with pytest.raises(trio_websocket.ConnectionClosed):
             await get_messages(server)
         n.cancel_scope.cancel()
+
+
+async def test_messages_of_one_read_are_queued_without_a_task_switch_each():
+    """eager_reader: trio-websocket's reader queues every message of one network read
+    before anything else runs, so the first get_messages after a burst takes them all
+    (its own send yields per message: the connection task then woke for each). The
+    queue's bound and its close still hold. Over a real trio-websocket pair."""
+    from trio.testing import memory_stream_pair, wait_all_tasks_blocked
+
+    from supervisor._wsio import eager_reader, get_messages, send_messages
+
+    server_stream, client_stream = memory_stream_pair()
+    async with trio.open_nursery() as n:
+        server, client = await _ws_pair(server_stream, client_stream, n, message_queue_size=32)
+        eager_reader(server)
+        burst = [f"m{i}" for i in range(20)]
+        await send_messages(client, burst)  # one write, one read on the other side
+        assert await get_messages(server) == burst
+        # Past the queue's bound the reader waits, and nothing is lost or reordered.
+        many = [f"n{i}" for i in range(100)]
+        await send_messages(client, many)
+        await wait_all_tasks_blocked()
+        got = []
+        while len(got) < len(many):
+            batch = await get_messages(server)
+            assert len(batch) <= 32 + 2  # the queue, the one taken first, one waiting sender's
+            got += batch
+        assert got == many
+        await client.aclose()
+        with pytest.raises(trio_websocket.ConnectionClosed):
+            await get_messages(server)
+        n.cancel_scope.cancel()
