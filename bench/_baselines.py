@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import orjson
 import trio
@@ -195,15 +195,24 @@ class RayActor:
         self._proc.stdin.write(line.encode() + b"\n")
         self._proc.stdin.flush()
 
+    async def _answer(self, timeout: float) -> Any:
+        """The next JSON line on Ray's stdout; Ray prints lines of its own there too."""
+        while True:
+            line = await self._line(timeout)
+            try:
+                return orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+
     async def latency(self, k: int) -> list[float]:
         """Seconds per ``ray.get(actor.double.remote(i))``, ``k`` of them, one at a time."""
         self._say(f"lat {k}")
-        return orjson.loads(await self._line(120))
+        return await self._answer(120)
 
     async def finish(self) -> dict:
         """The sequential and batched rates and the RSS figures; Ray then shuts down."""
         self._say("done")
-        return orjson.loads(await self._line(600))
+        return await self._answer(600)
 
 
 @asynccontextmanager
@@ -224,7 +233,7 @@ async def open_ray(total: int) -> AsyncIterator[RayActor]:
                                 stdout=subprocess.PIPE, stderr=stderr)
         try:
             ray = RayActor(proc, stderr)
-            await ray._line(600)  # {"ready": true}
+            await ray._answer(600)  # {"ready": true}
             yield ray
         finally:
             if proc.poll() is None:
