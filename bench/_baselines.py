@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -230,7 +231,7 @@ async def open_ray(total: int) -> AsyncIterator[RayActor]:
                              f"import failed: {probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else '?'})")
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen([sys.executable, "-c", RAY_BENCH, str(total)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=stderr)
+                                stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
         try:
             ray = RayActor(proc, stderr)
             await ray._answer(600)  # {"ready": true}
@@ -239,3 +240,19 @@ async def open_ray(total: int) -> AsyncIterator[RayActor]:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+            _kill_session(proc.pid)
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL what is left in session ``sid``: Ray's daemons (raylet, GCS, agents) outlive a
+    driver that was killed instead of calling ``ray.shutdown()``, and would load the machine
+    for every later figure."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:  # (field 6 of stat: the session id)
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
