@@ -132,10 +132,12 @@ a = Double.remote()
 for i in range(300):
     assert ray.get(a.double.remote(i)) == 2 * i
 print(json.dumps({"ready": True}), flush=True)
-for line in sys.stdin:  # "lat K": K sequential calls, their seconds; anything else: the rest
+for line in sys.stdin:  # "lat K W": W unrecorded calls, then K timed ones; anything else: the rest
     cmd = line.split()
     if not cmd or cmd[0] != "lat":
         break
+    for i in range(int(cmd[2])):
+        ray.get(a.double.remote(i))
     lat = []
     for i in range(int(cmd[1])):
         t0 = time.perf_counter(); ray.get(a.double.remote(i)); lat.append(time.perf_counter() - t0)
@@ -172,7 +174,11 @@ class RayUnavailable(Exception):
 
 
 class RayActor:
-    """A Ray actor doubling numbers, in its own interpreter running RAY_BENCH."""
+    """A Ray actor doubling numbers, in its own interpreter running RAY_BENCH.
+
+    Between its turns Ray is stopped (SIGSTOP to every process of its session: driver,
+    raylet, GCS, agents, workers), so that its daemons, which take ~10 % of a core while
+    idle here, do not run during ours; each turn continues it first and warms it up."""
 
     def __init__(self, proc: subprocess.Popen, stderr: IO[bytes]):
         self._proc = proc
@@ -205,13 +211,25 @@ class RayActor:
             except orjson.JSONDecodeError:
                 continue
 
-    async def latency(self, k: int) -> list[float]:
-        """Seconds per ``ray.get(actor.double.remote(i))``, ``k`` of them, one at a time."""
-        self._say(f"lat {k}")
-        return await self._answer(120)
+    def pause(self) -> None:
+        _signal_session(self._proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        _signal_session(self._proc.pid, signal.SIGCONT)
+
+    async def latency(self, k: int, warmup: int) -> list[float]:
+        """Seconds per ``ray.get(actor.double.remote(i))``, ``k`` of them, one at a time,
+        after ``warmup`` unrecorded ones; Ray runs only for the turn."""
+        self.resume()
+        try:
+            self._say(f"lat {k} {warmup}")
+            return await self._answer(120)
+        finally:
+            self.pause()
 
     async def finish(self) -> dict:
         """The sequential and batched rates and the RSS figures; Ray then shuts down."""
+        self.resume()
         self._say("done")
         return await self._answer(600)
 
@@ -235,24 +253,25 @@ async def open_ray(total: int) -> AsyncIterator[RayActor]:
         try:
             ray = RayActor(proc, stderr)
             await ray._answer(600)  # {"ready": true}
+            ray.pause()
             yield ray
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            _kill_session(proc.pid)
+            # Ray's daemons (raylet, GCS, agents) outlive a driver that was killed instead of
+            # calling ray.shutdown(), and would load the machine for every later figure.
+            _signal_session(proc.pid, signal.SIGKILL)
 
 
-def _kill_session(sid: int) -> None:
-    """SIGKILL what is left in session ``sid``: Ray's daemons (raylet, GCS, agents) outlive a
-    driver that was killed instead of calling ``ray.shutdown()``, and would load the machine
-    for every later figure."""
+def _signal_session(sid: int, sig: int) -> None:
+    """Send ``sig`` to every process of session ``sid``."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
             if int(fields[3]) == sid:  # (field 6 of stat: the session id)
-                os.kill(int(entry), signal.SIGKILL)
+                os.kill(int(entry), sig)
         except (OSError, ValueError, IndexError):
             continue

@@ -313,8 +313,11 @@ async def against_ray(fig: Figures, *, n: int, warmup: int, total: int, rounds: 
             async def ours_call(i: int) -> None:
                 await _call_ok(c, "Double", i)
 
+            def ray_turn(turn: int) -> Awaitable[list[float]]:
+                return ray.latency(n // rounds, warmup if turn == 0 else warmup // 10)
+
             lat = await take_turns({"ours": functools.partial(_latency_turn, ours_call, n // rounds, warmup),
-                                    "ray": lambda turn: ray.latency(n // rounds)}, rounds)
+                                    "ray": ray_turn}, rounds)
             data = await ray.finish()
     except* RayUnavailable as group:  # (from inside the client's nursery it comes grouped)
         failed += [e for e in _leaves(group) if isinstance(e, RayUnavailable)]

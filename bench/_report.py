@@ -120,7 +120,8 @@ that fast ingestion is measured rather than answered with -32004.
 - The bare floor and our memory host run side by side for the call latency (1 in flight) and the 32-in-flight \
 throughput, in alternating turns (10 each in a full run; each goes first in every other), so that both meet the same minutes of the \
 machine's noise. Ray's call latency is measured the same way, in turns with a second memory host of ours \
-(without the floor running); its other figures follow.
+(without the floor running); Ray's processes are stopped (SIGSTOP) between its turns, so that its daemons do not \
+run during ours. Its other figures follow.
 - `actor.call` never touches the Redis stream (on a durable host it meets the stream's messages in one \
 in-memory channel). The durable path is `actor.send`: one Lua check-and-XADD (answered once Redis has it) → the \
 cell's feeder (XREADGROUP) → worker → one MULTI/EXEC of state, downstream XADDs and XACK+XDEL → \
