@@ -237,10 +237,13 @@ def _call(args: argparse.Namespace) -> int:
         async with open_client(url, token=token) as client:
             outputs = client.on_notification("output")
 
+            def show(note: dict) -> None:
+                p = note["params"]
+                print(f"{p['port']}: {orjson.dumps(p['data']).decode()}", flush=True)
+
             async def show_streamed() -> None:
                 async for note in outputs:
-                    p = note["params"]
-                    print(f"{p['port']}: {orjson.dumps(p['data']).decode()}", flush=True)
+                    show(note)
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(show_streamed)
@@ -254,6 +257,13 @@ def _call(args: argparse.Namespace) -> int:
                     return EXIT_FAILURE
                 finally:
                     nursery.cancel_scope.cancel()
+            # Streamed outputs came before the reply, but may still wait to be shown (read
+            # in the same network read as the reply, they are all queued by now).
+            while True:
+                try:
+                    show(outputs.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
             for port, value in result["outputs"].items():
                 print(f"{port}: {orjson.dumps(value).decode()}")
             return EXIT_OK
