@@ -245,25 +245,31 @@ def _call(args: argparse.Namespace) -> int:
                 async for note in outputs:
                     show(note)
 
+            def show_queued() -> None:
+                """Streamed outputs come before the reply, but may still wait to be shown (read
+                in the same network read as the reply, they are all queued by now)."""
+                while True:
+                    try:
+                        show(outputs.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        return
+
+            failed: RpcError | None = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(show_streamed)
                 try:
                     result = await client.request("process", {"actor_id": args.actor, "payload": inputs,
                                                               **({"timeout": args.timeout} if args.timeout else {})})
                 except RpcError as exc:
-                    print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
-                    if exc.data and args.debug:
-                        print(orjson.dumps(exc.data, option=orjson.OPT_INDENT_2).decode(), file=sys.stderr)
-                    return EXIT_FAILURE
+                    failed = exc
                 finally:
-                    nursery.cancel_scope.cancel()
-            # Streamed outputs came before the reply, but may still wait to be shown (read
-            # in the same network read as the reply, they are all queued by now).
-            while True:
-                try:
-                    show(outputs.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
+                    nursery.cancel_scope.cancel()  # (it prints a note it was already handed first)
+            show_queued()
+            if failed is not None:
+                print(f"error: {failed.message} ({failed.code})", file=sys.stderr)
+                if failed.data and args.debug:
+                    print(orjson.dumps(failed.data, option=orjson.OPT_INDENT_2).decode(), file=sys.stderr)
+                return EXIT_FAILURE
             for port, value in result["outputs"].items():
                 print(f"{port}: {orjson.dumps(value).decode()}")
             return EXIT_OK

@@ -49,3 +49,17 @@ async def test_call_timeout_is_minus_32003(make_host):
     host = await make_host({"s.actor.py": slow})
     rc, out, err = await _cli("call", "S", "x=1", "--timeout", "0.5", "--url", host.url, cwd=host.config.parent)
     assert rc == 1 and "(-32003)" in err
+
+
+async def test_call_shows_what_a_failing_actor_streamed_before_its_error(make_host):
+    script = ("from reflow import actor\n\n@actor(name='F', inports=['x'], outports=['step'])\n"
+              "async def f(context):\n"
+              "    for i in range(200):\n"
+              "        await context.send_output('step', i)\n"
+              "    raise ValueError('gave up')\n")
+    host = await make_host({"f.actor.py": script})
+    rc, out, err = await _cli("call", "F", "x=1", "--url", host.url, cwd=host.config.parent)
+    assert rc == 1 and "gave up" in err and "(-32002)" in err and "Traceback" not in err
+    # Every streamed output, in order, then the error. (Whether the last outputs share a
+    # network read with the error reply is up to timing; this does not force it.)
+    assert out.splitlines() == [f"step: {i}" for i in range(200)]
