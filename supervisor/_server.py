@@ -28,7 +28,7 @@ from . import _protocol as proto
 from ._cell import Envelope
 from ._mailbox import list_deadletters, poke, replay_deadletter
 from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
-from ._wsio import eager_reader, get_messages, send_messages
+from ._wsio import MESSAGE_QUEUE, eager_reader, get_messages, send_messages
 
 if TYPE_CHECKING:
     from ._host import Host
@@ -55,7 +55,7 @@ async def serve_api(host: Host, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
         # trio-websocket closes (1009) past its limit without a word: give it twice ours, so
         # that a frame just over max_frame_size gets an error reply before the close.
         api.handle, cfg.host, cfg.port, None, max_message_size=2 * cfg.max_frame_size,
-        message_queue_size=8, connect_timeout=10, disconnect_timeout=5, task_status=task_status)
+        message_queue_size=MESSAGE_QUEUE, connect_timeout=10, disconnect_timeout=5, task_status=task_status)
 
 
 class Api:

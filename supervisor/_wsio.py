@@ -8,7 +8,13 @@ from wsproto.events import BytesMessage, TextMessage
 
 from ._channel import send_all_now
 
-__all__ = ["eager_reader", "get_messages", "send_messages"]
+__all__ = ["MESSAGE_QUEUE", "eager_reader", "get_messages", "send_messages"]
+
+# Messages trio-websocket may read ahead of the consumer (``message_queue_size``; its default
+# is 1), on the host and in the Python client: what get_messages can take at once. Each is
+# at most the connection's ``max_message_size``, so this also bounds what one connection
+# can park in memory while its reading is held back.
+MESSAGE_QUEUE = 8
 
 
 async def send_messages(ws: trio_websocket.WebSocketConnection, frames: list[str | bytes]) -> None:
@@ -49,8 +55,10 @@ async def get_messages(ws: trio_websocket.WebSocketConnection) -> list[str | byt
     """The next message, and those already waiting behind it, in order.
 
     ``get_message`` yields to the scheduler for every message, even one already waiting;
-    this takes what trio-websocket's (bounded) queue holds without a yield each. With
-    eager_reader, that is every message of the network read that brought the first.
+    this takes what trio-websocket's queue holds (its message_queue_size: MESSAGE_QUEUE for
+    our connections) without a yield
+    each. With eager_reader, that is every message of the network read that brought the
+    first, up to that bound.
     It uses the queue that trio-websocket 0.11 and 0.12 share; without it, one message
     at a time.
 
@@ -83,6 +91,8 @@ class _EagerSend:
         except trio.WouldBlock:
             await self._channel.send(msg)
 
+    # (trio-websocket 0.11 and 0.12 enter the channel before eager_reader can run, so these
+    # go unused there; a reader that entered later would need them: dunders bypass __getattr__.)
     async def __aenter__(self) -> _EagerSend:
         return self
 

@@ -31,14 +31,11 @@ import trio_websocket
 # One definition of each error, in _peer; this is their public home.
 from ._peer import ConnectionLost as ConnectionLost, Peer, RpcError as RpcError, WebSocketTransport, open_peer
 from ._protocol import Blob
+from ._wsio import MESSAGE_QUEUE
 
 __all__ = ["Client", "ConnectionLost", "RpcError", "open_client"]
 
 _DISCONNECT_TIMEOUT = 2.0  # seconds to wait for the host's close frame
-# Messages trio-websocket may read ahead of us (its default is 1): with pipelined calls the
-# host answers dozens in one write, and the reader takes what is queued without a task
-# switch per message (see _wsio.get_messages). Each is at most max_message_size.
-_MESSAGE_QUEUE = 8
 
 
 class _Sub:
@@ -89,7 +86,7 @@ class Client:
             try:
                 async with trio_websocket.open_websocket_url(
                         self.url, extra_headers=self._headers, max_message_size=self._max,
-                        message_queue_size=_MESSAGE_QUEUE,
+                        message_queue_size=MESSAGE_QUEUE,
                         connect_timeout=10, disconnect_timeout=_DISCONNECT_TIMEOUT) as ws:
                     failures = 0
                     async with open_peer(WebSocketTransport(ws, binary=self.binary), on_notification=self._notify,
