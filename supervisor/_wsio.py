@@ -55,12 +55,10 @@ async def get_messages(ws: trio_websocket.WebSocketConnection) -> list[str | byt
     """The next message, and those already waiting behind it, in order.
 
     ``get_message`` yields to the scheduler for every message, even one already waiting;
-    this takes what trio-websocket's queue holds (its message_queue_size: MESSAGE_QUEUE for
-    our connections) without a yield
-    each. With eager_reader, that is every message of the network read that brought the
-    first, up to that bound.
-    It uses the queue that trio-websocket 0.11 and 0.12 share; without it, one message
-    at a time.
+    this takes what trio-websocket's queue holds (its message_queue_size: MESSAGE_QUEUE
+    for our connections) without a yield each. With eager_reader, that is every message
+    of the network read that brought the first, up to that bound. It uses the queue that
+    trio-websocket 0.11 and 0.12 share; without it, one message at a time.
 
     Raises:
         trio_websocket.ConnectionClosed: as ``get_message`` does (only when nothing is left).
