@@ -28,7 +28,7 @@ from . import _protocol as proto
 from ._cell import Envelope
 from ._mailbox import list_deadletters, poke, replay_deadletter
 from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
-from ._wsio import MESSAGE_QUEUE, eager_reader, get_messages, send_messages
+from ._wsio import MESSAGE_QUEUE, deliver, get_messages, send_messages
 
 if TYPE_CHECKING:
     from ._host import Host
@@ -99,7 +99,6 @@ class Api:
             await request.reject(503, body=b"too many connections\n")
             return
         ws = await request.accept()
-        eager_reader(ws)
         self.connections += 1
         try:
             await Connection(self, ws).run()
@@ -285,7 +284,9 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._close_code: int | None = None
         self._writer_done = trio.Event()
-        self._progress = trio.Event()  # set each time the writer sent a frame
+        self._progress = trio.Event()  # set (and replaced) each time the writer sent frames
+        self._reading = trio.CancelScope()  # cancelled by a frame too large to read
+        self._ended = False
         self._queued = 0  # bytes waiting in the send queue
         # A client that sends binary frames gets bytes messages back in binary attachment
         # frames (raw, no base64); one that sends text gets JSON text only (CONTRACT §4).
@@ -338,24 +339,27 @@ class Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._keepalive)
-                while True:
-                    # Backpressure: while our answers to this client wait to be sent, stop
-                    # reading its requests (a fast pipeliner slows down; it is not cut off).
-                    while (self._send.statistics().current_buffer_used > SEND_QUEUE // 2
-                           or self._queued > SEND_BUFFER // 2):
-                        self._progress = trio.Event()
-                        await self._progress.wait()
-                    try:
-                        frames = await get_messages(self.ws)
-                    except trio_websocket.ConnectionClosed:
-                        break
-                    if not self._dispatch_all(frames):
-                        break
+                # Requests are handled in trio-websocket's reader task as it reads them
+                # (_take); where that cannot be arranged, this task reads them. Either way,
+                # this task ends the connection once the reader stops.
+                with self._reading:
+                    if self._dispatch_all(deliver(self.ws, self._take) or []):
+                        while True:
+                            while self._backlogged():
+                                await self._progress.wait()
+                            try:
+                                frames = await get_messages(self.ws)
+                            except trio_websocket.ConnectionClosed:
+                                break
+                            if not self._dispatch_all(frames):
+                                break
                 if self._close_code is not None:
                     with trio.move_on_after(2):
                         await self._writer_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            self._ended = True
+            self._progress.set()  # (a reader waiting in _take: what it holds is not read)
             for cell, key in self.subscriptions.values():
                 cell.subscribers.pop(key, None)
             self.subscriptions.clear()
@@ -365,6 +369,23 @@ class Connection:
             self._send.close()  # what is answered from now on has no one to go to
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.ws.aclose()
+
+    async def _take(self, frame: str | bytes) -> None:
+        """A frame, from trio-websocket's reader task as it reads it (see _wsio.deliver).
+        Backpressure: while our answers to this client wait to be sent, the reader waits
+        here, so its requests are no longer read (a fast pipeliner slows down; it is not
+        cut off). After a frame too large, or once the connection ends, nothing is read."""
+        while self._backlogged() and not self._ended:
+            await self._progress.wait()
+        if self._ended or self._close_code is not None:
+            return
+        if not self._dispatch_all([frame]):
+            self._reading.cancel()
+
+    def _backlogged(self) -> bool:
+        """Whether our answers to this client pile up waiting to be sent (while they can be)."""
+        return not self._writer_done.is_set() and (
+            self._send.statistics().current_buffer_used > SEND_QUEUE // 2 or self._queued > SEND_BUFFER // 2)
 
     def _dispatch_all(self, frames: list[str | bytes]) -> bool:
         """Handle frames read together, in order; False once one was too large (the
@@ -405,10 +426,12 @@ class Connection:
                     return
                 self._queued -= sent
                 self._progress.set()
+                self._progress = trio.Event()
             if self._close_code is not None:
                 await self.ws.aclose(self._close_code, "frame too large")
         finally:
             self._writer_done.set()
+            self._progress.set()
 
     async def _keepalive(self) -> None:
         interval = self.api.cfg.ping_interval

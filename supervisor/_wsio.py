@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import trio
 import trio_websocket
 from wsproto.events import BytesMessage, TextMessage
 
 from ._channel import send_all_now
 
-__all__ = ["MESSAGE_QUEUE", "eager_reader", "get_messages", "send_messages"]
+__all__ = ["MESSAGE_QUEUE", "deliver", "eager_reader", "get_messages", "send_messages"]
 
 # Messages trio-websocket may read ahead of the consumer (``message_queue_size``; its default
 # is 1), on the host and in the Python client: what get_messages can take at once. Each is
@@ -74,24 +76,17 @@ async def get_messages(ws: trio_websocket.WebSocketConnection) -> list[str | byt
     return frames
 
 
-class _EagerSend:
-    """trio-websocket's message queue as its reader task sees it: ``send`` puts a message
-    in at once while there is room, without the scheduler trip that a memory channel's
-    ``send`` always makes. The reader still yields once per network read (≤ its receive
-    buffer), and waits as before when the queue is full."""
+class _ReaderQueue:
+    """trio-websocket's message queue as its reader task sees it, with ``send`` replaced
+    (see eager_reader and deliver); everything else is the channel's own."""
 
-    def __init__(self, channel: trio.MemorySendChannel):
+    def __init__(self, channel: trio.MemorySendChannel, send: Callable[[str | bytes], Awaitable[None]]):
         self._channel = channel
+        self.send = send
 
-    async def send(self, msg: str | bytes) -> None:
-        try:
-            self._channel.send_nowait(msg)
-        except trio.WouldBlock:
-            await self._channel.send(msg)
-
-    # (trio-websocket 0.11 and 0.12 enter the channel before eager_reader can run, so these
+    # (trio-websocket 0.11 and 0.12 enter the channel before it can be replaced, so these
     # go unused there; a reader that entered later would need them: dunders bypass __getattr__.)
-    async def __aenter__(self) -> _EagerSend:
+    async def __aenter__(self) -> _ReaderQueue:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -103,16 +98,52 @@ class _EagerSend:
 
 def eager_reader(ws: trio_websocket.WebSocketConnection) -> None:
     """Let ``ws``'s reader task queue every message of one network read before anything
-    else runs (see _EagerSend), so that get_messages takes them together.
+    else runs, so that get_messages takes them together: the queue's ``send`` puts a
+    message in at once while there is room, and waits as before when it is full. The
+    reader still yields once per network read (≤ its receive buffer).
 
-    Why: its ``send`` yields once per message, and each yield let the connection task take
-    that one message, hand it to its actor, and the actor write it to its worker: at 32
-    calls in flight, one write and one worker wake-up per call. Read together, a burst
-    goes out in one write. Measured at 32 in flight, interleaved against 8ac0705: host
-    CPU per call 97-104 -> 62-70 µs, worker 28-29 -> 18-19 µs, the Python client's (which
-    does this too) 88 -> 64 µs, 7.6-8.4k -> 11.0-12.4k calls/s. It replaces a private
-    attribute that trio-websocket 0.11 and 0.12 share; without it, nothing changes.
+    Why: a memory channel's ``send`` yields once per message, and each yield let the
+    consumer take that one message alone (on the host, before ``deliver``: hand it to its
+    actor, which wrote it to its worker: at 32 calls in flight, one write and one worker
+    wake-up per call). Measured at 32 in flight, interleaved against 8ac0705: host CPU
+    per call 97-104 -> 62-70 µs, worker 28-29 -> 18-19 µs, the Python client's (which does
+    this) 88 -> 64 µs, 7.6-8.4k -> 11.0-12.4k calls/s. It replaces a private attribute
+    that trio-websocket 0.11 and 0.12 share; without it, nothing changes.
     """
     channel = getattr(ws, "_send_channel", None)
     if isinstance(channel, trio.MemorySendChannel):
-        ws._send_channel = _EagerSend(channel)
+        async def send(msg: str | bytes) -> None:
+            try:
+                channel.send_nowait(msg)
+            except trio.WouldBlock:
+                await channel.send(msg)
+
+        ws._send_channel = _ReaderQueue(channel, send)
+
+
+def deliver(ws: trio_websocket.WebSocketConnection,
+            take: Callable[[str | bytes], Awaitable[None]]) -> list[str | bytes] | None:
+    """From now on, ``ws``'s reader task hands each message it reads to ``await take(msg)``
+    instead of queueing it for ``get_message``. Returns the messages it had queued before
+    (handle them first: nothing is delivered until the caller next yields), or None when
+    trio-websocket lacks the attributes (0.11 and 0.12 share them): read as before. Once
+    the reader stops, ``get_message`` raises ConnectionClosed as ever.
+
+    Why: a queued message waits for a trip through the scheduler to the task that reads
+    it, which at one call in flight, on this machine, was 20-40 µs of each call's round
+    trip (the woken task runs with cold caches). ``take`` runs in the reader: it must not
+    raise, and while it waits, nothing more is read from the network (backpressure, with
+    one message in hand rather than a queue of them).
+    """
+    channel = getattr(ws, "_send_channel", None)
+    queue = getattr(ws, "_recv_channel", None)
+    if not isinstance(channel, trio.MemorySendChannel) or not isinstance(queue, trio.MemoryReceiveChannel):
+        return None
+    waiting = []
+    while True:  # (this also takes the message of a reader blocked on a full queue)
+        try:
+            waiting.append(queue.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            break
+    ws._send_channel = _ReaderQueue(channel, take)
+    return waiting
