@@ -28,7 +28,7 @@ from . import _protocol as proto
 from ._cell import Envelope
 from ._mailbox import list_deadletters, poke, replay_deadletter
 from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
-from ._wsio import MESSAGE_QUEUE, deliver, get_messages, send_messages
+from ._wsio import MESSAGE_QUEUE, deliver, get_messages, send_messages, send_now
 
 if TYPE_CHECKING:
     from ._host import Host
@@ -280,7 +280,7 @@ class Connection:
         self.ws = ws
         self.in_flight: dict[Any, trio.CancelScope | _Waiting] = {}
         self.subscriptions: dict[str, tuple[Any, int]] = {}
-        self._send, self._recv = trio.open_memory_channel[tuple[bytes | str, int]](SEND_QUEUE)
+        self._send, self._recv = trio.open_memory_channel[tuple[bytes | str | memoryview, int]](SEND_QUEUE)
         self._nursery: trio.Nursery | None = None
         self._close_code: int | None = None
         self._writer_done = trio.Event()
@@ -297,11 +297,23 @@ class Connection:
         cannot get there (reading stops at half, and at most max_in_flight answers are
         pending), nor are they held to SEND_BUFFER (a large result is an answer the client
         asked for); notifications to a client that does not read are."""
+        frame: str | bytes | memoryview = data if data[:1] == b"@" else data.decode()
+        size = len(data)
+        if reply and not self._queued and not self.in_flight and not self._ended and self._close_code is None:
+            # The one answer this client waits for, with nothing ahead of it, is written
+            # here rather than by the writer, a trip through the scheduler later (at one
+            # call in flight, 20-50 µs of a 0.6 ms round trip here). With more requests
+            # in flight, answers go through the writer, which joins those that come together.
+            rest = send_now(self.ws, frame)
+            if rest is not None:
+                if not rest:
+                    return
+                frame, size = rest, len(rest)  # the writer sends the rest first
         try:
-            if not reply and self._queued and self._queued + len(data) > SEND_BUFFER:
+            if not reply and self._queued and self._queued + size > SEND_BUFFER:
                 raise trio.WouldBlock
-            self._send.send_nowait((data if data[:1] == b"@" else data.decode(), len(data)))
-            self._queued += len(data)
+            self._send.send_nowait((frame, size))
+            self._queued += size
         except trio.WouldBlock:
             log.warning("client %s is not reading; closing it", self.ws.remote)
             if self._nursery is not None:
@@ -412,7 +424,11 @@ class Connection:
     async def _writer(self) -> None:
         try:
             async for data, size in self._recv:
-                frames, sent = [data], size
+                head = b""
+                if isinstance(data, memoryview):  # what send_now left of an answer (see queue)
+                    head, frames, sent = data, [], size
+                else:
+                    frames, sent = [data], size
                 while sent < WRITE_COALESCE:  # what else is queued goes out in the same write
                     try:
                         data, size = self._recv.receive_nowait()
@@ -421,7 +437,7 @@ class Connection:
                     frames.append(data)
                     sent += size
                 try:
-                    await send_messages(self.ws, frames)
+                    await send_messages(self.ws, frames, head)
                 except trio_websocket.ConnectionClosed:
                     return
                 self._queued -= sent

@@ -7,20 +7,23 @@ from collections.abc import Awaitable, Callable
 import trio
 import trio_websocket
 from wsproto.events import BytesMessage, TextMessage
+from wsproto.utilities import LocalProtocolError
 
-from ._channel import send_all_now
+from ._channel import send_all_now, write_now
 
-__all__ = ["MESSAGE_QUEUE", "deliver", "eager_reader", "get_messages", "send_messages"]
+__all__ = ["MESSAGE_QUEUE", "deliver", "eager_reader", "get_messages", "send_messages", "send_now"]
 
 # Messages trio-websocket may read ahead of the consumer (``message_queue_size``; its default
-# is 1), on the host and in the Python client: what get_messages can take at once. Each is
-# at most the connection's ``max_message_size``, so this also bounds what one connection
-# can park in memory while its reading is held back.
+# is 1): what get_messages can take at once. Each is at most the connection's
+# ``max_message_size``, so this also bounds what one connection can park in memory while
+# its reading is held back (the Python client's; the host's are delivered, see deliver).
 MESSAGE_QUEUE = 8
 
 
-async def send_messages(ws: trio_websocket.WebSocketConnection, frames: list[str | bytes]) -> None:
-    """Send each of ``frames`` as one WebSocket message, all in one write.
+async def send_messages(ws: trio_websocket.WebSocketConnection, frames: list[str | bytes],
+                        head: bytes | memoryview = b"") -> None:
+    """Send each of ``frames`` as one WebSocket message, all in one write (after ``head``:
+    what ``send_now`` left unsent).
 
     trio-websocket writes every message on its own, so each reply cost a system call
     on the host and a wake-up of the client; with 32 calls in flight that was a third of
@@ -38,19 +41,40 @@ async def send_messages(ws: trio_websocket.WebSocketConnection, frames: list[str
     lock = getattr(ws, "_stream_lock", None)
     stream = getattr(ws, "_stream", None)
     if wsp is None or lock is None or stream is None or not hasattr(ws, "_abort_web_socket"):
+        assert not head, "send_now never leaves bytes where these are missing"
         for frame in frames:
             await ws.send_message(frame)
         return
     if ws._close_reason:
         raise trio_websocket.ConnectionClosed(ws._close_reason)
-    data = b"".join([wsp.send(TextMessage(data=f) if isinstance(f, str) else BytesMessage(data=f))
-                     for f in frames])
+    data = b"".join([head, *(wsp.send(TextMessage(data=f) if isinstance(f, str) else BytesMessage(data=f))
+                             for f in frames)])
     try:
         await send_all_now(stream.socket if isinstance(stream, trio.SocketStream) else None,  # (not over TLS)
                            stream, lock, data)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await ws._abort_web_socket()
         raise trio_websocket.ConnectionClosed(ws._close_reason) from None
+
+
+def send_now(ws: trio_websocket.WebSocketConnection, frame: str | bytes) -> memoryview | None:
+    """Send ``frame`` as one WebSocket message at once, without yielding, over a plain
+    socket that no one else is writing to. Returns what the socket did not take (empty
+    when it took it all), which must go out next, before anything else (``send_messages``'s
+    ``head``); or None when it could not try: send the frame as usual, which also meets
+    whatever error a broken or closing connection has.
+    """
+    wsp = getattr(ws, "_wsproto", None)
+    lock = getattr(ws, "_stream_lock", None)
+    stream = getattr(ws, "_stream", None)
+    if wsp is None or lock is None or not isinstance(stream, trio.SocketStream) or lock.locked() \
+            or getattr(ws, "_close_reason", True) is not None:
+        return None
+    try:
+        data = wsp.send(TextMessage(data=frame) if isinstance(frame, str) else BytesMessage(data=frame))
+        return memoryview(data)[write_now(stream.socket, data):]
+    except (LocalProtocolError, OSError):  # (nothing was written)
+        return None
 
 
 async def get_messages(ws: trio_websocket.WebSocketConnection) -> list[str | bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -527,4 +528,68 @@ async def test_messages_of_one_read_are_queued_without_a_task_switch_each():
         await client.aclose()
         with pytest.raises(trio_websocket.ConnectionClosed):
             await get_messages(server)
+        n.cancel_scope.cancel()
+
+
+async def test_delivered_messages_reach_take_in_order_and_a_waiting_take_stops_reading():
+    """deliver: what trio-websocket queued before comes back (with the message of a reader
+    blocked on the full queue), in order; each later message goes to ``take`` as it is
+    read, in order; while a ``take`` waits, nothing more is read; after the peer closes,
+    get_messages raises ConnectionClosed. Over a real trio-websocket pair."""
+    from trio.testing import memory_stream_pair, wait_all_tasks_blocked
+
+    from supervisor._wsio import deliver, get_messages, send_messages
+
+    server_stream, client_stream = memory_stream_pair()
+    taken, release = [], trio.Event()
+
+    async def take(msg):
+        taken.append(msg)
+        if msg == "hold":
+            await release.wait()
+
+    async with trio.open_nursery() as n:
+        server, client = await _ws_pair(server_stream, client_stream, n, message_queue_size=2)
+        sent = ["a", b"b", "c", "d"]
+        await send_messages(client, sent)
+        await wait_all_tasks_blocked()  # two queued, the reader blocked with the third
+        waiting = deliver(server, take)
+        await wait_all_tasks_blocked()
+        assert waiting == sent[:3] and taken == sent[3:]
+        await send_messages(client, ["hold", "x", b"y"])
+        await wait_all_tasks_blocked()
+        assert taken == ["d", "hold"]
+        assert server._recv_channel.statistics().current_buffer_used == 0
+        release.set()
+        await wait_all_tasks_blocked()
+        assert taken == ["d", "hold", "x", b"y"]
+        await client.aclose()
+        with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed):
+            await get_messages(server)
+        n.cancel_scope.cancel()
+
+
+async def test_send_now_writes_at_once_and_leaves_what_the_socket_did_not_take():
+    """send_now writes one message without yielding; it does not try while another writer
+    holds the stream or after a close; what a full socket did not take goes out first,
+    as send_messages' head, and the peer reads every message whole and in order."""
+    from supervisor._wsio import send_messages, send_now
+
+    a, b = trio.socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)  # (so that the big one cannot fit)
+    async with trio.open_nursery() as n:
+        server, client = await _ws_pair(trio.SocketStream(a), trio.SocketStream(b), n)
+        rest = send_now(server, '{"id":1}')
+        assert rest is not None and len(rest) == 0
+        assert await client.get_message() == '{"id":1}'
+        async with server._stream_lock:
+            assert send_now(server, "busy") is None
+        big = "x" * 900_000
+        rest = send_now(server, big)
+        assert rest is not None and 0 < len(rest) < len(big)
+        n.start_soon(send_messages, server, [b"\x01after"], rest)
+        assert await client.get_message() == big
+        assert await client.get_message() == b"\x01after"
+        await client.aclose()  # (returns once the server has answered the close)
+        assert send_now(server, "late") is None
         n.cancel_scope.cancel()
