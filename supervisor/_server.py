@@ -292,14 +292,15 @@ class Connection:
         # frames (raw, no base64); one that sends text gets JSON text only (CONTRACT §4).
         self.binary = False
 
-    def queue(self, data: bytes, *, reply: bool = False) -> None:
+    def queue(self, data: bytes, *, reply: bool = False, final: bool = False) -> None:
         """Queue a frame; a client that lets SEND_QUEUE frames pile up is cut off. Replies
         cannot get there (reading stops at half, and at most max_in_flight answers are
         pending), nor are they held to SEND_BUFFER (a large result is an answer the client
-        asked for); notifications to a client that does not read are."""
+        asked for); notifications to a client that does not read are. ``final``: a reply
+        that ends its request's work (see _reply_final)."""
         frame: str | bytes | memoryview = data if data[:1] == b"@" else data.decode()
         size = len(data)
-        if reply and not self._queued and not self.in_flight and not self._ended and self._close_code is None:
+        if final and not self._queued and not self.in_flight and not self._ended and self._close_code is None:
             # The one answer this client waits for, with nothing ahead of it, is written
             # here rather than by the writer, a trip through the scheduler later (at one
             # call in flight, 20-50 µs of a 0.6 ms round trip here). With more requests
@@ -332,10 +333,10 @@ class Connection:
             return
         self.queue(data)
 
-    def reply(self, replies: list[Any], is_batch: bool) -> None:
-        """Queue the answer to one frame. A result that cannot be written as JSON
-        (NaN, an integer orjson and the stdlib both refuse…) becomes -32603 for
-        that request alone; the other replies of a batch still go out."""
+    def reply(self, replies: list[Any], is_batch: bool, *, final: bool = False) -> None:
+        """Queue the answer to one frame (``final``: see queue). A result that cannot be
+        written as JSON (NaN, an integer orjson and the stdlib both refuse…) becomes -32603
+        for that request alone; the other replies of a batch still go out."""
         atts: list | None = [] if self.binary else None
         try:
             data = proto.reply_frame(replies, is_batch, atts)
@@ -343,7 +344,7 @@ class Connection:
             atts = [] if self.binary else None
             data = proto.reply_frame([_encodable(r) for r in replies], is_batch, atts)
         if data is not None:
-            self.queue(proto.attach(data, atts) if atts else data, reply=True)
+            self.queue(proto.attach(data, atts) if atts else data, reply=True, final=final)
 
     async def run(self) -> None:
         try:
@@ -473,7 +474,7 @@ class Connection:
             if isinstance(item, proto.Request):
                 now = self._answer_now(item)
                 if now is None:
-                    self._begin(item, self._reply_one)
+                    self._begin(item, self._reply_one if item.method == "actor.send" else self._reply_final)
                 else:
                     self._reply_one(now)
             elif (reply := self._immediate(item)) is not None:
@@ -493,6 +494,15 @@ class Connection:
 
     def _reply_one(self, reply: Any) -> None:
         self.reply([reply], False)
+
+    def _reply_final(self, reply: Any) -> None:
+        """The answer to a request whose work it ends: an ``actor.call``'s, say, but not an
+        ``actor.send``'s, whose message runs on and streams outputs after it. Written at
+        once, the answer wakes the client while the host still works on that message, and
+        the two compete for the cores: with every answer written at once, the durable
+        send → output p50 measured 0.78-1.01 ms in three interleaved rounds, against
+        0.61-0.88 ms with none."""
+        self.reply([reply], False, final=True)
 
     def _answer_now(self, req: proto.Request) -> Any | None:
         """The reply to a request that never waits, computed here; None if it needs a task."""
