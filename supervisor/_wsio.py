@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 import trio_websocket
@@ -47,14 +48,18 @@ async def send_messages(ws: trio_websocket.WebSocketConnection, frames: list[str
         return
     if ws._close_reason:
         raise trio_websocket.ConnectionClosed(ws._close_reason)
-    data = b"".join([head, *(wsp.send(TextMessage(data=f) if isinstance(f, str) else BytesMessage(data=f))
-                             for f in frames)])
+    data = b"".join([head, *(_encode(wsp, f) for f in frames)])
     try:
         await send_all_now(stream.socket if isinstance(stream, trio.SocketStream) else None,  # (not over TLS)
                            stream, lock, data)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await ws._abort_web_socket()
         raise trio_websocket.ConnectionClosed(ws._close_reason) from None
+
+
+def _encode(wsp: Any, frame: str | bytes) -> bytes:
+    """One WebSocket message's bytes on the wire: text for a str, binary for bytes."""
+    return wsp.send(TextMessage(data=frame) if isinstance(frame, str) else BytesMessage(data=frame))
 
 
 def send_now(ws: trio_websocket.WebSocketConnection, frame: str | bytes) -> memoryview | None:
@@ -71,7 +76,7 @@ def send_now(ws: trio_websocket.WebSocketConnection, frame: str | bytes) -> memo
             or getattr(ws, "_close_reason", True) is not None:
         return None
     try:
-        data = wsp.send(TextMessage(data=frame) if isinstance(frame, str) else BytesMessage(data=frame))
+        data = _encode(wsp, frame)
         return memoryview(data)[write_now(stream.socket, data):]
     except (LocalProtocolError, OSError):  # (nothing was written)
         return None
