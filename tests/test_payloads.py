@@ -422,6 +422,33 @@ def test_the_workers_json_codec_matches_the_standard_librarys(value, garbage):
         assert json.dumps(reflow_worker._loads(garbage.encode())) == json.dumps(expected)
 
 
+def test_the_workers_json_encoder_recovers_from_a_dump_that_failed_midway():
+    """One encoder writes every reply; a dump that fails midway (a value JSON cannot hold,
+    a cycle) must not leave its circular-reference markers behind to fail the next one."""
+    bad = {"a": [1, {"b": object()}]}
+    with pytest.raises(TypeError):
+        reflow_worker._dumps(bad)
+    cycle: list = []
+    cycle.append(cycle)
+    with pytest.raises(ValueError):
+        reflow_worker._dumps(cycle)
+    bad["a"][1]["b"] = 2  # the same containers, now encodable
+    assert reflow_worker._dumps(bad) == '{"a":[1,{"b":2}]}'
+    assert reflow_worker._loads(bytearray(b'{"x": [1]}')) == {"x": [1]}  # (how frames are read)
+
+
+def test_a_wire_message_whose_type_is_not_a_string_is_a_plain_value():
+    """The SDK looks types up in a set: a hostile ``type`` that cannot be hashed must still
+    read as a plain value, and ``Message`` must still say the type is unknown."""
+    import reflow
+
+    odd = {"type": ["integer"], "value": 1}
+    assert reflow.Message.from_wire(odd) == reflow.Message("object", odd)
+    assert reflow.Message.from_wire({"type": "integer", "value": 1}) == reflow.Message.integer(1)
+    with pytest.raises(ValueError, match="unknown message type"):
+        reflow.Message({"not": "hashable"}, 1)
+
+
 async def test_a_payload_larger_than_the_ring_falls_back_to_attachments_and_arrives(make_host):
     host = await make_host({"echo.actor.py": ECHO})
     cfg = host.config.read_text().replace("    backend: bubblewrap\n", "    backend: bubblewrap\n    shm_size: 1MiB\n")

@@ -26,12 +26,19 @@ def _json_codec():
         def fail(o):
             raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
 
+        def encoder():
+            return _json.make_encoder({}, fail, _json.encode_basestring, None, ":", ",", False, False, False)
+
+        enc = [encoder()]
+
         def dumps(obj):
             if isinstance(obj, str):
                 return _json.encode_basestring(obj)
-            # A fresh encoder per call: its circular-reference markers survive an exception.
-            enc = _json.make_encoder({}, fail, _json.encode_basestring, None, ":", ",", False, False, False)
-            return "".join(enc(obj, 0))
+            try:
+                return "".join(enc[0](obj, 0))
+            except BaseException:
+                enc[0] = encoder()  # (its circular-reference markers may keep what this call left)
+                raise
 
         class _Context:  # what the C scanner reads off a JSONDecoder
             strict = True
@@ -43,12 +50,12 @@ def _json_codec():
         ws = " \t\n\r"
 
         def loads(data):
-            s = data if isinstance(data, str) else bytes(data).decode("utf-8")
+            s = data if isinstance(data, str) else data.decode("utf-8")  # (str, bytes, bytearray)
             try:
-                obj, end = scan(s, len(s) - len(s.lstrip(ws)))
+                obj, end = scan(s, 0 if s[:1] == "{" else len(s) - len(s.lstrip(ws)))
             except StopIteration as stop:
                 raise ValueError(f"Expecting value at char {stop.value}") from None
-            if s[end:].strip(ws):
+            if end != len(s) and s[end:].strip(ws):
                 raise ValueError(f"Extra data at char {end}")
             return obj
 
@@ -115,6 +122,8 @@ class Channel:
             if hold and len(self.held) < 16:
                 self.held.append(data + b"\n")
                 return None
+            if not self.held:
+                return self._write_one(data + b"\n")
             return self._write([*self._take_held(), data + b"\n"])
         views = [memoryview(a).cast("B") if memoryview(a).ndim != 1 or memoryview(a).format != "B"
                  else memoryview(a) for a in atts]
@@ -132,6 +141,11 @@ class Channel:
     def has_frame(self):
         """Whether a whole request is already here (read, or set aside)."""
         return bool(self.pending) or self.buf.find(b"\n") >= 0
+
+    def _write_one(self, data):
+        n = os.write(self.out_fd, data)
+        if n < len(data):
+            self._write([memoryview(data)[n:]])
 
     def _write(self, bufs):
         bufs = [memoryview(b) for b in bufs]
@@ -153,9 +167,9 @@ class Channel:
         while True:
             i = self.buf.find(b"\n")
             if i >= 0:
-                if self.buf[:1] == b"@":
+                if self.buf[0] == 64:  # b"@"
                     return self._attached(i)
-                line = bytes(self.buf[:i])
+                line = self.buf[:i]
                 del self.buf[:i + 1]
                 return _loads(line)
             self._read()

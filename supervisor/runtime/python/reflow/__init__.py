@@ -20,7 +20,7 @@ _INF = float("inf")
 
 __all__ = ["actor", "ActorContext", "ActorState", "Message", "ActorError"]
 
-_TYPES = ("integer", "float", "string", "boolean", "array", "object", "error", "bytes", "any", "null")
+_TYPES = frozenset(("integer", "float", "string", "boolean", "array", "object", "error", "bytes", "any", "null"))
 
 # Set by the worker: a function (op, args) -> result that performs a state call on the host.
 _state_call = None
@@ -44,7 +44,7 @@ class Message:
     __slots__ = ("type", "value")
 
     def __init__(self, type, value):
-        if type not in _TYPES:
+        if not isinstance(type, str) or type not in _TYPES:
             raise ValueError(f"unknown message type {type!r}")
         self.type = type
         self.value = value
@@ -136,7 +136,7 @@ class Message:
     @classmethod
     def from_wire(cls, w):
         t = w.get("type") if isinstance(w, dict) else None
-        if t not in _TYPES or "value" not in w or len(w) != 2:
+        if not isinstance(t, str) or t not in _TYPES or "value" not in w or len(w) != 2:
             return cls.infer(w)
         if t == "bytes":  # input bytes are read-only memoryviews, however they travelled
             return cls("bytes", memoryview(_b64decode(w["value"])).toreadonly())
@@ -231,6 +231,9 @@ class ActorState:
         self.set(key, value)
 
 
+_STATE = ActorState()  # (it holds nothing: one serves every message)
+
+
 class _Done:
     """An awaitable that is already complete, so ``send_output`` works with or without ``await``."""
 
@@ -255,7 +258,7 @@ class ActorContext:
         self._actor_id = actor_id
         self._timestamp = timestamp
         self._outputs = {}
-        self._state = ActorState()
+        self._state = _STATE
 
     def get_payload(self):
         """``{port: Message}`` of this message's inputs."""
