@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -567,6 +568,30 @@ async def test_delivered_messages_reach_take_in_order_and_a_waiting_take_stops_r
         with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed):
             await get_messages(server)
         n.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 200_000])
+def test_the_server_frames_written_by_hand_are_those_wsproto_writes(size):
+    """_wsio._encode writes a server's unmasked frame header itself; the bytes must be
+    wsproto's own at each length boundary, for text and binary, and a peer must read them."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
+
+    from supervisor._wsio import _encode
+
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="h", target="/")))
+    next(server.events())
+    client.receive_data(server.send(AcceptConnection()))
+    list(client.events())
+    for message, event in (("x" * size, TextMessage), ("é" * (size // 2), TextMessage),  # (2 bytes each)
+                           (os.urandom(size), BytesMessage)):
+        ours = _encode(server, message)
+        assert ours == bytes(server.send(event(data=message)))
+        client.receive_data(ours)
+        (got,) = client.events()
+        assert got.data == message and got.message_finished
+    assert _encode(client, "x") != _encode(client, "x")  # a client's frames go through wsproto: masked
 
 
 async def test_send_now_writes_at_once_and_leaves_what_the_socket_did_not_take():
