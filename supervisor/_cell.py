@@ -609,7 +609,8 @@ class ActorCell:
             commit, env, routed, outputs = committing[0]
             try:
                 # (A cancel here leaves it first in line, for the run's exit to finish.)
-                await commit.finish()
+                if commit.finish is not None:
+                    await commit.finish()
             except ActorError as exc:
                 committing.popleft()
                 if env.stream_id is not None:

@@ -115,14 +115,19 @@ def runtime_unavailable(runtime: str) -> str | None:
 @attrs.frozen
 class Commit:
     """A message's commit on its way: ``finish()`` waits for Redis's answer, then routes
-    what follows from it; ``ready`` says whether that answer is in (no Redis: always)."""
+    what follows from it; ``ready`` says whether that answer is in (no Redis: always).
+    ``finish`` is None when there is nothing to wait for or route (a call on a memory
+    host whose outputs go nowhere): no coroutine to run per message then."""
 
     reply: Reply | None
-    finish: Callable[[], Awaitable[None]]
+    finish: Callable[[], Awaitable[None]] | None
 
     @property
     def ready(self) -> bool:
         return self.reply is None or self.reply.ready
+
+
+_NOTHING_TO_COMMIT = Commit(None, None)
 
 
 class Host:
@@ -424,7 +429,9 @@ class Host:
         Raises:
             ActorFailed: Redis refused the commit or could not be reached (its ``__cause__``).
         """
-        await self.start_commit(cell, txn, routed, env, ack=ack).finish()
+        commit = self.start_commit(cell, txn, routed, env, ack=ack)
+        if commit.finish is not None:
+            await commit.finish()
 
     def start_commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope, *,
                      ack: bool = True) -> Commit:
@@ -451,6 +458,8 @@ class Host:
                     target.unread = True
         if ack and env.stream_id is not None:
             cmds += done_cmds(cell.inbox, env.stream_id)
+        if not cmds and not later and not gathering:
+            return _NOTHING_TO_COMMIT
         reply = self.redis.submit_transaction(cmds) if cmds else None
         delivered = 0
 
@@ -591,6 +600,8 @@ class Host:
                     q.popleft()
 
     def publish(self, cell: ActorCell, routed: list, message_id: str) -> None:
+        if not cell.subscribers:
+            return
         for callback in list(cell.subscribers.values()):
             for port, message in routed:
                 callback(cell.name, port, message, message_id)
