@@ -67,10 +67,10 @@ def _encode(wsp: Any, frame: str | bytes) -> bytes:
     written here. wsproto builds the same bytes through four layers of calls and three
     copies of the payload, a few microseconds of every answer; anything else goes to it.
     """
-    conn = wsp.connection
+    conn = getattr(wsp, "connection", None)
     proto = getattr(conn, "_proto", None)
-    if wsp.client or conn is None or getattr(proto, "extensions", True) or getattr(proto, "_outbound_opcode", 0) \
-            is not None or conn.state is not ConnectionState.OPEN:
+    if getattr(wsp, "client", True) or getattr(proto, "extensions", True) \
+            or getattr(proto, "_outbound_opcode", 0) is not None or getattr(conn, "state", None) is not ConnectionState.OPEN:
         return wsp.send(TextMessage(data=frame) if isinstance(frame, str) else BytesMessage(data=frame))
     if isinstance(frame, str):
         data, first = frame.encode(), 0x81  # FIN, text
