@@ -9,6 +9,8 @@ import sys
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import trio
 import trio_websocket
 
@@ -555,6 +557,8 @@ async def test_delivered_messages_reach_take_in_order_and_a_waiting_take_stops_r
         await send_messages(client, sent)
         await wait_all_tasks_blocked()  # two queued, the reader blocked with the third
         waiting = deliver(server, take)
+        # (and from now on its wsproto reads whole frames at once: see the test below)
+        assert type(server._wsproto.connection._proto._frame_decoder).__name__ == "_WholeFrames"
         await wait_all_tasks_blocked()
         assert waiting == sent[:3] and taken == sent[3:]
         await send_messages(client, ["hold", "x", b"y"])
@@ -592,6 +596,83 @@ def test_the_server_frames_written_by_hand_are_those_wsproto_writes(size):
         (got,) = client.events()
         assert got.data == message and got.message_finished
     assert _encode(client, "x") != _encode(client, "x")  # a client's frames go through wsproto: masked
+
+
+def _client_frame(first: int, payload: bytes, *, masked: bool = True, length: str = "short") -> bytes:
+    """One client frame made by hand: ``first`` is its FIN/RSV/opcode byte; ``length``
+    "short" is the minimal length field, "two" and "eight" force the longer ones."""
+    n = len(payload)
+    mask = 0x80 if masked else 0
+    if length == "eight" or (length == "short" and n > 0xFFFF):
+        head = bytes((first, mask | 127)) + n.to_bytes(8, "big")
+    elif length == "two" or (length == "short" and n > 125):
+        head = bytes((first, mask | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((first, mask | n))
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+_frames = st.one_of(
+    st.builds(lambda t: _client_frame(0x81, t.encode()), st.text(max_size=300)),
+    st.builds(lambda b: _client_frame(0x82, b), st.binary(max_size=300)),
+    st.builds(lambda n: _client_frame(0x82, bytes(n)), st.sampled_from([125, 126, 65535, 65536])),
+    st.builds(lambda b: _client_frame(0x89, b), st.binary(max_size=20)),  # ping
+    st.builds(lambda a, b: _client_frame(0x01, a.encode()) + _client_frame(0x80, b.encode()),  # fragmented
+              st.text(max_size=20), st.text(max_size=20)),
+    # what wsproto refuses: a reserved bit, no mask, a longer length field than needed,
+    # text that is not UTF-8, an unknown opcode, a continuation with nothing to continue
+    st.builds(lambda b: _client_frame(0xC1, b), st.binary(max_size=20)),
+    st.builds(lambda b: _client_frame(0x82, b, masked=False), st.binary(max_size=20)),
+    st.builds(lambda b, k: _client_frame(0x81, b, length=k), st.binary(max_size=20), st.sampled_from(["two", "eight"])),
+    st.builds(lambda: _client_frame(0x81, b"ok\xff\xfe")),
+    st.builds(lambda b: _client_frame(0x83, b), st.binary(max_size=20)),
+    st.builds(lambda b: _client_frame(0x80, b), st.binary(max_size=20)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames=st.lists(_frames, max_size=8), cuts=st.lists(st.integers(min_value=0), max_size=6))
+def test_whole_frames_read_at_once_give_what_wsproto_gives(frames, cuts):
+    """deliver() gives the host's wsproto a decoder that reads a client's whole text or
+    binary frame in one step: on any stream of frames, split across reads anywhere, the
+    events (and the close a bad frame earns) must be wsproto's own."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request
+
+    from supervisor._wsio import _WholeFrames, _WholeMessages
+
+    stream = b"".join(frames)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    outcomes = []
+    for fast in (False, True):
+        client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+        server.receive_data(client.send(Request(host="h", target="/")))
+        next(server.events())
+        client.receive_data(server.send(AcceptConnection()))
+        if fast:
+            proto = server.connection._proto
+            proto._frame_decoder.__class__, proto._message_decoder.__class__ = _WholeFrames, _WholeMessages
+        events, text, data = [], "", b""
+        for a, b in zip(points, points[1:]):
+            server.receive_data(stream[a:b])
+            for e in server.events():
+                if hasattr(e, "message_finished"):  # (wsproto may hand a message over in parts)
+                    if isinstance(e.data, str):
+                        text += e.data
+                    else:
+                        data += e.data
+                    if e.message_finished:
+                        events.append((type(e).__name__, text or data))
+                        text, data = "", b""
+                else:
+                    events.append((type(e).__name__, repr(e)))
+            if events and events[-1][0] == "CloseConnection":
+                break
+        outcomes.append(events)
+    assert outcomes[0] == outcomes[1]
 
 
 async def test_send_now_writes_at_once_and_leaves_what_the_socket_did_not_take():
