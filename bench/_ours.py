@@ -274,7 +274,8 @@ async def against_floor(fig: Figures, *, n: int, warmup: int, total: int, rounds
             await _call_ok(c, "Double", i)
 
         calls = {"baseline.floor": floor_call, "ours": ours_call}
-        lat = await take_turns({name: functools.partial(_latency_turn, call, n // rounds, warmup)
+        lat = await take_turns({name: functools.partial(_latency_turn, functools.partial(latency, call),
+                                                        n // rounds, warmup)
                                 for name, call in calls.items()}, rounds)
         thr = await take_turns({name: functools.partial(_throughput_turn, call, total // rounds)
                                 for name, call in calls.items()}, rounds)
@@ -288,8 +289,10 @@ async def against_floor(fig: Figures, *, n: int, warmup: int, total: int, rounds
                     f"{what[name]}, each call's latency with 32 in flight")
 
 
-async def _latency_turn(call: Callable[[int], Awaitable[object]], k: int, warmup: int, turn: int) -> list[float]:
-    return await latency(call, k, warmup if turn == 0 else warmup // 10)
+async def _latency_turn(measure: Callable[[int, int], Awaitable[list[float]]], k: int, warmup: int,
+                        turn: int) -> list[float]:
+    """``measure(k, warmup)``: seconds per call, ``k`` calls; the first turn warms up in full."""
+    return await measure(k, warmup if turn == 0 else warmup // 10)
 
 
 async def _throughput_turn(call: Callable[[int], Awaitable[object]], k: int, turn: int) -> tuple[float, list[float]]:
@@ -313,11 +316,10 @@ async def against_ray(fig: Figures, *, n: int, warmup: int, total: int, rounds: 
             async def ours_call(i: int) -> None:
                 await _call_ok(c, "Double", i)
 
-            def ray_turn(turn: int) -> Awaitable[list[float]]:
-                return ray.latency(n // rounds, warmup if turn == 0 else warmup // 10)
-
-            lat = await take_turns({"ours": functools.partial(_latency_turn, ours_call, n // rounds, warmup),
-                                    "ray": ray_turn}, rounds)
+            lat = await take_turns({"ours": functools.partial(_latency_turn, functools.partial(latency, ours_call),
+                                                              n // rounds, warmup),
+                                    "ray": functools.partial(_latency_turn, ray.latency, n // rounds, warmup)},
+                                   rounds)
             data = await ray.finish()
     except* RayUnavailable as group:  # (from inside the client's nursery it comes grouped)
         failed += [e for e in _leaves(group) if isinstance(e, RayUnavailable)]

@@ -15,7 +15,8 @@ from wsproto.utilities import LocalProtocolError
 
 from ._channel import send_all_now, write_now
 
-__all__ = ["MESSAGE_QUEUE", "deliver", "eager_reader", "get_messages", "send_messages", "send_now"]
+__all__ = ["MESSAGE_QUEUE", "deliver", "eager_reader", "get_messages", "read_whole_frames_at_once", "send_messages",
+           "send_now"]
 
 # Messages trio-websocket may read ahead of the consumer (``message_queue_size``; its default
 # is 1): what get_messages can take at once. Each is at most the connection's
@@ -198,7 +199,7 @@ def deliver(ws: trio_websocket.WebSocketConnection,
         except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
             break
     ws._send_channel = _ReaderQueue(channel, take)
-    _read_whole_frames_at_once(ws)
+    read_whole_frames_at_once(getattr(ws, "_wsproto", None))
     return waiting
 
 
@@ -218,15 +219,15 @@ class _WholeFrames(FrameDecoder):
         data = buf.buffer
         if self.header is None and not buf.bytes_used and len(data) >= 6 and data[0] in (0x81, 0x82) \
                 and data[1] & 0x80:  # FIN, no reserved bit, text or binary; masked
-            n, at = data[1] & 0x7F, 2
+            n, at, minimal = data[1] & 0x7F, 2, True
             if n == 126:
-                at, n = 4, (int.from_bytes(data[2:4], "big") if len(data) >= 8 else -1)
-                n = n if n > 125 else -1
-            elif n == 127:
-                at, n = 10, (int.from_bytes(data[2:10], "big") if len(data) >= 14 else -1)
-                n = n if 0xFFFF < n < 1 << 63 else -1
+                at, n = 4, int.from_bytes(data[2:4], "big")
+                minimal = n > 125
+            elif n == 127:  # (read short while the field is not all here: then so is the frame)
+                at, n = 10, int.from_bytes(data[2:10], "big")
+                minimal = 0xFFFF < n < 1 << 63
             end = at + 4 + n
-            if n >= 0 and len(data) >= end:
+            if minimal and len(data) >= end:
                 opcode = Opcode.TEXT if data[0] == 0x81 else Opcode.BINARY
                 payload = b""
                 if n:
@@ -252,12 +253,13 @@ class _WholeMessages(MessageDecoder):
         return super().process_frame(frame)
 
 
-def _read_whole_frames_at_once(ws: trio_websocket.WebSocketConnection) -> None:
-    """Give a server connection's wsproto the decoders above, where it has wsproto's own
-    and no extension (trio-websocket negotiates none)."""
-    proto = getattr(getattr(getattr(ws, "_wsproto", None), "connection", None), "_proto", None)
+def read_whole_frames_at_once(wsp: Any) -> None:
+    """Give an open server-side wsproto connection (trio-websocket's ``_wsproto``) the
+    decoders above, where it has wsproto's own and no extension (trio-websocket negotiates
+    none); otherwise leave it as it is."""
+    proto = getattr(getattr(wsp, "connection", None), "_proto", None)
     frames, messages = getattr(proto, "_frame_decoder", None), getattr(proto, "_message_decoder", None)
     if type(frames) is FrameDecoder and type(messages) is MessageDecoder and not frames.client \
-            and not frames.extensions and not getattr(proto, "extensions", True):
+            and not frames.extensions:
         frames.__class__ = _WholeFrames
         messages.__class__ = _WholeMessages

@@ -574,20 +574,28 @@ async def test_delivered_messages_reach_take_in_order_and_a_waiting_take_stops_r
         n.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 200_000])
-def test_the_server_frames_written_by_hand_are_those_wsproto_writes(size):
-    """_wsio._encode writes a server's unmasked frame header itself; the bytes must be
-    wsproto's own at each length boundary, for text and binary, and a peer must read them."""
+def _wsproto_pair():
+    """A wsproto client and server connection, handshake done (no extension)."""
     from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
-
-    from supervisor._wsio import _encode
+    from wsproto.events import AcceptConnection, Request
 
     client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
     server.receive_data(client.send(Request(host="h", target="/")))
     next(server.events())
     client.receive_data(server.send(AcceptConnection()))
     list(client.events())
+    return client, server
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 200_000])
+def test_the_server_frames_written_by_hand_are_those_wsproto_writes(size):
+    """_wsio._encode writes a server's unmasked frame header itself; the bytes must be
+    wsproto's own at each length boundary, for text and binary, and a peer must read them."""
+    from wsproto.events import BytesMessage, TextMessage
+
+    from supervisor._wsio import _encode
+
+    client, server = _wsproto_pair()
     for message, event in (("x" * size, TextMessage), ("é" * (size // 2), TextMessage),  # (2 bytes each)
                            (os.urandom(size), BytesMessage)):
         ours = _encode(server, message)
@@ -596,6 +604,7 @@ def test_the_server_frames_written_by_hand_are_those_wsproto_writes(size):
         (got,) = client.events()
         assert got.data == message and got.message_finished
     assert _encode(client, "x") != _encode(client, "x")  # a client's frames go through wsproto: masked
+    assert _encode(client, "x")[1] & 0x80
 
 
 def _client_frame(first: int, payload: bytes, *, masked: bool = True, length: str = "short") -> bytes:
@@ -639,22 +648,16 @@ def test_whole_frames_read_at_once_give_what_wsproto_gives(frames, cuts):
     """deliver() gives the host's wsproto a decoder that reads a client's whole text or
     binary frame in one step: on any stream of frames, split across reads anywhere, the
     events (and the close a bad frame earns) must be wsproto's own."""
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, Request
-
-    from supervisor._wsio import _WholeFrames, _WholeMessages
+    from supervisor._wsio import read_whole_frames_at_once
 
     stream = b"".join(frames)
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     outcomes = []
     for fast in (False, True):
-        client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
-        server.receive_data(client.send(Request(host="h", target="/")))
-        next(server.events())
-        client.receive_data(server.send(AcceptConnection()))
+        _, server = _wsproto_pair()
         if fast:
-            proto = server.connection._proto
-            proto._frame_decoder.__class__, proto._message_decoder.__class__ = _WholeFrames, _WholeMessages
+            read_whole_frames_at_once(server)
+            assert type(server.connection._proto._frame_decoder).__name__ == "_WholeFrames"
         events, text, data = [], "", b""
         for a, b in zip(points, points[1:]):
             server.receive_data(stream[a:b])
