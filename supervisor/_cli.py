@@ -11,6 +11,7 @@ import ipaddress
 import os
 import sys
 import traceback
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,31 @@ class UsageError(Exception):
     """Bad command line or configuration: exit code 2."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def _common(top: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name.
+
+    Only the top-level parser has defaults: a subcommand's parser (which argparse runs
+    after the top level's) would otherwise reset ``-c x check-config`` to its own default.
+    """
+    d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", default=None, help="reflow.yaml (default: ./reflow.yaml if present)")
-    common.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+    common.add_argument("-c", "--config", default=d(None), help="reflow.yaml (default: ./reflow.yaml if present)")
+    common.add_argument("--log-level", default=d(None), choices=["debug", "info", "warning", "error"],
                         help="host log level (or REFLOW_LOG)")
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    p = argparse.ArgumentParser(prog="python -m supervisor", parents=[common],
-                                description="Run sandboxed Python and JavaScript script actors under supervision.")
-    sub = p.add_subparsers(dest="command")
+    common.add_argument("--debug", action="store_true", default=d(False), help="show tracebacks")
+    return common
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one sentence and exit 2, as every other usage error
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _common(top=False)
+    p = _Parser(prog="python -m supervisor", parents=[_common(top=True)],
+                description="Run sandboxed Python and JavaScript script actors under supervision.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
     run = sub.add_parser("run", parents=[common], help="run the host (the default)")
     run.add_argument("scripts", nargs="*", metavar="SCRIPT", help="extra .py/.js scripts to serve")
     d = sub.add_parser("discover", parents=[common], help="list discovered actors")
@@ -89,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         if command == "deadletters":
             return _deadletters(args)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:   # one sentence per problem
+            print(f"error: {line}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILURE
@@ -130,6 +150,9 @@ def _run(args: argparse.Namespace) -> int:
         if not Path(s).is_file():
             raise UsageError(f"no such script: {s}")
     host = Host(config, extra_scripts=getattr(args, "scripts", []))
+    # Everything discovery can tell (names, ports, config against config_schema) is
+    # checked before anything starts, with the same messages as check-config.
+    _component_problems(config, host.discover().components)
     _tune_gc()
     try:
         trio.run(host.main)
@@ -162,11 +185,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _discover(args: argparse.Namespace) -> int:
-    from ._discovery import discover
-
-    config = _load_config(args.config)
-    ws = config.workspace
-    found = discover(ws.root, ws.script_patterns, ws.excluded_paths, ws.scripts, discover_scripts=ws.discover_scripts)
+    found = _discovered(_load_config(args.config))
     if args.json:
         out = {"actors": [_component_json(c) for c in found.components],
                "problems": [{"file": str(p.file), "line": p.line, "message": p.message} for p in found.problems]}
@@ -195,10 +214,33 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
+def _discovered(config: Any, extra_scripts: list[str] = ()) -> Any:
+    from ._discovery import discover
+
+    ws = config.workspace
+    return discover(ws.root, ws.script_patterns, ws.excluded_paths, [*ws.scripts, *extra_scripts],
+                    discover_scripts=ws.discover_scripts)
+
+
+def _component_problems(config: Any, components: Any) -> None:
+    """Raise UsageError with every problem ``run`` would have with these components."""
+    from ._config import check_components
+
+    problems = check_components(config, components)
+    if problems:
+        raise UsageError("\n".join(str(p) for p in problems))
+
+
 def _check_config(args: argparse.Namespace) -> int:
+    """The file, then the network and process config against what discovery finds (statically)."""
     config = _load_config(args.config)
+    found = _discovered(config)
+    _component_problems(config, found.components)
+    for p in found.problems:   # run serves the others; say so, but the config itself is fine
+        print(f"warning: script not loaded: {_rel(p.file)}:{p.line}: {p.message}", file=sys.stderr)
     where = config.path or "defaults (no reflow.yaml)"
-    print(f"{where}: ok")
+    n = len(config.network.processes) if config.network is not None else len(found.components)
+    print(f"{where}: ok ({len(found.components)} actors discovered, {n} processes)")
     return EXIT_OK
 
 

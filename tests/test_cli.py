@@ -63,3 +63,46 @@ async def test_call_shows_what_a_failing_actor_streamed_before_its_error(make_ho
     # Every streamed output, in order, then the error. (Whether the last outputs share a
     # network read with the error reply is up to timing; this does not force it.)
     assert out.splitlines() == [f"step: {i}" for i in range(200)]
+
+
+def _run_cli(*args: str, cwd, timeout: float = 60) -> tuple[int, str, str]:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True, text=True, cwd=cwd,
+                       timeout=timeout)
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_common_options_work_before_and_after_the_command(tmp_path):
+    (tmp_path / "bad.yaml").write_text("workspace:\n  bogus: 1\n")
+    for args in (("-c", "bad.yaml", "check-config"), ("check-config", "-c", "bad.yaml"),
+                 ("--log-level", "debug", "-c", "bad.yaml", "check-config")):
+        rc, out, err = _run_cli(*args, cwd=tmp_path)
+        assert rc == 2 and "workspace.bogus: unknown key" in err and "bad.yaml:2" in err, (args, out, err)
+        assert "ok" not in out
+    rc, out, err = _run_cli("--log-level", "loud", "check-config", cwd=tmp_path)
+    assert rc == 2 and err.startswith("error: argument --log-level") and "Traceback" not in err
+
+
+_NETWORK_CALC = ("from reflow import actor\n\n@actor(name='Calc', inports=['value'], outports=['result'],\n"
+                 "       config_schema={'factor': 'number'})\nasync def calc(context):\n"
+                 "    return {'result': context.get_input('value') * context.get_config()['factor']}\n")
+
+
+def test_check_config_and_run_reject_what_discovery_contradicts(tmp_path):
+    (tmp_path / "calc.actor.py").write_text(_NETWORK_CALC)
+    (tmp_path / "reflow.yaml").write_text(
+        "network:\n  processes:\n    double:\n      component: Calc\n      config: {factor: two}\n"
+        "    log: {component: Logger}\n"
+        "  connections:\n    - {data: 2, tgt: {process: double, port: valu}}\n")
+    expected = ["error: network.processes.double.config.factor: 'two' is not of type 'number' (reflow.yaml:5)",
+                "error: network.processes.log.component: unknown component 'Logger' (discovered: Calc) (reflow.yaml:6)",
+                "error: network.connections[0].tgt.port: Calc has no inport 'valu' (inports: value) (reflow.yaml:8)"]
+    rc, out, err = _run_cli("check-config", cwd=tmp_path)
+    assert (rc, out, err.splitlines()) == (2, "", expected)
+    rc, out, err = _run_cli("run", cwd=tmp_path)   # refused before any sandbox or Redis starts
+    assert rc == 2 and err.splitlines() == expected and not (tmp_path / ".reflow").exists()
+    (tmp_path / "reflow.yaml").write_text("network:\n  processes:\n    double: {component: Calc, config: {factor: 2}}\n")
+    rc, out, err = _run_cli("check-config", cwd=tmp_path)
+    assert rc == 0 and out.startswith("reflow.yaml: ok"), err
