@@ -106,3 +106,32 @@ def test_check_config_and_run_reject_what_discovery_contradicts(tmp_path):
     (tmp_path / "reflow.yaml").write_text("network:\n  processes:\n    double: {component: Calc, config: {factor: 2}}\n")
     rc, out, err = _run_cli("check-config", cwd=tmp_path)
     assert rc == 0 and out.startswith("reflow.yaml: ok"), err
+
+
+async def test_auto_backend_probes_once_and_says_what_it_chose(make_host, tmp_path):
+    """The microVM probe's verdict is remembered under XDG_CACHE_HOME: the second start pays nothing for it."""
+    import time
+
+    cache = tmp_path / "xdg-cache"
+    env = {"XDG_CACHE_HOME": str(cache)}
+    first = await make_host({}, "", "--log-level", "info", backend="auto", start=False, env=env)
+    started = time.monotonic()
+    await first.start(timeout=90)
+    first_s = time.monotonic() - started
+    await first.stop()
+    chosen = [line for line in first.output().splitlines() if "sandbox: using" in line]
+    assert len(chosen) == 1, first.output()
+    if "using microsandbox" in chosen[0]:
+        import pytest
+        pytest.skip("a microVM boots here: auto keeps checking its images at every start")
+    assert "using bubblewrap (namespaces) — " in chosen[0] and "probed in" in chosen[0], chosen
+    assert (cache / "reflow-supervisor" / "microvm-probe.json").exists()
+
+    second = await make_host({}, "", "--log-level", "info", backend="auto", start=False, env=env)
+    started = time.monotonic()
+    await second.start()
+    second_s = time.monotonic() - started
+    (line,) = [line for line in second.output().splitlines() if "sandbox: using" in line]
+    assert "using bubblewrap (namespaces) — " in line and f"remembered in {cache}" in line, line
+    assert chosen[0].split(" — ", 1)[1].split(";")[0] == line.split(" — ", 1)[1].split(";")[0]  # the same reason
+    assert second_s < 8 and second_s < first_s, (first_s, second_s)
