@@ -7,6 +7,7 @@ sentence on stderr; ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import collections
 import ipaddress
 import os
 import sys
@@ -271,7 +272,9 @@ def _call(args: argparse.Namespace) -> int:
         try:
             inputs[port] = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            inputs[port] = raw  # a bare word is a string: n=hello
+            # A bare word is a string (op=mul), but a typo'd number or object would be too: say so.
+            inputs[port] = raw
+            print(f"note: {port}: not JSON, sent as the string {raw!r}", file=sys.stderr)
     url = _url(args)
     token = args.token or os.environ.get("REFLOW_TOKEN")
 
@@ -279,8 +282,11 @@ def _call(args: argparse.Namespace) -> int:
         async with open_client(url, token=token) as client:
             outputs = client.on_notification("output")
 
+            streamed: collections.Counter = collections.Counter()
+
             def show(note: dict) -> None:
                 p = note["params"]
+                streamed[(p["port"], orjson.dumps(p["data"], option=orjson.OPT_SORT_KEYS))] += 1
                 print(f"{p['port']}: {orjson.dumps(p['data']).decode()}", flush=True)
 
             async def show_streamed() -> None:
@@ -313,6 +319,12 @@ def _call(args: argparse.Namespace) -> int:
                     print(orjson.dumps(failed.data, option=orjson.OPT_INDENT_2).decode(), file=sys.stderr)
                 return EXIT_FAILURE
             for port, value in result["outputs"].items():
+                # A script that streams an output and also returns it (``return context.get_outputs()``)
+                # would show it twice: print only what was not streamed already.
+                seen = (port, orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+                if streamed[seen]:
+                    streamed[seen] -= 1
+                    continue
                 print(f"{port}: {orjson.dumps(value).decode()}")
             return EXIT_OK
 
@@ -335,10 +347,39 @@ def _status(args: argparse.Namespace) -> int:
         print(orjson.dumps(tree, option=orjson.OPT_INDENT_2).decode())
         return EXIT_OK
     _print_tree(tree, 0)
+    tiers = _tiers(tree)
+    backend = tree.get("backend")
+    if backend:
+        print(f"backend: {backend}")
+    for tier in sorted(tiers):
+        print(f"tier={tier}: {_TIERS.get(tier, 'an isolation tier this client does not know')}")
     pools = tree.get("pools") or {}
     for rt, p in pools.items():
-        print(f"pool {rt}: warm {p['warm']}, live {p['live']}/{p['max_size']}")
+        state = p.get("state")
+        preload = f"/{p['preload']}" if "preload" in p else ""
+        line = f"pool {rt}: {state + ' — ' if state else ''}{p['warm']}{preload} warm, {p['live']}/{p['max_size']} live"
+        if p.get("last_error"):
+            line += f"  last_error={p['last_error']}"
+        print(line)
+    problems = tree.get("script_problems") or []
+    for problem in problems:
+        print(f"broken script (not loaded): {problem}")
     return EXIT_OK
+
+
+#: What each worker's ``tier`` in ``supervisor.status`` means.
+_TIERS = {
+    "microvm": "its own microVM (microsandbox): a separate guest kernel",
+    "namespaces": "its own bubblewrap sandbox: Linux namespaces, no network, seccomp, resource limits",
+    "none": "a plain host process with the host's privileges: NO ISOLATION (backend: process)",
+}
+
+
+def _tiers(node: dict) -> set[str]:
+    found = {node["tier"]} if node.get("tier") else set()
+    for child in node.get("children") or []:
+        found |= _tiers(child)
+    return found
 
 
 def _deadletters(args: argparse.Namespace) -> int:
@@ -358,6 +399,8 @@ def _deadletters(args: argparse.Namespace) -> int:
     if args.replay:
         print(f"replayed {args.replay} into {result['process']}")
         return EXIT_OK
+    if not result["deadletters"]:
+        print("no dead letters")
     for d in result["deadletters"]:
         err = d["error"]
         why = f"{err.get('type')}: {err.get('message')}" if isinstance(err, dict) else err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, wait_for
 
 
 async def _cli(*args: str, cwd) -> tuple[int, str, str]:
@@ -135,3 +135,58 @@ async def test_auto_backend_probes_once_and_says_what_it_chose(make_host, tmp_pa
     assert "using bubblewrap (namespaces) — " in line and f"remembered in {cache}" in line, line
     assert chosen[0].split(" — ", 1)[1].split(";")[0] == line.split(" — ", 1)[1].split(";")[0]  # the same reason
     assert second_s < 8 and second_s < first_s, (first_s, second_s)
+
+
+_STREAMS_AND_RETURNS = ("from reflow import actor\n\n"
+                        "@actor(name='T', inports=['value'], outports=['status', 'result'])\n"
+                        "async def process(context):\n"
+                        "    await context.send_output('status', 'processing')\n"
+                        "    await context.send_output('result', context.get_input('value') * 2)\n"
+                        "    return context.get_outputs()\n")
+
+
+async def test_call_prints_each_output_once_and_notes_a_non_json_input(make_host):
+    host = await make_host({"t.actor.py": _STREAMS_AND_RETURNS})
+    rc, out, err = await _cli("call", "T", "value=21", "--url", host.url, cwd=host.config.parent)
+    assert (rc, out.splitlines(), err) == (0, ['status: "processing"', "result: 42"], "")
+    rc, out, err = await _cli("call", "T", "value=ab", "--url", host.url, cwd=host.config.parent)
+    assert (rc, out.splitlines()) == (0, ['status: "processing"', 'result: "abab"'])
+    assert err.splitlines() == ["note: value: not JSON, sent as the string 'ab'"]
+    rc, out, err = await _cli("call", "T", 'value="ab"', "--url", host.url, cwd=host.config.parent)
+    assert rc == 0 and err == ""
+
+
+async def test_status_shows_broken_scripts_tiers_and_pool_state_and_deadletters_says_none(make_host):
+    host = await make_host({"t.actor.py": _STREAMS_AND_RETURNS,
+                            "broken.actor.py": "from reflow import actor\n\n@actor(name='X'\ndef f(:\n"})
+    cwd = host.config.parent
+    rc, out, err = await _cli("status", "--url", host.url, cwd=cwd)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert any(line.startswith("broken script (not loaded): ") and "broken.actor.py:4" in line for line in lines), out
+    assert "tier=namespaces: its own bubblewrap sandbox" in out and "backend: bubblewrap" in out
+    (pool,) = [line for line in lines if line.startswith("pool python: ")]
+    assert pool.split(" — ")[0] in ("pool python: warming", "pool python: warm") and "/1 warm, " in pool, pool
+    rc, out, err = await _cli("deadletters", "--url", host.url, cwd=cwd)
+    assert (rc, out, err) == (0, "no dead letters\n", "")
+
+
+async def test_status_says_the_pool_is_warming_until_preload_workers_are_warm(make_host):
+    """Ready is not warm: the host serves at once; status and the log say how warm its pool is."""
+    from supervisor.client import open_client
+
+    host = await make_host({"t.actor.py": _STREAMS_AND_RETURNS}, start=False)
+    host.config.write_text(host.config.read_text().replace("preload_count: 1", "preload_count: 4"))
+    await host.start()
+    (ready,) = [line for line in host.output().splitlines() if "rpc server started" in line]
+    assert "pools=" in ready and "/4 warm" in ready, ready
+    async with open_client(host.url) as client:
+        with trio.fail_after(60):
+            while True:
+                p = (await client.status())["pools"]["python"]
+                assert p["preload"] == 4
+                assert p["state"] == ("warm" if p["warm"] >= 4 else "warming"), p
+                if p["state"] == "warm":
+                    break
+                await trio.sleep(0.05)  # polling status, as a user would
+    await wait_for(lambda: "pool python warm" in host.output())
