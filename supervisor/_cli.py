@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        leaves = _leaves(exc)   # trio wraps a task's error in an ExceptionGroup: show the error
+        cause = leaves[0] if len(leaves) == 1 else exc
+        print(f"error: {cause or type(cause).__name__}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_USAGE
 
@@ -166,8 +168,20 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(str(host_errors[0])) from eg
         if all(isinstance(e, KeyboardInterrupt) for e in leaves):
             return EXIT_OK
-        raise leaves[0] from eg
+        raise _listen_error(leaves[0], ws) from eg
+    except OSError as exc:
+        raise _listen_error(exc, ws) from exc
     return EXIT_OK
+
+
+def _listen_error(exc: BaseException, ws: Any) -> BaseException:
+    """The API's port cannot be bound: say which, and how to choose another."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+        return RuntimeError(f"cannot listen on {ws.host}:{ws.port}: {(exc.strerror or str(exc)).lower()} "
+                            "(another host running? choose workspace.websocket.port or REFLOW_WS_PORT)")
+    return exc
 
 
 def _leaves(eg: BaseException) -> list[BaseException]:
@@ -246,7 +260,18 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _url(args: argparse.Namespace) -> str:
+    """The host's URL: --url, else the running host's state file, else the config's address."""
     if args.url:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(args.url)
+            ok = parts.scheme in ("ws", "wss") and bool(parts.hostname)
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UsageError(f"--url {args.url!r} is not a ws:// or wss:// URL (like ws://127.0.0.1:8080/)")
         return args.url
     config = _load_config(args.config)
     info = config.workspace.state_dir / "host.json"
@@ -264,6 +289,8 @@ def _call(args: argparse.Namespace) -> int:
 
     from .client import RpcError, open_client
 
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     inputs: dict[str, Any] = {}
     for item in args.inputs:
         port, sep, raw = item.partition("=")

@@ -169,6 +169,8 @@ async def test_status_shows_broken_scripts_tiers_and_pool_state_and_deadletters_
     assert pool.split(" — ")[0] in ("pool python: warming", "pool python: warm") and "/1 warm, " in pool, pool
     rc, out, err = await _cli("deadletters", "--url", host.url, cwd=cwd)
     assert (rc, out, err) == (0, "no dead letters\n", "")
+    rc, out, err = await _cli("deadletters", "--replay", "0-1", "--url", host.url, cwd=cwd)
+    assert (rc, out, err) == (1, "", "error: no dead letter '0-1' (-32602)\n")
 
 
 async def test_status_says_the_pool_is_warming_until_preload_workers_are_warm(make_host):
@@ -190,3 +192,30 @@ async def test_status_says_the_pool_is_warming_until_preload_workers_are_warm(ma
                     break
                 await trio.sleep(0.05)  # polling status, as a user would
     await wait_for(lambda: "pool python warm" in host.output())
+
+
+def test_every_cli_error_is_one_sentence_with_its_exit_code(tmp_path):
+    import socket
+
+    cases = [(("status", "--url", "garbage"), 2, "error: --url 'garbage' is not a ws:// or wss:// URL"),
+             (("call", "X", "a=1", "--url", "http://h/"), 2, "error: --url 'http://h/' is not a ws://"),
+             (("call", "X", "a=1", "--timeout", "0"), 2, "error: --timeout must be a positive number"),
+             (("call", "X", "a"), 2, "error: expected port=JSON, got 'a'"),
+             (("discover", "-c", "missing.yaml"), 2, "error: cannot read the config file"),
+             (("run", "missing.py"), 2, "error: no such script: missing.py"),
+             (("frobnicate",), 2, "error: argument command: invalid choice: 'frobnicate'")]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        (tmp_path / "reflow.yaml").write_text(
+            f"workspace:\n  sandbox: {{backend: bubblewrap, pool: {{preload_count: 0}}}}\n"
+            f"  websocket: {{port: {port}}}\n")
+        cases.append((("run", "--log-level", "warning"), 1,
+                      f"error: cannot listen on 127.0.0.1:{port}: address already in use"))
+        for args, code, start in cases:
+            rc, out, err = _run_cli(*args, cwd=tmp_path)
+            assert rc == code and err.startswith(start) and err.count("\n") == 1, (args, rc, err)
+            assert "Traceback" not in err
+    rc, out, err = _run_cli("--debug", "status", "--url", "ws://127.0.0.1:9/", cwd=tmp_path)
+    assert rc == 1 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("error: cannot reach")
