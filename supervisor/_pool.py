@@ -10,7 +10,7 @@ The host is ready before its pools are full (filling them takes seconds and
 nothing waits for it): ``status()`` says each runtime's ``state`` —
 ``warming`` until ``preload_count`` workers are warm, then ``warm``;
 ``failing`` while its last start failed — and the pool logs at info when a
-runtime first becomes warm.
+runtime that was not warm when the host got ready becomes warm.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class _RuntimePool:
         self.failed_starts = 0
         self.last_error: str | None = None
         self.created = time.monotonic()
-        self.was_warm = preload == 0
+        self.announce = False   # log when warm (set by ``readiness`` for a runtime not warm yet)
 
     @property
     def state(self) -> str:
@@ -76,8 +76,13 @@ class WorkerPool:
                      "last_error": p.last_error}
                 for rt, p in self._pools.items()}
 
-    def describe(self) -> str:
-        """One line for logs: ``python 3/5 warm (warming), javascript 5/5 warm``."""
+    def readiness(self) -> str:
+        """How warm each runtime is, for the host's ready line: ``python 3/5 warm (warming), …``.
+
+        From then on, each runtime that was not warm logs at info once it is.
+        """
+        for p in self._pools.values():
+            p.announce = p.state != "warm"
         return ", ".join(f"{rt} {len(p.warm)}/{p.preload} warm" + ("" if p.state == "warm" else f" ({p.state})")
                          for rt, p in self._pools.items()) or "no runtimes"
 
@@ -113,8 +118,8 @@ class WorkerPool:
                     await trio.sleep(min(5.0, 0.1 * 2 ** p.failed_starts))
                     continue
                 p.warm.append((w, time.monotonic()))
-                if not p.was_warm and len(p.warm) >= p.preload:
-                    p.was_warm = True
+                if p.announce and len(p.warm) >= p.preload:
+                    p.announce = False
                     log.info("pool %s warm", p.runtime, extra={"warm": len(p.warm),
                                                                "seconds": round(time.monotonic() - p.created, 2)})
             p.wanted = trio.Event()
