@@ -229,12 +229,12 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
-def _discovered(config: Any, extra_scripts: list[str] = ()) -> Any:
+def _discovered(config: Any) -> Any:
+    """What the workspace's scripts declare, read statically (nothing of them runs)."""
     from ._discovery import discover
 
     ws = config.workspace
-    return discover(ws.root, ws.script_patterns, ws.excluded_paths, [*ws.scripts, *extra_scripts],
-                    discover_scripts=ws.discover_scripts)
+    return discover(ws.root, ws.script_patterns, ws.excluded_paths, ws.scripts, discover_scripts=ws.discover_scripts)
 
 
 def _component_problems(config: Any, components: Any) -> None:
