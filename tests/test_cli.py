@@ -195,7 +195,7 @@ async def test_status_says_the_pool_is_warming_until_preload_workers_are_warm(ma
         await wait_for(lambda: "pool python warm" in host.output())
 
 
-def test_every_cli_error_is_one_sentence_with_its_exit_code(tmp_path):
+async def test_every_cli_error_is_one_sentence_with_its_exit_code(tmp_path):
     import socket
 
     cases = [(("status", "--url", "garbage"), 2, "error: --url 'garbage' is not a ws:// or wss:// URL"),
@@ -205,6 +205,11 @@ def test_every_cli_error_is_one_sentence_with_its_exit_code(tmp_path):
              (("discover", "-c", "missing.yaml"), 2, "error: cannot read the config file"),
              (("run", "missing.py"), 2, "error: no such script: missing.py"),
              (("frobnicate",), 2, "error: argument command: invalid choice: 'frobnicate'")]
+    results = {}
+
+    async def one(args: tuple[str, ...]) -> None:
+        results[args] = await _cli(*args, cwd=tmp_path)
+
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -214,9 +219,13 @@ def test_every_cli_error_is_one_sentence_with_its_exit_code(tmp_path):
             f"  websocket: {{port: {port}}}\n")
         cases.append((("run", "--log-level", "warning"), 1,
                       f"error: cannot listen on 127.0.0.1:{port}: address already in use"))
-        for args, code, start in cases:
-            rc, out, err = _run_cli(*args, cwd=tmp_path)
-            assert rc == code and err.startswith(start) and err.count("\n") == 1, (args, rc, err)
-            assert "Traceback" not in err
-    rc, out, err = _run_cli("--debug", "status", "--url", "ws://127.0.0.1:9/", cwd=tmp_path)
+        cases.append((("--debug", "status", "--url", "ws://127.0.0.1:9/"), 1, "Traceback"))
+        async with trio.open_nursery() as nursery:   # independent processes: run them side by side
+            for args, _, _ in cases:
+                nursery.start_soon(one, args)
+    for args, code, start in cases[:-1]:
+        rc, out, err = results[args]
+        assert rc == code and err.startswith(start) and err.count("\n") == 1, (args, rc, err)
+        assert "Traceback" not in err
+    rc, out, err = results[cases[-1][0]]  # --debug: the traceback, then the same one sentence
     assert rc == 1 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("error: cannot reach")
