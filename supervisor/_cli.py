@@ -7,10 +7,12 @@ sentence on stderr; ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import collections
 import ipaddress
 import os
 import sys
 import traceback
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +27,31 @@ class UsageError(Exception):
     """Bad command line or configuration: exit code 2."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def _common(top: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name.
+
+    Only the top-level parser has defaults: a subcommand's parser (which argparse runs
+    after the top level's) would otherwise reset ``-c x check-config`` to its own default.
+    """
+    d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", default=None, help="reflow.yaml (default: ./reflow.yaml if present)")
-    common.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+    common.add_argument("-c", "--config", default=d(None), help="reflow.yaml (default: ./reflow.yaml if present)")
+    common.add_argument("--log-level", default=d(None), choices=["debug", "info", "warning", "error"],
                         help="host log level (or REFLOW_LOG)")
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    p = argparse.ArgumentParser(prog="python -m supervisor", parents=[common],
-                                description="Run sandboxed Python and JavaScript script actors under supervision.")
-    sub = p.add_subparsers(dest="command")
+    common.add_argument("--debug", action="store_true", default=d(False), help="show tracebacks")
+    return common
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one sentence and exit 2, as every other usage error
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _common(top=False)
+    p = _Parser(prog="python -m supervisor", parents=[_common(top=True)],
+                description="Run sandboxed Python and JavaScript script actors under supervision.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
     run = sub.add_parser("run", parents=[common], help="run the host (the default)")
     run.add_argument("scripts", nargs="*", metavar="SCRIPT", help="extra .py/.js scripts to serve")
     d = sub.add_parser("discover", parents=[common], help="list discovered actors")
@@ -89,14 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         if command == "deadletters":
             return _deadletters(args)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:   # one sentence per problem
+            print(f"error: {line}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILURE
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        leaves = _leaves(exc)   # trio wraps a task's error in an ExceptionGroup: show the error
+        cause = leaves[0] if len(leaves) == 1 else exc
+        print(f"error: {cause or type(cause).__name__}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_USAGE
 
@@ -130,6 +153,9 @@ def _run(args: argparse.Namespace) -> int:
         if not Path(s).is_file():
             raise UsageError(f"no such script: {s}")
     host = Host(config, extra_scripts=getattr(args, "scripts", []))
+    # Everything discovery can tell (names, ports, config against config_schema) is
+    # checked before anything starts, with the same messages as check-config.
+    _component_problems(config, host.discover().components)
     _tune_gc()
     try:
         trio.run(host.main)
@@ -142,8 +168,20 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(str(host_errors[0])) from eg
         if all(isinstance(e, KeyboardInterrupt) for e in leaves):
             return EXIT_OK
-        raise leaves[0] from eg
+        raise _listen_error(leaves[0], ws) from eg
+    except OSError as exc:
+        raise _listen_error(exc, ws) from exc
     return EXIT_OK
+
+
+def _listen_error(exc: BaseException, ws: Any) -> BaseException:
+    """The API's port cannot be bound: say which, and how to choose another."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+        return RuntimeError(f"cannot listen on {ws.host}:{ws.port}: {(exc.strerror or str(exc)).lower()} "
+                            "(another host running? choose workspace.websocket.port or REFLOW_WS_PORT)")
+    return exc
 
 
 def _leaves(eg: BaseException) -> list[BaseException]:
@@ -162,11 +200,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _discover(args: argparse.Namespace) -> int:
-    from ._discovery import discover
-
-    config = _load_config(args.config)
-    ws = config.workspace
-    found = discover(ws.root, ws.script_patterns, ws.excluded_paths, ws.scripts, discover_scripts=ws.discover_scripts)
+    found = _discovered(_load_config(args.config))
     if args.json:
         out = {"actors": [_component_json(c) for c in found.components],
                "problems": [{"file": str(p.file), "line": p.line, "message": p.message} for p in found.problems]}
@@ -195,15 +229,49 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
+def _discovered(config: Any) -> Any:
+    """What the workspace's scripts declare, read statically (nothing of them runs)."""
+    from ._discovery import discover
+
+    ws = config.workspace
+    return discover(ws.root, ws.script_patterns, ws.excluded_paths, ws.scripts, discover_scripts=ws.discover_scripts)
+
+
+def _component_problems(config: Any, components: Any) -> None:
+    """Raise UsageError with every problem ``run`` would have with these components."""
+    from ._config import check_components
+
+    problems = check_components(config, components)
+    if problems:
+        raise UsageError("\n".join(str(p) for p in problems))
+
+
 def _check_config(args: argparse.Namespace) -> int:
+    """The file, then the network and process config against what discovery finds (statically)."""
     config = _load_config(args.config)
+    found = _discovered(config)
+    _component_problems(config, found.components)
+    for p in found.problems:   # run serves the others; say so, but the config itself is fine
+        print(f"warning: script not loaded: {_rel(p.file)}:{p.line}: {p.message}", file=sys.stderr)
     where = config.path or "defaults (no reflow.yaml)"
-    print(f"{where}: ok")
+    n = len(config.network.processes) if config.network is not None else len(found.components)
+    print(f"{where}: ok ({len(found.components)} actors discovered, {n} processes)")
     return EXIT_OK
 
 
 def _url(args: argparse.Namespace) -> str:
+    """The host's URL: --url, else the running host's state file, else the config's address."""
     if args.url:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(args.url)
+            ok = parts.scheme in ("ws", "wss") and bool(parts.hostname)
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UsageError(f"--url {args.url!r} is not a ws:// or wss:// URL (like ws://127.0.0.1:8080/)")
         return args.url
     config = _load_config(args.config)
     info = config.workspace.state_dir / "host.json"
@@ -221,6 +289,8 @@ def _call(args: argparse.Namespace) -> int:
 
     from .client import RpcError, open_client
 
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     inputs: dict[str, Any] = {}
     for item in args.inputs:
         port, sep, raw = item.partition("=")
@@ -229,7 +299,9 @@ def _call(args: argparse.Namespace) -> int:
         try:
             inputs[port] = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            inputs[port] = raw  # a bare word is a string: n=hello
+            # A bare word is a string (op=mul), but a typo'd number or object would be too: say so.
+            inputs[port] = raw
+            print(f"note: {port}: not JSON, sent as the string {raw!r}", file=sys.stderr)
     url = _url(args)
     token = args.token or os.environ.get("REFLOW_TOKEN")
 
@@ -237,8 +309,11 @@ def _call(args: argparse.Namespace) -> int:
         async with open_client(url, token=token) as client:
             outputs = client.on_notification("output")
 
+            streamed: collections.Counter = collections.Counter()
+
             def show(note: dict) -> None:
                 p = note["params"]
+                streamed[(p["port"], orjson.dumps(p["data"], option=orjson.OPT_SORT_KEYS))] += 1
                 print(f"{p['port']}: {orjson.dumps(p['data']).decode()}", flush=True)
 
             async def show_streamed() -> None:
@@ -271,6 +346,12 @@ def _call(args: argparse.Namespace) -> int:
                     print(orjson.dumps(failed.data, option=orjson.OPT_INDENT_2).decode(), file=sys.stderr)
                 return EXIT_FAILURE
             for port, value in result["outputs"].items():
+                # A script that streams an output and also returns it (``return context.get_outputs()``)
+                # would show it twice: print only what was not streamed already.
+                seen = (port, orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+                if streamed[seen]:
+                    streamed[seen] -= 1
+                    continue
                 print(f"{port}: {orjson.dumps(value).decode()}")
             return EXIT_OK
 
@@ -293,10 +374,39 @@ def _status(args: argparse.Namespace) -> int:
         print(orjson.dumps(tree, option=orjson.OPT_INDENT_2).decode())
         return EXIT_OK
     _print_tree(tree, 0)
+    tiers = _tiers(tree)
+    backend = tree.get("backend")
+    if backend:
+        print(f"backend: {backend}")
+    for tier in sorted(tiers):
+        print(f"tier={tier}: {_TIERS.get(tier, 'an isolation tier this client does not know')}")
     pools = tree.get("pools") or {}
     for rt, p in pools.items():
-        print(f"pool {rt}: warm {p['warm']}, live {p['live']}/{p['max_size']}")
+        state = p.get("state")
+        preload = f"/{p['preload']}" if "preload" in p else ""
+        line = f"pool {rt}: {state + ' — ' if state else ''}{p['warm']}{preload} warm, {p['live']}/{p['max_size']} live"
+        if p.get("last_error"):
+            line += f"  last_error={p['last_error']}"
+        print(line)
+    problems = tree.get("script_problems") or []
+    for problem in problems:
+        print(f"broken script (not loaded): {problem}")
     return EXIT_OK
+
+
+#: What each worker's ``tier`` in ``supervisor.status`` means.
+_TIERS = {
+    "microvm": "its own microVM (microsandbox): a separate guest kernel",
+    "namespaces": "its own bubblewrap sandbox: Linux namespaces, no network, seccomp, resource limits",
+    "none": "a plain host process with the host's privileges: NO ISOLATION (backend: process)",
+}
+
+
+def _tiers(node: dict) -> set[str]:
+    found = {node["tier"]} if node.get("tier") else set()
+    for child in node.get("children") or []:
+        found |= _tiers(child)
+    return found
 
 
 def _deadletters(args: argparse.Namespace) -> int:
@@ -316,6 +426,8 @@ def _deadletters(args: argparse.Namespace) -> int:
     if args.replay:
         print(f"replayed {args.replay} into {result['process']}")
         return EXIT_OK
+    if not result["deadletters"]:
+        print("no dead letters")
     for d in result["deadletters"]:
         err = d["error"]
         why = f"{err.get('type')}: {err.get('message')}" if isinstance(err, dict) else err

@@ -48,7 +48,7 @@ __all__ = [
     "ActorOverride", "BackoffConfig", "Config", "ConfigError", "ConfigProblem", "ConnectionConfig", "GroupConfig",
     "MailboxConfig", "NO_DATA", "NetworkConfig", "PoolConfig", "PortRef", "ProcessConfig", "RedisConfig",
     "RuntimeConfig", "SandboxConfig", "SupervisionConfig", "WebSocketConfig", "WorkspaceConfig",
-    "load_config", "parse_config",
+    "check_components", "config_json_schema", "load_config", "parse_config",
 ]
 
 
@@ -292,6 +292,8 @@ class Config:
     network: NetworkConfig | None
     path: Path | None
     base_dir: Path
+    #: Where each key was written (for ``check_components``'s file:line); not part of the value.
+    doc: Any = attrs.field(default=None, eq=False, repr=False)
 
 
 # -- the converter -------------------------------------------------------------------------------
@@ -700,7 +702,7 @@ def _supervision_checks(sup: SupervisionConfig) -> Iterator[tuple[_Path, str]]:
 
 
 def _network_checks(net: NetworkConfig) -> Iterator[tuple[_Path, str]]:
-    """Every reference to a process names a declared one (components and ports are checked by the host)."""
+    """Every reference to a process names a declared one (components and ports: ``check_components``)."""
     def check(path: _Path, ref: PortRef | None) -> Iterator[tuple[_Path, str]]:
         if ref is not None and ref.process not in net.processes:
             known = ", ".join(sorted(net.processes)) or "none declared"
@@ -811,7 +813,7 @@ def parse_config(text: str, *, filename: str = "reflow.yaml", base_dir: Path,
     ws = attrs.evolve(ws, **{section: attrs.evolve(getattr(ws, section), **values)
                              for section, values in overrides.items()})
     return Config(workspace=_resolve_paths(ws, base_dir), supervision=sections["supervision"],
-                  network=sections["network"], path=None, base_dir=base_dir)
+                  network=sections["network"], path=None, base_dir=base_dir, doc=doc)
 
 
 # The top level: each section's type, and the checks that span its fields.
@@ -845,3 +847,121 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] = os
         raise ConfigError([ConfigProblem("", f"cannot read the config file: {reason}", str(p))]) from None
     config = parse_config(text, filename=str(p), base_dir=p.parent, env=env)
     return attrs.evolve(config, path=p)
+
+
+# -- the config against the discovered components ------------------------------------------------
+# Discovery reads each script's metadata without running it, so everything ``run`` would
+# reject about names, ports and process config can be found before anything starts.
+
+# Top-level keys that make a config_schema a JSON Schema rather than the shorthand.
+_SCHEMA_KEYWORDS = frozenset({
+    "$schema", "$id", "$ref", "$defs", "$comment", "definitions", "type", "properties", "required",
+    "additionalProperties", "patternProperties", "propertyNames", "minProperties", "maxProperties",
+    "dependentRequired", "dependentSchemas", "unevaluatedProperties", "items", "prefixItems", "contains",
+    "minItems", "maxItems", "uniqueItems", "enum", "const", "allOf", "anyOf", "oneOf", "not", "if", "then",
+    "else", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
+    "maxLength", "pattern", "format", "title", "description", "default", "examples"})
+_JSON_TYPES = ("array", "boolean", "integer", "null", "number", "object", "string")
+
+
+def config_json_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON Schema an actor's ``config_schema`` stands for.
+
+    A mapping with any JSON Schema keyword at its top level (``type``, ``properties``,
+    ``required``, ``$schema``, …) is a JSON Schema and is used as it is; ``{}`` accepts
+    any config. Anything else is the shorthand ``{key: TYPE}``: the config is an object
+    whose ``key``, when present, has that JSON type (``"number"``, ``["string", "null"]``)
+    or matches that nested mapping (itself a schema or shorthand); other keys are allowed.
+
+    Raises:
+        ValueError: a shorthand value that is neither a JSON type name, a list of them,
+            nor a mapping.
+    """
+    if not schema or any(k in _SCHEMA_KEYWORDS for k in schema):
+        return dict(schema)
+    props: dict[str, Any] = {}
+    for key, value in schema.items():
+        names = [value] if isinstance(value, str) else value
+        if isinstance(value, Mapping):
+            props[key] = config_json_schema(value)
+        elif isinstance(names, list) and names and all(isinstance(n, str) and n in _JSON_TYPES for n in names):
+            props[key] = {"type": value}
+        else:
+            raise ValueError(f"{key!r}: {value!r} is not a JSON type ({', '.join(_JSON_TYPES)}), a list of them, "
+                             "or a schema")
+    return {"type": "object", "properties": props}
+
+
+def _schema_problems(config: Any, schema: Mapping[str, Any], comp: Any) -> Iterator[tuple[_Path, str]]:
+    import jsonschema  # only when there is a schema to check: it costs ~0.1 s to import
+
+    where = f"{getattr(comp.file, 'name', comp.file)}:{comp.line}"
+    try:
+        full = config_json_schema(schema)
+        cls = jsonschema.validators.validator_for(full)
+        cls.check_schema(full)
+    except (ValueError, jsonschema.SchemaError) as exc:
+        why = exc.message if isinstance(exc, jsonschema.SchemaError) else str(exc)
+        yield (), f"{comp.name}'s config_schema ({where}) is not a valid JSON Schema: {why}"
+        return
+    errors = cls(full).iter_errors(config)
+    for err in sorted(errors, key=lambda e: [str(k) for k in e.absolute_path]):
+        yield tuple(err.absolute_path), err.message
+
+
+def check_components(config: Config, components: typing.Iterable[Any]) -> list[ConfigProblem]:
+    """What ``run`` would reject about this config given these discovered components.
+
+    Checks that each network process names a discovered component, that connections and
+    exported ports name ports the component declares (an undecorated ``process(context)``
+    script takes any port; ``error`` is every actor's outport), and that each process's
+    config matches its component's ``config_schema`` (see ``config_json_schema``). Without
+    a network, each component's ``supervision.actors.NAME.config`` is checked.
+
+    ``components`` are ``ComponentSpec``s (``name``, ``inports``, ``outports``,
+    ``dynamic_ports``, ``config_schema``, ``file``, ``line``). Pure: reads no file.
+    Returns every problem, located at its key's line, in file order.
+    """
+    comps = {c.name: c for c in components}
+    net = config.network
+    found: list[tuple[_Path, str]] = []
+    if net is None:
+        for comp in comps.values():
+            ov = config.supervision.actors.get(comp.name)
+            if comp.config_schema is not None:
+                at: _Path = ("supervision", "actors", comp.name, "config")
+                found += ((at + p, m) for p, m in _schema_problems(dict((ov.config if ov else None) or {}),
+                                                                    comp.config_schema, comp))
+    else:
+        known = ", ".join(sorted(comps)) or "none"
+        of: dict[str, Any] = {}
+        for name, proc in net.processes.items():
+            comp = comps.get(proc.component)
+            if comp is None:
+                found.append((("network", "processes", name, "component"),
+                              f"unknown component {proc.component!r} (discovered: {known})"))
+                continue
+            of[name] = comp
+            if comp.config_schema is not None:
+                at = ("network", "processes", name, "config")
+                found += ((at + p, m) for p, m in _schema_problems(dict(proc.config), comp.config_schema, comp))
+
+        def port(path: _Path, ref: PortRef | None, kind: str) -> None:
+            comp = of.get(ref.process) if ref is not None else None
+            if comp is None or comp.dynamic_ports:
+                return
+            declared = tuple(comp.inports) if kind == "inport" else (*comp.outports, "error")
+            if ref.port not in declared:
+                listed = ", ".join(comp.inports if kind == "inport" else comp.outports) or "none"
+                found.append((path + ("port",), f"{comp.name} has no {kind} {ref.port!r} ({kind}s: {listed})"))
+
+        for i, conn in enumerate(net.connections):
+            port(("network", "connections", i, "src"), conn.src, "outport")
+            port(("network", "connections", i, "tgt"), conn.tgt, "inport")
+        for name, ref in net.inports.items():
+            port(("network", "inports", name), ref, "inport")
+        for name, ref in net.outports.items():
+            port(("network", "outports", name), ref, "outport")
+    doc = config.doc if config.doc is not None else _Document(str(config.path or "(defaults)"))
+    problems = [doc.problem(path, message) for path, message in found]
+    return _in_file_order(problems, doc.filename)

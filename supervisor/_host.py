@@ -655,7 +655,7 @@ class Host:
                     server = await inner.start(serve_api, self)
                     self.url = f"ws://{ws.websocket.host}:{server.port}/"
                     self._write_host_file(server.port)
-                    log.info("rpc server started", extra={"url": self.url})
+                    log.info("rpc server started", extra={"url": self.url, "pools": self.pool.readiness()})
                     await self._send_iips()
                     if ws.hot_reload:
                         await inner.start(watch_scripts, self)

@@ -5,6 +5,12 @@ and SDK loaded, handshake done), so taking one costs a list pop instead of a
 sandbox start. ``max_size`` caps the live sandboxes of a runtime (warm plus
 serving); ``idle_timeout`` retires warm workers beyond ``preload_count``.
 A worker leaves the pool for exactly one actor and is never taken back.
+
+The host is ready before its pools are full (filling them takes seconds and
+nothing waits for it): ``status()`` says each runtime's ``state`` —
+``warming`` until ``preload_count`` workers are warm, then ``warm``;
+``failing`` while its last start failed — and the pool logs at info when a
+runtime that was not warm when the host got ready becomes warm.
 """
 
 from __future__ import annotations
@@ -36,6 +42,14 @@ class _RuntimePool:
         self.started = 0
         self.failed_starts = 0
         self.last_error: str | None = None
+        self.created = time.monotonic()
+        self.announce = False   # log when warm (set by ``readiness`` for a runtime not warm yet)
+
+    @property
+    def state(self) -> str:
+        if self.failed_starts:
+            return "failing"
+        return "warm" if len(self.warm) >= self.preload else "warming"
 
     @property
     def live(self) -> int:
@@ -57,15 +71,27 @@ class WorkerPool:
             self._pools[runtime] = _RuntimePool(runtime, spec, 0, self._max_size)
 
     def status(self) -> dict:
-        return {rt: {"warm": len(p.warm), "live": p.live, "max_size": p.max_size, "started": p.started,
-                     "failed_starts": p.failed_starts, "last_error": p.last_error}
+        return {rt: {"state": p.state, "warm": len(p.warm), "preload": p.preload, "live": p.live,
+                     "max_size": p.max_size, "started": p.started, "failed_starts": p.failed_starts,
+                     "last_error": p.last_error}
                 for rt, p in self._pools.items()}
+
+    def readiness(self) -> str:
+        """How warm each runtime is, for the host's ready line: ``python 3/5 warm (warming), …``.
+
+        From then on, each runtime that was not warm logs at info once it is.
+        """
+        for p in self._pools.values():
+            p.announce = p.state != "warm"
+        return ", ".join(f"{rt} {len(p.warm)}/{p.preload} warm" + ("" if p.state == "warm" else f" ({p.state})")
+                         for rt, p in self._pools.items()) or "no runtimes"
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep each runtime's warm set filled until cancelled; close every warm worker on exit."""
         try:
             async with trio.open_nursery() as nursery:
                 for p in self._pools.values():
+                    p.created = time.monotonic()
                     nursery.start_soon(self._refill, p)
                 task_status.started()
         finally:
@@ -92,6 +118,10 @@ class WorkerPool:
                     await trio.sleep(min(5.0, 0.1 * 2 ** p.failed_starts))
                     continue
                 p.warm.append((w, time.monotonic()))
+                if p.announce and len(p.warm) >= p.preload:
+                    p.announce = False
+                    log.info("pool %s warm", p.runtime, extra={"warm": len(p.warm),
+                                                               "seconds": round(time.monotonic() - p.created, 2)})
             p.wanted = trio.Event()
             with trio.move_on_after(max(1.0, self.idle_timeout / 4)):
                 await p.wanted.wait()

@@ -578,3 +578,68 @@ def test_public_names_exist():
     for name in config_module.__all__:
         assert hasattr(config_module, name), name
     assert repr(NO_DATA) == "NO_DATA"
+
+
+# -- the config against what discovery finds (check-config and run share it) --------------------
+
+from supervisor._config import check_components, config_json_schema  # noqa: E402
+from supervisor._discovery import extract  # noqa: E402
+
+_CALC = ("from reflow import actor\n\n@actor(name='Calc', inports=['value'], outports=['result'],\n"
+         "       config_schema={schema})\nasync def calc(context):\n    return {{}}\n")
+
+
+def _calc(schema: str = "{'type': 'object', 'properties': {'factor': {'type': 'number'}}}"):
+    return extract(Path("/srv/project/calc.actor.py"), _CALC.format(schema=schema))
+
+
+def test_network_names_and_ports_are_checked_against_the_discovered_components():
+    text = ("network:\n  processes:\n    double: {component: Calc}\n    log: {component: Logger}\n"
+            "  connections:\n    - {src: {process: double, port: reslt}, tgt: {process: double, port: value}}\n"
+            "    - {data: 2, tgt: {process: double, port: nope}}\n"
+            "  outports: {out: {process: double, port: error}}\n")
+    found = {p.path: p for p in check_components(parse(text), [_calc()])}
+    assert set(found) == {"network.processes.log.component", "network.connections[0].src.port",
+                          "network.connections[1].tgt.port"}
+    assert str(found["network.processes.log.component"]) == (
+        f"network.processes.log.component: unknown component 'Logger' (discovered: Calc) "
+        f"(reflow.yaml:{line_of(text, 'Logger')})")
+    assert "Calc has no outport 'reslt' (outports: result)" in found["network.connections[0].src.port"].message
+    assert found["network.connections[1].tgt.port"].line == line_of(text, "nope")
+
+
+def test_process_config_is_validated_against_config_schema_with_its_line():
+    text = "network:\n  processes:\n    double:\n      component: Calc\n      config:\n        factor: two\n"
+    (p,) = check_components(parse(text), [_calc()])
+    assert str(p) == f"network.processes.double.config.factor: 'two' is not of type 'number' (reflow.yaml:6)"
+    ok = text.replace("factor: two", "factor: 2.5")
+    assert check_components(parse(ok), [_calc()]) == []
+
+
+def test_without_a_network_the_supervision_override_config_is_checked():
+    text = "supervision:\n  actors:\n    Calc: {config: {factor: [1]}}\n"
+    (p,) = check_components(parse(text), [_calc()])
+    assert p.path == "supervision.actors.Calc.config.factor" and p.line == 3 and "[1] is not of type" in p.message
+    required = _calc("{'type': 'object', 'required': ['factor']}")
+    (p,) = check_components(parse(""), [required])
+    assert p.path == "supervision.actors.Calc.config" and "'factor' is a required property" in p.message
+
+
+def test_config_schema_shorthand_means_an_object_of_typed_keys():
+    assert config_json_schema({"factor": "number", "name": ["string", "null"]}) == {
+        "type": "object", "properties": {"factor": {"type": "number"}, "name": {"type": ["string", "null"]}}}
+    assert config_json_schema({"type": "object"}) == {"type": "object"}   # a JSON Schema as it is
+    assert config_json_schema({}) == {}
+    text = "network:\n  processes:\n    d: {component: Calc, config: {factor: two, extra: 1}}\n"
+    (p,) = check_components(parse(text), [_calc("{'factor': 'number'}")])
+    assert p.path == "network.processes.d.config.factor" and "is not of type 'number'" in p.message
+    with pytest.raises(ValueError, match="'numbr' is not a JSON type"):
+        config_json_schema({"factor": "numbr"})
+
+
+def test_a_broken_config_schema_is_named_once_with_the_script_line():
+    text = "network:\n  processes:\n    d: {component: Calc, config: {factor: 1}}\n"
+    for schema, fragment in (("{'factor': 'numbr'}", "'numbr' is not a JSON type"),
+                             ("{'type': 'nonsense'}", "is not a valid JSON Schema")):
+        (p,) = check_components(parse(text), [_calc(schema)])
+        assert p.path == "network.processes.d.config" and "calc.actor.py:3" in p.message and fragment in p.message

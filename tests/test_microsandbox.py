@@ -230,29 +230,49 @@ def test_probe_is_bounded_when_the_boot_hangs(monkeypatch, fresh_probe_cache, tm
     reason = backend.probe()
     assert time.monotonic() - started < 2
     assert reason == "a test microVM did not boot within 0.5s"
-    assert not cache.exists()  # a timeout is not remembered across processes
+    # A timeout is remembered too (or every start would pay for it), but only for a while.
+    (entry,) = json.loads(cache.read_text()).values()
+    assert entry["reason"] == reason and entry["expires"] - entry["at"] == msb.TIMEOUT_VERDICT_TTL
+    assert "until" in backend.probe_note() and "timed out" in backend.probe_note()
+    monkeypatch.setattr(msb, "_probe_cache", {})
+    monkeypatch.setattr(msb.time, "time", lambda: entry["expires"] + 1)
+    started = time.monotonic()
+    MicrosandboxBackend({}, probe_timeout=0.2, probe_cache=cache).probe()
+    assert time.monotonic() - started >= 0.4  # expired: tried again
 
 
-def test_probe_boot_result_is_remembered_for_this_machine_boot(monkeypatch, fresh_probe_cache, tmp_path):
+def test_probe_boot_result_is_remembered_until_kernel_kvm_or_sdk_changes(monkeypatch, fresh_probe_cache, tmp_path):
     boots = []
 
     async def boot(self):
         boots.append(1)
         return "a test microVM did not boot: nope", True
 
+    images = []
+
+    async def image_check(self, ref):
+        images.append(ref)
+
     monkeypatch.setattr(MicrosandboxBackend, "_boot_test", boot)
+    monkeypatch.setattr(MicrosandboxBackend, "_check_image", image_check)
     monkeypatch.setattr(msb, "KVM_DEVICE", str(tmp_path))
     monkeypatch.setattr(msb.ms, "is_runtime_installed", lambda: True)
     cache = tmp_path / "probe.json"
     assert MicrosandboxBackend({}, probe_cache=cache).probe() == "a test microVM did not boot: nope"
     assert len(boots) == 1 and cache.exists()
-    monkeypatch.setattr(msb, "_probe_cache", {})  # a new process, same machine boot
-    assert MicrosandboxBackend({}, probe_cache=cache).probe() == "a test microVM did not boot: nope"
-    assert len(boots) == 1
-    monkeypatch.setattr(msb, "_probe_cache", {})
-    monkeypatch.setattr(msb, "_boot_id", lambda: "another-boot")  # after a reboot it is tried again
-    MicrosandboxBackend({}, probe_cache=cache).probe()
-    assert len(boots) == 2
+    for change in (None, ("platform.release", lambda: "6.99.0-other"), ("_kvm_identity", lambda: "/dev/kvm=10:99,x"),
+                   ("ms.version", lambda: "0.0.1")):
+        monkeypatch.setattr(msb, "_probe_cache", {})  # a new process
+        before, checked = len(boots), len(images)
+        if change is not None:
+            monkeypatch.setattr(msb if "." not in change[0] else getattr(msb, change[0].split(".")[0]),
+                                change[0].split(".")[-1], change[1])
+        b = MicrosandboxBackend({"python": "python:3.11"}, probe_cache=cache)
+        assert b.probe() == "a test microVM did not boot: nope"
+        assert len(boots) == before + (change is not None), change
+        if change is None:  # remembered: no boot, and no image check (no VM boots here anyway)
+            assert b.probe_note().startswith(f"remembered in {cache}") and len(images) == checked
+    assert len(json.loads(cache.read_text())) == 4
 
 
 def test_probe_without_kvm_says_so_without_booting(monkeypatch, fresh_probe_cache, tmp_path):

@@ -73,6 +73,9 @@ PROBE_BOOT_TIMEOUT = 12.0
 PROBE_IMAGE_TIMEOUT = 4.0
 #: Reading the failed VM's log and destroying it, on top of the test boot.
 PROBE_SLACK = 8.0
+#: A test boot that timed out is tried again after this long (a definitive answer is kept
+#: until what it depends on changes; a slow boot may have been a loaded machine).
+TIMEOUT_VERDICT_TTL = 24 * 3600.0
 #: Killing and removing one VM.
 TEARDOWN_TIMEOUT = 10.0
 KVM_DEVICE = "/dev/kvm"
@@ -493,6 +496,7 @@ async def _destroy_sandbox(name: str, sandbox: Any = None, timeout: float = TEAR
 # ---------------------------------------------------------------------------
 
 _probe_cache: dict[tuple, str | None] = {}
+_probe_notes: dict[tuple, str] = {}   # how each verdict was reached, for the start-up log
 _probe_locks: dict[tuple, threading.Lock] = {}
 _probe_guard = threading.Lock()
 _ERROR_LINE = re.compile(r"\bERROR\s+(?:[\w:]+:\s+)?(?P<msg>.+)")
@@ -550,11 +554,14 @@ def _kvm_module() -> str | None:
     return None
 
 
-def _boot_id() -> str:
+def _kvm_identity() -> str:
+    """Which KVM this is: the device's major:minor and the module behind it."""
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        rdev = os.stat(KVM_DEVICE).st_rdev
+        dev = f"{os.major(rdev)}:{os.minor(rdev)}"
     except OSError:
-        return "unknown"
+        dev = "absent"
+    return f"{KVM_DEVICE}={dev},{_kvm_module()}"
 
 
 def _default_probe_cache() -> Path:
@@ -573,10 +580,12 @@ class MicrosandboxBackend(SandboxBackend):
         rootfs: a local rootfs directory per runtime, used instead of its image
             (see :func:`sandbox_options` for the caveat).
         probe_timeout: bound on the probe's test boot, in seconds.
-        probe_cache: JSON file remembering the test boot's outcome for this
-            machine boot (key: boot id, SDK version, kernel), so that only the
-            first host start after a reboot pays for it; None disables it.
-            Image availability is always checked afresh.
+        probe_cache: JSON file (default ``$XDG_CACHE_HOME/reflow-supervisor/microvm-probe.json``)
+            remembering the test boot's outcome, keyed by what can change it
+            (kernel release, the KVM device and module, the microsandbox
+            version), so only the first host start pays for it; a timed-out
+            boot is tried again after TIMEOUT_VERDICT_TTL. None disables it.
+            Image availability is checked afresh whenever the boot succeeds.
     """
 
     name = "microsandbox"
@@ -589,6 +598,7 @@ class MicrosandboxBackend(SandboxBackend):
         self.rootfs = {k: Path(v) for k, v in (rootfs or {}).items()}
         self.probe_timeout = probe_timeout
         self.probe_cache: Path | None = _default_probe_cache() if probe_cache is _DEFAULT else probe_cache
+        self._note: tuple[bool, str] | None = None  # (remembered?, where) of the probe in progress
         self._workers: set[MicroVMWorker] = set()
 
     # -- probe ----------------------------------------------------------------
@@ -616,11 +626,20 @@ class MicrosandboxBackend(SandboxBackend):
                 if key in _probe_cache:
                     return _probe_cache[key]
             started = time.monotonic()
+            self._note = None
             reason = self._probe_uncached()
-            log.debug("microVM probe", extra={"reason": reason, "seconds": round(time.monotonic() - started, 2)})
+            seconds = time.monotonic() - started
+            log.debug("microVM probe", extra={"reason": reason, "seconds": round(seconds, 2)})
             with _probe_guard:
                 _probe_cache[key] = reason
+                remembered, where = self._note or (False, "")
+                _probe_notes[key] = where if remembered else f"probed in {seconds:.1f}s" + (f"; {where}" if where else "")
             return reason
+
+    def probe_note(self) -> str:
+        """How the last ``probe`` answer was reached (probed now, or remembered in which file), for logs."""
+        with _probe_guard:
+            return _probe_notes.get(self._probe_key(), "not probed")
 
     def _probe_uncached(self) -> str | None:
         if not os.path.exists(KVM_DEVICE):
@@ -633,16 +652,24 @@ class MicrosandboxBackend(SandboxBackend):
         except Exception as exc:
             return f"the microsandbox runtime is unusable: {_short(exc)}"
         remembered = self._cached_boot_result()
+        if remembered is not None and remembered[0] is not None:
+            # No VM boots here: the images do not matter, and checking them can cost a registry timeout.
+            until = (f"the kernel, {KVM_DEVICE} or microsandbox changes" if remembered[1] is None else
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(remembered[1])) + " (the boot timed out)")
+            self._note = (True, f"remembered in {self.probe_cache} until {until}; delete it to probe again")
+            return remembered[0]
         bound = self.probe_timeout + PROBE_SLACK
         try:
             (boot_reason, definitive), image_reasons = _ASYNCIO.run(
                 self._probe_async, remembered is None, timeout=bound)
         except TimeoutError:
-            return f"a test microVM did not boot within {bound:g}s"
+            boot_reason, definitive, image_reasons = f"a test microVM did not boot within {bound:g}s", False, []
         if remembered is not None:
             boot_reason = remembered[0]
-        elif definitive:
-            self._store_boot_result(boot_reason)
+        elif self._store_boot_result(boot_reason, definitive):
+            until = ("the kernel, KVM device or microsandbox changes" if definitive
+                     else f"{TIMEOUT_VERDICT_TTL / 3600:g}h from now (the boot timed out)")
+            self._note = (False, f"remembered in {self.probe_cache} until {until}")
         reasons = [r for r in (boot_reason, *image_reasons) if r]
         return "; also ".join(reasons) if reasons else None
 
@@ -716,11 +743,12 @@ class MicrosandboxBackend(SandboxBackend):
             await _destroy_sandbox(name, timeout=2)
 
     def _cache_key(self) -> str:
-        raw = "|".join([_boot_id(), ms.version(), platform.release(), KVM_DEVICE])
+        # What can change the outcome; not the boot id: a reboot changes none of it.
+        raw = "|".join([ms.version(), platform.release(), _kvm_identity()])
         return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
-    def _cached_boot_result(self) -> tuple[str | None] | None:
-        """``(reason,)`` remembered for this machine boot, or None when it must be tried."""
+    def _cached_boot_result(self) -> tuple[str | None, float | None] | None:
+        """``(reason, expires)`` remembered for this kernel, KVM and SDK, or None when it must be tried."""
         if self.probe_cache is None:
             return None
         try:
@@ -729,11 +757,17 @@ class MicrosandboxBackend(SandboxBackend):
             return None
         if not isinstance(entry, dict) or "reason" not in entry:
             return None
-        return (entry["reason"],)
+        expires = entry.get("expires")
+        if not isinstance(expires, (int, float)):
+            expires = None
+        elif time.time() >= expires:
+            return None
+        return entry["reason"], expires
 
-    def _store_boot_result(self, reason: str | None) -> None:
+    def _store_boot_result(self, reason: str | None, definitive: bool = True) -> bool:
+        """Remember the test boot's outcome; True if it was written."""
         if self.probe_cache is None:
-            return
+            return False
         try:
             self.probe_cache.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -742,12 +776,15 @@ class MicrosandboxBackend(SandboxBackend):
                     data = {}
             except (OSError, ValueError):
                 data = {}
-            data[self._cache_key()] = {"reason": reason, "at": time.time()}
+            now = time.time()
+            data[self._cache_key()] = {"reason": reason, "at": now,
+                                       **({} if definitive else {"expires": now + TIMEOUT_VERDICT_TTL})}
             tmp = self.probe_cache.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(data))
             os.replace(tmp, self.probe_cache)
         except OSError:
-            pass
+            return False
+        return True
 
     # -- the backend interface ---------------------------------------------------
     def limits_not_enforced(self) -> tuple[str, ...]:
