@@ -32,7 +32,7 @@ from ._cell import ActorCell, Envelope, ProcessSpec, ScriptLoadFailed, new_messa
 from ._mailbox import claim, claimed, done_cmds, enqueue_cmd, enqueue_if_room_cmd, entry_body, poke
 from ._config import Config
 from ._discovery import ComponentSpec, Discovery, ScriptProblem, discover
-from ._errors import ActorError, ActorFailed, ActorRemoved, ActorStopped, Overloaded, UnknownActor
+from ._errors import ActorError, ActorFailed, ActorRemoved, ActorStopped, InvalidParams, Overloaded, UnknownActor
 from ._fanin import assemble, fanin_key, push_cmd, push_if_room_cmd
 from ._packages import PackageInstallFailed, ensure_packages
 from ._pool import WorkerPool
@@ -398,15 +398,30 @@ class Host:
 
     # -- the API's view -----------------------------------------------------
     def cell(self, name: Any) -> ActorCell:
+        """The process a request names: a process name; else (Reflow's ``process`` call sends
+        the component's name) a component that one process runs, or "component:process".
+
+        Raises:
+            UnknownActor: nothing of that name.
+            InvalidParams: a component that several processes run: which one is meant
+                cannot be told (a process named after its component is always chosen).
+        """
         if isinstance(name, str):
             cell = self.cells.get(name)
             if cell is not None:
                 return cell
-            # Reflow's process call names a component or "component:instance".
-            base = name.split(":", 1)[0]
-            for c in self.cells.values():
-                if c.component.name in (name, base) or c.name == base:
-                    return c
+            comp, _, proc = name.partition(":")
+            cell = self.cells.get(proc) if proc else None
+            if cell is not None and cell.component.name == comp:
+                return cell
+            of = [c for c in self.cells.values() if c.component.name == comp]
+            if len(of) == 1:
+                return of[0]
+            if of:
+                names = ", ".join(c.name for c in of)
+                raise InvalidParams(f"{name!r} names component {comp}, which runs as {len(of)} processes "
+                                    f"({names}): name one of them, e.g. {of[0].name!r} or "
+                                    f"'{comp}:{of[0].name}'", {"actor": name, "processes": [c.name for c in of]})
         raise UnknownActor(name)
 
     def list_actors(self) -> list[dict]:
