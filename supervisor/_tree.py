@@ -338,6 +338,7 @@ class Supervisor:
         if node.scope is not None:
             return  # already running
         node.state = "starting"
+        node.requested = False  # (a kill for actor.restart that a stop overtook: this run is new)
         node.exited = trio.Event()
         signal = _StartSignal()
         node.scope = trio.CancelScope()

@@ -47,10 +47,23 @@ def twin(context):
     return {"who": context.actor_id(), "back": context.get_input("x")}
 '''
 
+JS_PROBE = '''
+@actor({name: "JsProbe", inports: ["bytes", "wide"], outports: ["kinds", "bytes", "wide"]})
+async function jsProbe(context) {
+  const kinds = {};
+  for (const [port, msg] of context.getPayload()) {
+    const v = msg.unwrap();
+    kinds[port] = Buffer.isBuffer(v) || v instanceof Uint8Array ? "bytes" : Array.isArray(v) ? "array" : typeof v;
+  }
+  return {kinds, bytes: context.getInput("bytes"), wide: context.getInput("wide")};
+}
+'''
+
 NETWORK = """\
 network:
   processes:
     WireProbe: {component: WireProbe}
+    JsProbe: {component: JsProbe}
     p1: {component: Twin}
     p2: {component: Twin}
 """
@@ -112,7 +125,7 @@ def _request(actor_id: str, payload: dict, rid: str) -> str:
 
 @pytest.fixture
 async def host(make_host):
-    return await make_host({"probe.actor.py": PROBE, "twin.actor.py": TWIN}, NETWORK)
+    return await make_host({"probe.actor.py": PROBE, "twin.actor.py": TWIN, "probe.actor.js": JS_PROBE}, NETWORK)
 
 
 async def test_the_rust_request_is_answered_in_the_shapes_rust_parses(host):
@@ -170,3 +183,11 @@ async def test_errors_and_several_processes_of_one_component(host):
     assert unknown[0]["error"]["code"] == -32001
     assert by_process[-1]["result"] == {"outputs": {"who": "p2", "back": [3, 4]}}
     assert colon[-1]["result"] == {"outputs": {"who": "p1", "back": "s"}}
+
+
+async def test_bytes_both_ways_in_javascript(host):
+    (frames,) = await trio.to_thread.run_sync(
+        _exchange, host.url, [_request("JsProbe", {"bytes": [0, 1, 255], "wide": [1, 300]}, "js")])
+    _serde(frames[-1], WIRE["response"], "response")
+    assert frames[-1]["result"] == {"outputs": {"kinds": {"bytes": "bytes", "wide": "array"},
+                                                "bytes": [0, 1, 255], "wide": [1, 300]}}
