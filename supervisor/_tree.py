@@ -219,8 +219,8 @@ class Supervisor:
         if self._runs > 1:
             # Our parent restarted us: every child gets a new incarnation, which is a restart
             # of it too, whatever its own history.
-            why = f"supervisor {self.name!r} restarted" + (
-                f" ({self.last_error['message']})" if self.last_error else "")
+            gave_up = self.state == "failed" and self.last_error  # (its last run's end, if it gave up)
+            why = f"supervisor {self.name!r} restarted" + (f" ({self.last_error['message']})" if gave_up else "")
             for node in self._nodes.values():
                 node.restarts += 1
                 node.last_restart_cause = why
