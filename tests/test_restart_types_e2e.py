@@ -159,6 +159,13 @@ async def test_permanent_restarts_after_a_normal_exit(host):
 
 async def test_temporary_is_never_restarted_and_restart_says_why(host):
     async with open_client(host.url) as c:
+        # actor.restart of a running temporary actor restarts it (it is not removed).
+        pid = _node(await c.status(), "y")["pid"]
+        assert await c.request("actor.restart", {"actor": "y"}) == {}
+        await _ok(c, "y")
+        node = _node(await c.status(), "y")
+        assert node["restarts"] == 1 and node["pid"] != pid and node["last_restart_cause"] == "actor.restart"
+
         with pytest.raises(RpcError):
             await c.call("x", {"how": "crash"})
         await c.call("y", {"how": "stop"})

@@ -185,10 +185,11 @@ class Worker {
     this.current = null; // id of the request being processed
     this.lines = [];
     this.stopReason = null; // set by context.stop() (or process.exit(0)) while handling a message
+    this.inMessage = false; // a process request is running the script (not a load)
   }
 
   requestStop(reason) {
-    if (this.current === null) throw new Error('context.stop() is only available while handling a message');
+    if (!this.inMessage) throw new Error('context.stop() is only available while handling a message');
     this.stopReason = reason;
   }
 
@@ -196,7 +197,7 @@ class Worker {
   // (the script's code ends here, as it would with a real exit); anything else really exits.
   scriptExit(code) {
     const status = code === undefined || code === null ? (process.exitCode || 0) : Number(code);
-    if (status === 0 && this.current !== null) {
+    if (status === 0 && this.inMessage) {
       this.stopReason = this.stopReason || 'process.exit(0)';
       throw new ExitSignal('process.exit(0)');
     }
@@ -383,11 +384,14 @@ class Worker {
       try {
         if (method === 'process') {
           let out;
+          this.inMessage = true;
           try {
             out = await this.process(msg.params || {}, msg._atts || []);
           } catch (e) {
             if (!(e instanceof ExitSignal)) throw e;
             out = [{ outputs: {} }, []]; // process.exit(0): what was sent so far, then stop
+          } finally {
+            this.inMessage = false;
           }
           if (this.stopReason !== null) {
             out[0].stop = this.stopReason;

@@ -265,7 +265,7 @@ class Worker:
         self.stop_reason = None  # set by context.stop() (or sys.exit(0)) while handling a message
 
     def request_stop(self, reason):
-        if self.current is None:
+        if self.current is None or self.fn is None:
             raise RuntimeError("context.stop() is only available while handling a message")
         self.stop_reason = reason
 
