@@ -180,7 +180,18 @@ def _cancelled(exc: BaseException | None) -> bool:
     return isinstance(exc, trio.Cancelled)
 
 
+def _normal(exit: ExitInfo) -> bool:
+    """Whether a worker that ended by itself exited normally: status 0, no signal, no limit.
+    The SDK exits so for ``context.stop()``, ``sys.exit(0)`` and ``process.exit(0)`` (after
+    answering the message); a script ending its process with status 0 any other way is a
+    normal exit too (as OTP's ``normal``). Every other end is a crash."""
+    return exit.code == 0 and exit.signal is None and not exit.limit
+
+
 def _death_error(name: str, exit: ExitInfo) -> ActorError:
+    if _normal(exit):
+        return ActorStopped(f"actor {name!r} exited normally (exit code 0) before answering this message",
+                            {"type": "WorkerExited", "exit_code": 0})
     if exit.limit:
         return ResourceLimitExceeded(exit.limit, f"actor {name!r} exceeded its {exit.limit} limit")
     return ActorFailed(f"actor {name!r} {exit.describe()}", {"type": "WorkerDied", **exit.to_data(),
@@ -205,6 +216,8 @@ class ActorCell:
         self.shm_threshold = cfg.workspace.sandbox.shm_threshold
         self.subscribers: dict[int, Callable[[str, str, dict, str], None]] = {}
         self.stopped_reason: str | None = None
+        self.stop_requested: str | None = None  # the script asked to stop (context.stop(), sys.exit(0))
+        self.exit_detail: str | None = None     # how the last run ended normally, if it did
         self._retry: collections.deque[Envelope] = collections.deque()
         # Sent to the worker behind ``current``, with their request ids, not yet started.
         self.ahead: collections.deque[tuple[Envelope, int]] = collections.deque()
@@ -287,8 +300,14 @@ class ActorCell:
                 return
 
     # -- the task ---------------------------------------------------------
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> str | None:
         """Take a worker, load the script, serve messages until cancelled.
+
+        Returns (a normal exit, see :func:`_normal`) when the script stopped itself: after
+        answering and committing the message that asked (``context.stop()``,
+        ``sys.exit(0)``), or when its worker exited with status 0 unasked (the message in
+        hand, if any, fails). Returns how, e.g. ``"context.stop()"``. Messages sent ahead
+        to the worker and not started wait for the next run.
 
         Raises:
             WorkerDied: the sandbox died (crash, kill, resource limit).
@@ -296,7 +315,17 @@ class ActorCell:
             ScriptLoadFailed: the script does not load.
         """
         self.stopped_reason = None
+        self.stop_requested = self.exit_detail = None
         self.runs += 1
+        try:
+            return await self._run(task_status)
+        except WorkerDied as exc:
+            if not _normal(exc.exit):
+                raise
+            self.exit_detail = "its worker exited with code 0"
+            return self.exit_detail
+
+    async def _run(self, task_status: Any) -> str | None:
         worker = await self.host.pool.acquire(self.component.runtime)
         self.worker, self.tier = worker, worker.tier
         failure: BaseException | None = None
@@ -318,6 +347,7 @@ class ActorCell:
                         nursery.start_soon(feed, self, merged_send)
                     task_status.started()
                     await self._serve(worker, inbox)
+                    nursery.cancel_scope.cancel()  # (returned: the script stopped; see _serve)
             except BaseExceptionGroup as group:
                 # The watcher never raises, so a group here holds the serving loop's one
                 # failure: give the supervisor that error, not a wrapper around it.
@@ -367,8 +397,12 @@ class ActorCell:
                     else:  # it failed with this message in hand: never run it again unasked
                         env.fail(ActorFailed(f"actor {self.name!r} failed: {failure}",
                                              {"type": type(failure).__name__, "message": str(failure)}))
+        if self.stop_requested is not None:
+            self.exit_detail = self.stop_requested
+            return self.exit_detail
         if worker.exit_info is not None:
             raise WorkerDied(self.name, worker.exit_info)
+        return None
 
     def _give_back(self, envs: list[Envelope], *, front: bool) -> None:
         """Messages a run took but never started (they did nothing wrong): those from memory
@@ -467,6 +501,9 @@ class ActorCell:
             self.current = cur
             await self._handle(worker, cur, rid)
             self.current = None
+            if self.stop_requested is not None:  # its worker runs nothing more: end this run
+                await self._settle(everything=True)
+                return
             await self._settle(everything=len(self._committing) >= SEND_AHEAD)
             if worker.exit_info is not None:  # a limit ended the worker: the rest wait for the next one
                 raise WorkerDied(self.name, worker.exit_info)
@@ -585,6 +622,9 @@ class ActorCell:
             return
         if not added:
             return
+        stop = (reply.get("result") or {}).get("stop")
+        if stop is not None:  # the script stopped itself normally with this answer
+            self.stop_requested = str(stop)[:200]
         outputs = (reply.get("result") or {}).get("outputs") or {}
         routed = env.emitted + [(p, m) for p, m in outputs.items() if (p, m) not in env.emitted]
         self._committing.append((self.host.start_commit(self, txn, routed, env), env, routed, outputs))

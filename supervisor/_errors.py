@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "ActorError", "UnknownActor", "ActorFailed", "ActorTimedOut", "Overloaded",
+    "ActorError", "UnknownActor", "ActorRemoved", "ActorFailed", "ActorTimedOut", "Overloaded",
     "ResourceLimitExceeded", "Unauthorized", "ActorStopped", "InvalidParams", "RequestCancelled",
     "single_error",
 ]
@@ -55,6 +55,13 @@ class UnknownActor(ActorError):
 
     def __init__(self, name: object):
         super().__init__(f"unknown actor {name!r}", {"actor": name if isinstance(name, str) else None})
+
+
+class ActorRemoved(UnknownActor):
+    """The actor is no longer in the supervision tree (a temporary one that exited)."""
+
+    def __init__(self, name: str, why: str):
+        ActorError.__init__(self, f"unknown actor {name!r}: {why}", {"actor": name})
 
 
 class ActorFailed(ActorError):

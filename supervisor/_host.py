@@ -32,7 +32,7 @@ from ._cell import ActorCell, Envelope, ProcessSpec, ScriptLoadFailed, new_messa
 from ._mailbox import claim, claimed, done_cmds, enqueue_cmd, enqueue_if_room_cmd, entry_body, poke
 from ._config import Config
 from ._discovery import ComponentSpec, Discovery, ScriptProblem, discover
-from ._errors import ActorError, ActorFailed, ActorStopped, Overloaded, UnknownActor
+from ._errors import ActorError, ActorFailed, ActorRemoved, ActorStopped, InvalidParams, Overloaded, UnknownActor
 from ._fanin import assemble, fanin_key, push_cmd, push_if_room_cmd
 from ._packages import PackageInstallFailed, ensure_packages
 from ._pool import WorkerPool
@@ -41,7 +41,7 @@ from ._reload import plan_reload, watch_scripts
 from ._redis import RedisError, RedisUnavailable, Reply, open_redis, serve_embedded_redis
 from ._sandbox import select_backend
 from ._sandbox._base import SandboxBackend, SandboxUnavailable, WorkerSpec
-from ._tree import PermanentFailure, Supervisor, SupervisorGaveUp
+from ._tree import NotRunning, PermanentFailure, Supervisor, SupervisorGaveUp
 
 __all__ = ["Host", "HostError"]
 
@@ -62,22 +62,49 @@ class CellChild:
         self.name = cell.name
         self.restart_type = restart_type
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> str | None:
         try:
-            await self.cell.run(task_status=task_status)
+            return await self.cell.run(task_status=task_status)
         except ScriptLoadFailed as exc:
             raise PermanentFailure(str(exc)) from exc
 
+    def interrupt(self) -> bool:
+        """Kill the worker (for actor.restart): False if there is none to kill."""
+        worker = self.cell.worker
+        if worker is None:
+            return False
+        worker.kill()
+        return True
+
     def on_stopped(self, error: BaseException | None) -> None:
-        why = f": {error}" if error else ""
+        if error is not None:
+            why = f": {error}"
+        elif self.cell.exit_detail is not None:  # it stopped itself, and its restart type keeps it so
+            why = (f": it exited normally ({self.cell.exit_detail}) and, being {self.restart_type.value}, "
+                   "is not restarted" + ("" if self.restart_type is policy.RestartType.TEMPORARY
+                                         else "; actor.restart starts it again"))
+        elif self.restart_type is policy.RestartType.TEMPORARY:
+            why = ": it was temporary and exited (temporary actors are never restarted)"
+        else:
+            why = ""
         self.cell.fail_queued(ActorStopped(f"actor {self.name!r} is not running{why}"))
 
     def status(self) -> dict:
         c = self.cell
         w = c.worker
-        return {"name": c.name, "kind": "actor", "component": c.component.name,
+        return {"name": c.name, "kind": "actor", "component": c.component.name, "restart": self.restart_type.value,
                 "runtime": c.component.runtime, "tier": c.tier, "pid": w.pid if w else None,
                 "pending": c.pending(), "processed": c.processed, "bytes": bytes_path(w)}
+
+
+class _Started:
+    """A task_status whose ``started()`` sets an event."""
+
+    def __init__(self, event: trio.Event):
+        self.event = event
+
+    def started(self, value: object = None) -> None:
+        self.event.set()
 
 
 def bytes_path(worker: Any) -> str | None:
@@ -143,6 +170,8 @@ class Host:
         self._fan_in: dict[str, dict[str, collections.deque]] = {}
         self._fan_in_locks: dict[str, trio.Lock] = {}
         self.root: Supervisor | None = None
+        # (ask, done) while the tree has given up: restart_actor sets ask, _run_root sets done
+        self._revive: tuple[trio.Event, trio.Event] | None = None
         self.pool: WorkerPool | None = None
         self.redis: Any = None
         self.url: str | None = None
@@ -369,15 +398,30 @@ class Host:
 
     # -- the API's view -----------------------------------------------------
     def cell(self, name: Any) -> ActorCell:
+        """The process a request names: a process name; else (Reflow's ``process`` call sends
+        the component's name) a component that one process runs, or "component:process".
+
+        Raises:
+            UnknownActor: nothing of that name.
+            InvalidParams: a component that several processes run: which one is meant
+                cannot be told (a process named after its component is always chosen).
+        """
         if isinstance(name, str):
             cell = self.cells.get(name)
             if cell is not None:
                 return cell
-            # Reflow's process call names a component or "component:instance".
-            base = name.split(":", 1)[0]
-            for c in self.cells.values():
-                if c.component.name in (name, base) or c.name == base:
-                    return c
+            comp, _, proc = name.partition(":")
+            cell = self.cells.get(proc) if proc else None
+            if cell is not None and cell.component.name == comp:
+                return cell
+            of = [c for c in self.cells.values() if c.component.name == comp]
+            if len(of) == 1:
+                return of[0]
+            if of:
+                names = ", ".join(c.name for c in of)
+                raise InvalidParams(f"{name!r} names component {comp}, which runs as {len(of)} processes "
+                                    f"({names}): name one of them, e.g. {of[0].name!r} or "
+                                    f"'{comp}:{of[0].name}'", {"actor": name, "processes": [c.name for c in of]})
         raise UnknownActor(name)
 
     def list_actors(self) -> list[dict]:
@@ -416,10 +460,40 @@ class Host:
         return tree
 
     async def restart_actor(self, name: str) -> None:
+        """actor.restart: restart the actor now whatever its restart type and state (see
+        Supervisor.restart_child). If the tree gave up, the whole tree starts again (fresh
+        restart intensity), since no actor runs without its supervisors; this returns once
+        it runs.
+
+        Raises:
+            UnknownActor: no such actor; ActorRemoved: a temporary actor that exited.
+            ActorStopped: the host is stopping, or the actor's supervisor is itself being
+                restarted by its parent (the actor comes back with it).
+        """
         cell = self.cell(name)
-        worker = cell.worker
-        if worker is not None:
-            worker.kill()
+        if self.stopping or self.root is None:
+            raise ActorStopped("the host is not running its supervision tree (starting or stopping)")
+        if self.root.state == "failed":
+            if self._revive is None:  # (gave up this instant: _run_root has not caught it yet)
+                raise ActorStopped("the supervision tree is giving up; retry")
+            ask, done = self._revive
+            ask.set()
+            await done.wait()
+            if self.root.state != "running":
+                why = (self.root.last_error or {}).get("message", "")
+                raise ActorStopped(f"the supervision tree was started again and gave up again: {why}")
+            return
+        parent = self.root.parent_of(cell.name)
+        if parent is None:
+            if cell.process.restart == "temporary":
+                raise ActorRemoved(cell.name, "it was temporary and was removed from the supervision tree when "
+                                              "it exited (temporary actors are never restarted)")
+            raise ActorRemoved(cell.name, "it is no longer in the supervision tree")
+        try:
+            await parent.restart_child(cell.name)
+        except NotRunning as exc:
+            raise ActorStopped(f"actor {cell.name!r} cannot be restarted now: its supervisor {exc.name!r} is "
+                               "itself being restarted; the actor comes back with it") from None
 
     # -- what cells call ----------------------------------------------------
     async def commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope, *, ack: bool = True) -> None:
@@ -669,14 +743,24 @@ class Host:
 
     async def _run_root(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         assert self.root is not None
-        try:
-            await self.root.run(task_status=task_status)
-        except SupervisorGaveUp as exc:
-            # OTP would end the node here. We keep the API up so that status shows what
-            # failed and callers get -32002 instead of a refused connection.
-            log.critical("the supervision tree gave up: %s; the host keeps answering status", exc)
-            self.root.on_stopped(exc)
-            await trio.sleep_forever()
+        done: trio.Event | None = None
+        while True:
+            try:
+                await self.root.run(task_status=task_status)
+                return
+            except SupervisorGaveUp as exc:
+                # OTP would end the node here. We keep the API up so that status shows what
+                # failed and callers get -32002 instead of a refused connection, and an
+                # actor.restart starts the tree again (restart_actor).
+                log.critical("the supervision tree gave up: %s; the host keeps answering status", exc)
+                self.root.on_stopped(exc)
+            if done is not None:
+                done.set()  # (a revived tree that gave up before it ran: its asker hears)
+            ask, done = self._revive = trio.Event(), trio.Event()
+            await ask.wait()
+            self._revive = None
+            log.warning("actor.restart: starting the supervision tree again")
+            task_status = _Started(done)
 
     async def _send_iips(self) -> None:
         if self.durable:  # finish any fan-in assembly a crash interrupted

@@ -10,6 +10,9 @@ Order as OTP's ``supervisor.erl``: restart type → intensity → strategy.
   → :class:`Escalate`, and the state is failed for good;
 - one_for_one restarts the child; one_for_all every child; rest_for_one the
   child and the children started after it;
+- a restart asked for by an operator (:class:`RestartRequested`, ``actor.restart``; OTP's
+  ``restart_child``) restarts that one child at once whatever its restart type, without
+  backoff and without counting toward the intensity (nobody failed);
 - backoff (OTP has none): the n-th consecutive failure of a child waits
   ``min(max, min * 2**(n-1)) * (1 + jitter * u)`` with ``u ∈ [-1, 1]`` passed in
   the event; a child that ran ``reset_after`` seconds (default 2 × max) before
@@ -24,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import attrs
 
 __all__ = ["Strategy", "RestartType", "Policy", "TreeState", "initial_state", "ChildStarted", "ChildExited",
-           "ChildAdded", "ChildRemoved", "Restart", "Remove", "Stopped", "Escalate", "decide"]
+           "ChildAdded", "ChildRemoved", "RestartRequested", "Restart", "Remove", "Stopped", "Escalate", "decide"]
 
 
 class Strategy(enum.Enum):
@@ -110,6 +113,14 @@ class ChildRemoved:
 
 
 @attrs.frozen
+class RestartRequested:
+    """An operator asked for this child to be restarted; it is not running (any more)."""
+
+    child: str
+    at: float
+
+
+@attrs.frozen
 class Restart:
     """Stop ``stop_order`` (running siblings, reverse start order), wait ``delay``, start ``children``."""
 
@@ -162,6 +173,11 @@ def decide(s: TreeState, ev: object) -> tuple[TreeState, tuple[Action, ...]]:
                             restart_types={**s.restart_types, ev.child: ev.restart_type}), ()
     if isinstance(ev, ChildRemoved):
         return _without(s, {ev.child}), ()
+    if isinstance(ev, RestartRequested):
+        if ev.child not in s.restart_types:
+            return s, ()
+        started = {k: v for k, v in s.started_at.items() if k != ev.child}
+        return attrs.evolve(s, started_at=started), (Restart((ev.child,), (), 0.0),)
     if not isinstance(ev, ChildExited):
         raise TypeError(f"unknown event {ev!r}")
     child = ev.child

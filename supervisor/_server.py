@@ -12,11 +12,13 @@ decoded and validated by the pure :mod:`supervisor._protocol`.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hmac
 import itertools
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -199,7 +201,16 @@ class Api:
         return {"process": process}
 
     def process_start(self, conn: Connection, params: Any) -> Later:
-        """Reflow's WebSocketScriptActor call (plain JSON values both ways), step one."""
+        """Reflow's WebSocketScriptActor call, step one: its ``ScriptActorContext`` in, plain
+        JSON values both ways, mapped as Reflow's ``Message`` <-> ``serde_json::Value``
+        conversions do (see :func:`_from_reflow`, :func:`_plain`). ``actor_id`` names a
+        process, or a component run by one process (Rust sends the component's name).
+
+        Raises:
+            InvalidParams: a bad payload; an actor_id naming a component run by several
+                processes (which one is meant cannot be told: name the process).
+            UnknownActor: no such process or component.
+        """
         p = _object(params, required=("actor_id", "payload"))
         cell = self.host.cell(p["actor_id"])
         payload = p["payload"]
@@ -208,12 +219,13 @@ class Api:
         actor_id = p["actor_id"]
 
         def stream(port: str, message: dict) -> None:
+            # ScriptOutput's timestamp is a u64 (ms since the epoch): when the output happened.
             conn.notify("output", {"actor_id": actor_id, "port": port, "data": _plain(message),
-                                   "timestamp": p.get("timestamp")})
+                                   "timestamp": int(time.time() * 1000)})
 
         config = p.get("config")
         timeout = _timeout(p.get("timeout"))
-        env = Envelope(inputs={k: proto.wrap(v) for k, v in payload.items()}, on_output=stream,
+        env = Envelope(inputs={str(k): _from_reflow(v) for k, v in payload.items()}, on_output=stream,
                        config=config if isinstance(config, dict) and config else None)
         cell.submit(env)
         return Later(env, _process_result, timeout, cell.name)
@@ -242,8 +254,33 @@ def _process_result(env: Envelope) -> dict:
 
 
 def _plain(message: Any) -> Any:
-    """A typed message as Reflow's plain JSON (bytes stay base64 text: JSON has no bytes)."""
-    return message["value"] if proto.is_typed(message) else message
+    """A typed message as the JSON Reflow's ``Message::from(Value)`` reads: the value, except
+    bytes → an array of numbers (what Rust's ``Message::Bytes`` becomes as a Value) and
+    error → its message text (``Message::Error`` is a string); null → null (``Optional(None)``)."""
+    if not proto.is_typed(message):
+        return message
+    kind, value = message["type"], message["value"]
+    if kind == "bytes":
+        data = value.data if isinstance(value, proto.Blob) else base64.b64decode(value)
+        return list(bytes(data))
+    if kind == "error":
+        return str(value.get("message", "")) if isinstance(value, dict) else str(value)
+    return value
+
+
+def _from_reflow(value: Any) -> dict:
+    """A payload value as Reflow's ``impl From<Message> for Value`` wrote it, as a typed
+    message. JSON is taken as it is (an object that looks typed is still an object), except
+    a non-empty array of integers 0-255: that is how ``Message::Bytes`` is written, so the
+    script gets bytes. (The wire cannot tell it from a ``Message::Array`` of small integers;
+    such an array reaches the script as bytes too, and goes back to Rust unchanged.)"""
+    if isinstance(value, list):
+        if value and all(type(x) is int and 0 <= x <= 255 for x in value):
+            return {"type": "bytes", "value": proto.Blob(bytes(value))}
+        return {"type": "array", "value": value}
+    if isinstance(value, dict):
+        return {"type": "object", "value": value}
+    return proto.wrap(value)  # null, boolean, integer, float, string
 
 
 def _object(params: Any, required: tuple[str, ...]) -> dict:

@@ -4,6 +4,11 @@ Every decision is made by the pure :func:`supervisor._policy.decide`; this
 module only starts and cancels child tasks and sleeps through backoff. A
 child is anything with ``name``, ``run(task_status=...)`` and ``status()``:
 an :class:`~supervisor._cell.ActorCell` wrapper or another :class:`Supervisor`.
+
+A child's exit is *normal* when its ``run`` returns (it may return a string saying
+how, shown in status as ``last_exit``) and *abnormal* when it raises; a stop this
+shell asked for (OTP's ``shutdown``: a sibling's restart, a removal, the host
+stopping) is neither and never reaches the policy.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import trio
 from . import _policy as policy
 from ._errors import single_error
 
-__all__ = ["Supervisor", "SupervisorGaveUp", "Child"]
+__all__ = ["Supervisor", "SupervisorGaveUp", "NotRunning", "Child"]
 
 log = logging.getLogger("supervisor.tree")
 
@@ -33,6 +38,14 @@ class SupervisorGaveUp(Exception):
         self.reason = reason
 
 
+class NotRunning(Exception):
+    """The supervisor is not running (it gave up, or its own parent is restarting it)."""
+
+    def __init__(self, name: str):
+        super().__init__(f"supervisor {name!r} is not running")
+        self.name = name
+
+
 class PermanentFailure(Exception):
     """A child failure that restarting cannot fix (e.g. a script that does not load).
 
@@ -44,7 +57,7 @@ class Child(Protocol):
     name: str
     restart_type: policy.RestartType
 
-    async def run(self, *, task_status: Any = ...) -> None: ...
+    async def run(self, *, task_status: Any = ...) -> str | None: ...
 
     def status(self) -> dict: ...
 
@@ -71,6 +84,9 @@ class _Node:
         self.scope: trio.CancelScope | None = None
         self.exited = trio.Event()
         self.timer: trio.CancelScope | None = None
+        self.last_exit: dict | None = None        # how its last run ended: {"reason", "message", "at"}
+        self.last_restart_cause: str | None = None
+        self.requested = False                    # killed for actor.restart: its exit is not a failure
 
 
 def error_info(exc: BaseException) -> dict:
@@ -102,6 +118,7 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._events: trio.MemorySendChannel | None = None
         self._last_exited: str | None = None
+        self._runs = 0
 
     # -- introspection ----------------------------------------------------
     def children(self) -> list[Child]:
@@ -116,6 +133,7 @@ class Supervisor:
             if not (st.get("kind") == "supervisor" and node.state == "running"):
                 st["state"] = node.state  # a running supervisor reports its own (e.g. failed)
             st.update(restarts=node.restarts, last_error=node.last_error or st.get("last_error"),
+                      last_exit=node.last_exit, last_restart_cause=node.last_restart_cause,
                       uptime=_uptime(node.started_at))
             out["children"].append(st)
         return out
@@ -171,11 +189,42 @@ class Supervisor:
         if self._nursery is not None:
             await self._start(name)
 
+    async def restart_child(self, name: str) -> None:
+        """Restart a direct child now, whatever its restart type and state (OTP's
+        ``restart_child``, for ``actor.restart``): one that runs is interrupted (its work in
+        hand fails as in a crash) and started again; one that is stopped, failed or backing
+        off is started at once. Counted as a restart, not toward the intensity.
+
+        Raises:
+            KeyError: no such child.
+            NotRunning: this supervisor is not running, so it cannot start anything.
+        """
+        node = self._nodes[name]
+        if self._nursery is None or self._pstate.failed:
+            raise NotRunning(self.name)
+        interrupt = getattr(node.child, "interrupt", None)
+        if node.scope is not None and interrupt is not None and interrupt():
+            node.requested = True  # its exit comes back through run's loop
+            return
+        await self._stop(name)
+        self._pstate, actions = policy.decide(self._pstate, policy.RestartRequested(name, time.monotonic()))
+        for action in actions:
+            await self._apply(action, cause="actor.restart", inline=True)  # (answered once it runs)
+
     # -- the task ---------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self._pstate = policy.initial_state(self.policy,
                                             [(n, node.child.restart_type) for n, node in self._nodes.items()])
-        send, recv = trio.open_memory_channel[tuple[str, BaseException | None]](float("inf"))
+        self._runs += 1
+        if self._runs > 1:
+            # Our parent restarted us: every child gets a new incarnation, which is a restart
+            # of it too, whatever its own history.
+            gave_up = self.state == "failed" and self.last_error  # (its last run's end, if it gave up)
+            why = f"supervisor {self.name!r} restarted" + (f" ({self.last_error['message']})" if gave_up else "")
+            for node in self._nodes.values():
+                node.restarts += 1
+                node.last_restart_cause = why
+        send, recv = trio.open_memory_channel[tuple[str, BaseException | None, str | None]](float("inf"))
         self._events = send
         self.state = "starting"
         self.started_at = time.monotonic()
@@ -186,27 +235,38 @@ class Supervisor:
                     await self._start(name)
                 self.state = "running"
                 task_status.started()
-                async for name, error in recv:
+                async for name, error, how in recv:
                     node = self._nodes.get(name)
                     if node is None:
                         continue
+                    if node.requested:  # killed for actor.restart (see restart_child)
+                        node.requested = False
+                        self._pstate, actions = policy.decide(self._pstate,
+                                                              policy.RestartRequested(name, time.monotonic()))
+                        for action in actions:
+                            await self._apply(action, cause="actor.restart")
+                        continue
+                    abnormal = error is not None
                     if isinstance(error, PermanentFailure):
                         node.state = "failed"
                         node.last_error = error_info(error)
                         node.child.on_stopped(error)
                         log.error("%s", error, extra={"actor": name, "supervisor": self.name})
                         continue
-                    abnormal = error is not None
                     self._last_exited = name
                     if abnormal:
                         node.last_error = error_info(error)
                         log.error("child failed", exc_info=error,
                                   extra={"child": name, "supervisor": self.name})
+                    else:
+                        log.info("child exited normally: %s", how or "returned",
+                                 extra={"child": name, "supervisor": self.name})
                     self._pstate, actions = policy.decide(self._pstate, policy.ChildExited(
                         name, abnormal, time.monotonic(), jitter_u=self._rng.uniform(-1, 1),
                         reason=str(error) if error else "normal"))
+                    what = "failed" if abnormal else "exited normally"
                     for action in actions:
-                        await self._apply(action)
+                        await self._apply(action, cause=what, trigger=name)
         except SupervisorGaveUp:
             self.state = "failed"
             raise
@@ -221,7 +281,12 @@ class Supervisor:
                 self.state = "stopped"
             self._nursery = None
 
-    async def _apply(self, action: Any) -> None:
+    async def _apply(self, action: Any, *, cause: str = "", trigger: str | None = None,
+                     inline: bool = False) -> None:
+        """Carry out one action. ``cause`` says why, for status: the trigger's own restart
+        gets it as is; a sibling restarted with it (one_for_all, rest_for_one) is told it
+        was that sibling, under which strategy. ``inline``: a restart without delay starts
+        its children before this returns (not from run's loop, which must not wait)."""
         if isinstance(action, policy.Escalate):
             self.last_error = {"type": "SupervisorGaveUp", "message": action.reason, "at": time.time()}
             for name in reversed(list(self._nodes)):
@@ -239,9 +304,15 @@ class Supervisor:
             for name in action.children:
                 node = self._nodes[name]
                 node.restarts += 1
+                node.last_restart_cause = cause if trigger in (None, name) else \
+                    f"sibling {trigger!r} {cause} ({self.policy.strategy.value})"
                 node.state = "backing-off" if action.delay > 0 else "restarting"
             self.restarts += 1
             assert self._nursery is not None
+            if inline and not action.delay:
+                for name in action.children:
+                    await self._start(name)
+                return
             self._nursery.start_soon(self._restart_later, action.children, action.delay)
             return
         child = getattr(action, "child", None)
@@ -267,6 +338,7 @@ class Supervisor:
         if node.scope is not None:
             return  # already running
         node.state = "starting"
+        node.requested = False  # (a kill for actor.restart that a stop overtook: this run is new)
         node.exited = trio.Event()
         signal = _StartSignal()
         node.scope = trio.CancelScope()
@@ -280,9 +352,10 @@ class Supervisor:
 
     async def _child_task(self, node: _Node, scope: trio.CancelScope, signal: _StartSignal) -> None:
         error: BaseException | None = None
+        how: str | None = None
         with scope:
             try:
-                await node.child.run(task_status=signal)
+                how = await node.child.run(task_status=signal)  # returned: a normal exit
             except Exception as exc:  # a child's failure is data for the policy, not ours
                 error = exc
         intentional = scope.cancel_called
@@ -291,9 +364,11 @@ class Supervisor:
         signal.event.set()
         node.exited.set()
         if not intentional and self._events is not None:
+            node.last_exit = {"reason": "error" if error is not None else "normal",
+                              "message": str(error) if error is not None else (how or "returned"), "at": time.time()}
             if error is None:
                 node.state = "stopped"
-            self._events.send_nowait((node.child.name, error))
+            self._events.send_nowait((node.child.name, error, how))
 
     async def _stop(self, name: str) -> None:
         node = self._nodes.get(name)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from supervisor._policy import (ChildAdded, ChildExited, ChildRemoved, ChildStarted, Escalate, Policy, Remove,
-                                Restart, RestartType, Stopped, Strategy, decide, initial_state)
+                                Restart, RestartRequested, RestartType, Stopped, Strategy, decide, initial_state)
 
 NAMES = ["a", "b", "c", "d", "e"]
 
@@ -68,6 +68,14 @@ class OtpModel:
         return [Restart(tuple(v for v in victims if v not in temps), tuple(stop), delay)] + [Remove(v) for v in temps]
 
 
+    def requested(self, name):
+        """actor.restart (OTP's restart_child): that child alone, now, whatever its type."""
+        if self.failed or name not in self.names():
+            return []
+        self.started.pop(name, None)
+        return [Restart((name,), (), 0.0)]
+
+
 class PolicyMachine(RuleBasedStateMachine):
     @initialize(strategy=st.sampled_from(Strategy), max_restarts=st.integers(0, 4),
                 max_seconds=st.sampled_from([0.0, 1.0, 5.0]),
@@ -113,6 +121,16 @@ class PolicyMachine(RuleBasedStateMachine):
             if isinstance(a, Restart):
                 for child in a.children:
                     self.start(child)
+
+    @rule(name=st.sampled_from(NAMES))
+    def restart_requested(self, name):
+        window = self.state.restarts
+        self.state, actions = decide(self.state, RestartRequested(name, self.now))
+        assert list(actions) == self.model.requested(name)
+        assert self.state.restarts == window  # an operator's restart is no failure: intensity untouched
+        for a in actions:
+            for child in a.children:
+                self.start(child)
 
     @precondition(lambda self: not self.escalated)
     @rule(name=st.sampled_from(NAMES), kind=st.sampled_from(RestartType))
@@ -217,3 +235,14 @@ def test_backoff_grows_caps_and_resets_after_stable_running():
     s, _ = decide(s, ChildStarted("a", t))
     s, (r,) = _exit(s, "a", t + 1.0)  # ran 1.0 s ≥ reset (2 × max)
     assert r.delay == pytest.approx(0.1)
+
+
+def test_a_requested_restart_restarts_a_temporary_or_stopped_child_without_touching_intensity():
+    kids = [("t", RestartType.TRANSIENT), ("x", RestartType.TEMPORARY)]
+    s = initial_state(_p(max_restarts=0, strategy=Strategy.ONE_FOR_ALL), kids)
+    s, a = _exit(s, "t", 0, abnormal=False)
+    assert a == (Stopped("t"),)
+    for name in ("t", "x"):
+        s, a = decide(s, RestartRequested(name, 1.0))
+        assert a == (Restart((name,), (), 0.0),) and s.restarts == () and not s.failed
+    assert decide(s, RestartRequested("gone", 1.0)) == (s, ())

@@ -10,7 +10,7 @@
 const TYPES = new Set(['integer', 'float', 'string', 'boolean', 'array', 'object', 'error', 'bytes', 'any', 'null']);
 
 // Set by the worker: (op, args) -> result, and (port, wireMessage) -> void.
-const hooks = { stateCall: null, emit: null };
+const hooks = { stateCall: null, emit: null, stop: null };
 // Filled by actor(): the functions this file declared, last one wins.
 const registry = [];
 // The metadata of the last `actor({...})` called without a function.
@@ -196,6 +196,11 @@ class ActorContext {
     return DONE;
   }
   getOutputs() { return new Map(this._outputs); }
+  // Stop this actor normally once this message is answered (OTP's {stop, normal, ...}): the
+  // returned value is still the message's outputs. A transient or temporary actor is then not
+  // restarted; a permanent one is. process.exit() / process.exit(0) during a message does the
+  // same with no outputs; any other exit code is a crash.
+  stop(reason) { hooks.stop(reason === undefined || reason === null ? 'context.stop()' : String(reason)); }
   timestamp() { return this._timestamp; }
   actorId() { return this._actorId; }
 }

@@ -21,6 +21,12 @@ const sdk = require('./reflow.js');
 
 const { Message, ActorContext, ActorError } = sdk;
 
+// The worker's own exits; process.exit itself is the script's (see Worker.scriptExit).
+const realExit = process.exit.bind(process);
+
+// Thrown by process.exit(0) in a script during a message: a normal stop (PROTOCOL.md).
+class ExitSignal extends Error {}
+
 // Node cannot set its own rlimits; the host applies them before exec (ulimit).
 // argv[-2] is kept for symmetry with the Python worker and read for the record.
 const LIMITS = JSON.parse(process.argv[process.argv.length - 2] || '{}');
@@ -55,7 +61,7 @@ class Channel {
         off += fs.writeSync(this.outFd, data, off, data.length - off);
       } catch (e) {
         if (e.code === 'EAGAIN') { Atomics.wait(sleeper, 0, 0, 1); continue; }
-        if (e.code === 'EPIPE' || e.code === 'ECONNRESET') process.exit(0);
+        if (e.code === 'EPIPE' || e.code === 'ECONNRESET') realExit(0);
         throw e;
       }
     }
@@ -178,6 +184,40 @@ class Worker {
     this.nextId = 0;
     this.current = null; // id of the request being processed
     this.lines = [];
+    this.stopReason = null; // set by context.stop() (or process.exit(0)) while handling a message
+    this.inMessage = false; // a process request is running the script (not a load)
+  }
+
+  requestStop(reason) {
+    if (!this.inMessage) throw new Error('context.stop() is only available while handling a message');
+    this.stopReason = reason;
+  }
+
+  // process.exit for scripts: exit code 0 during a message is a normal stop after its reply
+  // (the script's code ends here, as it would with a real exit); anything else really exits.
+  scriptExit(code) {
+    const status = code === undefined || code === null ? (process.exitCode || 0) : Number(code);
+    if (status === 0 && this.inMessage) {
+      this.stopReason = this.stopReason || 'process.exit(0)';
+      throw new ExitSignal('process.exit(0)');
+    }
+    realExit(status);
+  }
+
+  // After a normal stop's reply: run nothing more (what the host sent ahead goes to the next
+  // worker) and exit 0 once the host closes the channel or says shutdown.
+  stopped() {
+    this.fn = null;
+    for (;;) {
+      let msg;
+      try {
+        msg = this.chan.receive();
+      } catch (e) {
+        if (e instanceof ChannelClosed) return;
+        throw e;
+      }
+      if (msg.method === 'shutdown') return;
+    }
   }
 
   stateCall(op, args) {
@@ -189,7 +229,7 @@ class Worker {
         if (msg.error) throw new ActorError(msg.error.message || 'state call failed', msg.error.code);
         return msg.result === undefined ? null : msg.result;
       }
-      if (msg.method === 'shutdown') process.exit(0);
+      if (msg.method === 'shutdown') realExit(0);
       this.chan.pending.push(msg);
     }
   }
@@ -342,15 +382,33 @@ class Worker {
       }
       this.current = rid;
       try {
-        if (method === 'process') this.reply(rid, ...(await this.process(msg.params || {}, msg._atts || [])));
-        else if (method === 'load') this.reply(rid, this.load(msg.params || {}));
+        if (method === 'process') {
+          let out;
+          this.inMessage = true;
+          try {
+            out = await this.process(msg.params || {}, msg._atts || []);
+          } catch (e) {
+            if (!(e instanceof ExitSignal)) throw e;
+            out = [{ outputs: {} }, []]; // process.exit(0): what was sent so far, then stop
+          } finally {
+            this.inMessage = false;
+          }
+          if (this.stopReason !== null) {
+            out[0].stop = this.stopReason;
+            this.reply(rid, ...out);
+            this.stopped();
+            return;
+          }
+          this.reply(rid, ...out);
+        } else if (method === 'load') this.reply(rid, this.load(msg.params || {}));
         else this.reply(rid, {});
       } catch (err) {
         if (err instanceof RangeError && /allocation failed/i.test(err.message)) {
           chan.send({ jsonrpc: '2.0', id: rid, error: { code: -32005, message: 'memory limit exceeded',
             data: { limit: 'memory' } } });
-          process.exit(3);
+          realExit(3);
         }
+        this.stopReason = null; // (a stop is honoured with a reply only: this is a failure)
         this.fail(rid, err);
       } finally {
         this.current = null;
@@ -380,6 +438,8 @@ function main() {
   const worker = new Worker(chan);
   sdk.hooks.stateCall = (op, args) => worker.stateCall(op, args);
   sdk.hooks.emit = (port, wire) => worker.emit(port, wire);
+  sdk.hooks.stop = (reason) => worker.requestStop(reason);
+  process.exit = (code) => worker.scriptExit(code);
 
   // What a script prints goes to the host's log, as with Python.
   const sink = (stream) => new Writable({
@@ -405,9 +465,9 @@ function main() {
 
   chan.send({ jsonrpc: '2.0', method: 'ready', params: { runtime: 'javascript', pid: process.pid, limits: LIMITS,
                                                         attachments: CHANNEL_ARG !== 'stdio' } });
-  worker.serve().then(() => process.exit(0), (e) => {
+  worker.serve().then(() => realExit(0), (e) => {
     err.write(`worker failed: ${e && e.stack ? e.stack : safeString(e)}\n`);
-    process.exit(1);
+    realExit(1);
   });
 }
 

@@ -262,6 +262,12 @@ class Worker:
         self.current = None  # id of the message being processed
         self.result_atts = None  # attachments of the reply being built
         self.shm = None  # _Shm when the host gave this worker shared memory
+        self.stop_reason = None  # set by context.stop() (or sys.exit(0)) while handling a message
+
+    def request_stop(self, reason):
+        if self.current is None or self.fn is None:
+            raise RuntimeError("context.stop() is only available while handling a message")
+        self.stop_reason = reason
 
     # -- calls from the script -------------------------------------------
     def state_call(self, op, args):
@@ -399,18 +405,33 @@ class Worker:
                 atts = None
                 if method == "process":
                     self.result_atts = None
-                    result, atts = self.process(msg.get("params") or {}, msg.get("_atts") or ())
+                    try:
+                        result, atts = self.process(msg.get("params") or {}, msg.get("_atts") or ())
+                    except SystemExit as exc:
+                        if exc.code not in (None, 0):
+                            raise  # any other status is a crash: the worker exits with it
+                        # sys.exit(0) is a normal stop with what was sent so far (PROTOCOL.md)
+                        self.stop_reason = self.stop_reason or "sys.exit(0)"
+                        result, atts = {"outputs": {}}, None
+                    if self.stop_reason is not None:
+                        result["stop"] = self.stop_reason
                 elif method == "load":
                     result = self.load(msg.get("params") or {})
                 else:
                     result = {}
-                chan.send({"jsonrpc": "2.0", "id": rid, "result": result}, atts, hold=chan.has_frame())
+                stopping = self.stop_reason is not None
+                chan.send({"jsonrpc": "2.0", "id": rid, "result": result}, atts,
+                          hold=chan.has_frame() and not stopping)
+                if stopping:
+                    self.stopped()
+                    return
             except MemoryError:
                 self.fn = None
                 chan.send({"jsonrpc": "2.0", "id": rid, "error": {
                     "code": -32005, "message": "memory limit exceeded", "data": {"limit": "memory"}}})
                 os._exit(3)
             except Exception as exc:  # a script's failure is the message's, not the worker's
+                self.stop_reason = None  # (a stop is honoured with a reply only: this is a failure)
                 code = -32002
                 data = self.error_data(exc)
                 if isinstance(exc, reflow.ActorError) and exc.code is not None:
@@ -422,6 +443,19 @@ class Worker:
                     chan.send({"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": data["type"]}})
             finally:
                 self.current = None
+
+    def stopped(self):
+        """After a normal stop's reply: run nothing more (what the host sent ahead goes to
+        the next worker) and exit 0 once the host closes the channel or says shutdown."""
+        self.fn = None
+        self.chan.flush()
+        while True:
+            try:
+                msg = self.chan.receive()
+            except EOFError:
+                return
+            if msg.get("method") == "shutdown":
+                return
 
 
 async def _as_coroutine(awaitable):
@@ -463,6 +497,7 @@ def main():
         worker.shm = _Shm(limits["shm"])
     reflow._state_call = worker.state_call
     reflow._emit = worker.emit
+    reflow._stop = worker.request_stop
     sys.stdout = _Stream(chan, "stdout")
     sys.stderr = _Stream(chan, "stderr")
     chan.send({"jsonrpc": "2.0", "method": "ready", "params": {"runtime": "python", "pid": os.getpid(),

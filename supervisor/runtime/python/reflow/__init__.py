@@ -26,6 +26,7 @@ _TYPES = frozenset(("integer", "float", "string", "boolean", "array", "object", 
 _state_call = None
 # Set by the worker: a function (port, wire_message) -> None that streams an output.
 _emit = None
+_stop = None  # set by the worker: context.stop()
 # Filled by @actor: the metadata and function of this file's actor.
 _registry: list = []
 
@@ -299,6 +300,14 @@ class ActorContext:
 
     def get_outputs(self):
         return dict(self._outputs)
+
+    def stop(self, reason=None):
+        """Stop this actor normally once this message is answered (OTP's ``{stop, normal,
+        Reply, State}``): what the function returns is still the message's outputs and its
+        state changes commit. A ``transient`` or ``temporary`` actor is then not restarted;
+        a ``permanent`` one is. ``sys.exit()``/``sys.exit(0)`` during a message does the
+        same with no outputs; any other exit status is a crash."""
+        _stop("context.stop()" if reason is None else str(reason))
 
     def timestamp(self):
         return self._timestamp
