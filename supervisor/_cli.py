@@ -420,7 +420,7 @@ def _deadletters(args: argparse.Namespace) -> int:
         async with open_client(url, token=args.token or os.environ.get("REFLOW_TOKEN"), reconnect=False) as client:
             if args.replay:
                 return await client.request("deadletters.replay", {"id": args.replay})
-            return await client.request("deadletters.list", {"limit": 1000})
+            return await client.request("deadletters.list", {"count": 1000})
 
     result = _connecting(url, lambda: trio.run(go))
     if args.replay:

@@ -18,6 +18,7 @@ import hmac
 import itertools
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,7 @@ SEND_BUFFER = 1 << 20
 # The writer joins queued frames into one write up to about this many bytes.
 WRITE_COALESCE = 1 << 16
 _MESSAGE_METHODS = frozenset({"actor.call", "actor.send", "process"})
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")  # a Redis stream entry id, as dead letters have
 _sub_ids = itertools.count(1)
 
 
@@ -178,9 +180,11 @@ class Api:
         return {}
 
     async def deadletters_list(self, conn: Connection, params: Any) -> Any:
-        count = (params or {}).get("limit", 100) if isinstance(params, (dict, type(None))) else 100
+        # CONTRACT §4 names it ``count``; ``limit`` was this host's name for it before and still works.
+        p = _object({} if params is None else params, required=())
+        count = p.get("count", p.get("limit", 100))
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise InvalidParams("limit must be a positive integer")
+            raise InvalidParams("count must be a positive integer")
         ns = self.host.config.workspace.redis.namespace
         return {"deadletters": await list_deadletters(self.host.redis, ns, count)}
 
@@ -193,8 +197,10 @@ class Api:
             cell.unread = True  # (added behind the feeder's back: no send may start ahead of it)
             return cell.inbox
 
+        if not isinstance(p["id"], str) or not _STREAM_ID.fullmatch(p["id"]):
+            raise InvalidParams(f"no dead letter {p['id']!r}: ids look like '1700000000000-0'")
         try:
-            process = await replay_deadletter(self.host.redis, ns, str(p["id"]), inbox_of)
+            process = await replay_deadletter(self.host.redis, ns, p["id"], inbox_of)
         except KeyError:
             raise InvalidParams(f"no dead letter {p['id']!r}") from None
         poke(self.host.cell(process))

@@ -54,6 +54,11 @@ async def test_poison_message_lands_in_dead_letters_and_leaves_no_trace(make_hos
         (dead,) = (await c.request("deadletters.list"))["deadletters"]
         assert dead["process"] == "Counter" and dead["inputs"] == {"n": {"type": "integer", "value": -5}}
         assert dead["error"]["type"] == "ValueError" and dead["attempts"] == 3
+        assert (await c.request("deadletters.list", {"count": 1}))["deadletters"] == [dead]  # CONTRACT §4's name
+        for bad in ("nope", 5, "1-2-3"):  # refused as the client's mistake, not an internal error
+            with pytest.raises(RpcError) as err:
+                await c.request("deadletters.replay", {"id": bad})
+            assert err.value.code == -32602, err.value
     rc, out, err = await _cli("deadletters", "--url", host.url)
     assert rc == 0 and dead["id"] in out and "ValueError: negative" in out
     rc, out, err = await _cli("deadletters", "--replay", dead["id"], "--url", host.url)
