@@ -461,6 +461,10 @@ def _print_tree(node: dict, depth: int) -> None:
     err = node.get("last_error")
     if err:
         line += f"  last_error={err.get('type')}: {err.get('message')}"
+    if isinstance(node.get("last_exit"), dict):
+        line += f"  last_exit={node['last_exit'].get('reason')}: {node['last_exit'].get('message')}"
+    if node.get("last_restart_cause"):
+        line += f"  restarted because: {node['last_restart_cause']}"
     print(line)
     for child in node.get("children") or []:
         _print_tree(child, depth + 1)
