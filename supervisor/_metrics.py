@@ -14,14 +14,17 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from ._mailbox import deadletter_key
 from ._redis import RedisError, RedisUnavailable
 
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from ._host import Host
+
+# (prometheus_client is imported where it is used: every command that loads a cell loads
+# this module, and only the host's API scrapes.)
 
 __all__ = ["ActorStats", "BUCKETS", "HostMetrics", "quantile", "walk_status"]
 
@@ -126,6 +129,8 @@ class _HostCollector:
         self.deadletters: int | None = None
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
         host = self.host
         messages = CounterMetricFamily("reflow_messages", "Messages handled, by actor and outcome.",
                                        labels=["actor", "outcome"])
@@ -177,6 +182,8 @@ class HostMetrics:
     """The host's Prometheus registry: its own collector plus the process, platform and GC ones."""
 
     def __init__(self, host: Host):
+        from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
         self.registry = CollectorRegistry(auto_describe=False)
         self._collector = _HostCollector(host)
         self.host = host
@@ -187,5 +194,7 @@ class HostMetrics:
 
     async def render(self) -> bytes:
         """The text exposition, with mailbox depths and dead letters read just now."""
+        from prometheus_client import generate_latest
+
         self._collector.depths, self._collector.deadletters = await mailbox_depths(self.host)
         return generate_latest(self.registry)

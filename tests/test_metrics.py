@@ -171,3 +171,46 @@ async def test_hostile_http_gets_a_refusal_and_holds_nothing_up(make_host):
     await slow.aclose()
     async with open_client(host.url) as c:
         assert (await c.status())["state"] == "running"
+
+
+# -- the pure parts -------------------------------------------------------------------------------
+
+def test_quantiles_interpolate_within_buckets_as_prometheus_does():
+    from supervisor._metrics import BUCKETS, ActorStats, quantile
+
+    s = ActorStats()
+    assert quantile(0.5, s.counts) is None
+    for _ in range(90):
+        s.observe(0.0003, None)  # (0.00025, 0.0005]
+    for _ in range(10):
+        s.observe(0.2, RuntimeError("x"))  # (0.1, 0.25]
+    assert (s.ok, s.failed) == (90, 10) and s.last_failure["type"] == "RuntimeError"
+    assert 0.00025 < quantile(0.5, s.counts) <= 0.0005
+    assert 0.1 < quantile(0.99, s.counts) <= 0.25
+    s.observe(1e6, None)  # beyond every bound: the +Inf bucket
+    assert s.counts[len(BUCKETS)] == 1
+
+
+def test_a_cause_of_death_names_signal_limit_and_traceback():
+    from supervisor._cell import ScriptLoadFailed, WorkerDied
+    from supervisor._sandbox._base import ExitInfo
+    from supervisor._tree import PermanentFailure, error_info
+
+    killed = error_info(WorkerDied("a", ExitInfo(signal=9)))
+    assert killed["type"] == "WorkerDied" and killed["signal"] == 9
+    assert error_info(WorkerDied("a", ExitInfo(code=1, limit="memory")))["limit"] == "memory"
+    load = ScriptLoadFailed("a", {"message": "boom", "data": {"traceback": ['File "a.py", line 1, in <module>']}})
+    try:
+        raise PermanentFailure(str(load)) from load
+    except PermanentFailure as exc:
+        info = error_info(exc)
+    assert info["traceback"] == ['File "a.py", line 1, in <module>']
+
+
+def test_a_watcher_that_falls_behind_is_resynced_not_queued_without_bound():
+    from supervisor._watch import MAX_PENDING, _Sub
+
+    sub = _Sub("w", conn=None)
+    for i in range(MAX_PENDING + 100):
+        sub.put({"event": "started", "i": i})
+    assert sub.overflowed and sub.pending == []  # it gets a fresh snapshot instead

@@ -262,7 +262,7 @@ function causeBox(err, cls, label) {
   const tb = tracebackOf(err);
   return h("div", { class: cls, "data-cause": label },
     h("div", { class: "what" }, h("b", { text: label + ": " }), causeText(err)),
-    h("div", { class: "when", text: err.at ? ago(err.at) : "" }),
+    h("div", { class: "when", "data-at": err.at, text: err.at ? ago(err.at) : "" }),
     tb ? h("pre", { class: "traceback", text: tb }) : null);
 }
 
@@ -509,7 +509,7 @@ function renderDeadletters(list) {
     } });
     return h("div", { class: "dl", "data-deadletter": d.id },
       h("div", { class: "top" }, h("span", { class: "tag", text: d.process }), h("span", { class: "muted", text: `${d.attempts} attempt${d.attempts === 1 ? "" : "s"}` }),
-        h("span", { class: "when", text: ago(d.at) }),
+        h("span", { class: "when", "data-at": d.at, text: ago(d.at) }),
         h("button", { text: "inspect", onclick: () => { detail.hidden = !detail.hidden; } }), replay),
       h("div", { class: "err", text: err }), detail);
   }));
@@ -554,4 +554,6 @@ function renderDetail() {
   $("#detail-body").replaceChildren(...body);
 }
 
+// "3 s ago" stays true without a re-render.
+setInterval(() => { for (const e of document.querySelectorAll("[data-at]")) e.textContent = ago(Number(e.dataset.at)); }, 5000);
 start();
