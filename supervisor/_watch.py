@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._metrics import BUCKETS, quantile
+from ._metrics import BUCKETS, mailbox_depths, quantile
 
 if TYPE_CHECKING:
     from ._host import Host
@@ -256,8 +256,6 @@ class Watchers:
     async def stats(self) -> dict:
         """Per actor, over the last tick: messages/s, out of each port per second, and the
         p50/p99 of their durations over the last STATS_WINDOW ticks; mailbox depths now."""
-        from ._metrics import mailbox_depths
-
         host = self.host
         now = time.monotonic()
         cur = {name: (c.stats.ok, c.stats.failed, tuple(c.stats.counts), dict(c.stats.ports))
