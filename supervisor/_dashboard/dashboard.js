@@ -151,6 +151,21 @@ function connect() {
   };
 }
 
+// A fresh subscription, and so a fresh snapshot; the old one is dropped.
+let rewatching = false;
+async function rewatch() {
+  if (rewatching) return;
+  rewatching = true;
+  const old = watchSid;
+  try {
+    const r = await rpc("supervisor.watch");
+    watchSid = r.subscription;
+    applySnapshot(r.snapshot);
+    if (old) rpc("actor.unsubscribe", { subscription: old }).catch(() => {});
+  } catch (e) { /* the connection's end starts over anyway */ }
+  rewatching = false;
+}
+
 function onMessage(msg) {
   if (msg.id !== undefined && (msg.result !== undefined || msg.error !== undefined)) {
     const p = pending.get(msg.id);
@@ -187,7 +202,7 @@ function applySnapshot(snap) {
 
 function applyTreeEvent(ev) {
   const node = st.nodes.get(ev.actor);
-  if (!node) return;
+  if (!node) { rewatch(); return; } // a node this snapshot has not seen (hot reload added it)
   if (ev.node) {
     const children = node.children;
     Object.assign(node, ev.node);
