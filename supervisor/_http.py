@@ -171,6 +171,7 @@ class _Front:
             return
         try:
             await self._http(stream, conn, event)
+            await _linger(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.LocalProtocolError):
             pass
         except Exception:  # a bug of ours must not end the listener
@@ -239,6 +240,20 @@ class _Front:
             finally:
                 with trio.move_on_after(self.disconnect_timeout):
                     await connection.aclose()
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """End our side, then read what the client still sends (at most 1 MiB, for a second)
+    before closing: a socket closed with unread input is reset, and the reset can reach
+    the client before our answer does (a 431 for a head too large, say)."""
+    with trio.move_on_after(1):
+        await stream.send_eof()
+        left = 1 << 20
+        while left > 0:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            left -= len(data)
 
 
 def _is_upgrade(req: h11.Request) -> bool:
