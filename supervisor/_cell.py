@@ -26,6 +26,7 @@ from ._channel import BadFrame, ChannelClosed, FrameTooLarge
 from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
                       ResourceLimitExceeded, single_error)
 from ._mailbox import feed, find_entry, inbox_key, poke, retry_or_deadletter_cmds
+from ._metrics import ActorStats
 from ._protocol import Blob, is_typed, json_default
 from ._redis import RedisError, RedisUnavailable, Reply
 from ._sandbox._base import ExitInfo, Worker
@@ -209,6 +210,7 @@ class ActorCell:
         self.worker: Worker | None = None
         self.current: Envelope | None = None
         self.processed = 0
+        self.stats = ActorStats()  # what /metrics and the dashboard read (see _metrics)
         self._rid = itertools.count(1)
         self.prefix = state_prefix(cfg.workspace.redis.namespace, self.name)
         self.default_ttl = cfg.workspace.redis.ttl
@@ -499,7 +501,13 @@ class ActorCell:
                 await self._send_ahead(worker, inbox, self._next_nowait(inbox))
             cur, rid = ahead.popleft()
             self.current = cur
-            await self._handle(worker, cur, rid)
+            began = time.perf_counter()
+            try:
+                await self._handle(worker, cur, rid)
+            except Exception:
+                self.stats.observe(time.perf_counter() - began, cur.error or True)
+                raise
+            self.stats.observe(time.perf_counter() - began, cur.error)
             self.current = None
             if self.stop_requested is not None:  # its worker runs nothing more: end this run
                 await self._settle(everything=True)
@@ -664,6 +672,8 @@ class ActorCell:
             if env.stream_id is not None:
                 self.in_hand.discard(env.stream_id)
             self.processed += 1
+            if routed:
+                self.stats.routed(routed)
             env.resolve(outputs)
             self.host.publish(self, routed, env.message_id)
 

@@ -31,6 +31,8 @@ from . import _protocol as proto
 from ._cell import Envelope
 from ._mailbox import list_deadletters, poke, replay_deadletter
 from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
+from ._http import query_token_ok, serve_front
+from ._watch import Watchers
 from ._wsio import MESSAGE_QUEUE, deliver, get_messages, send_messages, send_now
 
 if TYPE_CHECKING:
@@ -52,13 +54,14 @@ _sub_ids = itertools.count(1)
 
 
 async def serve_api(host: Host, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the API on ``workspace.websocket``; reports the WebSocketServer through task_status."""
+    """Serve the API on ``workspace.websocket``, and the dashboard and /metrics beside it
+    (plain HTTP on the same port, see _http); reports the WebSocketServer through task_status."""
     cfg = host.config.workspace.websocket
     api = Api(host)
-    await trio_websocket.serve_websocket(
+    await serve_front(
         # trio-websocket closes (1009) past its limit without a word: give it twice ours, so
         # that a frame just over max_frame_size gets an error reply before the close.
-        api.handle, cfg.host, cfg.port, None, max_message_size=2 * cfg.max_frame_size,
+        api.handle, host, api.watchers, max_message_size=2 * cfg.max_frame_size,
         message_queue_size=MESSAGE_QUEUE, connect_timeout=10, disconnect_timeout=5, task_status=task_status)
 
 
@@ -67,6 +70,7 @@ class Api:
         self.host = host
         self.cfg = host.config.workspace.websocket
         self.connections = 0
+        self.watchers = Watchers(host)  # supervisor.watch (see _watch)
         # Every method has one of three forms, by what it waits for. ``now``: nothing, so it
         # is answered where its frame is read (no task, which is most of what a small request
         # costs). ``start``: a synchronous first step, run when the request is read, that
@@ -89,6 +93,7 @@ class Api:
             "supervisor.status": self.supervisor_status,
             "deadletters.list": self.deadletters_list,
             "deadletters.replay": self.deadletters_replay,
+            "supervisor.watch": self.watchers.watch,
         }
         self.methods = frozenset(self.now) | frozenset(self.start) | frozenset(self.tasks)
 
@@ -96,7 +101,8 @@ class Api:
         token = self.cfg.token
         if token is not None:
             auth = dict(request.headers).get(b"authorization", b"")
-            if not hmac.compare_digest(auth, b"Bearer " + token.encode()):
+            # (a browser's WebSocket cannot send headers: the dashboard sends ?token=)
+            if not hmac.compare_digest(auth, b"Bearer " + token.encode()) and not query_token_ok(request.path, token):
                 await request.reject(401, body=b"unauthorized: send Authorization: Bearer <token>\n")
                 return
         if self.connections >= self.cfg.max_connections or self.host.stopping:

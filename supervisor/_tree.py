@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import trio
 
 from . import _policy as policy
 from ._errors import single_error
+from ._watch import cause_details
 
 __all__ = ["Supervisor", "SupervisorGaveUp", "NotRunning", "Child"]
 
@@ -90,7 +91,7 @@ class _Node:
 
 
 def error_info(exc: BaseException) -> dict:
-    return {"type": type(exc).__name__, "message": str(exc), "at": time.time()}
+    return {"type": type(exc).__name__, "message": str(exc), "at": time.time(), **cause_details(exc)}
 
 
 class Supervisor:
@@ -102,6 +103,9 @@ class Supervisor:
     """
 
     kind = "supervisor"
+    # Told of every change of a child's state: (event, this supervisor, the child's node or
+    # None for the supervisor itself). Set by the API's watchers (_watch.Watchers.attach).
+    notify: Callable[[str, Supervisor, _Node | None], None] | None = None
 
     def __init__(self, name: str, pol: policy.Policy, children: Sequence[Child], *,
                  restart_type: policy.RestartType = policy.RestartType.PERMANENT,
@@ -251,6 +255,7 @@ class Supervisor:
                         node.state = "failed"
                         node.last_error = error_info(error)
                         node.child.on_stopped(error)
+                        self._tell("failed", node)
                         log.error("%s", error, extra={"actor": name, "supervisor": self.name})
                         continue
                     self._last_exited = name
@@ -261,6 +266,7 @@ class Supervisor:
                     else:
                         log.info("child exited normally: %s", how or "returned",
                                  extra={"child": name, "supervisor": self.name})
+                    self._tell("exited", node)
                     self._pstate, actions = policy.decide(self._pstate, policy.ChildExited(
                         name, abnormal, time.monotonic(), jitter_u=self._rng.uniform(-1, 1),
                         reason=str(error) if error else "normal"))
@@ -294,6 +300,7 @@ class Supervisor:
             if self._last_exited in self._nodes:
                 self._nodes[self._last_exited].state = "failed"
             err = SupervisorGaveUp(self.name, action.reason)
+            self._tell("gave_up", None)
             # Not on_stopped() here: our parent decides whether we come back; messages
             # wait in the mailboxes until it does, or fail when the root gives up.
             log.error("%s", err, extra={"supervisor": self.name})
@@ -307,6 +314,7 @@ class Supervisor:
                 node.last_restart_cause = cause if trigger in (None, name) else \
                     f"sibling {trigger!r} {cause} ({self.policy.strategy.value})"
                 node.state = "backing-off" if action.delay > 0 else "restarting"
+                self._tell("restarting", node)
             self.restarts += 1
             assert self._nursery is not None
             if inline and not action.delay:
@@ -337,6 +345,7 @@ class Supervisor:
         node = self._nodes[name]
         if node.scope is not None:
             return  # already running
+        again = node.state in ("restarting", "backing-off")
         node.state = "starting"
         node.requested = False  # (a kill for actor.restart that a stop overtook: this run is new)
         node.exited = trio.Event()
@@ -349,6 +358,7 @@ class Supervisor:
             node.state = "running"
             node.started_at = time.monotonic()
             self._pstate, _ = policy.decide(self._pstate, policy.ChildStarted(name, node.started_at))
+            self._tell("restarted" if again else "started", node)
 
     async def _child_task(self, node: _Node, scope: trio.CancelScope, signal: _StartSignal) -> None:
         error: BaseException | None = None
@@ -377,10 +387,17 @@ class Supervisor:
         if node.timer is not None:
             node.timer.cancel()
             node.timer = None
-        if node.scope is not None:
+        running = node.scope is not None
+        if running:
             node.scope.cancel()
             await node.exited.wait()
         node.state = "stopped"
+        if running:
+            self._tell("stopped", node)
+
+    def _tell(self, event: str, node: _Node | None) -> None:
+        if self.notify is not None:
+            self.notify(event, self, node)
 
     async def stop_children(self) -> None:
         """Stop every child in reverse start order (as OTP does at shutdown)."""
