@@ -272,6 +272,7 @@ def reachable_tree(src: str, *, exclude: tuple[str, ...] = (), always: bool = Fa
     if (final / ".complete").exists():
         return str(final)
     _make_root(root)
+    _sweep_trees(root)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         for top, dirs, files in os.walk(real):
@@ -301,7 +302,7 @@ def reachable_tree(src: str, *, exclude: tuple[str, ...] = (), always: bool = Fa
             for d in dirs:
                 os.chmod(os.path.join(top, d), 0o755)
         os.chmod(tmp, 0o755)
-        (tmp / ".complete").touch()
+        (tmp / ".complete").write_text(real)  # what it copies, for _sweep_trees
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -312,6 +313,17 @@ def reachable_tree(src: str, *, exclude: tuple[str, ...] = (), always: bool = Fa
         if not (final / ".complete").exists():
             raise
     return str(final)
+
+
+def _sweep_trees(root: Path) -> None:
+    """Remove staged trees whose source is gone (a deleted workspace's packages, an
+    uninstalled interpreter), so the stage does not grow with every workspace ever run."""
+    for tree in root.glob("tree-*"):
+        try:
+            if not os.path.exists((tree / ".complete").read_text()):
+                shutil.rmtree(tree, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _links_exactly(folder: Path, stats: dict[str, os.stat_result]) -> bool:
