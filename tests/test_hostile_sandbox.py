@@ -276,6 +276,14 @@ def files():
     return out
 
 
+def limits():
+    import resource
+    names = ("RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_AS")
+    out = {n: list(resource.getrlimit(getattr(resource, n))) for n in names}
+    out["raise NPROC"] = attempt(lambda: resource.setrlimit(resource.RLIMIT_NPROC, (10**6, 10**6)))
+    return out
+
+
 def crash(how):
     if how == "json":
         import json
@@ -294,7 +302,7 @@ def probe(context):
         crash(arg)
     fn = {"identity": identity, "procfs": procfs, "devices": devices, "setuid_files": setuid_files,
           "signals": signals, "ptrace": ptrace, "kernel": kernel, "fds": fds, "shm": shm_regions,
-          "files": files}.get(what)
+          "files": files, "limits": limits}.get(what)
     if fn is not None:
         return {"out": fn()}
     if what == "host_paths":
@@ -496,6 +504,14 @@ async def test_no_root_no_capabilities_no_way_back(client, runtime):
     assert res["setuid0"] != "ALLOWED" and res["setgid0"] != "ALLOWED", res
     if runtime == "python":
         assert res["setgroups0"] != "ALLOWED" and res["bounding_caps"] == 0 and res["no_new_privs"] == 1, res
+
+
+async def test_limits_bind_a_non_root_uid_and_cannot_be_raised(client):
+    res = await probe(client, "python", "limits")
+    # RLIMIT_NPROC binds now that the sandbox is not uid 0 (counted in its own user namespace).
+    assert res.pop("raise NPROC") != "ALLOWED"
+    assert res["RLIMIT_CORE"] == [0, 0] and 0 < res["RLIMIT_NPROC"][1] <= 64, res
+    assert all(0 <= hard < 2**62 for _, hard in res.values()), res
 
 
 # -- what the sandbox can see -----------------------------------------------------------------------

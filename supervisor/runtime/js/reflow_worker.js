@@ -369,6 +369,24 @@ function safeString(v) {
   try { return String(v); } catch (_) { return Object.prototype.toString.call(v); }
 }
 
+// The sandbox has no /proc, where libuv reads the resident set size: process.memoryUsage()
+// would throw ENOENT; scripts get V8's own figures instead (rss: what V8 has mapped). Nor any
+// socket but AF_UNIX, so libuv cannot list interfaces (there is only lo): none are listed.
+function withoutProc() {
+  const memoryUsage = process.memoryUsage;
+  const fallbackUsage = () => {
+    const h = require('v8').getHeapStatistics();
+    return { rss: h.total_physical_size + h.malloced_memory + h.external_memory, heapTotal: h.total_heap_size,
+             heapUsed: h.used_heap_size, external: h.external_memory, arrayBuffers: 0 };
+  };
+  const usage = () => { try { return memoryUsage(); } catch (_) { return fallbackUsage(); } };
+  usage.rss = () => { try { return memoryUsage.rss(); } catch (_) { return fallbackUsage().rss; } };
+  process.memoryUsage = usage;
+  const os = require('os');
+  const networkInterfaces = os.networkInterfaces;
+  os.networkInterfaces = () => { try { return networkInterfaces(); } catch (_) { return {}; } };
+}
+
 function main() {
   let chan;
   if (CHANNEL_ARG === 'stdio') { // a microVM has no inherited fd: the channel is stdin/stdout
@@ -397,22 +415,6 @@ function main() {
   globalThis.console = new Console({ stdout: out, stderr: err });
   process.on('uncaughtException', (e) => err.write(`uncaught: ${e && e.stack ? e.stack : safeString(e)}\n`));
 
-  // The sandbox has no /proc, where libuv reads the resident set size: process.memoryUsage()
-  // would throw ENOENT. Scripts get V8's own figures instead (rss: what V8 has mapped).
-  const memoryUsage = process.memoryUsage;
-  const fallbackUsage = () => {
-    const h = require('v8').getHeapStatistics();
-    return { rss: h.total_physical_size + h.malloced_memory + h.external_memory, heapTotal: h.total_heap_size,
-             heapUsed: h.used_heap_size, external: h.external_memory, arrayBuffers: 0 };
-  };
-  const usage = () => { try { return memoryUsage(); } catch (_) { return fallbackUsage(); } };
-  usage.rss = () => { try { return memoryUsage.rss(); } catch (_) { return fallbackUsage().rss; } };
-  process.memoryUsage = usage;
-  // Nor any socket but AF_UNIX, so libuv cannot list interfaces (there is only lo anyway).
-  const os = require('os');
-  const networkInterfaces = os.networkInterfaces;
-  os.networkInterfaces = () => { try { return networkInterfaces(); } catch (_) { return {}; } };
-
   // The seed's scripts use actor and Message without requiring them.
   globalThis.actor = sdk.actor;
   globalThis.Message = Message;
@@ -421,6 +423,7 @@ function main() {
 
   chan.send({ jsonrpc: '2.0', method: 'ready', params: { runtime: 'javascript', pid: process.pid, limits: LIMITS,
                                                         attachments: CHANNEL_ARG !== 'stdio' } });
+  withoutProc(); // after ready (off the cold start), before any script: those come as messages
   worker.serve().then(() => process.exit(0), (e) => {
     err.write(`worker failed: ${e && e.stack ? e.stack : safeString(e)}\n`);
     process.exit(1);
