@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
+from pathlib import Path
 
 import orjson
 import pytest
@@ -101,8 +103,9 @@ def devices():
     return out
 
 
-def host_paths(markers):
+def host_paths(arg):
     import sysconfig
+    markers, specific = arg["markers"], arg["specific"]
     strings = [sys.prefix, sys.exec_prefix, sys.base_prefix, sys.executable, os.getcwd(), os.uname().nodename,
                *[str(v) for v in sysconfig.get_config_vars().values()],
                *sys.path, *sys.argv, *os.environ.keys(), *os.environ.values(), *sysconfig.get_paths().values()]
@@ -125,7 +128,23 @@ def host_paths(markers):
                     names.append(p + " -> " + os.readlink(p))
             except OSError:
                 pass
-    return {"strings": found, "fs": names[:20], "hostname": os.uname().nodename}
+    # And what files say: every text file (the interpreter's own binaries and bytecode carry
+    # its build prefix as bytes; see the README's threat model).
+    contents = []
+    for top, dirs, files in os.walk("/"):
+        dirs[:] = [d for d in dirs if os.path.join(top, d) not in ("/dev", "/tmp")]
+        for n in files:
+            p = os.path.join(top, n)
+            if n.endswith(".pyc") or ".so" in n:
+                continue
+            try:
+                with open(p, "rb") as f:
+                    data = f.read(1 << 20)
+            except OSError:
+                continue
+            if not data.startswith(b"\x7fELF") and any(k.encode() in data for k in specific):
+                contents.append(p)
+    return {"strings": found, "fs": names[:20], "contents": contents[:20], "hostname": os.uname().nodename}
 
 
 def setuid_files():
@@ -356,14 +375,17 @@ const probes = {
       out['write ' + p] = attempt(() => fs.closeSync(fs.openSync(p, 'w')));
     return out;
   },
-  host_paths: (markers) => {
+  host_paths: ({ markers, specific }) => {
     const strings = [process.execPath, process.cwd(), os.homedir(), os.tmpdir(), os.hostname(), ...process.argv,
                      ...process.execArgv, ...Object.keys(process.env), ...Object.values(process.env),
                      ...(require.resolve.paths('x') || []), ...require('module').globalPaths,
                      JSON.stringify(os.networkInterfaces()), JSON.stringify(process.memoryUsage())];
     const found = [];
     walk('/', markers, found);
-    return { strings: strings.filter((s) => markers.some((m) => String(s).includes(m))), fs: found.slice(0, 20),
+    const contents = fs.readdirSync('/reflow').filter((n) => {
+      try { const t = fs.readFileSync('/reflow/' + n, 'latin1'); return specific.some((m) => t.includes(m)); } catch (_) { return false; }
+    });
+    return { strings: strings.filter((s) => markers.some((m) => String(s).includes(m))), fs: found.slice(0, 20), contents,
              hostname: os.hostname(), interfaces: Object.keys(os.networkInterfaces()),
              memory: process.memoryUsage().heapUsed > 0 && process.memoryUsage.rss() > 0 };
   },
@@ -531,8 +553,11 @@ async def test_only_null_zero_and_urandom_in_dev(client):
 
 @BOTH
 async def test_nothing_the_sandbox_can_read_names_a_host_path(host, client, runtime):
-    res = await probe(client, runtime, "host_paths", host_markers(host))
-    assert res["strings"] == [] and res["fs"] == [], res
+    # Names anywhere; file contents for the host's own paths (the stdlib's tests mention /home/).
+    specific = sorted({str(ROOT), str(host.config.parent.parent), os.path.realpath(sys.base_prefix),
+                       os.path.realpath(sys.prefix), "/var/cache/reflow", str(Path.home() / ".cache")})
+    res = await probe(client, runtime, "host_paths", {"markers": host_markers(host), "specific": specific})
+    assert res["strings"] == [] and res["fs"] == [] and res["contents"] == [], res
     assert res["hostname"] == "sandbox"
     if runtime == "javascript":
         assert res["memory"] is True  # process.memoryUsage() works without /proc

@@ -80,12 +80,15 @@ def python_binds() -> tuple[tuple[str, str], ...]:
     ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
     dynload = glob.glob(os.path.join(stdlib, "lib-dynload", "*.so"))
     # Staged even where reachable, for two edits: the base interpreter's site-packages stays
-    # out (the sandbox runs with -I -S), and sysconfig's build data names /usr/local.
+    # out (the sandbox runs with -I -S), and so does its build configuration (config-3.X-…:
+    # a Makefile and libpython.a naming the host prefix, for building extensions), and
+    # sysconfig's build data names /usr/local.
+    libpl = os.path.basename(sysconfig.get_config_var("LIBPL") or "") or "config-none"
     prefixes = sorted({p for p in (sysconfig.get_config_var("prefix"), sysconfig.get_config_var("exec_prefix"),
                                    sys.base_prefix, os.path.realpath(sys.base_prefix)) if p and p != "/"},
                       key=len, reverse=True)
     try:
-        stdlib_src = reachable_tree(stdlib, exclude=("site-packages",), always=True, tag="sysconfig",
+        stdlib_src = reachable_tree(stdlib, exclude=("site-packages", libpl), always=True, tag="sysconfig",
                                     finish=functools.partial(_neutral_sysconfig, prefixes=prefixes, ver=ver))
     except OSError as exc:
         log.debug("binding the standard library as it is: %s", exc)
@@ -199,7 +202,8 @@ def _staged(binds: list[tuple[str, str]]) -> list[tuple[str, str]]:
     for folder, files in groups.items():
         # Only a directory nothing else is bound into: a read-only bind takes the whole of it.
         # A lone file is staged too when the sandbox uid could not reach it where it is.
-        if (len(files) < 2 and _reachable(files[0][0])) or any(d.startswith(folder + "/") and os.path.dirname(d) != folder for d in dsts):
+        nested = any(d.startswith(folder + "/") and os.path.dirname(d) != folder for d in dsts)
+        if nested or (len(files) < 2 and _reachable(files[0][0])):
             continue
         try:
             staged = _stage_dir({os.path.basename(dst): src for src, dst in files})
@@ -248,7 +252,7 @@ def _make_root(root: Path) -> None:
         os.chmod(root, 0o755)  # readable by the sandbox uid, writable only by the host
 
 
-def reachable_tree(src: str, *, exclude: tuple[str, ...] = (), always: bool = False,
+def reachable_tree(src: str, *, exclude: tuple[str, ...] = (), always: bool = False, deep: bool = False,
                    finish: Callable[[Path], None] | None = None, tag: str = "") -> str:
     """``src`` if the sandbox uid can reach it, else a staged copy of the tree it can.
 
@@ -257,7 +261,8 @@ def reachable_tree(src: str, *, exclude: tuple[str, ...] = (), always: bool = Fa
     lives in the stage root, named by the source's path and identity (device, inode,
     mtime of its top directory), and is reused while that identity holds: meant for
     trees that do not change in place under the same top directory (an interpreter's
-    standard library, a content-hashed package directory, the runtime). ``always``
+    standard library, a content-hashed package directory); ``deep`` names it by every
+    file's identity instead, for a small tree edited in place (the runtime). ``always``
     stages even a reachable tree; ``finish`` edits the copy before it is published
     (replacing, never writing through, a hard link), ``tag`` names that edit in the
     key. Raises OSError when it cannot be made.
@@ -266,10 +271,19 @@ def reachable_tree(src: str, *, exclude: tuple[str, ...] = (), always: bool = Fa
         return src
     real = os.path.realpath(src)
     st = os.stat(real)
-    key = hashlib.sha256(repr((real, st.st_dev, st.st_ino, st.st_mtime_ns, exclude, tag)).encode()).hexdigest()[:24]
+    ident: list = [st.st_dev, st.st_ino, st.st_mtime_ns]
+    if deep:
+        for top, _, names in os.walk(real):
+            for n in sorted(names):
+                f = os.stat(os.path.join(top, n), follow_symlinks=False)
+                ident.append((os.path.relpath(os.path.join(top, n), real), f.st_ino, f.st_mtime_ns, f.st_size))
+    key = hashlib.sha256(repr((real, ident, exclude, tag)).encode()).hexdigest()[:24]
     root = _stage_root()
     final = root / f"tree-{key}"
-    if (final / ".complete").exists():
+    # What it copies, beside it (never inside: the sandbox must not read a host path), written
+    # once the tree is in place; also what _sweep_trees checks.
+    source = root / f"tree-{key}.source"
+    if source.exists():
         return str(final)
     _make_root(root)
     _sweep_trees(root)
@@ -302,26 +316,27 @@ def reachable_tree(src: str, *, exclude: tuple[str, ...] = (), always: bool = Fa
             for d in dirs:
                 os.chmod(os.path.join(top, d), 0o755)
         os.chmod(tmp, 0o755)
-        (tmp / ".complete").write_text(real)  # what it copies, for _sweep_trees
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     try:
         os.rename(tmp, final)
-    except OSError:  # another host made it meanwhile
+    except OSError:  # another host put the same tree in place meanwhile (a rename is whole)
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (final / ".complete").exists():
+        if not final.is_dir():
             raise
+    source.write_text(real)
     return str(final)
 
 
 def _sweep_trees(root: Path) -> None:
     """Remove staged trees whose source is gone (a deleted workspace's packages, an
     uninstalled interpreter), so the stage does not grow with every workspace ever run."""
-    for tree in root.glob("tree-*"):
+    for source in root.glob("tree-*.source"):
         try:
-            if not os.path.exists((tree / ".complete").read_text()):
-                shutil.rmtree(tree, ignore_errors=True)
+            if not os.path.exists(source.read_text()):
+                shutil.rmtree(source.with_suffix(""), ignore_errors=True)
+                source.unlink()
         except OSError:
             continue
 
@@ -575,7 +590,7 @@ class BubblewrapBackend(SandboxBackend):
             for src, dst in python_binds():
                 args += ["--ro-bind", src, dst]
             refresh_bytecode(rt / "python")
-            args += ["--ro-bind", reachable_tree(str(rt / "python")), "/reflow", "--remount-ro", "/",
+            args += ["--ro-bind", reachable_tree(str(rt / "python"), deep=True), "/reflow", "--remount-ro", "/",
                      "--chdir", "/tmp",
                      "/usr/local/bin/python3", "-I", "-S", "-B", "-c", PY_BOOT, limits_arg(spec, shm=shm)]
         elif spec.runtime == "javascript":
@@ -584,7 +599,7 @@ class BubblewrapBackend(SandboxBackend):
                 raise SandboxUnavailable("Node.js is not installed: JavaScript actors cannot run")
             for src, dst in binds:
                 args += ["--ro-bind", src, dst]
-            args += ["--ro-bind", reachable_tree(str(rt / "js")), "/reflow", "--remount-ro", "/", "--chdir", "/tmp",
+            args += ["--ro-bind", reachable_tree(str(rt / "js"), deep=True), "/reflow", "--remount-ro", "/", "--chdir", "/tmp",
                      "/usr/bin/node", "--max-old-space-size=" + str(max(16, spec.memory // 2**20 // 2)),
                      "/reflow/reflow_worker.js", limits_arg(spec)]
         else:
