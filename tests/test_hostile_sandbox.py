@@ -387,7 +387,7 @@ const probes = {
     });
     return { strings: strings.filter((s) => markers.some((m) => String(s).includes(m))), fs: found.slice(0, 20), contents,
              hostname: os.hostname(), interfaces: Object.keys(os.networkInterfaces()),
-             memory: process.memoryUsage().heapUsed > 0 && process.memoryUsage.rss() > 0 };
+             memory: process.memoryUsage().heapUsed > 0 && process.memoryUsage.rss() > 0, cpus: os.cpus().length };
   },
   signals: () => {
     const visible = [];
@@ -560,7 +560,7 @@ async def test_nothing_the_sandbox_can_read_names_a_host_path(host, client, runt
     assert res["strings"] == [] and res["fs"] == [] and res["contents"] == [], res
     assert res["hostname"] == "sandbox"
     if runtime == "javascript":
-        assert res["memory"] is True  # process.memoryUsage() works without /proc
+        assert res["memory"] is True and res["cpus"] >= 1  # process.memoryUsage(), os.cpus() without /proc
         assert res["interfaces"] in ([], ["lo"])
 
 

@@ -370,8 +370,9 @@ function safeString(v) {
 }
 
 // The sandbox has no /proc, where libuv reads the resident set size: process.memoryUsage()
-// would throw ENOENT; scripts get V8's own figures instead (rss: what V8 has mapped). Nor any
-// socket but AF_UNIX, so libuv cannot list interfaces (there is only lo): none are listed.
+// would throw ENOENT; scripts get V8's own figures instead (rss: what V8 has mapped). os.cpus()
+// would be empty (/proc/cpuinfo): one entry per CPU this process may run on, without figures.
+// Nor any socket but AF_UNIX, so libuv cannot list interfaces (there is only lo): none are.
 function withoutProc() {
   const memoryUsage = process.memoryUsage;
   const fallbackUsage = () => {
@@ -385,6 +386,13 @@ function withoutProc() {
   const os = require('os');
   const networkInterfaces = os.networkInterfaces;
   os.networkInterfaces = () => { try { return networkInterfaces(); } catch (_) { return {}; } };
+  const cpus = os.cpus;
+  os.cpus = () => {
+    const real = cpus();
+    if (real.length) return real;
+    return Array.from({ length: os.availableParallelism() }, () => (
+      { model: 'unknown', speed: 0, times: { user: 0, nice: 0, sys: 0, idle: 0, irq: 0 } }));
+  };
 }
 
 function main() {
