@@ -85,7 +85,8 @@ def python_binds() -> tuple[tuple[str, str], ...]:
     # sysconfig's build data names /usr/local.
     libpl = os.path.basename(sysconfig.get_config_var("LIBPL") or "") or "config-none"
     prefixes = sorted({p for p in (sysconfig.get_config_var("prefix"), sysconfig.get_config_var("exec_prefix"),
-                                   sys.base_prefix, os.path.realpath(sys.base_prefix)) if p and p != "/"},
+                                   sys.base_prefix, os.path.realpath(sys.base_prefix))
+                       if p and p not in ("/", "/usr", "/usr/local")},  # a system prefix names nothing
                       key=len, reverse=True)
     try:
         stdlib_src = reachable_tree(stdlib, exclude=("site-packages", libpl), always=True, tag="sysconfig",
