@@ -89,7 +89,8 @@ def python_binds() -> tuple[tuple[str, str], ...]:
                        if p and p not in ("/", "/usr", "/usr/local")},  # a system prefix names nothing
                       key=len, reverse=True)
     try:
-        stdlib_src = reachable_tree(stdlib, exclude=("site-packages", libpl), always=True, tag="sysconfig",
+        stdlib_src = reachable_tree(stdlib, exclude=("site-packages", libpl), always=True,
+                                    tag="sysconfig " + repr(prefixes),
                                     finish=functools.partial(_neutral_sysconfig, prefixes=prefixes, ver=ver))
     except OSError as exc:
         log.debug("binding the standard library as it is: %s", exc)
