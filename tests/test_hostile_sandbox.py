@@ -267,8 +267,9 @@ def shm_regions():
         r["unseal"] = attempt(lambda: __import__("fcntl").fcntl(fd, 1033, 0))  # F_ADD_SEALS 0: still sealable?
         out[str(fd)] = r
         if r["shrink"] == ALLOWED and mode == "rw":
-            # The region is now shorter than the host's mapping: hand the host a reference
-            # into it (where its next read would SIGBUS it).
+            # Make the region shorter than the host's mapping (the probes above grew it back),
+            # then hand the host a reference into it: its next read there is a SIGBUS.
+            os.ftruncate(fd, 0)
             import reflow
             rid = reflow._emit.__self__.current
             frame = {"jsonrpc": "2.0", "method": "output", "params": {"id": rid, "port": "out", "message": {
