@@ -8,6 +8,13 @@ through a read-only descriptor: the script gets a read-only ``memoryview`` of an
 input, zero-copy, and cannot write there. ``out`` is written by the worker and
 read (copied out) by the host.
 
+Both are sealed once the host has mapped them, so what the sandbox holds cannot
+be turned against the host: neither can change size (``F_SEAL_SHRINK``,
+``F_SEAL_GROW`` — a region truncated under the host's mapping would SIGBUS it),
+``in`` takes no new writers at all (``F_SEAL_FUTURE_WRITE``: no ``write()``, no
+writable mapping, even through a descriptor reopened read-write), and the seals
+themselves are final (``F_SEAL_SEAL``).
+
 Layout of a region: 64 bytes of control (``consumed``, a u64 the consumer
 advances) then the ring. A slot is a 16-byte header (``seq``, ``len``, u64
 little-endian) and the bytes, 64-byte aligned; a slot that would run past the
@@ -25,6 +32,7 @@ lies inside the ring and the slot header repeats its seq and length.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
@@ -36,6 +44,15 @@ HEADER = 16
 _ALIGN = 64
 _U64 = struct.Struct("<Q")
 _HDR = struct.Struct("<QQ")
+
+
+# fcntl's constants (Linux values); F_SEAL_FUTURE_WRITE (Linux 5.1) is not in Python 3.11's fcntl.
+_F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+_F_SEAL_SEAL = getattr(fcntl, "F_SEAL_SEAL", 0x1)
+_F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x2)
+_F_SEAL_GROW = getattr(fcntl, "F_SEAL_GROW", 0x4)
+_F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
+_SIZE_SEALS = _F_SEAL_SHRINK | _F_SEAL_GROW
 
 
 class ShmError(Exception):
@@ -121,13 +138,17 @@ class Regions:
         self.fds: list[int] = []
         self.maps: list[mmap.mmap] = []
         try:
-            in_fd = os.memfd_create("reflow-in", os.MFD_CLOEXEC)
+            in_fd = os.memfd_create("reflow-in", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             self.fds.append(in_fd)
-            out_fd = os.memfd_create("reflow-out", os.MFD_CLOEXEC)
+            out_fd = os.memfd_create("reflow-out", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             self.fds.append(out_fd)
             for fd in (in_fd, out_fd):
                 os.ftruncate(fd, size)
                 self.maps.append(mmap.mmap(fd, size))
+            # After our writable mappings exist (a future-write seal spares those): see the
+            # module doc. Raises OSError on a kernel without memfd seals (< 5.1).
+            fcntl.fcntl(in_fd, _F_ADD_SEALS, _SIZE_SEALS | _F_SEAL_FUTURE_WRITE | _F_SEAL_SEAL)
+            fcntl.fcntl(out_fd, _F_ADD_SEALS, _SIZE_SEALS | _F_SEAL_SEAL)
             # What the sandbox inherits: ``in`` only readable (reopened O_RDONLY, so not even
             # mprotect can make it writable there), ``out`` read-write.
             # spawn_worker passes and then closes these two (``child_fds``).

@@ -35,7 +35,8 @@ def hostile(context):
     if what == "env":
         return {"out": sorted(os.environ)}
     if what == "kill_host":
-        visible = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+        # No /proc in the sandbox: a pid exists where signal 0 reaches it.
+        visible = [pid for pid in range(1, 4096) if attempt(lambda: os.kill(pid, 0)).startswith("ALLOWED")]
         allowed = [pid for pid in range(1, 64) if pid != os.getpid()
                    and attempt(lambda: os.kill(pid, signal.SIGKILL)).startswith("ALLOWED")]
         return {"out": {"visible": visible, "killed": allowed}}

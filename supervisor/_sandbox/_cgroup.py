@@ -2,12 +2,13 @@
 
 Where ``/sys/fs/cgroup/{pids,memory,cpu}`` are writable (root without a
 systemd-owned hierarchy, as on this machine), each worker gets its own group:
-``pids.max`` (a fork bomb stops at the cap — RLIMIT_NPROC does not apply to
-uid 0, which a sandbox maps to), ``memory.limit_in_bytes`` (a backstop above
+``pids.max`` (a fork bomb stops at the cap; Node cannot set RLIMIT_NPROC on
+itself, so for it this is the only cap), ``memory.limit_in_bytes`` (a backstop above
 the RLIMIT_AS the runtime sets itself) and a CFS quota for the ``cpu``
 fraction. The worker joins its groups before ``bwrap`` runs, through a
-``sh -c 'echo 0 > …/tasks; exec bwrap …'`` prefix, so nothing in the
-sandbox ever runs outside them. Where a controller is not writable, the
+``sh -c 'echo 0 > …/tasks; exec bwrap …'`` prefix (on a root host ``exec
+setpriv … bwrap …``: the joins need root, the sandbox must not have it), so
+nothing in the sandbox ever runs outside them. Where a controller is not writable, the
 backend says so once at startup and relies on rlimits.
 
 Why ``echo 0 > tasks`` and not ``echo $$ > cgroup.procs``: moving a whole

@@ -427,6 +427,32 @@ function safeString(v) {
   try { return String(v); } catch (_) { return Object.prototype.toString.call(v); }
 }
 
+// The sandbox has no /proc, where libuv reads the resident set size: process.memoryUsage()
+// would throw ENOENT; scripts get V8's own figures instead (rss: what V8 has mapped). os.cpus()
+// would be empty (/proc/cpuinfo): one entry per CPU this process may run on, without figures.
+// Nor any socket but AF_UNIX, so libuv cannot list interfaces (there is only lo): none are.
+function withoutProc() {
+  const memoryUsage = process.memoryUsage;
+  const fallbackUsage = () => {
+    const h = require('v8').getHeapStatistics();
+    return { rss: h.total_physical_size + h.malloced_memory + h.external_memory, heapTotal: h.total_heap_size,
+             heapUsed: h.used_heap_size, external: h.external_memory, arrayBuffers: 0 };
+  };
+  const usage = () => { try { return memoryUsage(); } catch (_) { return fallbackUsage(); } };
+  usage.rss = () => { try { return memoryUsage.rss(); } catch (_) { return fallbackUsage().rss; } };
+  process.memoryUsage = usage;
+  const os = require('os');
+  const networkInterfaces = os.networkInterfaces;
+  os.networkInterfaces = () => { try { return networkInterfaces(); } catch (_) { return {}; } };
+  const cpus = os.cpus;
+  os.cpus = () => {
+    const real = cpus();
+    if (real.length) return real;
+    return Array.from({ length: os.availableParallelism() }, () => (
+      { model: 'unknown', speed: 0, times: { user: 0, nice: 0, sys: 0, idle: 0, irq: 0 } }));
+  };
+}
+
 function main() {
   let chan;
   if (CHANNEL_ARG === 'stdio') { // a microVM has no inherited fd: the channel is stdin/stdout
@@ -465,6 +491,7 @@ function main() {
 
   chan.send({ jsonrpc: '2.0', method: 'ready', params: { runtime: 'javascript', pid: process.pid, limits: LIMITS,
                                                         attachments: CHANNEL_ARG !== 'stdio' } });
+  withoutProc(); // after ready (off the cold start), before any script: those come as messages
   worker.serve().then(() => realExit(0), (e) => {
     err.write(`worker failed: ${e && e.stack ? e.stack : safeString(e)}\n`);
     realExit(1);
