@@ -22,7 +22,7 @@ import attrs
 import orjson
 import trio
 
-from ._channel import BadFrame, ChannelClosed, FrameTooLarge, json_values
+from ._channel import BadFrame, ChannelClosed, FrameTooLarge, SendTimedOut, json_values
 from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
                       ResourceLimitExceeded, single_error)
 from ._mailbox import feed, find_entry, inbox_key, poke, retry_or_deadletter_cmds
@@ -423,6 +423,8 @@ class ActorCell:
     async def _load(self, worker: Worker) -> None:
         c = self.component
         worker.channel.max_frame = self.max_output  # (the channel reads no frame longer, see _reply)
+        # A worker that stops reading would hold a send (and this cell) for good.
+        worker.channel.send_timeout = self._timeout() or LOAD_TIMEOUT
         rid = await self._request(worker, "load", {
             "source": c.source, "filename": c.file.name, "entry": c.entry, "actor_id": self.name,
             "config": self.process.config, "limits": self._limits()})
@@ -529,10 +531,14 @@ class ActorCell:
             return
         try:
             await worker.channel.send_frames(frames)
-        except ChannelClosed:
+        except (ChannelClosed, SendTimedOut) as exc:
             for _ in envs:
                 self.ahead.pop()
             self._give_back(envs, front=True)
+            if isinstance(exc, SendTimedOut):  # it stopped reading: of no use, and it holds this cell
+                log.warning("sandbox killed: %s", exc, extra={"actor": self.name})
+                worker.kill(limit="time")
+                raise WorkerDied(self.name, await worker.wait()) from None
             raise WorkerDied(self.name, await _gone(worker)) from None
 
     def _payload(self, worker: Worker, env: Envelope) -> tuple[dict, list]:
@@ -562,7 +568,7 @@ class ActorCell:
         # (The worker already has the message: confirming it overlaps with its run.)
         added = env.claim is None or await self._confirm(env)
         txn = StateTxn(self.host.redis, self.prefix, self.default_ttl)
-        timeout = self.process.timeout or self.component.timeout or self.default_timeout
+        timeout = self._timeout()
         if not timeout:  # (no cancel scope to open and close per message)
             reply = await self._reply(worker, rid, env, txn)
         else:
@@ -603,6 +609,10 @@ class ActorCell:
         outputs = (reply.get("result") or {}).get("outputs") or {}
         routed = env.emitted + [(p, m) for p, m in outputs.items() if (p, m) not in env.emitted]
         self._committing.append((self.host.start_commit(self, txn, routed, env), env, routed, outputs))
+
+    def _timeout(self) -> float | None:
+        """Seconds a message may take: the process's, its script's, or the default."""
+        return self.process.timeout or self.component.timeout or self.default_timeout
 
     async def _settle_at_exit(self) -> None:
         """A run ends: finish the commits on their way (they are queued in Redis; only the
@@ -829,5 +839,10 @@ class ActorCell:
             reachable = not isinstance(exc, RedisUnavailable)
             reply = {"jsonrpc": "2.0", "id": sid, "error": {"code": ActorFailed.code,
                                                             "message": f"state unavailable: {exc}"}}
-        await worker.channel.send(orjson.dumps(reply))
+        try:
+            await worker.channel.send(orjson.dumps(reply))
+        except SendTimedOut as exc:  # it stopped reading its replies (a pipelined flood)
+            log.warning("sandbox killed: %s", exc, extra={"actor": self.name})
+            worker.kill(limit="time")
+            raise WorkerDied(self.name, await worker.wait()) from None
         return reachable

@@ -19,14 +19,15 @@ one slice).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
 
 import trio
 
-__all__ = ["BadFrame", "ChannelClosed", "FrameTooLarge", "LineChannel", "SocketReader", "json_values",
-           "send_all_now", "write_now"]
+__all__ = ["BadFrame", "ChannelClosed", "FrameTooLarge", "LineChannel", "SendTimedOut", "SocketReader",
+           "json_values", "send_all_now", "write_now"]
 
 # Reads that found data waiting in a row without a checkpoint: a worker that never stops
 # writing must not hold up the host's other tasks, nor the cancel scope timing it out.
@@ -148,6 +149,10 @@ class FrameTooLarge(Exception):
         self.limit = limit
 
 
+class SendTimedOut(Exception):
+    """The peer did not take a frame within ``send_timeout`` seconds (it stopped reading)."""
+
+
 class LineChannel:
     """Frames in both directions over one trio stream.
 
@@ -157,7 +162,10 @@ class LineChannel:
     while reading, before the frame is parsed or its attachments allocated; an
     attachment header from its first bytes: at most MAX_ATTACHMENTS lengths), and
     :class:`BadFrame` for a header that is not ``@LEN,LEN,… JSON``. ``max_frame``
-    may be changed between frames (a cell sets its sandbox's output limit). ``send()`` takes one or more encoded frames and
+    may be changed between frames (a cell sets its sandbox's output limit).
+    A send that finds the peer not reading waits at most ``send_timeout`` seconds
+    for it (then :class:`SendTimedOut`); a send the socket takes at once never
+    opens a cancel scope. ``send()`` takes one or more encoded frames and
     writes them in a single ``send_all`` (coalescing writes is measurably
     faster on a pipe than one write per frame).
     """
@@ -172,6 +180,7 @@ class LineChannel:
         self._buf = bytearray()
         self._scan = 0
         self.max_frame = max_frame
+        self.send_timeout = math.inf
         self._send_lock = trio.Lock()
         self.bytes_received = 0
         self.attachments: list[bytes] = []  # those of the frame ``receive`` returned last
@@ -283,14 +292,22 @@ class LineChannel:
 
     async def _send_all(self, *parts: Any) -> None:
         try:
-            if len(parts) == 1 and type(parts[0]) is bytes:
-                await send_all_now(self._sock, self._stream, self._send_lock, parts[0])
-                return
-            async with self._send_lock:
-                for data in parts:
-                    await self._stream.send_all(data)
+            if len(parts) == 1 and type(parts[0]) is bytes and self._sock is not None \
+                    and not self._send_lock.locked():
+                data = parts[0]
+                n = write_now(self._sock, data)  # (as send_all_now: no trip through the scheduler)
+                if n == len(data):
+                    return
+                parts = (memoryview(data)[n:],)
+            # The socket is full (or someone is writing): the peer may have stopped reading.
+            with trio.fail_after(self.send_timeout):
+                async with self._send_lock:
+                    for data in parts:
+                        await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ChannelClosed(str(exc) or "channel broken") from exc
+        except trio.TooSlowError:
+            raise SendTimedOut(f"the peer did not take a frame within {self.send_timeout:g}s") from None
 
     async def aclose(self) -> None:
         await self._stream.aclose()
