@@ -727,7 +727,7 @@ class ActorCell:
                 self._violation(worker, env, str(exc))
             if channel.bytes_received - start > self.max_output:
                 await self._over_output(worker, f"more than {self.max_output} bytes for one request")
-            n = json_values(frame)
+            n = len(frame) - len(frame.translate(None, b",[{")) + 1  # json_values(frame), inlined
             if n > values:  # (the quick count also counts commas inside strings)
                 n = json_values(frame, exact=True)
                 if n > values:

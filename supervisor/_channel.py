@@ -299,15 +299,20 @@ class LineChannel:
                 if n == len(data):
                     return
                 parts = (memoryview(data)[n:],)
-            # The socket is full (or someone is writing): the peer may have stopped reading.
-            with trio.fail_after(self.send_timeout):
-                async with self._send_lock:
-                    for data in parts:
-                        await self._stream.send_all(data)
+            if self.send_timeout == math.inf:
+                await self._send_in_turn(parts)
+            else:  # the socket is full (or someone is writing): the peer may have stopped reading
+                with trio.fail_after(self.send_timeout):
+                    await self._send_in_turn(parts)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ChannelClosed(str(exc) or "channel broken") from exc
         except trio.TooSlowError:
             raise SendTimedOut(f"the peer did not take a frame within {self.send_timeout:g}s") from None
+
+    async def _send_in_turn(self, parts: tuple) -> None:
+        async with self._send_lock:
+            for data in parts:
+                await self._stream.send_all(data)
 
     async def aclose(self) -> None:
         await self._stream.aclose()

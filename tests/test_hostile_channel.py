@@ -8,7 +8,8 @@ exactly the bytes a compromised worker could send.
 from __future__ import annotations
 
 import math
-import os
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import trio
 
 from conftest import open_client
 from supervisor._cell import MAX_OUTPUTS, MAX_STATE_CALLS
+from supervisor._channel import MAX_ATTACHMENTS, FrameTooLarge, LineChannel, SendTimedOut, json_values
 from supervisor._config import parse_config
 from supervisor.client import RpcError
 
@@ -296,3 +298,52 @@ async def test_a_fuzzing_worker_soak(flood):
     grown = rss(host.proc.pid) - base
     assert grown < 100 * 2**20, f"the host grew by {grown / 2**20:.0f} MiB"
     assert (await by.call("Echo", {"x": 1}))["outputs"]["y"]["value"] == 1
+
+
+@pytest.mark.parametrize("data", [
+    b"@" + b"0," * 2**21 + b"0 {}\n",                         # a header far past MAX_ATTACHMENTS lengths
+    b"@" + b"0," * MAX_ATTACHMENTS + b"0 {}\n",               # one length too many
+    b"@%d {}\n" % (2**20 + 1) + b"\0" * (2**20 + 1),          # attachments past max_frame, never read whole
+    b"x" * (2**20 + 1) + b"\n",                               # a line past max_frame
+    b"{}\n" + b"@1000 {}\n" + b"\0" * 1000 + b"y" * (2**20 + 1) + b"\n",  # after an attachment
+])
+async def test_the_channel_refuses_a_frame_past_its_limit_from_its_first_bytes(data):
+    a, b = socket.socketpair()
+    writer = threading.Thread(target=lambda: (b.sendall(data), b.shutdown(socket.SHUT_WR)), daemon=True)
+    writer.start()
+    chan = LineChannel(trio.SocketStream(trio.socket.from_stdlib_socket(a)), max_frame=2**20)
+    with pytest.raises(FrameTooLarge):
+        while True:
+            await chan.receive()
+    assert chan.bytes_received <= 2**20 + 2**19  # at most a read past the limit
+    a.close()
+    b.close()
+
+
+async def test_a_frame_within_limits_and_attachments_still_round_trip():
+    a, b = socket.socketpair()
+    b.sendall(b"@3,0 {}\nabc" + b'{"a":1}\n')
+    chan = LineChannel(trio.SocketStream(trio.socket.from_stdlib_socket(a)), max_frame=2**20)
+    assert await chan.receive() == b"{}" and chan.attachments == [b"abc", b""]
+    assert await chan.receive() == b'{"a":1}' and chan.attachments == []
+    a.close()
+    b.close()
+
+
+def test_json_values_bounds_what_a_parse_makes():
+    assert json_values(b"[{},{},{}]") == 7 and json_values(b'{"a":[1,2]}') == 4
+    assert json_values(b'["a,b,[{c"]') == 6 and json_values(b'["a,b,[{c"]', exact=True) == 2
+    assert json_values(rb'["\\",",",","]', exact=True) == 4  # escapes: a string ends at its own quote
+
+
+async def test_a_send_to_a_peer_that_never_reads_gives_up_after_send_timeout():
+    a, b = socket.socketpair()
+    chan = LineChannel(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
+    chan.send_timeout = 0.2
+    t0 = time.perf_counter()
+    with pytest.raises(SendTimedOut):
+        for _ in range(1000):
+            await chan.send(b"z" * 2**16)
+    assert time.perf_counter() - t0 < 2
+    a.close()
+    b.close()
