@@ -42,7 +42,8 @@ def drain():  # reads what the host answers, so that the host's writes never wai
     while os.read(FD, 1 << 16):
         pass
 
-OUTPUT = frame({"jsonrpc": "2.0", "method": "output", "params": {"port": "y", "message": {"type": "null", "value": None}}})
+OUTPUT = frame({"jsonrpc": "2.0", "method": "output",
+                "params": {"port": "y", "message": {"type": "null", "value": None}}})
 STATE = frame({"jsonrpc": "2.0", "id": "s1", "method": "state", "params": {"op": "get", "args": ["k"]}})
 LOG = frame({"jsonrpc": "2.0", "method": "log", "params": {"stream": "stdout", "text": "hello"}})
 
