@@ -22,7 +22,7 @@ import attrs
 import orjson
 import trio
 
-from ._channel import BadFrame, ChannelClosed, FrameTooLarge
+from ._channel import BadFrame, ChannelClosed, FrameTooLarge, SendTimedOut, json_values
 from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
                       ResourceLimitExceeded, single_error)
 from ._mailbox import feed, find_entry, inbox_key, poke, retry_or_deadletter_cmds
@@ -63,6 +63,18 @@ class ProtocolViolation(Exception):
 
 
 LOAD_TIMEOUT = float(os.environ.get("REFLOW_LOAD_TIMEOUT", "10"))  # seconds for a script's top-level code
+
+# What one message may make its sandbox send the host, besides ``max_output`` bytes in all
+# (see ActorCell._reply): each output is routed and kept with the message, each state call
+# is Redis work, each log line a line of the host's log. Well past what a script does on
+# purpose; a worker over them ends with the output limit (a log line past its cap is dropped).
+MAX_OUTPUTS = 10_000
+MAX_STATE_CALLS = 10_000
+MAX_LOG_LINES = 1_000
+# JSON values one message's frames may hold, per byte of ``max_output``: parsing makes
+# ~100 bytes per value (a dict, a list, a str), so a frame of ``[{},{},…]`` would make
+# ~30 times its length; at 1/32 a value per byte that is ~3 × max_output at most.
+VALUES_PER_OUTPUT_BYTE = 1 / 32
 
 
 class ScriptLoadFailed(Exception):
@@ -215,6 +227,8 @@ class ActorCell:
         self.prefix = state_prefix(cfg.workspace.redis.namespace, self.name)
         self.default_ttl = cfg.workspace.redis.ttl
         self.max_output = cfg.workspace.sandbox.max_output
+        self.max_values = max(4096, int(self.max_output * VALUES_PER_OUTPUT_BYTE))
+        self.default_timeout = cfg.supervision.timeout
         self.shm_threshold = cfg.workspace.sandbox.shm_threshold
         self.subscribers: dict[int, Callable[[str, str, dict, str], None]] = {}
         self.stopped_reason: str | None = None
@@ -444,6 +458,9 @@ class ActorCell:
 
     async def _load(self, worker: Worker) -> None:
         c = self.component
+        worker.channel.max_frame = self.max_output  # (the channel reads no frame longer, see _reply)
+        # A worker that stops reading would hold a send (and this cell) for good.
+        worker.channel.send_timeout = self._timeout() or LOAD_TIMEOUT
         rid = await self._request(worker, "load", {
             "source": c.source, "filename": c.file.name, "entry": c.entry, "actor_id": self.name,
             "config": self.process.config, "limits": self._limits()})
@@ -559,10 +576,14 @@ class ActorCell:
             return
         try:
             await worker.channel.send_frames(frames)
-        except ChannelClosed:
+        except (ChannelClosed, SendTimedOut) as exc:
             for _ in envs:
                 self.ahead.pop()
             self._give_back(envs, front=True)
+            if isinstance(exc, SendTimedOut):  # it stopped reading: of no use, and it holds this cell
+                log.warning("sandbox killed: %s", exc, extra={"actor": self.name})
+                worker.kill(limit="time")
+                raise WorkerDied(self.name, await worker.wait()) from None
             raise WorkerDied(self.name, await _gone(worker)) from None
 
     def _payload(self, worker: Worker, env: Envelope) -> tuple[dict, list]:
@@ -592,7 +613,7 @@ class ActorCell:
         # (The worker already has the message: confirming it overlaps with its run.)
         added = env.claim is None or await self._confirm(env)
         txn = StateTxn(self.host.redis, self.prefix, self.default_ttl)
-        timeout = self.process.timeout or self.component.timeout
+        timeout = self._timeout()
         if not timeout:  # (no cancel scope to open and close per message)
             reply = await self._reply(worker, rid, env, txn)
         else:
@@ -636,6 +657,10 @@ class ActorCell:
         outputs = (reply.get("result") or {}).get("outputs") or {}
         routed = env.emitted + [(p, m) for p, m in outputs.items() if (p, m) not in env.emitted]
         self._committing.append((self.host.start_commit(self, txn, routed, env), env, routed, outputs))
+
+    def _timeout(self) -> float | None:
+        """Seconds a message may take: the process's, its script's, or the default."""
+        return self.process.timeout or self.component.timeout or self.default_timeout
 
     async def _settle_at_exit(self) -> None:
         """A run ends: finish the commits on their way (they are queued in Redis; only the
@@ -727,22 +752,37 @@ class ActorCell:
         return dead
 
     async def _reply(self, worker: Worker, rid: int, env: Envelope | None, txn: StateTxn | None) -> dict:
-        """Read frames until the reply to ``rid``, serving state calls and outputs meanwhile."""
+        """Read frames until the reply to ``rid``, serving state calls and outputs meanwhile.
+
+        What the worker sends for one request is bounded before it is parsed: each frame by
+        the channel (``max_output`` bytes, attachments included), all of them together by
+        ``max_output`` bytes and ``max_values`` JSON values (see json_values), and by
+        MAX_OUTPUTS outputs and MAX_STATE_CALLS state calls; past any of them the worker is
+        killed with the output limit (WorkerDied; its message answers -32005). A frame that
+        is not the protocol (not JSON, not an object, a reply to another request, a method
+        the host never serves) is a ProtocolViolation. Either way only this worker ends.
+        """
         channel = worker.channel
         start = channel.bytes_received
+        values = self.max_values
+        outputs_left, states_left, logs_left = MAX_OUTPUTS, MAX_STATE_CALLS, MAX_LOG_LINES
         while True:
             try:
                 frame = await channel.receive()
             except ChannelClosed:
                 raise WorkerDied(self.name, await _gone(worker)) from None
             except FrameTooLarge:
-                worker.kill(limit="output")
-                raise WorkerDied(self.name, await worker.wait()) from None
+                await self._over_output(worker, f"a frame longer than {channel.max_frame} bytes")
             except BadFrame as exc:
                 self._violation(worker, env, str(exc))
             if channel.bytes_received - start > self.max_output:
-                worker.kill(limit="output")
-                raise WorkerDied(self.name, await worker.wait())
+                await self._over_output(worker, f"more than {self.max_output} bytes for one request")
+            n = len(frame) - len(frame.translate(None, b",[{")) + 1  # json_values(frame), inlined
+            if n > values:  # (the quick count also counts commas inside strings)
+                n = json_values(frame, exact=True)
+                if n > values:
+                    await self._over_output(worker, f"more than {self.max_values} JSON values for one request")
+            values -= n
             try:
                 msg = orjson.loads(frame)
             except orjson.JSONDecodeError as exc:
@@ -751,24 +791,36 @@ class ActorCell:
                 self._violation(worker, env, "a frame that is not a JSON object")
             method = msg.get("method")
             if method is None:
-                if msg.get("id") == rid:
-                    if not isinstance(msg.get("error", {}), dict) or not isinstance(msg.get("result", {}), dict):
-                        self._violation(worker, env, "a reply whose result or error is not an object")
-                    if env is not None and env.shm_end:  # the worker is done with its inputs
-                        worker.shm.inbound.release(env.shm_end)  # type: ignore[attr-defined]
-                    outputs = (msg.get("result") or {}).get("outputs")
-                    if isinstance(outputs, dict):
-                        for port, message in outputs.items():
-                            outputs[port] = self._attached(worker, env, message, channel.attachments)
-                    return msg
-                continue
+                if msg.get("id") != rid:
+                    # The worker answers in order and the host serves no other request of
+                    # its: a reply to anything else is no reply a worker sends.
+                    self._violation(worker, env, f"a reply to request {str(msg.get('id'))[:40]!r} while "
+                                                 f"request {rid} was pending")
+                if not isinstance(msg.get("error", {}), dict) or not isinstance(msg.get("result", {}), dict):
+                    self._violation(worker, env, "a reply whose result or error is not an object")
+                if env is not None and env.shm_end:  # the worker is done with its inputs
+                    worker.shm.inbound.release(env.shm_end)  # type: ignore[attr-defined]
+                outputs = (msg.get("result") or {}).get("outputs")
+                if isinstance(outputs, dict):
+                    for port, message in outputs.items():
+                        outputs[port] = self._attached(worker, env, message, channel.attachments)
+                return msg
             params = msg.get("params")
             if not isinstance(params, dict):
                 params = {}
-            if method == "state" and txn is not None:
-                if not await self._state_call(worker, msg.get("id"), txn, params) and env is not None:
+            if method == "state":
+                states_left -= 1
+                if states_left < 0:
+                    await self._over_output(worker, f"more than {MAX_STATE_CALLS} state calls for one request")
+                if txn is not None and not await self._state_call(worker, msg.get("id"), txn, params) \
+                        and env is not None:
                     env.outage = True
-            elif method == "output" and env is not None:
+            elif method == "output":
+                outputs_left -= 1
+                if outputs_left < 0:
+                    await self._over_output(worker, f"more than {MAX_OUTPUTS} outputs for one request")
+                if env is None:
+                    continue
                 port, message = params.get("port"), params.get("message")
                 message = self._attached(worker, env, message, channel.attachments)
                 if not isinstance(port, str) or not is_typed(message):
@@ -777,8 +829,20 @@ class ActorCell:
                 if env.on_output is not None:
                     env.on_output(port, message)
             elif method == "log":
-                log.info("script output", extra={"actor": self.name, "stream": params.get("stream"),
-                                                 "text": str(params.get("text"))[:512]})
+                logs_left -= 1
+                if logs_left >= 0:
+                    log.info("script output" if logs_left else "script output (its further lines for this "
+                             "request are dropped)", extra={"actor": self.name, "stream": params.get("stream"),
+                                                           "text": str(params.get("text"))[:512]})
+            else:
+                self._violation(worker, env, f"a request for {str(method)[:40]!r}, which the host does not serve")
+
+    async def _over_output(self, worker: Worker, why: str) -> NoReturn:
+        """The worker sent more than its output limit allows: kill it with that limit (its
+        message answers -32005 ``{"limit": "output"}``, see run)."""
+        log.warning("sandbox killed: %s", why, extra={"actor": self.name})
+        worker.kill(limit="output")
+        raise WorkerDied(self.name, await worker.wait())
 
     def _attached(self, worker: Worker, env: Envelope | None, message: Any, attachments: list[bytes]) -> Any:
         """``{"type": "bytes", "$att": k}`` from the worker → a bytes message holding attachment k;
@@ -825,5 +889,10 @@ class ActorCell:
             reachable = not isinstance(exc, RedisUnavailable)
             reply = {"jsonrpc": "2.0", "id": sid, "error": {"code": ActorFailed.code,
                                                             "message": f"state unavailable: {exc}"}}
-        await worker.channel.send(orjson.dumps(reply))
+        try:
+            await worker.channel.send(orjson.dumps(reply))
+        except SendTimedOut as exc:  # it stopped reading its replies (a pipelined flood)
+            log.warning("sandbox killed: %s", exc, extra={"actor": self.name})
+            worker.kill(limit="time")
+            raise WorkerDied(self.name, await worker.wait()) from None
         return reachable

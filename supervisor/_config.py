@@ -133,7 +133,9 @@ class SandboxConfig:
     pool: PoolConfig = PoolConfig()
     max_output: Size = Size(16 * 2**20)
     tmp_size: Size = Size(64 * 2**20)
-    cpu_seconds: Duration | None = None   # per-worker CPU-time rlimit; None = unlimited
+    # Per-worker CPU-time rlimit (the worker's life, not one message: a backstop for CPU
+    # burnt outside any message's timeout, e.g. a thread that spins between messages).
+    cpu_seconds: Duration | None = Duration(3600.0)
     max_processes: Count = Count(64)
     shm_threshold: Size = Size(64 * 2**10)  # bytes payloads this large go through shared memory
     shm_size: Size = Size(16 * 2**20)       # each of a Python worker's two rings; 0: no shared memory
@@ -235,6 +237,9 @@ class SupervisionConfig:
     actors: dict[str, ActorOverride] = attrs.field(factory=dict)
     groups: dict[str, GroupConfig] = attrs.field(factory=dict)
     shutdown_grace: Duration = Duration(10.0)
+    # A message's timeout where neither supervision.actors.NAME.timeout nor the script's
+    # metadata sets one: past it the worker is killed (-32003) and restarted per policy.
+    timeout: Duration = Duration(30.0)
 
 
 @attrs.frozen

@@ -162,7 +162,7 @@ def test_contract_nested_form_loads_verbatim():
 def test_defaults_for_an_empty_file_and_empty_sections():
     empty = parse("")
     assert parse("# nothing yet\nworkspace:\nsupervision:\n  backoff:\n") == empty
-    assert empty.workspace.sandbox.max_output == 16 * 2**20 and empty.workspace.sandbox.cpu_seconds is None
+    assert empty.workspace.sandbox.max_output == 16 * 2**20 and empty.workspace.sandbox.cpu_seconds == 3600
     assert empty.workspace.mailbox.kind == "redis" and empty.supervision.shutdown_grace == 10.0
     assert empty.supervision.backoff.reset_after == 10.0
     assert parse("supervision: {backoff: {reset: 1m}}").supervision.backoff.reset_after == 60.0
