@@ -153,6 +153,7 @@ class Host:
         self._trial_reported: set[str] = set()
         self.stopping = False
         self.durable = config.workspace.mailbox.kind == "redis"
+        self.api: Any = None  # the WebSocket API (_server.Api) once it serves
 
     # -- assembly -----------------------------------------------------------
     def rediscover(self) -> Discovery:
@@ -413,6 +414,8 @@ class Host:
         tree["hot_reload"] = ("watching" if self.watching.is_set() else "starting") \
             if self.config.workspace.hot_reload else "off"
         tree["script_problems"] = [str(p) for p in self.discovery.problems] if self.discovery else []
+        if self.api is not None:
+            tree["api"] = self.api.status()
         return tree
 
     async def restart_actor(self, name: str) -> None:

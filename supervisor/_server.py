@@ -63,6 +63,8 @@ class Api:
         self.host = host
         self.cfg = host.config.workspace.websocket
         self.connections = 0
+        self.live: set[Connection] = set()
+        host.api = self
         # Every method has one of three forms, by what it waits for. ``now``: nothing, so it
         # is answered where its frame is read (no task, which is most of what a small request
         # costs). ``start``: a synchronous first step, run when the request is read, that
@@ -89,6 +91,16 @@ class Api:
         self.methods = frozenset(self.now) | frozenset(self.start) | frozenset(self.tasks)
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
+        """One client, from its handshake to its close. Never raises but Cancelled: an
+        exception here would end trio-websocket's server, and with it every client."""
+        try:
+            await self._handle(request)
+        except* trio_websocket.ConnectionClosed:
+            pass  # the client left during the handshake
+        except* Exception as group:  # a bug of ours
+            log.error("internal error with client %s", request.remote, exc_info=group)
+
+    async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
         token = self.cfg.token
         if token is not None:
             auth = dict(request.headers).get(b"authorization", b"")
@@ -99,11 +111,23 @@ class Api:
             await request.reject(503, body=b"too many connections\n")
             return
         ws = await request.accept()
+        conn = Connection(self, ws)
         self.connections += 1
+        self.live.add(conn)
         try:
-            await Connection(self, ws).run()
+            await conn.run()
         finally:
             self.connections -= 1
+            self.live.discard(conn)
+
+    def status(self) -> dict:
+        """What the API holds for its clients (``supervisor.status``'s ``api``): a client
+        that left and still holds any of it is a leak."""
+        live = self.live
+        return {"connections": len(live), "in_flight": sum(len(c.in_flight) for c in live),
+                "subscriptions": sum(len(c.subscriptions) for c in live),
+                "subscribers": sum(len(cell.subscribers) for cell in self.host.cells.values()),
+                "tasks": sum(len(c._nursery.child_tasks) for c in live if c._nursery is not None)}
 
     # -- methods ------------------------------------------------------------
     async def actors_list(self, conn: Connection, params: Any) -> Any:
@@ -347,41 +371,64 @@ class Connection:
             self.queue(proto.attach(data, atts) if atts else data, reply=True, final=final)
 
     async def run(self) -> None:
+        """Serve this connection until it closes. Whatever the client does, this returns
+        normally (a bug of ours in handling one client is logged and ends that client only)."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._keepalive)
-                # Requests are handled in trio-websocket's reader task as it reads them
-                # (_take); where that cannot be arranged, this task reads them. Either way,
-                # this task ends the connection once the reader stops.
-                with self._reading:
-                    if self._dispatch_all(deliver(self.ws, self._take) or []):
-                        while True:
-                            while self._backlogged():
-                                await self._progress.wait()
-                            try:
-                                frames = await get_messages(self.ws)
-                            except trio_websocket.ConnectionClosed:
-                                break
-                            if not self._dispatch_all(frames):
-                                break
-                if self._close_code is not None:
-                    with trio.move_on_after(2):
-                        await self._writer_done.wait()
-                nursery.cancel_scope.cancel()
+                # The nursery closes to new tasks when its last child exits, which can be a
+                # while before this task resumes; the reader (trio-websocket's task, see
+                # _take) and every callback may run in between. So the connection ends
+                # here, in the body, before the nursery can close: from then on nothing
+                # starts work for it (see _end).
+                try:
+                    await self._serve(nursery)
+                finally:
+                    self._end()
+        except* Exception as exc:  # a bug of ours: it must not take the other clients with it
+            log.error("internal error serving client %s; closing it", self.ws.remote, exc_info=exc)
         finally:
-            self._ended = True
-            self._progress.set()  # (a reader waiting in _take: what it holds is not read)
-            for cell, key in self.subscriptions.values():
-                cell.subscribers.pop(key, None)
-            self.subscriptions.clear()
-            for waiting in list(self.in_flight.values()):  # (tasks were cancelled with the nursery)
-                if isinstance(waiting, _Waiting):
-                    waiting.detach()
-            self._send.close()  # what is answered from now on has no one to go to
+            self._end()
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.ws.aclose()
+
+    async def _serve(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._writer)
+        nursery.start_soon(self._keepalive)
+        # Requests are handled in trio-websocket's reader task as it reads them
+        # (_take); where that cannot be arranged, this task reads them. Either way,
+        # this task ends the connection once the reader stops.
+        with self._reading:
+            if self._dispatch_all(deliver(self.ws, self._take) or []):
+                while True:
+                    while self._backlogged():
+                        await self._progress.wait()
+                    try:
+                        frames = await get_messages(self.ws)
+                    except trio_websocket.ConnectionClosed:
+                        break
+                    if not self._dispatch_all(frames):
+                        break
+        if self._close_code is not None:
+            with trio.move_on_after(2):
+                await self._writer_done.wait()
+        nursery.cancel_scope.cancel()
+
+    def _end(self) -> None:
+        """The connection is over (idempotent): nothing more is read or started for it, its
+        subscriptions stop, what waits for a message's outcome stops waiting, and what is
+        answered from now on is dropped (there is no one to send it to)."""
+        if self._ended:
+            return
+        self._ended = True
+        self._progress.set()  # (a reader waiting in _take: what it holds is not read)
+        for cell, key in self.subscriptions.values():
+            cell.subscribers.pop(key, None)
+        self.subscriptions.clear()
+        for waiting in list(self.in_flight.values()):  # (tasks are cancelled with the nursery)
+            if isinstance(waiting, _Waiting):
+                waiting.detach()
+        self._send.close()
 
     async def _take(self, frame: str | bytes) -> None:
         """A frame, from trio-websocket's reader task as it reads it (see _wsio.deliver).
@@ -392,8 +439,12 @@ class Connection:
             await self._progress.wait()
         if self._ended or self._close_code is not None:
             return
-        if not self._dispatch_all([frame]):
-            self._reading.cancel()
+        try:
+            if self._dispatch_all([frame]):
+                return
+        except Exception as exc:  # (raised here, it would end trio-websocket's server: every client)
+            log.error("internal error reading from client %s; closing it", self.ws.remote, exc_info=exc)
+        self._reading.cancel()
 
     def _backlogged(self) -> bool:
         """Whether our answers to this client pile up waiting to be sent (while they can be)."""
@@ -405,6 +456,8 @@ class Connection:
         connection closes; what followed it is not read, as ever)."""
         limit = self.api.cfg.max_frame_size
         for frame in frames:
+            if self._ended:  # (nothing may start for a connection that is over)
+                return False
             if isinstance(frame, bytes):
                 self.binary = True
             if len(frame) > limit:
