@@ -461,6 +461,8 @@ class ActorCell:
                 if env is None:
                     return
                 await self._send_ahead(worker, inbox, env)
+                if not ahead:  # (it could not be sent: see _unsendable)
+                    continue
             elif len(ahead) <= SEND_REFILL:
                 await self._send_ahead(worker, inbox, self._next_nowait(inbox))
             cur, rid = ahead.popleft()
@@ -499,10 +501,17 @@ class ActorCell:
         while env is not None:
             rid = next(self._rid)
             payload, attachments = self._payload(worker, env)
-            frame = orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": "process", "params": {
-                "actor_id": self.name, "payload": payload, "message_id": env.message_id,
-                "config": self.process.config if env.config is None else env.config,
-                "timestamp": int(time.time() * 1000)}}, default=json_default)
+            try:
+                frame = orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": "process", "params": {
+                    "actor_id": self.name, "payload": payload, "message_id": env.message_id,
+                    "config": self.process.config if env.config is None else env.config,
+                    "timestamp": int(time.time() * 1000)}}, default=json_default)
+            except orjson.JSONEncodeError as exc:
+                # The API refuses what orjson cannot write (see _protocol.MAX_DEPTH); what
+                # slips past it (another script's output, say) fails its own message only.
+                await self._unsendable(env, str(exc))
+                env = self._next_nowait(inbox)
+                continue
             size += len(frame) + sum(memoryview(a).nbytes for a in attachments)
             frames.append((frame, attachments))
             envs.append(env)
@@ -519,6 +528,17 @@ class ActorCell:
                 self.ahead.pop()
             self._give_back(envs, front=True)
             raise WorkerDied(self.name, await _gone(worker)) from None
+
+    async def _unsendable(self, env: Envelope, why: str) -> None:
+        """``env`` cannot be written to a worker (orjson refuses an integer beyond 64 bits or
+        nesting past 254 levels): it fails alone, as bad input, never the actor; durable, it
+        goes the way of a message the script failed on (to dead letters in the end)."""
+        log.warning("a message cannot be sent to the worker: %s", why, extra={"actor": self.name})
+        error = InvalidParams(f"the message cannot be sent to actor {self.name!r}: {why}",
+                              {"limit": "depth" if "ecursion" in why else "integer", "message": why})
+        if env.stream_id is not None:
+            await self._retry_later(env, {"type": "InvalidParams", "message": error.message})
+        env.fail(error)
 
     def _payload(self, worker: Worker, env: Envelope) -> tuple[dict, list]:
         """``env``'s inputs for the channel: large bytes in shared memory when there is room,

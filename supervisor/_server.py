@@ -579,6 +579,9 @@ class Connection:
     def _immediate(self, item: Any) -> Any:
         """Handle what needs no task: notifications, invalid entries, stray responses."""
         if isinstance(item, proto.Invalid):
+            if item.notification:  # (refused for its params: a notification is never answered)
+                log.warning("refused a notification: %s", item.error.message, extra={"code": item.error.code})
+                return None
             return proto.invalid_to_reply(item)
         if isinstance(item, proto.Notification):
             if item.method == "$/cancelRequest":
