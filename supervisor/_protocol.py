@@ -320,13 +320,52 @@ def decode_frame(data: bytes | str) -> Frame:
         # the problem in the client's own input and reveals nothing of ours.
         why = str(exc).split("\n", 1)[0][:200]
         return Frame((Invalid(None, ErrorObject(PARSE_ERROR, f"Parse error: {why}")),), False)
-    if big or marks.count(91) >= MAX_DEPTH:  # (see _MARKS)
+    if big or (marks.count(91) >= MAX_DEPTH and _maybe_too_deep(obj)):  # (see _MARKS)
         return _checked(obj, big)
     if type(obj) is list:
         if not obj:
             return Frame((_EMPTY_BATCH,), False)
         return Frame(tuple(map(_decode_one, obj)), True)
     return Frame((_decode_one(obj),), False)
+
+
+def _orjson_depth() -> int:
+    """The deepest nesting orjson writes (254 in orjson 3), found once by bisection."""
+    def writes(n: int) -> bool:
+        v: list = []
+        for _ in range(n - 1):
+            v = [v]
+        try:
+            orjson.dumps(v)
+        except orjson.JSONEncodeError:
+            return False
+        return True
+    lo, hi = 1, 1 << 12
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if writes(mid) else (lo, mid - 1)
+    return lo
+
+
+_ORJSON_DEPTH = _orjson_depth()
+
+
+def _maybe_too_deep(obj: Any) -> bool:
+    """Whether the decoded frame ``obj`` may nest a request past MAX_DEPTH (False: surely
+    not). Asked of frames with many brackets (a batch of small calls, say), so it asks
+    orjson, in C: ``obj`` inside a chain of lists such that orjson can write the whole
+    exactly when no request in ``obj`` nests past MAX_DEPTH."""
+    room = _ORJSON_DEPTH - MAX_DEPTH - (type(obj) is list)  # (a batch's entries are one level down)
+    if room < 1:
+        return True
+    chain: list = [obj]
+    for _ in range(room - 1):
+        chain = [chain]
+    try:
+        orjson.dumps(chain, default=json_default)
+    except orjson.JSONEncodeError:
+        return True
+    return False
 
 
 def _checked(obj: Any, ints: bool) -> Frame:
