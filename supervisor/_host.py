@@ -32,6 +32,7 @@ from ._cell import ActorCell, Envelope, ProcessSpec, ScriptLoadFailed, new_messa
 from ._mailbox import claim, claimed, done_cmds, enqueue_cmd, enqueue_if_room_cmd, entry_body, poke
 from ._config import Config
 from ._discovery import ComponentSpec, Discovery, ScriptProblem, discover
+from ._files import write_atomic
 from ._errors import ActorError, ActorFailed, ActorStopped, Overloaded, UnknownActor
 from ._fanin import assemble, fanin_key, push_cmd, push_if_room_cmd
 from ._packages import PackageInstallFailed, ensure_packages
@@ -706,7 +707,7 @@ class Host:
         state_dir: Path = self.config.workspace.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         info = {"url": f"ws://{self.config.workspace.websocket.host}:{port}/", "pid": os.getpid(), "started": time.time()}
-        (state_dir / "host.json").write_bytes(orjson.dumps(info))
+        write_atomic(state_dir / "host.json", orjson.dumps(info))  # (clients and tests poll it)
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -199,3 +199,36 @@ async def test_scripts_that_make_integers_out_of_range_or_nest_too_deep_fail_cle
         line = next(n for n, t in enumerate(PY_SCRIPTS.splitlines(), 1) if 'set("k", 2**64)' in t)
         assert r["error"]["data"]["traceback"][-1].startswith(f'File "big.actor.py", line {line}'), r
         assert restarts(await status(ws)) == 0
+
+
+def test_host_json_is_replaced_whole_never_seen_empty(tmp_path):
+    """A reader polling host.json (clients, tests, `status`) never sees it empty or partial:
+    in-place writes were caught empty once ("JSONDecodeError: zero-length")."""
+    import threading
+
+    from supervisor._files import write_atomic
+
+    path = tmp_path / "host.json"
+    write_atomic(path, orjson.dumps({"n": -1}))
+    bad: list[bytes] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            data = path.read_bytes()
+            try:
+                orjson.loads(data)
+            except orjson.JSONDecodeError:
+                bad.append(data)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for n in range(400):
+            write_atomic(path, orjson.dumps({"n": n, "pad": "x" * (n % 4096)}))
+    finally:
+        stop.set()
+        reader.join()
+    assert not bad, bad[:3]
+    assert orjson.loads(path.read_bytes())["n"] == 399
+    assert [p.name for p in tmp_path.iterdir()] == ["host.json"]  # no temporary file left
