@@ -3,6 +3,9 @@ writes and how it leaves (a TCP close with no WebSocket close, half a frame) are
 
 from __future__ import annotations
 
+import os
+import struct
+
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
@@ -29,9 +32,22 @@ class RawWs:
                     return self
                 raise ConnectionError(f"the host refused the connection: {ev!r}")
 
-    def frame(self, message: str | bytes) -> bytes:
-        """``message`` as the bytes of one masked WebSocket frame (not sent)."""
-        return self.conn.send(TextMessage(data=message) if isinstance(message, str) else BytesMessage(data=message))
+    @staticmethod
+    def frame(message: str | bytes) -> bytes:
+        """``message`` as the bytes of one masked client WebSocket frame (not sent). Made by
+        hand rather than by wsproto, which refuses to send once the host began to close:
+        an abusive client does not care."""
+        data, first = (message.encode(), 0x81) if isinstance(message, str) else (bytes(message), 0x82)
+        n = len(data)
+        if n < 126:
+            head = struct.pack("!BB", first, 0x80 | n)
+        elif n < 1 << 16:
+            head = struct.pack("!BBH", first, 0x80 | 126, n)
+        else:
+            head = struct.pack("!BBQ", first, 0x80 | 127, n)
+        key = os.urandom(4)
+        masked = (int.from_bytes(data, "little") ^ int.from_bytes((key * (n // 4 + 1))[:n], "little")).to_bytes(n, "little")
+        return head + key + masked
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
