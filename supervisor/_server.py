@@ -98,7 +98,7 @@ class Api:
         except* trio_websocket.ConnectionClosed:
             pass  # the client left during the handshake
         except* Exception as group:  # a bug of ours
-            log.error("internal error with client %s", request.remote, exc_info=group)
+            log.error("internal error with client %s", _peer_of(request), exc_info=group)
 
     async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
         token = self.cfg.token
@@ -302,6 +302,7 @@ class Connection:
     def __init__(self, api: Api, ws: trio_websocket.WebSocketConnection):
         self.api = api
         self.ws = ws
+        self.peer = _peer_of(ws)  # (read now: once the client has gone, asking raises)
         self.in_flight: dict[Any, trio.CancelScope | _Waiting] = {}
         self.subscriptions: dict[str, tuple[Any, int]] = {}
         self._send, self._recv = trio.open_memory_channel[tuple[bytes | str | memoryview, int]](SEND_QUEUE)
@@ -340,7 +341,7 @@ class Connection:
             self._send.send_nowait((frame, size))
             self._queued += size
         except trio.WouldBlock:
-            log.warning("client %s is not reading; closing it", self.ws.remote)
+            log.warning("client %s is not reading; closing it", self.peer)
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
         except trio.ClosedResourceError:
@@ -386,7 +387,7 @@ class Connection:
                 finally:
                     self._end()
         except* Exception as exc:  # a bug of ours: it must not take the other clients with it
-            log.error("internal error serving client %s; closing it", self.ws.remote, exc_info=exc)
+            log.error("internal error serving client %s; closing it", self.peer, exc_info=exc)
         finally:
             self._end()
             with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -443,7 +444,7 @@ class Connection:
             if self._dispatch_all([frame]):
                 return
         except Exception as exc:  # (raised here, it would end trio-websocket's server: every client)
-            log.error("internal error reading from client %s; closing it", self.ws.remote, exc_info=exc)
+            log.error("internal error reading from client %s; closing it", self.peer, exc_info=exc)
         self._reading.cancel()
 
     def _backlogged(self) -> bool:
@@ -468,7 +469,7 @@ class Connection:
 
     def _too_large(self, size: int, limit: int) -> None:
         """Answer an oversized frame (unread, so id null) and close with 1009 once it is sent."""
-        log.warning("client %s sent a %d-byte frame (max_frame_size %d); closing it", self.ws.remote, size, limit)
+        log.warning("client %s sent a %d-byte frame (max_frame_size %d); closing it", self.peer, size, limit)
         self.reply([proto.error_response(None, proto.INVALID_REQUEST,
                                          f"frame of {size} bytes exceeds max_frame_size ({limit} bytes)",
                                          {"limit": "max_frame_size", "max": limit, "size": size})], False)
@@ -515,7 +516,7 @@ class Connection:
                 except (trio_websocket.ConnectionClosed, ValueError):
                     return
             if scope.cancelled_caught:
-                log.warning("client %s did not answer a ping in %gs; closing it", self.ws.remote, interval)
+                log.warning("client %s did not answer a ping in %gs; closing it", self.peer, interval)
                 assert self._nursery is not None
                 self._nursery.cancel_scope.cancel()
                 return
@@ -569,7 +570,7 @@ class Connection:
 
     def _log_request(self, req: proto.Request) -> None:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("rpc request", extra={"id": req.id, "method": req.method, "peer": str(self.ws.remote)})
+            log.debug("rpc request", extra={"id": req.id, "method": req.method, "peer": self.peer})
 
     def _refused_when_stopping(self, req: proto.Request) -> proto.ErrorResponse | None:
         if self.api.host.stopping and req.method in _MESSAGE_METHODS:
@@ -624,6 +625,12 @@ class Connection:
 
     async def _answer(self, req: proto.Request, scope: trio.CancelScope, run: _Run,
                       answer: Callable[[Any], None]) -> None:
+        if self._ended:
+            # Started, but first run after the connection ended: trio delivers the nursery's
+            # cancel only at a checkpoint, and a method may do its work before its first one
+            # (actor.subscribe would add a subscriber no one would ever remove).
+            self.forget(_id_key(req.id), scope)
+            return
         answer(await self._call(req, scope, run))
 
     def _admit(self, req: proto.Request) -> _Run | proto.ErrorResponse:
@@ -761,6 +768,16 @@ def _log_unanswered(req: proto.Request, reply: Any) -> None:
     if isinstance(reply, proto.ErrorResponse):
         log.warning("notification %s failed (it has no id to answer): %s", req.method, reply.error.message,
                     extra={"code": reply.error.code})
+
+
+def _peer_of(ws: trio_websocket.WebSocketConnection | trio_websocket.WebSocketRequest) -> str:
+    """The client's address for the log. trio-websocket's ``remote`` asks the socket
+    (getpeername), which raises once the client has gone: never ask it later, in a log
+    call on the way out (that ended the whole server)."""
+    try:
+        return str(ws.remote)
+    except OSError:
+        return "(a client that left)"
 
 
 def _id_key(rid: Any) -> Any:
