@@ -348,6 +348,8 @@ class Connection:
             pass
 
     def notify(self, method: str, params: dict) -> None:
+        if self._ended:  # (a message's outputs may stream on after its caller left)
+            return
         try:
             atts: list | None = [] if self.binary else None
             data = proto.encode(proto.Notification(method, params), atts)
@@ -362,6 +364,8 @@ class Connection:
         """Queue the answer to one frame (``final``: see queue). A result that cannot be
         written as JSON (NaN, an integer orjson and the stdlib both refuse…) becomes -32603
         for that request alone; the other replies of a batch still go out."""
+        if self._ended:  # (a batch or a message may finish after the client left)
+            return
         atts: list | None = [] if self.binary else None
         try:
             data = proto.reply_frame(replies, is_batch, atts)
