@@ -509,7 +509,10 @@ class ActorCell:
             except orjson.JSONEncodeError as exc:
                 # The API refuses what orjson cannot write (see _protocol.MAX_DEPTH); what
                 # slips past it (another script's output, say) fails its own message only.
-                await self._unsendable(env, str(exc))
+                why = str(exc)
+                await self._fail_alone(env, InvalidParams(
+                    f"the message cannot be sent to actor {self.name!r}: {why}",
+                    {"limit": "depth" if "ecursion" in why else "integer", "message": why}))
                 env = self._next_nowait(inbox)
                 continue
             size += len(frame) + sum(memoryview(a).nbytes for a in attachments)
@@ -529,15 +532,13 @@ class ActorCell:
             self._give_back(envs, front=True)
             raise WorkerDied(self.name, await _gone(worker)) from None
 
-    async def _unsendable(self, env: Envelope, why: str) -> None:
-        """``env`` cannot be written to a worker (orjson refuses an integer beyond 64 bits or
-        nesting past 254 levels): it fails alone, as bad input, never the actor; durable, it
-        goes the way of a message the script failed on (to dead letters in the end)."""
-        log.warning("a message cannot be sent to the worker: %s", why, extra={"actor": self.name})
-        error = InvalidParams(f"the message cannot be sent to actor {self.name!r}: {why}",
-                              {"limit": "depth" if "ecursion" in why else "integer", "message": why})
+    async def _fail_alone(self, env: Envelope, error: ActorError) -> None:
+        """``env`` cannot be written on (orjson refuses an integer beyond 64 bits or nesting
+        past 254 levels, in its inputs or its outputs): it fails alone, never the actor;
+        durable, it goes the way of a message the script failed on (dead letters in the end)."""
+        log.warning("%s", error.message, extra={"actor": self.name, "message_id": env.message_id})
         if env.stream_id is not None:
-            await self._retry_later(env, {"type": "InvalidParams", "message": error.message})
+            await self._retry_later(env, {"type": type(error).__name__, "message": error.message})
         env.fail(error)
 
     def _payload(self, worker: Worker, env: Envelope) -> tuple[dict, list]:
@@ -607,7 +608,14 @@ class ActorCell:
             return
         outputs = (reply.get("result") or {}).get("outputs") or {}
         routed = env.emitted + [(p, m) for p, m in outputs.items() if (p, m) not in env.emitted]
-        self._committing.append((self.host.start_commit(self, txn, routed, env), env, routed, outputs))
+        try:
+            commit = self.host.start_commit(self, txn, routed, env)
+        except (TypeError, ValueError) as exc:  # (orjson cannot write what the script made)
+            await self._settle(everything=True)
+            await self._fail_alone(env, ActorFailed(f"actor {self.name!r} failed: its output or state cannot "
+                                                    f"be stored: {exc}", {"type": "NotStorable", "message": str(exc)}))
+            return
+        self._committing.append((commit, env, routed, outputs))
 
     async def _settle_at_exit(self) -> None:
         """A run ends: finish the commits on their way (they are queued in Redis; only the

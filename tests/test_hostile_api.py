@@ -232,3 +232,50 @@ def test_host_json_is_replaced_whole_never_seen_empty(tmp_path):
     assert not bad, bad[:3]
     assert orjson.loads(path.read_bytes())["n"] == 399
     assert [p.name for p in tmp_path.iterdir()] == ["host.json"]  # no temporary file left
+
+
+DEEP_SENDER = '''
+import sys
+from reflow import actor, Message
+
+@actor(name="Deep", inports=["n"], outports=["y"])
+def deep(context):
+    sys.modules["__main__"]._check_frame = lambda obj, data: None  # a hostile script skips the SDK's check
+    v = 0
+    for _ in range(context.get_input("n")):
+        v = [v]
+    return {"y": Message("any", v)}
+'''
+
+NETWORK = """\
+network:
+  processes:
+    deep: {component: Deep}
+    echo: {component: Echo}
+  connections:
+    - {src: {process: deep, port: y}, tgt: {process: echo, port: x}}
+supervision: {actors: {echo: {max_deliveries: 2}}}
+"""
+
+
+@pytest.mark.parametrize("mailbox", ["redis", "memory"])
+async def test_a_value_orjson_cannot_write_fails_its_message_alone_never_an_actor(make_host, mailbox):
+    """What slips past the API (a hostile script's output) and orjson cannot write fails
+    that message only: on a durable host its commit (the script's failure, -32002); in
+    memory, routed on, the next actor's message (-32602). No actor is restarted."""
+    host = await make_host({"echo.actor.py": ECHO, "deep.actor.py": DEEP_SENDER}, NETWORK, start=False)
+    host.config.write_text(host.config.read_text().replace("  root: .\n", f"  root: .\n  mailbox: {{kind: {mailbox}}}\n"))
+    await host.start()
+    async with trio_websocket.open_websocket_url(host.url) as ws:
+        for _ in range(4):  # (more than the root's restart intensity)
+            r = await ask(ws, rpc(1, "actor.call", {"actor": "deep", "inputs": {"n": 300}}))
+            if mailbox == "redis":
+                assert r["error"]["code"] == -32002 and "cannot be stored" in r["error"]["message"], r
+            else:
+                assert "result" in r, r  # (the host writes it to the client, past orjson's limit)
+        if mailbox == "memory":
+            await wait_for(lambda: "cannot be sent to actor 'echo'" in host.output(), timeout=20)
+        r = await ask(ws, rpc(3, "actor.call", {"actor": "echo", "inputs": {"x": 5}}))
+        assert r["result"]["outputs"]["y"]["value"] == 5
+        tree = await status(ws)
+        assert tree["state"] == "running" and restarts(tree) == 0, tree
