@@ -18,6 +18,10 @@ orjson is a near-complete JSON codec, but two gaps are filled by hand here
 because no maintained library closes them (comments at each place say why):
 integers beyond 64 bits (orjson silently reads them as floats and refuses to
 write them) and NaN/Infinity (orjson silently writes them as ``null``).
+Integers of any size are read exactly; what the host cannot carry through
+its workers, Redis and orjson (integers beyond signed 64 bits, nesting past
+MAX_DEPTH) is refused in a request's params with -32602 naming the limit
+(see "limits" below).
 """
 
 from __future__ import annotations
