@@ -514,6 +514,8 @@ class ActorCell:
                 if env is None:
                     return
                 await self._send_ahead(worker, inbox, env)
+                if not ahead:  # (it could not be sent: see _unsendable)
+                    continue
             elif len(ahead) <= SEND_REFILL:
                 await self._send_ahead(worker, inbox, self._next_nowait(inbox))
             cur, rid = ahead.popleft()
@@ -561,10 +563,20 @@ class ActorCell:
         while env is not None:
             rid = next(self._rid)
             payload, attachments = self._payload(worker, env)
-            frame = orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": "process", "params": {
-                "actor_id": self.name, "payload": payload, "message_id": env.message_id,
-                "config": self.process.config if env.config is None else env.config,
-                "timestamp": int(time.time() * 1000)}}, default=json_default)
+            try:
+                frame = orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": "process", "params": {
+                    "actor_id": self.name, "payload": payload, "message_id": env.message_id,
+                    "config": self.process.config if env.config is None else env.config,
+                    "timestamp": int(time.time() * 1000)}}, default=json_default)
+            except orjson.JSONEncodeError as exc:
+                # The API refuses what orjson cannot write (see _protocol.MAX_DEPTH); what
+                # slips past it (another script's output, say) fails its own message only.
+                why = str(exc)
+                await self._fail_alone(env, InvalidParams(
+                    f"the message cannot be sent to actor {self.name!r}: {why}",
+                    {"limit": "depth" if "ecursion" in why else "integer", "message": why}))
+                env = self._next_nowait(inbox)
+                continue
             size += len(frame) + sum(memoryview(a).nbytes for a in attachments)
             frames.append((frame, attachments))
             envs.append(env)
@@ -585,6 +597,15 @@ class ActorCell:
                 worker.kill(limit="time")
                 raise WorkerDied(self.name, await worker.wait()) from None
             raise WorkerDied(self.name, await _gone(worker)) from None
+
+    async def _fail_alone(self, env: Envelope, error: ActorError) -> None:
+        """``env`` cannot be written on (orjson refuses an integer beyond 64 bits or nesting
+        past 254 levels, in its inputs or its outputs): it fails alone, never the actor;
+        durable, it goes the way of a message the script failed on (dead letters in the end)."""
+        log.warning("%s", error.message, extra={"actor": self.name, "message_id": env.message_id})
+        if env.stream_id is not None:
+            await self._retry_later(env, {"type": type(error).__name__, "message": error.message})
+        env.fail(error)
 
     def _payload(self, worker: Worker, env: Envelope) -> tuple[dict, list]:
         """``env``'s inputs for the channel: large bytes in shared memory when there is room,
@@ -656,7 +677,14 @@ class ActorCell:
             self.stop_requested = str(stop)[:200]
         outputs = (reply.get("result") or {}).get("outputs") or {}
         routed = env.emitted + [(p, m) for p, m in outputs.items() if (p, m) not in env.emitted]
-        self._committing.append((self.host.start_commit(self, txn, routed, env), env, routed, outputs))
+        try:
+            commit = self.host.start_commit(self, txn, routed, env)
+        except (TypeError, ValueError) as exc:  # (orjson cannot write what the script made)
+            await self._settle(everything=True)
+            await self._fail_alone(env, ActorFailed(f"actor {self.name!r} failed: its output or state cannot "
+                                                    f"be stored: {exc}", {"type": "NotStorable", "message": str(exc)}))
+            return
+        self._committing.append((commit, env, routed, outputs))
 
     def _timeout(self) -> float | None:
         """Seconds a message may take: the process's, its script's, or the default."""

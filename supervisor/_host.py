@@ -33,6 +33,7 @@ from ._mailbox import claim, claimed, done_cmds, enqueue_cmd, enqueue_if_room_cm
 from ._config import Config
 from ._discovery import ComponentSpec, Discovery, ScriptProblem, discover
 from ._errors import ActorError, ActorFailed, ActorRemoved, ActorStopped, InvalidParams, Overloaded, UnknownActor
+from ._files import write_atomic
 from ._fanin import assemble, fanin_key, push_cmd, push_if_room_cmd
 from ._packages import PackageInstallFailed, ensure_packages
 from ._pool import WorkerPool
@@ -182,6 +183,7 @@ class Host:
         self._trial_reported: set[str] = set()
         self.stopping = False
         self.durable = config.workspace.mailbox.kind == "redis"
+        self.api: Any = None  # the WebSocket API (_server.Api) once it serves
 
     # -- assembly -----------------------------------------------------------
     def rediscover(self) -> Discovery:
@@ -457,6 +459,8 @@ class Host:
         tree["hot_reload"] = ("watching" if self.watching.is_set() else "starting") \
             if self.config.workspace.hot_reload else "off"
         tree["script_problems"] = [str(p) for p in self.discovery.problems] if self.discovery else []
+        if self.api is not None:
+            tree["api"] = self.api.status()
         return tree
 
     async def restart_actor(self, name: str) -> None:
@@ -787,7 +791,7 @@ class Host:
         state_dir: Path = self.config.workspace.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         info = {"url": f"ws://{self.config.workspace.websocket.host}:{port}/", "pid": os.getpid(), "started": time.time()}
-        (state_dir / "host.json").write_bytes(orjson.dumps(info))
+        write_atomic(state_dir / "host.json", orjson.dumps(info))  # (clients and tests poll it)
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -475,6 +475,8 @@ class Peer:
                     self._cancel_incoming(item.params)
                 elif self._on_notification is not None:
                     self._on_notification(item.method, item.params)
+            elif item.notification:  # a notification refused for its params: never answered
+                log.warning("refused a notification: %s", item.error.message)
             elif item.id is not None and item.id in self._calls:
                 # Most likely a malformed response to one of our calls: fail that call and do
                 # not answer it. (An Invalid does not say whether it was meant as a request or

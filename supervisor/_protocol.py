@@ -18,6 +18,10 @@ orjson is a near-complete JSON codec, but two gaps are filled by hand here
 because no maintained library closes them (comments at each place say why):
 integers beyond 64 bits (orjson silently reads them as floats and refuses to
 write them) and NaN/Infinity (orjson silently writes them as ``null``).
+Integers of any size are read exactly; what the host cannot carry through
+its workers, Redis and orjson (integers beyond signed 64 bits, nesting past
+MAX_DEPTH) is refused in a request's params with -32602 naming the limit
+(see "limits" below).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ __all__ = [
     "UNAUTHORIZED",
     "ErrorObject", "Request", "Notification", "Response", "ErrorResponse", "Invalid", "Incoming", "Frame",
     "decode_frame", "encode", "encode_batch", "reply_frame", "error_response", "invalid_to_reply",
+    "INT_MIN", "INT_MAX", "MAX_DEPTH",
     "MESSAGE_TYPES", "wrap", "unwrap", "is_typed", "Blob", "json_default",
     "attach", "split_attachments", "bind_attachments",
 ]
@@ -111,10 +116,13 @@ class Invalid:
     invalid request), else None, as the spec requires. A malformed *response*
     from a peer also decodes to ``Invalid``: a client must not answer it, but
     the id (when readable) lets it fail the pending call it belonged to.
+    ``notification``: a well-formed notification refused for its params (see
+    :data:`MAX_DEPTH`); like any notification it gets no answer.
     """
 
     id: Id
     error: ErrorObject
+    notification: bool = False
 
 
 Incoming = Union[Request, Notification, Response, ErrorResponse, Invalid]
@@ -195,12 +203,73 @@ def _decode_one(obj: Any) -> Incoming:
     return ErrorResponse(rid, ErrorObject(code, message, err.get("data")))
 
 
-# orjson reads an integer beyond 64 bits as a float, silently losing digits, while
-# JSON allows integers of any size. Such an integer has at least 19 digits, so frames
-# with a run of 19 digits are read by the stdlib instead (exact ints; slower, rare).
-# The scan is two C passes (~0.15 µs on a small frame; a regex costs ~0.9 µs).
-_DIGITS_AS_ZERO = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))
+# -- limits: what every part of the host can carry exactly ---------------------------------------
+#
+# JSON has integers of any size and nesting of any depth; what carries them does not.
+# orjson reads an integer beyond 64 bits as a float (silently losing digits) and refuses
+# to write one, and it writes at most 254 levels of nesting while it reads 1024; Redis
+# counts in signed 64 bits; a JavaScript number is exact only to 2**53. So the API takes
+# what all of them carry, and refuses the rest with -32602 naming the limit, before it
+# reaches a mailbox (a value no part can write would otherwise fail far from its sender):
+#   - integers from INT_MIN to INT_MAX (signed 64-bit), exact end to end (a JavaScript
+#     script or client sees those beyond 2**53 rounded, as JavaScript does); larger
+#     numbers travel as strings or floats;
+#   - requests nested at most MAX_DEPTH levels, the request object itself counted, which
+#     leaves orjson room for the few levels the host wraps a value in on its way.
+# The worker SDKs hold scripts to the same limits (a script error naming the limit).
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
+MAX_DEPTH = 128
+_INT_LIMIT = {"limit": "integer", "min": INT_MIN, "max": INT_MAX}
+_DEPTH_LIMIT = {"limit": "depth", "max": MAX_DEPTH}
+
+# Both checks cost nothing on a frame that cannot break them, which is nearly every
+# frame: an integer beyond 64 bits has at least 19 digits, and a request nested
+# MAX_DEPTH levels has as many brackets. One C pass maps digits to "0" and brackets to
+# "["; two counts then say whether to look closer (~0.2 µs on a small frame; a regex
+# costs ~0.9 µs). Frames with a run of 19 digits are read by the stdlib instead (exact
+# ints; slower, rare), and only then are their integers checked.
+_MARKS = bytes(48 if 48 <= i <= 57 else 91 if i in (91, 123) else 32 for i in range(256))
 _DIGIT_RUN = b"0" * 19
+
+
+def _breach(params: Any, ints: bool) -> str | None:
+    """Which limit ``params`` (at level 2: inside its request) breaks: "integer" (only
+    looked for with ``ints``), "depth", or None. Iterative: it may be 1024 levels deep."""
+    if type(params) is not dict and type(params) is not list:
+        return None
+    stack = [(params, 2)]
+    while stack:
+        v, level = stack.pop()
+        if level > MAX_DEPTH:
+            return "depth"
+        for x in (v.values() if type(v) is dict else v):
+            t = type(x)
+            if t is dict or t is list:
+                stack.append((x, level + 1))
+            elif ints and t is int and not INT_MIN <= x <= INT_MAX:
+                return "integer"
+    return None
+
+
+def _refuse(entry: Incoming, limit: str) -> Incoming:
+    """``entry`` (a Request or a Notification) refused for breaking ``limit``."""
+    if limit == "integer":
+        error = ErrorObject(INVALID_PARAMS, f"an integer is out of range: integers are exact from {INT_MIN} to "
+                            f"{INT_MAX} (signed 64-bit); send larger ones as strings", _INT_LIMIT)
+    else:
+        error = ErrorObject(INVALID_PARAMS, f"params are nested deeper than {MAX_DEPTH} levels "
+                            "(the request counted)", _DEPTH_LIMIT)
+    if type(entry) is Request:
+        return Invalid(entry.id, error)
+    return Invalid(None, error, notification=True)
+
+
+def _within_limits(entry: Incoming, ints: bool) -> Incoming:
+    if type(entry) is Request or type(entry) is Notification:
+        limit = _breach(entry.params, ints)
+        if limit is not None:
+            return _refuse(entry, limit)
+    return entry
 
 
 def _finite_float(text: str) -> float:
@@ -230,7 +299,10 @@ def decode_frame(data: bytes | str) -> Frame:
     Invalid JSON is one ``Invalid`` (-32700, id None); an empty batch is one
     ``Invalid`` (-32600) answered with a single object, not an array; every
     other entry is decoded on its own, so one bad entry in a batch does not
-    spoil the others. Integers of any size are read exactly.
+    spoil the others. Integers of any size are read exactly; a request or
+    notification whose params hold an integer outside INT_MIN..INT_MAX or
+    nest deeper than MAX_DEPTH is an ``Invalid`` (-32602, ``data.limit``
+    "integer" or "depth").
     """
     try:
         if isinstance(data, str):
@@ -242,11 +314,9 @@ def decode_frame(data: bytes | str) -> Frame:
         attachments = None
         if raw[:1] == b"@" and not isinstance(data, str):  # a binary attachment frame
             raw, attachments = split_attachments(raw)
-        marks = raw.translate(_DIGITS_AS_ZERO)
-        if marks.count(48) >= 19 and marks.find(_DIGIT_RUN) >= 0:
-            obj = _loads_exact(raw)
-        else:
-            obj = orjson.loads(raw)
+        marks = raw.translate(_MARKS)
+        big = marks.count(48) >= 19 and marks.find(_DIGIT_RUN) >= 0
+        obj = _loads_exact(raw) if big else orjson.loads(raw)
         if attachments is not None:
             obj = bind_attachments(obj, attachments, lambda v: Blob(bytes(v)))
     except (ValueError, TypeError, RecursionError) as exc:
@@ -254,11 +324,62 @@ def decode_frame(data: bytes | str) -> Frame:
         # the problem in the client's own input and reveals nothing of ours.
         why = str(exc).split("\n", 1)[0][:200]
         return Frame((Invalid(None, ErrorObject(PARSE_ERROR, f"Parse error: {why}")),), False)
+    if big or (marks.count(91) >= MAX_DEPTH and _maybe_too_deep(obj)):  # (see _MARKS)
+        return _checked(obj, big)
     if type(obj) is list:
         if not obj:
             return Frame((_EMPTY_BATCH,), False)
         return Frame(tuple(map(_decode_one, obj)), True)
     return Frame((_decode_one(obj),), False)
+
+
+def _orjson_depth() -> int:
+    """The deepest nesting orjson writes (254 in orjson 3), found once by bisection."""
+    def writes(n: int) -> bool:
+        v: list = []
+        for _ in range(n - 1):
+            v = [v]
+        try:
+            orjson.dumps(v)
+        except orjson.JSONEncodeError:
+            return False
+        return True
+    lo, hi = 1, 1 << 12
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if writes(mid) else (lo, mid - 1)
+    return lo
+
+
+_ORJSON_DEPTH = _orjson_depth()
+
+
+def _maybe_too_deep(obj: Any) -> bool:
+    """Whether the decoded frame ``obj`` may nest a request past MAX_DEPTH (False: surely
+    not). Asked of frames with many brackets (a batch of small calls, say), so it asks
+    orjson, in C: ``obj`` inside a chain of lists such that orjson can write the whole
+    exactly when no request in ``obj`` nests past MAX_DEPTH."""
+    room = _ORJSON_DEPTH - MAX_DEPTH - (type(obj) is list)  # (a batch's entries are one level down)
+    if room < 1:
+        return True
+    chain: list = [obj]
+    for _ in range(room - 1):
+        chain = [chain]
+    try:
+        orjson.dumps(chain, default=json_default)
+    except orjson.JSONEncodeError:
+        return True
+    return False
+
+
+def _checked(obj: Any, ints: bool) -> Frame:
+    """decode_frame's result for a frame that may break a limit (see MAX_DEPTH): each
+    request or notification that does is refused, the others stand."""
+    if type(obj) is list:
+        if not obj:
+            return Frame((_EMPTY_BATCH,), False)
+        return Frame(tuple(_within_limits(_decode_one(x), ints) for x in obj), True)
+    return Frame((_within_limits(_decode_one(obj), ints),), False)
 
 
 # -- encoding ------------------------------------------------------------------------------------

@@ -71,6 +71,8 @@ class Api:
         self.cfg = host.config.workspace.websocket
         self.connections = 0
         self.watchers = Watchers(host)  # supervisor.watch (see _watch)
+        self.live: set[Connection] = set()
+        host.api = self
         # Every method has one of three forms, by what it waits for. ``now``: nothing, so it
         # is answered where its frame is read (no task, which is most of what a small request
         # costs). ``start``: a synchronous first step, run when the request is read, that
@@ -98,6 +100,16 @@ class Api:
         self.methods = frozenset(self.now) | frozenset(self.start) | frozenset(self.tasks)
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
+        """One client, from its handshake to its close. Never raises but Cancelled: an
+        exception here would end trio-websocket's server, and with it every client."""
+        try:
+            await self._handle(request)
+        except* trio_websocket.ConnectionClosed:
+            pass  # the client left during the handshake
+        except* Exception as group:  # a bug of ours
+            log.error("internal error with client %s", _peer_of(request), exc_info=group)
+
+    async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
         token = self.cfg.token
         if token is not None:
             auth = dict(request.headers).get(b"authorization", b"")
@@ -109,11 +121,23 @@ class Api:
             await request.reject(503, body=b"too many connections\n")
             return
         ws = await request.accept()
+        conn = Connection(self, ws)
         self.connections += 1
+        self.live.add(conn)
         try:
-            await Connection(self, ws).run()
+            await conn.run()
         finally:
             self.connections -= 1
+            self.live.discard(conn)
+
+    def status(self) -> dict:
+        """What the API holds for its clients (``supervisor.status``'s ``api``): a client
+        that left and still holds any of it is a leak."""
+        live = self.live
+        return {"connections": len(live), "in_flight": sum(len(c.in_flight) for c in live),
+                "subscriptions": sum(len(c.subscriptions) for c in live),
+                "subscribers": sum(len(cell.subscribers) for cell in self.host.cells.values()),
+                "tasks": sum(len(c._nursery.child_tasks) for c in live if c._nursery is not None)}
 
     # -- methods ------------------------------------------------------------
     async def actors_list(self, conn: Connection, params: Any) -> Any:
@@ -327,6 +351,7 @@ class Connection:
     def __init__(self, api: Api, ws: trio_websocket.WebSocketConnection):
         self.api = api
         self.ws = ws
+        self.peer = _peer_of(ws)  # (read now: once the client has gone, asking raises)
         self.in_flight: dict[Any, trio.CancelScope | _Waiting] = {}
         self.subscriptions: dict[str, tuple[Any, int]] = {}
         self._send, self._recv = trio.open_memory_channel[tuple[bytes | str | memoryview, int]](SEND_QUEUE)
@@ -365,13 +390,15 @@ class Connection:
             self._send.send_nowait((frame, size))
             self._queued += size
         except trio.WouldBlock:
-            log.warning("client %s is not reading; closing it", self.ws.remote)
+            log.warning("client %s is not reading; closing it", self.peer)
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
         except trio.ClosedResourceError:
             pass
 
     def notify(self, method: str, params: dict) -> None:
+        if self._ended:  # (a message's outputs may stream on after its caller left)
+            return
         try:
             atts: list | None = [] if self.binary else None
             data = proto.encode(proto.Notification(method, params), atts)
@@ -386,6 +413,8 @@ class Connection:
         """Queue the answer to one frame (``final``: see queue). A result that cannot be
         written as JSON (NaN, an integer orjson and the stdlib both refuse…) becomes -32603
         for that request alone; the other replies of a batch still go out."""
+        if self._ended:  # (a batch or a message may finish after the client left)
+            return
         atts: list | None = [] if self.binary else None
         try:
             data = proto.reply_frame(replies, is_batch, atts)
@@ -396,41 +425,64 @@ class Connection:
             self.queue(proto.attach(data, atts) if atts else data, reply=True, final=final)
 
     async def run(self) -> None:
+        """Serve this connection until it closes. Whatever the client does, this returns
+        normally (a bug of ours in handling one client is logged and ends that client only)."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._keepalive)
-                # Requests are handled in trio-websocket's reader task as it reads them
-                # (_take); where that cannot be arranged, this task reads them. Either way,
-                # this task ends the connection once the reader stops.
-                with self._reading:
-                    if self._dispatch_all(deliver(self.ws, self._take) or []):
-                        while True:
-                            while self._backlogged():
-                                await self._progress.wait()
-                            try:
-                                frames = await get_messages(self.ws)
-                            except trio_websocket.ConnectionClosed:
-                                break
-                            if not self._dispatch_all(frames):
-                                break
-                if self._close_code is not None:
-                    with trio.move_on_after(2):
-                        await self._writer_done.wait()
-                nursery.cancel_scope.cancel()
+                # The nursery closes to new tasks when its last child exits, which can be a
+                # while before this task resumes; the reader (trio-websocket's task, see
+                # _take) and every callback may run in between. So the connection ends
+                # here, in the body, before the nursery can close: from then on nothing
+                # starts work for it (see _end).
+                try:
+                    await self._serve(nursery)
+                finally:
+                    self._end()
+        except* Exception as exc:  # a bug of ours: it must not take the other clients with it
+            log.error("internal error serving client %s; closing it", self.peer, exc_info=exc)
         finally:
-            self._ended = True
-            self._progress.set()  # (a reader waiting in _take: what it holds is not read)
-            for cell, key in self.subscriptions.values():
-                cell.subscribers.pop(key, None)
-            self.subscriptions.clear()
-            for waiting in list(self.in_flight.values()):  # (tasks were cancelled with the nursery)
-                if isinstance(waiting, _Waiting):
-                    waiting.detach()
-            self._send.close()  # what is answered from now on has no one to go to
+            self._end()
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.ws.aclose()
+
+    async def _serve(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._writer)
+        nursery.start_soon(self._keepalive)
+        # Requests are handled in trio-websocket's reader task as it reads them
+        # (_take); where that cannot be arranged, this task reads them. Either way,
+        # this task ends the connection once the reader stops.
+        with self._reading:
+            if self._dispatch_all(deliver(self.ws, self._take) or []):
+                while True:
+                    while self._backlogged():
+                        await self._progress.wait()
+                    try:
+                        frames = await get_messages(self.ws)
+                    except trio_websocket.ConnectionClosed:
+                        break
+                    if not self._dispatch_all(frames):
+                        break
+        if self._close_code is not None:
+            with trio.move_on_after(2):
+                await self._writer_done.wait()
+        nursery.cancel_scope.cancel()
+
+    def _end(self) -> None:
+        """The connection is over (idempotent): nothing more is read or started for it, its
+        subscriptions stop, what waits for a message's outcome stops waiting, and what is
+        answered from now on is dropped (there is no one to send it to)."""
+        if self._ended:
+            return
+        self._ended = True
+        self._progress.set()  # (a reader waiting in _take: what it holds is not read)
+        for cell, key in self.subscriptions.values():
+            cell.subscribers.pop(key, None)
+        self.subscriptions.clear()
+        for waiting in list(self.in_flight.values()):  # (tasks are cancelled with the nursery)
+            if isinstance(waiting, _Waiting):
+                waiting.detach()
+        self._send.close()
 
     async def _take(self, frame: str | bytes) -> None:
         """A frame, from trio-websocket's reader task as it reads it (see _wsio.deliver).
@@ -441,8 +493,12 @@ class Connection:
             await self._progress.wait()
         if self._ended or self._close_code is not None:
             return
-        if not self._dispatch_all([frame]):
-            self._reading.cancel()
+        try:
+            if self._dispatch_all([frame]):
+                return
+        except Exception as exc:  # (raised here, it would end trio-websocket's server: every client)
+            log.error("internal error reading from client %s; closing it", self.peer, exc_info=exc)
+        self._reading.cancel()
 
     def _backlogged(self) -> bool:
         """Whether our answers to this client pile up waiting to be sent (while they can be)."""
@@ -454,6 +510,8 @@ class Connection:
         connection closes; what followed it is not read, as ever)."""
         limit = self.api.cfg.max_frame_size
         for frame in frames:
+            if self._ended:  # (nothing may start for a connection that is over)
+                return False
             if isinstance(frame, bytes):
                 self.binary = True
             if len(frame) > limit:
@@ -464,7 +522,7 @@ class Connection:
 
     def _too_large(self, size: int, limit: int) -> None:
         """Answer an oversized frame (unread, so id null) and close with 1009 once it is sent."""
-        log.warning("client %s sent a %d-byte frame (max_frame_size %d); closing it", self.ws.remote, size, limit)
+        log.warning("client %s sent a %d-byte frame (max_frame_size %d); closing it", self.peer, size, limit)
         self.reply([proto.error_response(None, proto.INVALID_REQUEST,
                                          f"frame of {size} bytes exceeds max_frame_size ({limit} bytes)",
                                          {"limit": "max_frame_size", "max": limit, "size": size})], False)
@@ -511,7 +569,7 @@ class Connection:
                 except (trio_websocket.ConnectionClosed, ValueError):
                     return
             if scope.cancelled_caught:
-                log.warning("client %s did not answer a ping in %gs; closing it", self.ws.remote, interval)
+                log.warning("client %s did not answer a ping in %gs; closing it", self.peer, interval)
                 assert self._nursery is not None
                 self._nursery.cancel_scope.cancel()
                 return
@@ -565,7 +623,7 @@ class Connection:
 
     def _log_request(self, req: proto.Request) -> None:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("rpc request", extra={"id": req.id, "method": req.method, "peer": str(self.ws.remote)})
+            log.debug("rpc request", extra={"id": req.id, "method": req.method, "peer": self.peer})
 
     def _refused_when_stopping(self, req: proto.Request) -> proto.ErrorResponse | None:
         if self.api.host.stopping and req.method in _MESSAGE_METHODS:
@@ -575,6 +633,9 @@ class Connection:
     def _immediate(self, item: Any) -> Any:
         """Handle what needs no task: notifications, invalid entries, stray responses."""
         if isinstance(item, proto.Invalid):
+            if item.notification:  # (refused for its params: a notification is never answered)
+                log.warning("refused a notification: %s", item.error.message, extra={"code": item.error.code})
+                return None
             return proto.invalid_to_reply(item)
         if isinstance(item, proto.Notification):
             if item.method == "$/cancelRequest":
@@ -617,6 +678,12 @@ class Connection:
 
     async def _answer(self, req: proto.Request, scope: trio.CancelScope, run: _Run,
                       answer: Callable[[Any], None]) -> None:
+        if self._ended:
+            # Started, but first run after the connection ended: trio delivers the nursery's
+            # cancel only at a checkpoint, and a method may do its work before its first one
+            # (actor.subscribe would add a subscriber no one would ever remove).
+            self.forget(_id_key(req.id), scope)
+            return
         answer(await self._call(req, scope, run))
 
     def _admit(self, req: proto.Request) -> _Run | proto.ErrorResponse:
@@ -754,6 +821,16 @@ def _log_unanswered(req: proto.Request, reply: Any) -> None:
     if isinstance(reply, proto.ErrorResponse):
         log.warning("notification %s failed (it has no id to answer): %s", req.method, reply.error.message,
                     extra={"code": reply.error.code})
+
+
+def _peer_of(ws: trio_websocket.WebSocketConnection | trio_websocket.WebSocketRequest) -> str:
+    """The client's address for the log. trio-websocket's ``remote`` asks the socket
+    (getpeername), which raises once the client has gone: never ask it later, in a log
+    call on the way out (that ended the whole server)."""
+    try:
+        return str(ws.remote)
+    except OSError:
+        return "(a client that left)"
 
 
 def _id_key(rid: Any) -> Any:

@@ -55,13 +55,38 @@ def test_error_codes_are_the_contracts():
 
 # -- round trips ---------------------------------------------------------------------------------
 
+def _limit_broken(v, level):
+    """The reference for decode_frame's limits, written the obvious (recursive) way."""
+    if isinstance(v, (dict, list)):
+        if level > p.MAX_DEPTH:
+            return "depth"
+        for x in (v.values() if isinstance(v, dict) else v):
+            if (why := _limit_broken(x, level + 1)) is not None:
+                return why
+    elif type(v) is int and not p.INT_MIN <= v <= p.INT_MAX:
+        return "integer"
+    return None
+
+
+def _as_decoded(msg):
+    """What ``msg`` decodes to: itself, unless it is a request or notification whose
+    params break a limit (then an Invalid with -32602 naming it)."""
+    if isinstance(msg, (p.Request, p.Notification)) and (why := _limit_broken(msg.params, 2)) is not None:
+        rid = msg.id if isinstance(msg, p.Request) else None
+        (item,) = p.decode_frame(p.encode(msg)).items
+        assert isinstance(item, p.Invalid) and item.id == rid and item.error.code == p.INVALID_PARAMS
+        assert item.error.data["limit"] == why and item.notification == isinstance(msg, p.Notification)
+        return item
+    return msg
+
+
 @settings(max_examples=400, deadline=None)
 @given(messages)
 def test_every_message_round_trips(msg):
     data = p.encode(msg)
     assert b"\n" not in data  # the sandbox channel splits frames on newlines
     frame = p.decode_frame(data)
-    assert frame == p.Frame((msg,), False)
+    assert frame == p.Frame((_as_decoded(msg),), False)
     assert p.decode_frame(data.decode()) == frame  # text frames too
 
 
@@ -69,7 +94,7 @@ def test_every_message_round_trips(msg):
 @given(st.lists(messages, min_size=1, max_size=5))
 def test_batches_round_trip(msgs):
     frame = p.decode_frame(p.encode_batch(msgs))
-    assert frame.is_batch and list(frame.items) == msgs
+    assert frame.is_batch and list(frame.items) == [_as_decoded(m) for m in msgs]
 
 
 def test_encoded_shapes():
@@ -266,10 +291,47 @@ def test_method_wins_over_result_and_responses_are_decoded():
 
 @pytest.mark.parametrize("n", [2**63 - 1, 2**63, 2**64 - 1, 2**64, -2**63, -2**63 - 1, 10**30, -10**30,
                                1732330000123456789])
-def test_integers_of_any_size_round_trip(n):
-    for msg in (p.Request(n, "m", [n, {"k": n}]), p.Response(1, n), p.Notification("m", {"n": n})):
+def test_integers_of_any_size_are_read_exactly_and_params_beyond_64_bits_refused(n):
+    """Ids and responses carry any integer exactly; a request's params carry signed 64 bits
+    (what every part of the host can write), beyond that -32602 naming the limit."""
+    for msg in (p.Request(n, "m"), p.Response(1, n), p.Response(1, [n, {"k": n}])):
         assert p.decode_frame(p.encode(msg)).items == (msg,)
     assert str(n).encode() in p.encode(p.Response(1, n))
+    inside = p.INT_MIN <= n <= p.INT_MAX
+    for msg in (p.Request(7, "m", [n, {"k": n}]), p.Notification("m", {"n": n})):
+        (item,) = p.decode_frame(p.encode(msg)).items
+        if inside:
+            assert item == msg
+        else:
+            assert isinstance(item, p.Invalid) and item.error.code == p.INVALID_PARAMS
+            assert item.error.data == {"limit": "integer", "min": p.INT_MIN, "max": p.INT_MAX}
+            assert item.id == (7 if isinstance(msg, p.Request) else None)
+            assert item.notification == isinstance(msg, p.Notification)
+            assert p.encode(p.invalid_to_reply(item))  # the refusal itself can be sent
+
+
+def _nest(n):
+    v: object = 1
+    for _ in range(n):
+        v = {"a": v} if _ % 2 else [v]
+    return v
+
+
+def test_params_nested_past_max_depth_are_refused_naming_the_limit_and_the_rest_of_a_batch_stands():
+    at_limit = p.Request(1, "m", _nest(p.MAX_DEPTH - 1))  # the request, then MAX_DEPTH - 1 levels
+    assert p.decode_frame(p.encode(at_limit)).items == (at_limit,)
+    for n in (p.MAX_DEPTH, 300, 900):
+        deep = p.Request(2, "m", _nest(n))
+        data = json.dumps([{"jsonrpc": "2.0", "id": 1, "method": "ok"},
+                           {"jsonrpc": "2.0", "id": 2, "method": "m", "params": _nest(n)}]).encode()
+        frame = p.decode_frame(data)
+        assert frame.is_batch and frame.items[0] == p.Request(1, "ok")
+        bad = frame.items[1]
+        assert isinstance(bad, p.Invalid) and bad.id == deep.id and bad.error.code == p.INVALID_PARAMS
+        assert bad.error.data == {"limit": "depth", "max": p.MAX_DEPTH}
+    # many brackets side by side are not depth: looked at closely, and let through
+    wide = p.Request(3, "m", [[[1]] for _ in range(500)])
+    assert p.decode_frame(p.encode(wide)).items == (wide,)
 
 
 def test_long_digit_runs_in_strings_do_not_change_the_result():

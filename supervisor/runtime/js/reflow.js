@@ -7,6 +7,24 @@
 // sandbox channel, answered before the call returns (the worker blocks on the
 // channel). A script may still `await` them; awaiting a plain value is fine.
 
+// What the host carries exactly (supervisor/_protocol.py, CONTRACT §4): integers in signed
+// 64 bits (a JavaScript number is exact only to 2^53, as ever), values nested at most
+// MAX_DEPTH levels. Anything else is a RangeError naming the limit, never a value that
+// arrives changed (an integer beyond 64 bits read as a float, say).
+// Integers are -2^63 .. 2^63-1; as a number, -2^63 itself is written -9223372036854776000,
+// beyond the range, so a number must lie strictly inside ±2^63.
+const INT_LIMIT = 2 ** 63;
+const MAX_DEPTH = 120;
+
+function outOfRange(v) {
+  return new RangeError(`integer ${String(v)} is out of range: messages and state carry integers from -2^63 to ` +
+    '2^63-1 (signed 64-bit); send larger ones as strings, or as floats with Message.float');
+}
+
+function tooDeep() {
+  return new RangeError(`a value nested deeper than ${MAX_DEPTH} levels cannot be sent`);
+}
+
 const TYPES = new Set(['integer', 'float', 'string', 'boolean', 'array', 'object', 'error', 'bytes', 'any', 'null']);
 
 // Set by the worker: (op, args) -> result, and (port, wireMessage) -> void.
@@ -39,6 +57,7 @@ class Message {
       v = Number(v);
     }
     if (!Number.isInteger(v)) throw new TypeError(`Message.integer needs an integer, got ${String(v)}`);
+    if (v >= INT_LIMIT || v <= -INT_LIMIT) throw outOfRange(v);
     return new Message('integer', v);
   }
 
@@ -65,7 +84,7 @@ class Message {
     if (v === null || v === undefined) return new Message('null', null);
     switch (typeof v) {
       case 'boolean': return new Message('boolean', v);
-      case 'number': return Number.isInteger(v) ? new Message('integer', v) : Message.float(v);
+      case 'number': return Number.isInteger(v) ? Message.integer(v) : Message.float(v);
       case 'bigint': return Message.integer(v);
       case 'string': return new Message('string', v);
       case 'object':
@@ -86,9 +105,9 @@ class Message {
   toString() { return String(this.value); }
   toJSON() { return this.toWire(); }
 
-  toWire() {
+  toWire(depth = 1) {
     if (this.type === 'bytes') return { type: 'bytes', value: this.value.toString('base64') };
-    return { type: this.type, value: plain(this.value) };
+    return { type: this.type, value: plain(this.value, depth) };
   }
 
   static fromWire(w) {
@@ -115,23 +134,29 @@ function toBuffer(v) {
 }
 
 // Make a value JSON-ready: nested Messages become typed values, Maps objects, binary base64.
-function plain(v) {
+// `depth`: how many levels hold `v` (at most MAX_DEPTH, counting its own).
+function plain(v, depth = 1) {
   if (v === null || v === undefined) return null;
   switch (typeof v) {
     case 'string': case 'boolean': return v;
     case 'number':
       if (!Number.isFinite(v)) throw new RangeError('NaN or infinity cannot be sent (not JSON)');
+      // JSON.stringify writes an integral number below 1e21 as an integer literal (above, in
+      // exponent form: a float): one beyond 64 bits would reach the host as an integer it
+      // cannot carry.
+      if ((v >= INT_LIMIT || v <= -INT_LIMIT) && Math.abs(v) < 1e21 && Number.isInteger(v)) throw outOfRange(v);
       return v;
     case 'bigint': return Message.integer(v).value;
     case 'object':
-      if (v instanceof Message) return v.toWire();
-      if (Array.isArray(v)) return v.map(plain);
+      if (v instanceof Message) return v.toWire(depth);
+      if (depth > MAX_DEPTH) throw tooDeep();
+      if (Array.isArray(v)) return v.map((x) => plain(x, depth + 1));
       if (isBinary(v)) return toBuffer(v).toString('base64');
       if (v instanceof Map) v = Object.fromEntries(v);
-      if (typeof v.toJSON === 'function') return plain(v.toJSON());
+      if (typeof v.toJSON === 'function') return plain(v.toJSON(), depth);
       {
         const out = {};
-        for (const k of Object.keys(v)) if (v[k] !== undefined) out[k] = plain(v[k]);
+        for (const k of Object.keys(v)) if (v[k] !== undefined) out[k] = plain(v[k], depth + 1);
         return out;
       }
     default:
@@ -218,4 +243,4 @@ function actor(meta, fn) {
   return fn === undefined ? register : register(fn);
 }
 
-module.exports = { actor, Message, ActorContext, ActorState, ActorError, hooks, registry, declared, plain };
+module.exports = { actor, Message, ActorContext, ActorState, ActorError, hooks, registry, declared, plain, MAX_DEPTH };

@@ -71,6 +71,24 @@ def _json_codec():
 
 _dumps, _loads = _json_codec()
 
+# A frame wraps a value in at most this many levels (a reply: the frame, result, outputs,
+# the message; a state call: the frame, params, args).
+_FRAME_LEVELS = 4
+# Digits as "0", brackets as "[": two counts of one C pass say whether a frame may break
+# reflow's limits (an integer beyond 64 bits has 19 digits; deep nesting as many brackets).
+_MARKS = bytes(48 if 48 <= i <= 57 else 91 if i in (91, 123) else 32 for i in range(256))
+_DIGIT_RUN = b"0" * 19
+
+
+def _check_frame(obj, data):
+    """Raise ValueError (naming the limit) if the frame ``obj``, encoded as ``data``, holds
+    an integer the host cannot carry exactly or nests too deep: checked only where the
+    bytes say it may (nearly never), so a small frame pays two counts."""
+    marks = data.translate(_MARKS)
+    if (marks.count(48) >= 19 and marks.find(_DIGIT_RUN) >= 0) \
+            or marks.count(91) > reflow.MAX_DEPTH + _FRAME_LEVELS:
+        reflow.check_limits(obj, reflow.MAX_DEPTH + _FRAME_LEVELS)
+
 
 def _apply_limits(limits):
     import resource
@@ -117,7 +135,11 @@ class Channel:
         """Write a frame. ``hold``: the host has already sent the next request, so this reply
         may wait and go out with whatever is written next (one write, one wake-up for both);
         held frames are flushed before any blocking read."""
-        data = _dumps(obj).encode()
+        try:
+            data = _dumps(obj).encode()
+        except RecursionError:
+            raise ValueError(f"a value nested deeper than {reflow.MAX_DEPTH} levels cannot be sent") from None
+        _check_frame(obj, data)
         if not atts:
             if hold and len(self.held) < 16:
                 self.held.append(data + b"\n")

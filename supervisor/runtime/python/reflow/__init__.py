@@ -20,6 +20,13 @@ _INF = float("inf")
 
 __all__ = ["actor", "ActorContext", "ActorState", "Message", "ActorError"]
 
+# What the host carries exactly (supervisor/_protocol.py, CONTRACT §4): integers in signed
+# 64 bits, and values nested at most MAX_DEPTH levels (so that the host's answers carrying
+# them stay within what a client may be sent). Anything else is a script error naming the
+# limit, not a value that arrives changed (an integer beyond 64 bits as a float, say).
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
+MAX_DEPTH = 120
+
 _TYPES = frozenset(("integer", "float", "string", "boolean", "array", "object", "error", "bytes", "any", "null"))
 
 # Set by the worker: a function (op, args) -> result that performs a state call on the host.
@@ -54,6 +61,8 @@ class Message:
     def integer(cls, v):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"Message.integer needs an int, got {v!r}")
+        if not INT_MIN <= v <= INT_MAX:
+            raise ValueError(_out_of_range(v))
         return cls("integer", v)
 
     @classmethod
@@ -106,6 +115,8 @@ class Message:
         if isinstance(v, bool):
             return cls("boolean", v)
         if isinstance(v, int):
+            if not INT_MIN <= v <= INT_MAX:
+                raise ValueError(_out_of_range(v))
             return cls("integer", v)
         if isinstance(v, float):
             return cls.float(v)
@@ -151,6 +162,32 @@ class Message:
 
     def __repr__(self):
         return f"Message.{self.type}({self.value!r})"
+
+
+def _out_of_range(v):
+    digits = str(v)
+    shown = digits if len(digits) <= 24 else f"{digits[:10]}...({len(digits)} digits)"
+    return (f"integer {shown} is out of range: messages and state carry integers from {INT_MIN} to {INT_MAX} "
+            "(signed 64-bit); send larger ones as strings")
+
+
+def check_limits(v, depth=MAX_DEPTH):
+    """Raise ValueError naming the limit if ``v`` holds an integer outside INT_MIN..INT_MAX
+    or nests deeper than ``depth`` levels (``v`` itself counted). Iterative: any depth."""
+    stack = [(v, 1)]
+    while stack:
+        x, level = stack.pop()
+        if isinstance(x, dict):
+            items = x.values()
+        elif isinstance(x, (list, tuple)):
+            items = x
+        else:
+            if isinstance(x, int) and not isinstance(x, bool) and not INT_MIN <= x <= INT_MAX:
+                raise ValueError(_out_of_range(x))
+            continue
+        if level > depth:
+            raise ValueError(f"a value nested deeper than {MAX_DEPTH} levels cannot be sent")
+        stack.extend((y, level + 1) for y in items)
 
 
 def _plain(v):
