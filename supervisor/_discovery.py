@@ -277,7 +277,8 @@ def _extract_python(path: Path, text: str, mtime_ns: int = 0) -> ComponentSpec:
 _JS_CALL = re.compile(r"(?<![\w$.])@?(?:[A-Za-z_$][\w$]*\.)?actor\s*\(\s*(\{)?")
 _JS_OPEN = re.compile(r"""["'`]|//|/\*""")
 _JS_BRACE = re.compile(r"""[{}"'`]|//|/\*""")
-_JS_STRING = {q: re.compile(rf"{q}(?:[^{q}\\\n]|\\.)*(?:{q}|$)", re.S | re.M) for q in "'\""}
+# (a lone backslash at the very end of the file is part of the unclosed string too)
+_JS_STRING = {q: re.compile(rf"{q}(?:[^{q}\\\n]|\\.|\\\Z)*(?:{q}|$)", re.S | re.M) for q in "'\""}
 _JS_TEMPLATE_PART = re.compile(r"(?:[^`\\$]|\\.|\$(?!\{))*", re.S)
 _JS_AFTER_DECORATOR = re.compile(
     r"\s*\)\s*;?\s*(?:export\s+(?:default\s+)?)?(?:(?:async\s+)?function\b\s*\*?\s*([A-Za-z_$][\w$]*)?"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import json5
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from supervisor._discovery import (ComponentSpec, Discovery, ScriptError, ScriptProblem, _glob_regex, discover,
@@ -416,6 +416,8 @@ _fragments = st.sampled_from([
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.lists(_fragments | st.text(max_size=4), max_size=30).map("".join),
        name=st.sampled_from(["x.actor.py", "x.actor.js"]))
+@example(text="@actor({'\\", name="x.actor.js")  # an unclosed string ending in a backslash (found by this test)
+@example(text='@actor({"a\\', name="x.actor.js")
 def test_any_text_gives_a_spec_or_a_script_error(tmp_path, text, name):
     try:
         c = extract(tmp_path / name, text)
