@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
+import orjson
 import trio
 
 from conftest import EXAMPLES, wait_for
@@ -114,6 +120,25 @@ async def test_auto_backend_probes_once_and_says_what_it_chose(make_host, tmp_pa
 
     cache = tmp_path / "xdg-cache"
     env = {"XDG_CACHE_HOME": str(cache)}
+    # A start interrupted mid-probe (Ctrl-C reaches the VMM too) says it probes first, and remembers
+    # no verdict that the interrupt made: one the VMM reached itself (its log's KVM error) may stay.
+    early = await make_host({}, "", backend="auto", start=False, env=env)
+    with open(early.log, "wb") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "-c", str(early.config),
+                                 "--log-level", "info"], cwd=early.config.parent, stdout=logf,
+                                stderr=subprocess.STDOUT, env=early.env, start_new_session=True)
+        try:
+            await wait_for(lambda: "probing whether a microVM boots here" in early.output(), timeout=30)
+            os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+            await wait_for(lambda: proc.poll() is not None, timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    probe_file = cache / "reflow-supervisor" / "microvm-probe.json"
+    remembered = orjson.loads(probe_file.read_bytes()) if probe_file.exists() else {}
+    assert not any("SIGINT" in v["reason"] or "signal: 2" in v["reason"] for v in remembered.values()), remembered
+    probe_file.unlink(missing_ok=True)
+
     first = await make_host({}, "", "--log-level", "info", backend="auto", start=False, env=env)
     started = time.monotonic()
     await first.start(timeout=90)

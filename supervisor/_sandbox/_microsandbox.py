@@ -572,6 +572,9 @@ def _default_probe_cache() -> Path:
 _DEFAULT = object()
 
 
+# A VMM that died of an interrupt sent from outside ("... exited (signal: 2 (SIGINT)) ...").
+_INTERRUPTED = re.compile(r"signal: (?:1|2|15)\b")
+
 class MicrosandboxBackend(SandboxBackend):
     """Starts each worker in its own microVM.
 
@@ -659,6 +662,9 @@ class MicrosandboxBackend(SandboxBackend):
             self._note = (True, f"remembered in {self.probe_cache} until {until}; delete it to probe again")
             return remembered[0]
         bound = self.probe_timeout + PROBE_SLACK
+        if remembered is None:  # (seconds of silence at a first start would look like a hang)
+            log.info("probing whether a microVM boots here (at most %gs, once: the verdict is remembered%s)",
+                     bound, f" in {self.probe_cache}" if self.probe_cache else "")
         try:
             (boot_reason, definitive), image_reasons = _ASYNCIO.run(
                 self._probe_async, remembered is None, timeout=bound)
@@ -666,14 +672,14 @@ class MicrosandboxBackend(SandboxBackend):
             boot_reason, definitive, image_reasons = f"a test microVM did not boot within {bound:g}s", False, []
         if remembered is not None:
             boot_reason = remembered[0]
-        elif self._store_boot_result(boot_reason, definitive):
+        elif definitive is not None and self._store_boot_result(boot_reason, definitive):
             until = ("the kernel, KVM device or microsandbox changes" if definitive
                      else f"{TIMEOUT_VERDICT_TTL / 3600:g}h from now (the boot timed out)")
             self._note = (False, f"remembered in {self.probe_cache} until {until}")
         reasons = [r for r in (boot_reason, *image_reasons) if r]
         return "; also ".join(reasons) if reasons else None
 
-    async def _probe_async(self, boot: bool) -> tuple[tuple[str | None, bool], list[str]]:
+    async def _probe_async(self, boot: bool) -> tuple[tuple[str | None, bool | None], list[str]]:
         images = [self._check_image(ref) for rt, ref in self.images.items() if rt not in self.rootfs]
         boot_result, *image_results = await asyncio.gather(
             self._boot_test() if boot else _skipped_boot(), *images)
@@ -682,11 +688,12 @@ class MicrosandboxBackend(SandboxBackend):
         images_reason = image_problems_reason([r for r in image_results if r])
         return boot_result, reasons + ([images_reason] if images_reason else [])
 
-    async def _boot_test(self) -> tuple[str | None, bool]:
+    async def _boot_test(self) -> tuple[str | None, bool | None]:
         """Boot a minimal VM (the host's /bin/sh as its rootfs), run one command, destroy it.
 
         Returns (reason or None, definitive): a timeout is not definitive and is
-        not remembered across processes.
+        remembered for a while only; a VMM stopped by SIGINT/SIGTERM/SIGHUP from
+        outside is ``None``: not remembered at all.
         """
         name = f"reflow-probe-{os.getpid()}-{secrets.token_hex(3)}"
         with tempfile.TemporaryDirectory(prefix="reflow-probe-rootfs-") as tmp:
@@ -705,7 +712,12 @@ class MicrosandboxBackend(SandboxBackend):
             except Exception as exc:
                 detail = await _system_log_error(name)
                 log.debug("microVM probe boot failed", extra={"error": str(exc), "vmm": detail})
-                return boot_failure_reason(_short(exc), detail, kvm_module=_kvm_module()), True
+                reason = boot_failure_reason(_short(exc), detail, kvm_module=_kvm_module())
+                if not detail and _INTERRUPTED.search(str(exc)):
+                    # Its VMM was stopped from outside (a Ctrl-C reaches the whole process group):
+                    # that says nothing about this machine, so it is not remembered.
+                    return reason, None
+                return reason, True
             finally:
                 await _destroy_sandbox(name, sandbox, timeout=2)
 
