@@ -299,7 +299,9 @@ class Host:
     def plan(self) -> list[ProcessSpec]:
         """The processes to run: the network's, or one per discovered component."""
         assert self.discovery is not None
-        comps = {c.name: c for c in self.discovery.components}
+        from .components import package_components  # core/Repeat … (a graph may name them)
+
+        comps = {**package_components(), **{c.name: c for c in self.discovery.components}}
         net = self.config.network
         specs: list[ProcessSpec] = []
         problems: list[str] = []
