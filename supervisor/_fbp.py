@@ -339,21 +339,31 @@ def _network_doc(net: Any) -> dict:
 
 
 class _ScriptOutput(logging.Handler):
-    """What a graph's scripts print (the cell logs it as "script output") → network:output."""
+    """What a graph's scripts print (the cell logs each write as "script output") →
+    network:output, one message per line (a print arrives in several writes)."""
+
+    MAX_LINE = 4096
 
     def __init__(self, runtime: FbpRuntime):
         super().__init__(logging.INFO)
         self.runtime = runtime
+        self.partial: dict[str, str] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         rt = self.runtime
         if not rt.connections or record.msg != "script output":
             return
         actor = getattr(record, "actor", None)
-        if actor in rt.graph.nodes:
-            text = str(getattr(record, "text", "")).rstrip("\n")
-            if text:
-                rt.broadcast("network", "output", {"message": f"{actor}: {text}", "type": "message"})
+        if actor not in rt.graph.nodes:
+            return
+        text = self.partial.pop(actor, "") + str(getattr(record, "text", ""))
+        *lines, rest = text.split("\n")
+        if len(rest) > self.MAX_LINE:
+            lines.append(rest)
+        elif rest:
+            self.partial[actor] = rest
+        for line in lines:
+            rt.broadcast("network", "output", {"message": f"{actor}: {line}", "type": "message"})
 
 
 class FbpConnection:

@@ -48,3 +48,236 @@ async def test_fbp_test_passes_against_the_host(make_host, tmp_path):
     out = done.stdout.decode() + done.stderr.decode()
     assert done.returncode == 0, f"fbp-test failed:\n{out}\n--- host log ---\n{host.output()[-4000:]}"
     assert "passing" in out and "failing" not in out, out
+
+
+# -- a strict client ------------------------------------------------------------------------------
+
+
+def _strip_ids(x):
+    # draft-04 ``id``s in these files are relative names ('output/error'), not base URIs:
+    # kept, they would make every '#/shared/...' reference resolve against the wrong document.
+    if isinstance(x, dict):
+        return {k: _strip_ids(v) for k, v in x.items() if not (k == "id" and isinstance(v, str))}
+    if isinstance(x, list):
+        return [_strip_ids(v) for v in x]
+    return x
+
+
+@pytest.fixture(scope="module")
+def schemas():
+    if not SCHEMAS.is_dir():
+        pytest.skip("tests/fbp/node_modules is missing: run `npm ci --prefix tests/fbp` (make test does)")
+    import jsonschema
+
+    root = {p.stem: _strip_ids(json.loads(p.read_text())) for p in SCHEMAS.glob("*.json")}
+
+    def validate(msg: dict) -> None:
+        proto, cmd = msg.get("protocol"), msg.get("command")
+        assert proto in root and cmd in root[proto]["output"], f"no schema for {proto}:{cmd}: {msg}"
+        v = jsonschema.Draft4Validator({**root, "$ref": f"#/{proto}/output/{cmd}"},
+                                       format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(msg)]
+        assert not errors, f"{proto}:{cmd} does not validate: {errors}\n{msg}"
+    return validate
+
+
+class FbpClient:
+    """An FBP protocol client that checks every message it receives against the schemas."""
+
+    def __init__(self, ws, validate, secret: str | None = SECRET):
+        self.ws, self.validate, self.secret = ws, validate, secret
+        self.seen: list[dict] = []   # every message received, in order
+
+    async def send(self, protocol: str, command: str, payload: dict | None = None, **extra) -> None:
+        msg = {"protocol": protocol, "command": command, "payload": payload or {}, **extra}
+        if self.secret is not None and "secret" not in extra:
+            msg["secret"] = self.secret
+        await self.ws.send_message(json.dumps(msg))
+
+    async def recv(self, timeout: float = 15) -> dict:
+        with trio.fail_after(timeout):
+            text = await self.ws.get_message()
+        msg = orjson.loads(text)
+        self.validate(msg)
+        assert SECRET not in text, f"the secret was echoed: {text}"
+        self.seen.append(msg)
+        return msg
+
+    async def expect(self, protocol: str, command: str, match=None, timeout: float = 15) -> dict:
+        """The next message of protocol:command (that ``match(payload)`` accepts); others are kept in seen."""
+        with trio.fail_after(timeout):
+            while True:
+                msg = await self.recv(timeout)
+                if msg["protocol"] == protocol and msg["command"] == command and (
+                        match is None or match(msg["payload"])):
+                    return msg["payload"]
+                if msg["command"] == "error" and command != "error":
+                    raise AssertionError(f"unexpected error while waiting for {protocol}:{command}: {msg}")
+
+    async def saw(self, protocol: str, command: str, match=None, timeout: float = 15) -> dict:
+        """Like ``expect``, but a message already received counts too (events race answers)."""
+        for msg in self.seen:
+            if msg["protocol"] == protocol and msg["command"] == command and (match is None or match(msg["payload"])):
+                return msg["payload"]
+        return await self.expect(protocol, command, match, timeout)
+
+    async def ask(self, protocol: str, command: str, payload: dict, answer: str | None = None) -> dict:
+        await self.send(protocol, command, payload)
+        return await self.expect(protocol, answer or command)
+
+
+def _ws_url(url: str) -> str:
+    return url
+
+
+async def _connect(url: str, validate, nursery_cm=None, secret: str | None = SECRET):
+    return trio_websocket.open_websocket_url(url, subprotocols=["noflo"])
+
+
+SCRIPTS = {
+    "upper.actor.py": '''
+        from reflow import actor
+
+        @actor(name="Upper", inports=["text"], outports=["out"], description="Upper-cases text")
+        async def upper(context):
+            text = context.get_input("text")
+            print("upper got", text)
+            return {"out": text.upper()}
+        ''',
+    "boom.actor.py": '''
+        from reflow import actor
+
+        def fail(x):
+            raise ValueError(f"boom on {x}")
+
+        @actor(name="Boom", inports=["in"], outports=["out"])
+        async def boom(context):
+            fail(context.get_input("in"))
+        ''',
+}
+
+
+async def test_every_message_validates_strictly(make_host, schemas):
+    """A session through every command the host implements; each message it sends must
+    validate against fbp-protocol's schemas (no extra keys), never carry the secret."""
+    host = await make_host(SCRIPTS, "", env={"REFLOW_TOKEN": SECRET})
+    async with trio_websocket.open_websocket_url(host.url, subprotocols=["noflo"]) as ws:
+        assert ws.subprotocol == "noflo"
+        c = FbpClient(ws, schemas)
+        rt = await c.ask("runtime", "getruntime", {}, "runtime")
+        for cap in ("protocol:runtime", "protocol:graph", "protocol:component", "protocol:network",
+                    "network:data", "component:getsource"):
+            assert cap in rt["capabilities"]
+        assert rt["type"] == "reflow" and rt["allCapabilities"] == rt["capabilities"]
+
+        # components: the package's core ones and the workspace's, then componentsready
+        await c.send("component", "list", {})
+        ready = await c.expect("component", "componentsready")
+        comps = {m["payload"]["name"]: m["payload"] for m in c.seen if m["command"] == "component"}
+        assert ready == len(comps)
+        assert {"core/Repeat", "core/Drop", "core/Output", "Upper", "Boom"} <= set(comps)
+        assert comps["Upper"]["inPorts"] == [{"id": "text", "type": "all"}]
+        assert {"id": "out", "type": "all"} in comps["Upper"]["outPorts"]
+        assert comps["Upper"]["description"] == "Upper-cases text" and comps["Upper"]["subgraph"] is False
+        src = await c.ask("component", "getsource", {"name": "core/Repeat"}, "source")
+        assert src["language"] == "python" and src["library"] == "core" and "@actor" in src["code"]
+        src = await c.ask("component", "getsource", {"name": "Upper"}, "source")
+        assert "text.upper()" in src["code"]
+        err = await c.ask("component", "source", {"name": "Upper", "language": "python", "code": "x"}, "error")
+        assert "read-only" in err["message"]
+
+        # a graph, edited, then run
+        g = {"graph": "g1"}
+        assert await c.ask("graph", "clear", {"id": "g1", "name": "G", "main": True, "baseDir": "/x"}) == {
+            "id": "g1", "name": "G", "main": True}
+        await c.ask("graph", "addnode", {"id": "up", "component": "Upper", "metadata": {"x": 1}, **g})
+        await c.ask("graph", "addnode", {"id": "rep", "component": "core/Repeat", **g})
+        await c.ask("graph", "addnode", {"id": "boom", "component": "Boom", **g})
+        await c.ask("graph", "addnode", {"id": "out", "component": "core/Output", **g})
+        bad = await c.ask("graph", "addnode", {"id": "x", "component": "NoSuch", **g}, "error")
+        assert "NoSuch" in bad["message"]
+        edge = {"src": {"node": "up", "port": "out"}, "tgt": {"node": "rep", "port": "in"}}
+        assert await c.ask("graph", "addedge", {**edge, "metadata": {"route": 1}, **g}) == {
+            **edge, "metadata": {"route": 1}, **g}
+        await c.ask("graph", "addedge", {"src": {"node": "rep", "port": "out"},
+                                         "tgt": {"node": "out", "port": "in"}, **g})
+        changed = await c.ask("graph", "changeedge", {**edge, "metadata": {"route": 2}, **g})
+        assert changed["metadata"] == {"route": 2}
+        assert (await c.ask("graph", "changenode", {"id": "up", "metadata": {"y": 2, "x": None}, **g}))[
+            "metadata"] == {"y": 2}
+        await c.ask("graph", "addinport", {"public": "input", "node": "up", "port": "text", **g})
+        await c.ask("graph", "addinport", {"public": "kaboom", "node": "boom", "port": "in", **g})
+        await c.ask("graph", "addoutport", {"public": "result", "node": "rep", "port": "out", **g})
+        assert await c.ask("graph", "renameoutport", {"from": "result", "to": "output", **g}) == {
+            "from": "result", "to": "output", **g}
+        await c.ask("graph", "addinitial", {"src": {"data": "iip"}, "tgt": {"node": "up", "port": "text"}, **g})
+
+        await c.send("network", "start", g)
+        started = await c.expect("network", "started")
+        assert started["started"] is True
+        iip = await c.expect("network", "data", lambda p: "src" not in p)
+        assert iip == {"id": "DATA -> TEXT up()", "graph": "g1", "tgt": {"node": "up", "port": "text"},
+                       "data": "iip"}
+        data = await c.expect("network", "data", lambda p: p.get("src", {}).get("node") == "up")
+        assert data["id"] == "up() OUT -> IN rep()" and data["data"] == "IIP"
+        await c.expect("runtime", "packet", lambda p: p["payload"] == "IIP")
+        out = await c.saw("network", "output", lambda p: "upper got iip" in p["message"])
+        assert out["message"].startswith("up: ")
+
+        # packets in and out through the exported ports
+        sent = await c.ask("runtime", "packet", {"port": "input", "event": "data", "payload": "hey", **g},
+                           "packetsent")
+        assert sent == {"port": "input", "event": "data", "payload": "hey", **g}
+        assert (await c.expect("runtime", "packet", lambda p: p["payload"] == "HEY")) == {
+            "graph": "g1", "port": "output", "event": "data", "payload": "HEY"}
+
+        # only the selected edges are watched after network:edges
+        sel = {"edges": [{"src": {"node": "rep", "port": "out"}, "tgt": {"node": "out", "port": "in"}}], **g}
+        assert await c.ask("network", "edges", sel) == sel
+        await c.send("runtime", "packet", {"port": "input", "event": "data", "payload": "two", **g})
+        await c.expect("network", "data", lambda p: p.get("src", {}).get("node") == "rep" and p["data"] == "TWO")
+        assert not [m for m in c.seen if m["command"] == "data" and m["payload"].get("data") == "TWO"
+                    and m["payload"]["src"]["node"] == "up"]
+
+        # a failing script: processerror with its traceback (the host's paths never show)
+        await c.send("runtime", "packet", {"port": "kaboom", "event": "data", "payload": 7, **g})
+        perr = await c.expect("network", "processerror")
+        assert perr["id"] == "boom" and "ValueError: boom on 7" in perr["error"] and "fail" in perr["error"]
+        assert str(host.config.parent) not in perr["error"]
+
+        status = await c.ask("network", "getstatus", g, "status")
+        assert status == {"graph": "g1", "running": False, "started": True}
+
+        # errors: unknown graph, no graph, a wrong secret (answered, nothing done, not echoed)
+        assert (await c.ask("graph", "addnode", {"id": "z", "component": "core/Drop", "graph": "nope"},
+                            "error")) == {"message": "Requested graph not found"}
+        assert (await c.ask("graph", "removenode", {"id": "z"}, "error")) == {"message": "No graph specified"}
+        c.secret = "wrong-secret"
+        await c.send("graph", "removenode", {"id": "up", **g})
+        denied = await c.expect("graph", "error")
+        assert "secret" in denied["message"] and "wrong-secret" not in json.dumps(c.seen[-1])
+        await c.send("runtime", "getruntime", {})
+        assert "secret" in (await c.expect("runtime", "error"))["message"]
+        c.secret = SECRET
+
+        # removals echo what they remove; a removed node's edges and ports go with it
+        await c.ask("graph", "removeinitial", {"tgt": {"node": "up", "port": "text"}, **g})
+        await c.ask("graph", "renameinport", {"from": "input", "to": "in2", **g})
+        await c.ask("graph", "renamenode", {"from": "out", "to": "printer", **g})
+        await c.send("graph", "removenode", {"id": "rep", **g})
+        await c.expect("graph", "removenode")
+        cmds = [m["command"] for m in c.seen[-6:]]
+        assert "removeedge" in cmds and "removeoutport" in cmds
+        await c.ask("graph", "removeinport", {"public": "in2", **g})
+        await c.ask("graph", "removeoutport", {"public": "nope", **g}, "error")
+        assert (await c.ask("network", "stop", g, "stopped"))["started"] is False
+        assert await c.ask("network", "getstatus", g, "status") == {"graph": "g1", "running": False,
+                                                                    "started": False}
+        unknown = await c.ask("network", "persist", g, "error")
+        assert "persist" in unknown["message"]
+        # the JSON-RPC API on the same port is untouched
+    async with trio_websocket.open_websocket_url(host.url, extra_headers=[
+            (b"authorization", f"Bearer {SECRET}".encode())]) as ws:
+        await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "actors.list"}))
+        reply = orjson.loads(await ws.get_message())
+        assert {a["name"] for a in reply["result"]["actors"]} >= {"Upper", "Boom"}
