@@ -57,7 +57,7 @@ log = logging.getLogger("supervisor.fbp")
 PROTOCOL_VERSION = "0.8"
 CAPABILITIES = ["protocol:runtime", "protocol:graph", "protocol:component", "protocol:network",
                 "network:data", "network:status", "network:control", "component:getsource"]
-SEND_QUEUE = 1024   # events waiting for a slow client past this are dropped (answers are not)
+SEND_QUEUE = 4096   # events waiting for a slow client past this are dropped (answers are not)
 SETTLE = 0.5        # seconds getstatus waits for a network that is about to go idle
 _LANGUAGES = {"python": "python", "javascript": "javascript"}
 
@@ -246,6 +246,23 @@ class FbpRuntime:
         log.info("FBP: stopping node %s", act.node)
         cell.subscribers.pop(id(self), None)
         await self.host._remove_cell(cell)
+
+    async def _do_drain_node(self, act: Action) -> None:
+        """Wait (bounded by shutdown_grace) until the node has nothing in hand or queued,
+        its durable inbox included: a node taken out of a live graph loses nothing."""
+        host = self.host
+        cell = host.cells.get(act.node)
+        if cell is None:
+            return
+        with trio.move_on_after(host.config.supervision.shutdown_grace) as scope:
+            while True:
+                if cell.current is None and not cell.pending():
+                    if not host.durable or not await host.redis.execute("XLEN", cell.inbox):
+                        break
+                await trio.sleep(0.02)  # polled: removals are rare
+        if scope.cancelled_caught:
+            self.network_error(f"node {act.node!r} still had messages after "
+                               f"{host.config.supervision.shutdown_grace:g}s; they stay in its mailbox")
 
     async def _do_add_route(self, act: Action) -> None:
         targets = self.host.routes[(act.node, act.port)]

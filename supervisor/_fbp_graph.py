@@ -82,6 +82,7 @@ def data_event_id(src: dict | None, tgt: dict) -> str:
 class Action:
     """What the running network must do for an edit. ``kind`` is one of
     ``start_node`` (node, component, config), ``stop_node`` (node),
+    ``drain_node`` (node: wait until it has nothing queued or in hand),
     ``add_route`` / ``remove_route`` (src, src_port, tgt, tgt_port),
     ``send_iip`` (tgt, tgt_port, data), ``stop_all`` (nothing)."""
 
@@ -251,7 +252,29 @@ class Graph:
         return acts
 
     def stop_actions(self) -> list[Action]:
-        return [_route("remove_route", e) for e in self.edges] + [Action("stop_node", node=n) for n in self.nodes]
+        """A network:stop: every node stops (finishing the message in hand), upstream ones
+        first, so that no output is sent to a node already stopped; then the edges go. What
+        is still queued stays in the durable mailboxes for the next start."""
+        return [Action("stop_node", node=n) for n in self.upstream_first()] + \
+            [_route("remove_route", e) for e in self.edges]
+
+    def upstream_first(self) -> list[str]:
+        """The nodes, each after every node with an edge into it (a cycle is cut where it
+        is met, in node order)."""
+        into: dict[str, set[str]] = {n: set() for n in self.nodes}
+        for e in self.edges:
+            if e["tgt"]["node"] in into and e["src"]["node"] != e["tgt"]["node"]:
+                into[e["tgt"]["node"]].add(e["src"]["node"])
+        order: list[str] = []
+        done: set[str] = set()
+        while len(order) < len(into):
+            ready = [n for n in into if n not in done and into[n] <= done]
+            if not ready:  # a cycle: take the first node left
+                ready = [next(n for n in into if n not in done)]
+            for n in ready:
+                order.append(n)
+                done.add(n)
+        return order
 
     # -- edits ---------------------------------------------------------------------------------
     def apply(self, command: str, payload: dict, known: Any = lambda c: True
@@ -290,11 +313,16 @@ class Graph:
 
     def _cmd_removenode(self, p: dict, known: Any):
         nid = self._node(p)
-        replies, acts = [], []
-        for e in [e for e in self.edges if nid in (e["src"]["node"], e["tgt"]["node"])]:
+        replies = []
+        # Lossless: nothing new reaches the node, it finishes what it has (its outputs still
+        # routed), then its outgoing edges go and it stops.
+        incoming = [e for e in self.edges if e["tgt"]["node"] == nid]
+        outgoing = [e for e in self.edges if e["src"]["node"] == nid and e not in incoming]
+        acts = [_route("remove_route", e) for e in incoming] + [Action("drain_node", node=nid)]
+        acts += [_route("remove_route", e) for e in outgoing]
+        for e in incoming + outgoing:
             self.edges.remove(e)
             replies.append(self._echo("removeedge", {"src": e["src"], "tgt": e["tgt"]}))
-            acts.append(_route("remove_route", e))
         for i in [i for i in self.iips if i["tgt"]["node"] == nid]:
             self.iips.remove(i)
             replies.append(self._echo("removeinitial", {"src": {"data": i["data"]}, "tgt": i["tgt"]}))
@@ -317,8 +345,9 @@ class Graph:
             raise GraphError(f"node {new!r} already exists")
         node = self.nodes.pop(old)
         self.nodes[new] = node
-        acts = [_route("remove_route", e) for e in self.edges if old in (e["src"]["node"], e["tgt"]["node"])]
-        acts.append(Action("stop_node", node=old))
+        incoming = [_route("remove_route", e) for e in self.edges if e["tgt"]["node"] == old]
+        outgoing = [_route("remove_route", e) for e in self.edges
+                    if e["src"]["node"] == old and e["tgt"]["node"] != old]
         for e in self.edges:
             for end in ("src", "tgt"):
                 if e[end]["node"] == old:
@@ -330,9 +359,11 @@ class Graph:
             for r in ports.values():
                 if r["node"] == old:
                     r["node"] = new
-        # A process's name is its mailbox and state: renamed, it starts as a new process.
-        acts.append(Action("start_node", node=new, component=node["component"], config=node.get("config") or {}))
+        # A process's name is its mailbox and state: renamed, it starts as a new process
+        # beside the old one, which finishes what it has before it stops (nothing is lost).
+        acts = [Action("start_node", node=new, component=node["component"], config=node.get("config") or {})]
         acts += [_route("add_route", e) for e in self.edges if new in (e["src"]["node"], e["tgt"]["node"])]
+        acts += incoming + [Action("drain_node", node=old)] + outgoing + [Action("stop_node", node=old)]
         return [self._echo("renamenode", {"from": old, "to": new})], acts
 
     def _cmd_changenode(self, p: dict, known: Any):
