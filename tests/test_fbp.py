@@ -399,3 +399,20 @@ async def test_live_edits_under_load_lose_nothing_and_the_graph_file_reloads(mak
         assert (await c.saw("runtime", "packet"))["payload"] == "again"
         data = await c.saw("network", "data", lambda p: p["id"] == "a() OUT -> IN b()")
         assert data["data"] == "again"
+
+
+@needs_npm
+async def test_fbp_spec_suite(make_host, tmp_path):
+    """Our fbp-spec suites (tests/fbp/specs/*.yaml) run the example components, Python and
+    JavaScript, and the core ones through the host, driven by Flowhub's own client library
+    (fbp-client validates every message it receives)."""
+    from conftest import EXAMPLES
+
+    scripts = {name: (EXAMPLES / name).read_text()
+               for name in ("calculator.py", "processor.js", "data_processor.actor.py")}
+    host = await make_host(scripts, "", "calculator.py", "processor.js", env={"REFLOW_TOKEN": SECRET})
+    done = await _run([str(NODE_MODULES / ".bin" / "fbp-spec"), "--address", host.url, "--secret", SECRET,
+                       "--command-timeout", "20", str(FBP / "specs")], cwd=FBP, timeout=90, env={})
+    out = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 0, f"fbp-spec failed:\n{out}\n--- host log ---\n{host.output()[-4000:]}"
+    assert "✗" not in out and out.count("✓") >= 6, out
