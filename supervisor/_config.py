@@ -944,7 +944,7 @@ def check_components(config: Config, components: typing.Iterable[Any]) -> list[C
                 found += ((at + p, m) for p, m in _schema_problems(dict((ov.config if ov else None) or {}),
                                                                     comp.config_schema, comp))
     else:
-        known = ", ".join(sorted(comps)) or "none"
+        known = ", ".join(sorted(c.name for c in components)) or "none"
         of: dict[str, Any] = {}
         for name, proc in net.processes.items():
             comp = comps.get(proc.component)

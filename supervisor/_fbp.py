@@ -112,6 +112,7 @@ class FbpRuntime:
         self.id = self._runtime_id()
         self.graph, self.started = self._initial_graph()
         self.started_at = time.monotonic() if self.started else None
+        self._edge_edits: dict[tuple[str, str, str, str], tuple[bool, frozenset[str]]] = {}
         for nid in self.graph.nodes:
             self._watch(nid)
         handler = _ScriptOutput(self)
@@ -169,7 +170,16 @@ class FbpRuntime:
             return
         g = self.graph
         data = None
-        for tgt, tport in self.host.routes.get((actor, port), ()):
+        targets = self.host.routes.get((actor, port), ())
+        if self._edge_edits:  # the edges this message's commit really used (see _edge_edited)
+            targets = list(targets)
+            for (s, sp, t, tp), (added, ids) in self._edge_edits.items():
+                if s == actor and sp == port and message_id in ids:
+                    if added and (t, tp) in targets:
+                        targets.remove((t, tp))
+                    elif not added and (t, tp) not in targets:
+                        targets.append((t, tp))
+        for tgt, tport in targets:
             src, dst = {"node": actor, "port": port}, {"node": tgt, "port": tport}
             if data is None:
                 data = _plain(message)
@@ -254,11 +264,20 @@ class FbpRuntime:
         cell = host.cells.get(act.node)
         if cell is None:
             return
+        idle = 0
         with trio.move_on_after(host.config.supervision.shutdown_grace) as scope:
             while True:
-                if cell.current is None and not cell.pending():
-                    if not host.durable or not await host.redis.execute("XLEN", cell.inbox):
-                        break
+                # (a commit on its way still publishes and routes what the message sent)
+                if cell.current is None and not cell.pending() and not cell._committing:
+                    if host.durable:  # an entry leaves the inbox with its message's commit
+                        if not await host.redis.execute("XLEN", cell.inbox):
+                            break
+                    else:  # memory: messages sent ahead to the worker show only as `current`
+                        idle += 1
+                        if idle >= 3:
+                            break
+                else:
+                    idle = 0
                 await trio.sleep(0.02)  # polled: removals are rare
         if scope.cancelled_caught:
             self.network_error(f"node {act.node!r} still had messages after "
@@ -267,12 +286,29 @@ class FbpRuntime:
     async def _do_add_route(self, act: Action) -> None:
         targets = self.host.routes[(act.node, act.port)]
         if (act.tgt, act.tgt_port) not in targets:
+            self._edge_edited(act, added=True)
             targets.append((act.tgt, act.tgt_port))
 
     async def _do_remove_route(self, act: Action) -> None:
         targets = self.host.routes.get((act.node, act.port))
         if targets and (act.tgt, act.tgt_port) in targets:
+            self._edge_edited(act, added=False)
             targets.remove((act.tgt, act.tgt_port))
+
+    def _edge_edited(self, act: Action, *, added: bool) -> None:
+        """A message's commit is routed when it starts, its outputs are published once Redis
+        has it: the source's messages committing now were routed without the edge just
+        added (or with the one just removed). Remembered until they are published, so
+        that network:data shows the edges each packet really took."""
+        live = {k: v for k, v in self._edge_edits.items() if v[1] & self._committing_ids(k[0])}
+        ids = self._committing_ids(act.node)
+        if ids:
+            live[(act.node, act.port, act.tgt, act.tgt_port)] = (added, ids)
+        self._edge_edits = live
+
+    def _committing_ids(self, node: str) -> frozenset[str]:
+        cell = self.host.cells.get(node)
+        return frozenset(env.message_id for _, env, _, _ in cell._committing) if cell is not None else frozenset()
 
     async def _do_send_iip(self, act: Action) -> None:
         await self.inject(act.tgt, act.tgt_port, act.data)
@@ -653,7 +689,7 @@ class FbpConnection:
 
 _EDITS = frozenset({"addnode", "removenode", "renamenode", "changenode", "addedge", "removeedge", "changeedge",
                     "addinitial", "removeinitial", "addinport", "removeinport", "renameinport", "addoutport",
-                    "removeoutport", "renameoutport"})
+                    "removeoutport", "renameoutport", "addgroup", "removegroup", "renamegroup", "changegroup"})
 
 
 def _stopped(rt: FbpRuntime) -> dict:

@@ -153,12 +153,12 @@ def _same(a: dict, b: dict) -> bool:
 
 @attrs.define
 class Graph:
-    """One FBP graph: nodes, edges, initial packets and exported ports.
+    """One FBP graph: nodes, edges, initial packets (IIPs), exported ports and groups.
 
-    ``known(component)`` says whether a component exists (for ``addnode``);
-    ``config`` of a node is what its process's ``context.get_config()`` returns
-    (noflo graph JSON keeps it under the process's ``metadata.config``? no: reflow.yaml's
-    ``processes.NAME.config``, which this graph keeps and writes back as it is)."""
+    A node is ``{component, metadata, config}``; ``config`` is reflow.yaml's
+    ``processes.NAME.config`` (what the process's ``context.get_config()`` returns),
+    kept and written back as it is. Ports are ``{node, port[, index]}``, as the
+    protocol writes them; the JSON file writes ``{process, port}``, as noflo does."""
 
     id: str = "main"
     name: str = ""
@@ -170,6 +170,7 @@ class Graph:
     iips: list[dict] = attrs.field(factory=list)           # {data, tgt, metadata}
     inports: dict[str, dict] = attrs.field(factory=dict)   # public -> {node, port, metadata}
     outports: dict[str, dict] = attrs.field(factory=dict)
+    groups: list[dict] = attrs.field(factory=list)         # {name, nodes, metadata}: an editor's, not run
     properties: dict = attrs.field(factory=dict)
 
     # -- noflo graph JSON ------------------------------------------------------------------
@@ -212,6 +213,15 @@ class Graph:
             for public, ref in ports.items():
                 r = _json_ref(ref, f"{kind}.{public}")
                 getattr(g, kind)[str(public)] = {**r, "metadata": dict((ref or {}).get("metadata") or {})}
+        groups = doc.get("groups") or []
+        if not isinstance(groups, list):
+            raise GraphError("groups must be a list of {name, nodes}")
+        for i, grp in enumerate(groups):
+            if not isinstance(grp, dict) or not isinstance(grp.get("name"), str) \
+                    or not isinstance(grp.get("nodes", []), list):
+                raise GraphError(f"groups[{i}] must be an object with name and nodes")
+            g.groups.append({"name": grp["name"], "nodes": [str(n) for n in grp.get("nodes", [])],
+                             "metadata": dict(grp.get("metadata") or {})})
         return g
 
     def to_json(self) -> dict:
@@ -235,6 +245,9 @@ class Graph:
             conns.append({"data": iip["data"], "tgt": _to_json_ref(iip["tgt"]),
                           **({"metadata": iip["metadata"]} if iip["metadata"] else {})})
         out: dict[str, Any] = {"properties": props, "processes": procs, "connections": conns}
+        if self.groups:
+            out["groups"] = [{"name": grp["name"], "nodes": list(grp["nodes"]),
+                              **({"metadata": grp["metadata"]} if grp["metadata"] else {})} for grp in self.groups]
         for kind in ("inports", "outports"):
             out[kind] = {pub: {"process": r["node"], "port": r["port"],
                                **({"metadata": r["metadata"]} if r.get("metadata") else {})}
@@ -331,6 +344,9 @@ class Graph:
             for pub in [k for k, r in ports.items() if r["node"] == nid]:
                 del ports[pub]
                 replies.append(self._echo(cmd, {"public": pub}))
+        for grp in self.groups:
+            if nid in grp["nodes"]:
+                grp["nodes"].remove(nid)
         del self.nodes[nid]
         replies.append(self._echo("removenode", {"id": nid}))
         acts.append(Action("stop_node", node=nid))
@@ -359,6 +375,8 @@ class Graph:
             for r in ports.values():
                 if r["node"] == old:
                     r["node"] = new
+        for grp in self.groups:
+            grp["nodes"] = [new if n == old else n for n in grp["nodes"]]
         # A process's name is its mailbox and state: renamed, it starts as a new process
         # beside the old one, which finishes what it has before it stops (nothing is lost).
         acts = [Action("start_node", node=new, component=node["component"], config=node.get("config") or {})]
@@ -468,6 +486,45 @@ class Graph:
 
     def _cmd_renameoutport(self, p, known):
         return self._rename_export("outports", p, "renameoutport")
+
+    # groups: an editor's grouping of nodes; the running network does not change
+    def _group(self, name: str) -> dict:
+        for grp in self.groups:
+            if grp["name"] == name:
+                return grp
+        raise GraphError(f"group {name!r} not found")
+
+    def _cmd_addgroup(self, p, known):
+        name = _name(p, "name", "group name")
+        nodes = p.get("nodes")
+        if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
+            raise GraphError("nodes must be a list of node ids")
+        if any(grp["name"] == name for grp in self.groups):
+            raise GraphError(f"group {name!r} already exists")
+        missing = [n for n in nodes if n not in self.nodes]
+        if missing:
+            raise GraphError(f"node {missing[0]!r} not found")
+        md = _metadata(p)
+        self.groups.append({"name": name, "nodes": list(nodes), "metadata": md})
+        return [self._echo("addgroup", {"name": name, "nodes": list(nodes), **({"metadata": md} if md else {})})], []
+
+    def _cmd_removegroup(self, p, known):
+        grp = self._group(_name(p, "name", "group name"))
+        self.groups.remove(grp)
+        return [self._echo("removegroup", {"name": grp["name"]})], []
+
+    def _cmd_renamegroup(self, p, known):
+        grp = self._group(_name(p, "from", "group name"))
+        new = _name(p, "to", "group name")
+        if new != grp["name"] and any(g["name"] == new for g in self.groups):
+            raise GraphError(f"group {new!r} already exists")
+        old, grp["name"] = grp["name"], new
+        return [self._echo("renamegroup", {"from": old, "to": new})], []
+
+    def _cmd_changegroup(self, p, known):
+        grp = self._group(_name(p, "name", "group name"))
+        grp["metadata"] = _merge(grp["metadata"], _metadata(p))
+        return [self._echo("changegroup", {"name": grp["name"], "metadata": grp["metadata"]})], []
 
     def copy(self) -> Graph:
         return copy.deepcopy(self)

@@ -321,7 +321,7 @@ class Host:
                 continue
             if comp is None:
                 problems.append(f"network.processes.{name}.component: unknown component {comp_name!r}"
-                                f" (discovered: {', '.join(sorted(comps)) or 'none'})")
+                                f" (discovered: {', '.join(sorted(c.name for c in self.discovery.components)) or 'none'})")
                 continue
             specs.append(self._process_spec(name, comp, net_config))
         if net is not None:

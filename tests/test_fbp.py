@@ -382,7 +382,9 @@ async def test_live_edits_under_load_lose_nothing_and_the_graph_file_reloads(mak
     # m was drained before it stopped: whatever reached it went on to t
     into_m = sorted(p["data"] for p in r.find("network", "data", lambda p: p.get("tgt", {}).get("node") == "m"))
     out_of_m = sorted(p["data"] for p in r.find("network", "data", lambda p: p.get("src", {}).get("node") == "m"))
-    assert into_m == out_of_m and len(into_m) >= 30
+    assert into_m == out_of_m and len(into_m) >= 30, \
+        f"got, not passed on: {sorted(set(into_m) - set(out_of_m))}; passed on, not got: " \
+        f"{sorted(set(out_of_m) - set(into_m))}; {len(into_m)} in, {len(out_of_m)} out"
     saved = json.loads(graph_file.read_text())
     assert set(saved["processes"]) == {"a", "b"} and saved["inports"] == MAIN_GRAPH["inports"]
     assert [(x["src"], x["tgt"]) for x in saved["connections"]] == [
