@@ -224,8 +224,8 @@ class FbpRuntime:
         from ._host import CellChild, HostError, runtime_unavailable
 
         host = self.host
-        if act.node in host.cells:
-            return
+        if act.node in host.cells:  # (the graph's own are stopped before they start again)
+            raise GraphError(f"node {act.node!r}: a process of that name already runs on this host")
         comp = self.library().get(act.component)
         if comp is None:
             raise GraphError(f"node {act.node!r}: component {act.component!r} not available")

@@ -325,11 +325,14 @@ MAIN_GRAPH = {
 }
 
 
-async def test_live_edits_under_load_lose_nothing_and_the_graph_file_reloads(make_host, schemas):
+@pytest.mark.parametrize("mailbox", ["redis", "memory"])
+async def test_live_edits_under_load_lose_nothing_and_the_graph_file_reloads(make_host, schemas, mailbox):
     """Side nodes are added and removed while packets flow through the graph reflow.yaml
-    names (durable mailboxes): every packet comes out exactly once, a removed node first
-    finishes what it was sent, and the saved graph file restarts to the same network."""
+    names (durable mailboxes, and memory ones): every packet comes out exactly once, a
+    removed node first finishes what it was sent, and the saved graph file restarts to
+    the same network."""
     host = await make_host({}, "network: {graph: graphs/main.json}\n", start=False)
+    host.config.write_text(host.config.read_text().replace("  root: .\n", f"  root: .\n  mailbox: {{kind: {mailbox}}}\n"))
     graph_file = host.config.parent / "graphs" / "main.json"
     graph_file.parent.mkdir()
     graph_file.write_text(json.dumps(MAIN_GRAPH))
