@@ -33,7 +33,6 @@ import logging
 import os
 import time
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -42,7 +41,7 @@ import trio_websocket
 
 from . import _policy as policy
 from . import _protocol as proto
-from ._cell import ActorCell, Envelope
+from ._cell import ActorCell
 from ._errors import ActorError
 from ._fbp_graph import Action, Graph, GraphError, ProtocolError, data_event_id, parse_message
 
@@ -136,16 +135,22 @@ class FbpRuntime:
             return rid
 
     def _initial_graph(self) -> tuple[Graph, bool]:
+        """The network the host runs (reflow.yaml's, as loaded at start), named and grouped
+        as its graph file says; no network: an empty graph, not started."""
         cfg = self.host.config
         if cfg.network is None:
             return Graph(id="main", name="main"), False
+        g = Graph.from_json(_network_doc(cfg.network))
         if cfg.graph_file is not None:
             try:
-                return Graph.from_json(orjson.loads(cfg.graph_file.read_bytes())), True
+                saved = Graph.from_json(orjson.loads(cfg.graph_file.read_bytes()))
             except (OSError, orjson.JSONDecodeError, GraphError) as exc:
-                log.error("graph file %s not read for the FBP protocol (%s); using reflow.yaml's network",
-                          cfg.graph_file, exc)
-        return Graph.from_json(_network_doc(cfg.network)), True
+                log.warning("graph file %s: %s; its name and groups are not known", cfg.graph_file, exc)
+            else:
+                g.id, g.name, g.library, g.main, g.icon = saved.id, saved.name, saved.library, saved.main, saved.icon
+                g.properties = saved.properties
+                g.groups = [{**grp, "nodes": [n for n in grp["nodes"] if n in g.nodes]} for grp in saved.groups]
+        return g, True
 
     def library(self) -> dict:
         from .components import package_components

@@ -15,8 +15,6 @@ import pytest
 import trio
 import trio_websocket
 
-from conftest import wait_for
-
 FBP = Path(__file__).resolve().parent / "fbp"
 NODE_MODULES = FBP / "node_modules"
 SCHEMAS = NODE_MODULES / "fbp-protocol" / "schema" / "json"
@@ -33,17 +31,24 @@ async def _run(cmd: list[str], *, cwd: Path, env: dict, timeout: float) -> subpr
                                       capture_stderr=True, check=False)
 
 
+def _warm(host, n: int) -> None:
+    host.config.write_text(host.config.read_text().replace("preload_count: 1,", f"preload_count: {n},"))
+
+
 @needs_npm
 async def test_fbp_test_passes_against_the_host(make_host, tmp_path):
     """fbp-protocol's own conformance suite (fbp-test 0.9.8), as Flowhub's makers run it."""
-    host = await make_host({}, "", env={"REFLOW_TOKEN": SECRET})
+    host = await make_host({}, "", env={"REFLOW_TOKEN": SECRET}, start=False)
+    _warm(host, 3)  # network:start starts two sandboxes: warm ones, for mocha's 2 s per test
+    await host.start()
     port = int(host.url.rsplit(":", 1)[1].strip("/"))
     project = tmp_path / "fbp-project"
     project.mkdir()
     (project / "fbp-config.json").write_text(json.dumps(
         {"name": "reflow", "command": None, "host": "127.0.0.1", "port": port, "collection": "core",
          "version": "0.8"}))
-    done = await _run([str(NODE_MODULES / ".bin" / "fbp-test")], cwd=FBP, timeout=60,
+    # (fbp-test hands extra arguments to mocha: a loaded machine gets 15 s a test, not 2)
+    done = await _run([str(NODE_MODULES / ".bin" / "fbp-test"), "--timeout", "15000"], cwd=FBP, timeout=90,
                       env={"PROJECT_HOME": str(project), "FBP_PROTOCOL_SECRET": SECRET})
     out = done.stdout.decode() + done.stderr.decode()
     assert done.returncode == 0, f"fbp-test failed:\n{out}\n--- host log ---\n{host.output()[-4000:]}"
@@ -124,14 +129,6 @@ class FbpClient:
     async def ask(self, protocol: str, command: str, payload: dict, answer: str | None = None) -> dict:
         await self.send(protocol, command, payload)
         return await self.expect(protocol, answer or command)
-
-
-def _ws_url(url: str) -> str:
-    return url
-
-
-async def _connect(url: str, validate, nursery_cm=None, secret: str | None = SECRET):
-    return trio_websocket.open_websocket_url(url, subprotocols=["noflo"])
 
 
 SCRIPTS = {
@@ -415,7 +412,9 @@ async def test_fbp_spec_suite(make_host, tmp_path):
 
     scripts = {name: (EXAMPLES / name).read_text()
                for name in ("calculator.py", "processor.js", "data_processor.actor.py")}
-    host = await make_host(scripts, "", "calculator.py", "processor.js", env={"REFLOW_TOKEN": SECRET})
+    host = await make_host(scripts, "", "calculator.py", "processor.js", env={"REFLOW_TOKEN": SECRET}, start=False)
+    _warm(host, 3)
+    await host.start()
     done = await _run([str(NODE_MODULES / ".bin" / "fbp-spec"), "--address", host.url, "--secret", SECRET,
                        "--command-timeout", "20", str(FBP / "specs")], cwd=FBP, timeout=90, env={})
     out = done.stdout.decode() + done.stderr.decode()
