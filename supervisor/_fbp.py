@@ -486,6 +486,11 @@ class FbpConnection:
 
     # -- dispatch ------------------------------------------------------------------------------
     async def _handle(self, data: str | bytes) -> None:
+        limit = self.rt.host.config.workspace.websocket.max_frame_size
+        if len(data) > limit:
+            self.answer("runtime", "error", {"message": f"message of {len(data)} bytes exceeds max_frame_size "
+                                                        f"({limit} bytes); not read"})
+            return
         try:
             msg = parse_message(data)
         except ProtocolError as exc:

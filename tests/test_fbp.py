@@ -420,3 +420,18 @@ async def test_fbp_spec_suite(make_host, tmp_path):
     out = done.stdout.decode() + done.stderr.decode()
     assert done.returncode == 0, f"fbp-spec failed:\n{out}\n--- host log ---\n{host.output()[-4000:]}"
     assert "✗" not in out and out.count("✓") >= 6, out
+
+
+async def test_bad_frames_get_the_protocols_error_and_the_connection_lives(make_host, schemas):
+    host = await make_host({}, "", start=False)
+    host.config.write_text(host.config.read_text().replace("port:", "max_frame_size: 1KB, port:", 1))
+    await host.start()
+    async with trio_websocket.open_websocket_url(host.url, subprotocols=["noflo"]) as ws:
+        c = FbpClient(ws, schemas, secret=None)
+        for frame, why in [("{not json", "invalid message: not JSON"), ("[1]", "JSON object"),
+                           ('{"protocol": "graph", "command": "addnode", "payload": 5}', "payload"),
+                           ("x" * 2000, "exceeds max_frame_size (1000 bytes)"),
+                           ('{"protocol": "trace", "command": "start", "payload": {}}', "unknown command")]:
+            await ws.send_message(frame)
+            assert why in (await c.expect("runtime", "error"))["message"]
+        assert (await c.ask("runtime", "getruntime", {}, "runtime"))["type"] == "reflow"
