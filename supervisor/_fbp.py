@@ -158,6 +158,12 @@ class FbpRuntime:
         found = self.host.discovery.components if self.host.discovery else ()
         return {**package_components(), **{c.name: c for c in found}}
 
+    def components_changed(self, comps: list) -> None:
+        """Hot reload started or changed these components: ``component:component`` for each
+        (the protocol has no message for a component gone)."""
+        for comp in comps:
+            self.broadcast("component", "component", component_payload(comp.name, comp))
+
     # -- events out ----------------------------------------------------------------------------
     def broadcast(self, protocol: str, command: str, payload: dict) -> None:
         for conn in list(self.connections):
@@ -369,6 +375,20 @@ class FbpRuntime:
                 "outPorts": [{"id": p, "type": "all"} for p in g.outports]}
 
 
+def component_payload(name: str, comp: Any) -> dict:
+    """A ComponentSpec as ``component:component``: its ports (type ``all``: script actors
+    declare no port types), every actor's ``error`` outport, ``icon`` from a tag ``icon:NAME``."""
+    outports = (*comp.outports, *(() if "error" in comp.outports else ("error",)))
+    payload: dict[str, Any] = {
+        "name": name, "description": comp.description or "", "subgraph": False,
+        "inPorts": [{"id": port, "type": "all"} for port in comp.inports],
+        "outPorts": [{"id": port, "type": "all"} for port in outports]}
+    icon = next((t[5:] for t in comp.tags if t.startswith("icon:")), None)
+    if icon:
+        payload["icon"] = icon
+    return payload
+
+
 def _network_doc(net: Any) -> dict:
     """reflow.yaml's inline ``network:`` (a NetworkConfig) as noflo graph JSON."""
     from ._config import NO_DATA
@@ -556,15 +576,7 @@ class FbpConnection:
     async def _component_list(self, p: dict) -> None:
         lib = self.rt.library()
         for name, comp in sorted(lib.items()):
-            outports = (*comp.outports, *(() if "error" in comp.outports else ("error",)))
-            payload: dict[str, Any] = {
-                "name": name, "description": comp.description or "", "subgraph": False,
-                "inPorts": [{"id": port, "type": "all"} for port in comp.inports],
-                "outPorts": [{"id": port, "type": "all"} for port in outports]}
-            icon = next((t[5:] for t in comp.tags if t.startswith("icon:")), None)
-            if icon:
-                payload["icon"] = icon
-            self.answer("component", "component", payload)
+            self.answer("component", "component", component_payload(name, comp))
         self.answer("component", "componentsready", len(lib))
 
     async def _component_getsource(self, p: dict) -> None:

@@ -236,6 +236,8 @@ class Host:
                 await self._replace_cell(cell, comp)
         for comp in plan.start:
             await self._start_component(comp)
+        if getattr(self, "fbp", None) is not None:  # FBP clients hear of new and changed components
+            self.fbp.components_changed([*plan.start, *replace])
 
     def _cells_of(self, component: str) -> list[ActorCell]:
         return [c for c in self.cells.values() if c.component.name == component]

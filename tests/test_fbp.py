@@ -435,3 +435,20 @@ async def test_bad_frames_get_the_protocols_error_and_the_connection_lives(make_
             await ws.send_message(frame)
             assert why in (await c.expect("runtime", "error"))["message"]
         assert (await c.ask("runtime", "getruntime", {}, "runtime"))["type"] == "reflow"
+
+
+async def test_a_script_added_while_connected_is_announced_as_a_component(make_host, schemas):
+    from conftest import open_client
+    from test_reload import wait_for_watching
+
+    host = await make_host({}, "")
+    async with open_client(host.url) as rpc:
+        await wait_for_watching(rpc)
+    async with trio_websocket.open_websocket_url(host.url, subprotocols=["noflo"]) as ws:
+        c = FbpClient(ws, schemas, secret=None)
+        await c.ask("component", "list", {}, "componentsready")
+        (host.config.parent / "late.actor.py").write_text(
+            "from reflow import actor\n\n@actor(name='Late', inports=['x'], outports=['y'])\n"
+            "async def late(context):\n    return {'y': context.get_input('x')}\n")
+        comp = await c.expect("component", "component", lambda p: p["name"] == "Late", timeout=20)
+        assert comp["inPorts"] == [{"id": "x", "type": "all"}]
