@@ -56,7 +56,8 @@ log = logging.getLogger("supervisor.fbp")
 PROTOCOL_VERSION = "0.8"
 CAPABILITIES = ["protocol:runtime", "protocol:graph", "protocol:component", "protocol:network",
                 "network:data", "network:status", "network:control", "component:getsource"]
-SEND_QUEUE = 4096   # events waiting for a slow client past this are dropped (answers are not)
+SEND_QUEUE = 4096   # network:* events waiting for a slow client past this are dropped …
+SEND_LIMIT = 65536  # … and past this many messages of any kind, it is disconnected (it does not read)
 SETTLE = 0.5        # seconds getstatus waits for a network that is about to go idle
 _LANGUAGES = {"python": "python", "javascript": "javascript"}
 
@@ -166,8 +167,12 @@ class FbpRuntime:
 
     # -- events out ----------------------------------------------------------------------------
     def broadcast(self, protocol: str, command: str, payload: dict) -> None:
+        """To every client; only ``network:*`` events may be dropped for a slow one."""
         for conn in list(self.connections):
-            conn.event(protocol, command, payload)
+            if protocol == "network":
+                conn.event(protocol, command, payload)
+            else:
+                conn.answer(protocol, command, payload)
 
     def _watch(self, nid: str) -> None:
         cell = self.host.cells.get(nid)
@@ -224,12 +229,15 @@ class FbpRuntime:
     async def carry_out(self, actions: list[Action]) -> None:
         """Make the running network match an edit; a step that fails is a network:error
         (the graph keeps the edit: a network:start retries it)."""
-        for act in actions:
-            try:
-                await getattr(self, f"_do_{act.kind}")(act)
-            except (GraphError, ActorError) as exc:
-                log.error("FBP %s %s: %s", act.kind, act.node or act.tgt, exc)
-                self.network_error(str(exc))
+        # Shielded: an edit half made (a cell added to the host but not to its supervisor…)
+        # is worse than a disconnect or a shutdown waiting for it (a drain is bounded).
+        with trio.CancelScope(shield=True):
+            for act in actions:
+                try:
+                    await getattr(self, f"_do_{act.kind}")(act)
+                except (GraphError, ActorError) as exc:
+                    log.error("FBP %s %s: %s", act.kind, act.node or act.tgt, exc)
+                    self.network_error(str(exc))
 
     async def _do_start_node(self, act: Action) -> None:
         from ._host import CellChild, HostError, runtime_unavailable
@@ -453,11 +461,13 @@ class FbpConnection:
         self.ws = ws
         self._send, self._recv = trio.open_memory_channel[str](math.inf)
         self._queued = 0
+        self._cut: trio.CancelScope | None = None
         self.edges: set[tuple] | None = None  # network:edges selection; None: every edge
         self._dropped = 0
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._cut = nursery.cancel_scope
             nursery.start_soon(self._writer)
             try:
                 while True:
@@ -480,11 +490,17 @@ class FbpConnection:
 
     def _put(self, protocol: str, command: str, payload: dict, *, answer: bool) -> None:
         if not answer and self._queued >= SEND_QUEUE:
-            # Events for a client that does not read are dropped; answers never are (there
-            # are as many as the requests it sent, which are read one at a time).
+            # Watching (network:data, output…) a client that does not keep up loses events;
+            # what it asked for (answers, runtime:packet from exported ports) it does not.
             self._dropped += 1
             if self._dropped in (1, 100, 10000):
                 log.warning("FBP client %s does not keep up: %d events dropped", self.ws.remote, self._dropped)
+            return
+        if self._queued >= SEND_LIMIT:
+            if self._cut is not None and not self._cut.cancel_called:
+                log.warning("FBP client %s does not read: %d messages wait for it; disconnecting it",
+                            self.ws.remote, self._queued)
+                self._cut.cancel()
             return
         text = orjson.dumps({"protocol": protocol, "command": command, "payload": payload}).decode()
         try:

@@ -75,12 +75,15 @@ def schemas():
     import jsonschema
 
     root = {p.stem: _strip_ids(json.loads(p.read_text())) for p in SCHEMAS.glob("*.json")}
+    validators: dict = {}
 
     def validate(msg: dict) -> None:
         proto, cmd = msg.get("protocol"), msg.get("command")
         assert proto in root and cmd in root[proto]["output"], f"no schema for {proto}:{cmd}: {msg}"
-        v = jsonschema.Draft4Validator({**root, "$ref": f"#/{proto}/output/{cmd}"},
-                                       format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
+        v = validators.get((proto, cmd))
+        if v is None:
+            v = validators[(proto, cmd)] = jsonschema.Draft4Validator(
+                {**root, "$ref": f"#/{proto}/output/{cmd}"}, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
         errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(msg)]
         assert not errors, f"{proto}:{cmd} does not validate: {errors}\n{msg}"
     return validate
