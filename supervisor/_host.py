@@ -322,8 +322,9 @@ class Host:
                     problems.append(f"network.processes.{name}.component: {comp.name} cannot run: {why}")
                 continue
             if comp is None:
+                found = ", ".join(sorted(c.name for c in self.discovery.components)) or "none"
                 problems.append(f"network.processes.{name}.component: unknown component {comp_name!r}"
-                                f" (discovered: {', '.join(sorted(c.name for c in self.discovery.components)) or 'none'})")
+                                f" (discovered: {found})")
                 continue
             specs.append(self._process_spec(name, comp, net_config))
         if net is not None:

@@ -332,7 +332,8 @@ async def test_live_edits_under_load_lose_nothing_and_the_graph_file_reloads(mak
     removed node first finishes what it was sent, and the saved graph file restarts to
     the same network."""
     host = await make_host({}, "network: {graph: graphs/main.json}\n", start=False)
-    host.config.write_text(host.config.read_text().replace("  root: .\n", f"  root: .\n  mailbox: {{kind: {mailbox}}}\n"))
+    text = host.config.read_text()
+    host.config.write_text(text.replace("  root: .\n", f"  root: .\n  mailbox: {{kind: {mailbox}}}\n"))
     graph_file = host.config.parent / "graphs" / "main.json"
     graph_file.parent.mkdir()
     graph_file.write_text(json.dumps(MAIN_GRAPH))
