@@ -31,7 +31,14 @@ browser-deps:
 run: $(STAMP) system-deps
 	$(PY) -m supervisor run -c reflow.yaml
 
-test: $(STAMP) system-deps browser-deps
+# fbp-protocol's fbp-test and fbp-spec (tests/test_fbp*.py), pinned by tests/fbp/package-lock.json.
+FBP_NODE := tests/fbp/node_modules/.installed
+$(FBP_NODE): tests/fbp/package.json tests/fbp/package-lock.json
+	@command -v npm >/dev/null || { echo "npm is missing: the FBP protocol tests need Node.js and npm (apt-get install nodejs npm)" >&2; exit 1; }
+	npm ci --prefix tests/fbp --no-audit --no-fund --loglevel=error >/dev/null
+	@touch $@
+
+test: $(STAMP) system-deps browser-deps $(FBP_NODE)
 	$(PY) -m pytest -q -m "not slow"
 
 soak: $(STAMP) system-deps

@@ -231,6 +231,9 @@ class ActorCell:
         self.default_timeout = cfg.supervision.timeout
         self.shm_threshold = cfg.workspace.sandbox.shm_threshold
         self.subscribers: dict[int, Callable[[str, str, dict, str], None]] = {}
+        # Told of each message the script failed (its error: message, data.traceback): the
+        # FBP protocol's network:processerror (supervisor/_fbp.py).
+        self.on_failure: Callable[[dict], None] | None = None
         self.stopped_reason: str | None = None
         self.stop_requested: str | None = None  # the script asked to stop (context.stop(), sys.exit(0))
         self.exit_detail: str | None = None     # how the last run ended normally, if it did
@@ -659,6 +662,8 @@ class ActorCell:
             if not added:  # (see start_now)
                 return
             error = ActorFailed(f"actor {self.name!r} failed: {err.get('message')}", err.get("data"))
+            if self.on_failure is not None:
+                self.on_failure(err)
             final = True  # no further attempt will be made: the error port hears of it
             if env.stream_id is not None:
                 final = False

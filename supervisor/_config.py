@@ -299,6 +299,9 @@ class Config:
     base_dir: Path
     #: Where each key was written (for ``check_components``'s file:line); not part of the value.
     doc: Any = attrs.field(default=None, eq=False, repr=False)
+    #: The graph file ``network:`` names (``network: FILE.json`` or ``network: {graph: FILE.json}``),
+    #: absolute; where FBP protocol edits are saved (CONTRACT §7). None for an inline network.
+    graph_file: Path | None = None
 
 
 # -- the converter -------------------------------------------------------------------------------
@@ -788,9 +791,14 @@ def parse_config(text: str, *, filename: str = "reflow.yaml", base_dir: Path,
     workspace = data.get("workspace")
     if isinstance(workspace, dict) and isinstance(workspace.get("sandbox"), dict):
         problems += _adapt_sandbox(workspace["sandbox"], doc)
-    if isinstance(data.get("network"), str):
+    graph_file = None
+    net = data.get("network")
+    if isinstance(net, dict) and list(net) == ["graph"] and isinstance(net["graph"], str):
+        data["network"] = net = net["graph"]  # ``network: {graph: FILE}`` is ``network: FILE``
+    if isinstance(net, str):
+        graph_file = (base_dir / net).expanduser()
         try:
-            data["network"] = _read_graph(data["network"], base_dir, doc)
+            data["network"] = _read_graph(net, base_dir, doc)
         except ConfigError as exc:
             problems += exc.problems
             data["network"] = None
@@ -818,7 +826,7 @@ def parse_config(text: str, *, filename: str = "reflow.yaml", base_dir: Path,
     ws = attrs.evolve(ws, **{section: attrs.evolve(getattr(ws, section), **values)
                              for section, values in overrides.items()})
     return Config(workspace=_resolve_paths(ws, base_dir), supervision=sections["supervision"],
-                  network=sections["network"], path=None, base_dir=base_dir, doc=doc)
+                  network=sections["network"], path=None, base_dir=base_dir, doc=doc, graph_file=graph_file)
 
 
 # The top level: each section's type, and the checks that span its fields.
@@ -927,7 +935,10 @@ def check_components(config: Config, components: typing.Iterable[Any]) -> list[C
     ``dynamic_ports``, ``config_schema``, ``file``, ``line``). Pure: reads no file.
     Returns every problem, located at its key's line, in file order.
     """
-    comps = {c.name: c for c in components}
+    from .components import package_components  # core/Repeat … (CONTRACT §7)
+
+    comps = {**package_components(), **{c.name: c for c in components}} if config.network is not None \
+        else {c.name: c for c in components}
     net = config.network
     found: list[tuple[_Path, str]] = []
     if net is None:
@@ -938,7 +949,7 @@ def check_components(config: Config, components: typing.Iterable[Any]) -> list[C
                 found += ((at + p, m) for p, m in _schema_problems(dict((ov.config if ov else None) or {}),
                                                                     comp.config_schema, comp))
     else:
-        known = ", ".join(sorted(comps)) or "none"
+        known = ", ".join(sorted(c.name for c in components)) or "none"
         of: dict[str, Any] = {}
         for name, proc in net.processes.items():
             comp = comps.get(proc.component)

@@ -238,6 +238,8 @@ class Host:
                 await self._replace_cell(cell, comp)
         for comp in plan.start:
             await self._start_component(comp)
+        if getattr(self, "fbp", None) is not None:  # FBP clients hear of new and changed components
+            self.fbp.components_changed([*plan.start, *replace])
 
     def _cells_of(self, component: str) -> list[ActorCell]:
         return [c for c in self.cells.values() if c.component.name == component]
@@ -301,7 +303,9 @@ class Host:
     def plan(self) -> list[ProcessSpec]:
         """The processes to run: the network's, or one per discovered component."""
         assert self.discovery is not None
-        comps = {c.name: c for c in self.discovery.components}
+        from .components import package_components  # core/Repeat … (a graph may name them)
+
+        comps = {**package_components(), **{c.name: c for c in self.discovery.components}}
         net = self.config.network
         specs: list[ProcessSpec] = []
         problems: list[str] = []
@@ -320,8 +324,9 @@ class Host:
                     problems.append(f"network.processes.{name}.component: {comp.name} cannot run: {why}")
                 continue
             if comp is None:
+                found = ", ".join(sorted(c.name for c in self.discovery.components)) or "none"
                 problems.append(f"network.processes.{name}.component: unknown component {comp_name!r}"
-                                f" (discovered: {', '.join(sorted(comps)) or 'none'})")
+                                f" (discovered: {found})")
                 continue
             specs.append(self._process_spec(name, comp, net_config))
         if net is not None:

@@ -110,6 +110,11 @@ class Api:
             log.error("internal error with client %s", _peer_of(request), exc_info=group)
 
     async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
+        if "noflo" in request.proposed_subprotocols:  # the FBP Network Protocol (CONTRACT §7)
+            from ._fbp import serve_fbp  # (its secret is checked per message: browsers send no header)
+
+            await serve_fbp(self, request)
+            return
         token = self.cfg.token
         if token is not None:
             auth = dict(request.headers).get(b"authorization", b"")
