@@ -144,5 +144,20 @@ async def wait_for(predicate, timeout: float = 10, interval: float = 0.02):
             await trio.sleep(interval)
 
 
-__all__ = ["HostProcess", "children_of", "cmdline", "free_port", "open_client", "wait_for", "write_workspace",
-           "EXAMPLES", "ROOT"]
+def actors(status: dict):
+    """Every actor node of a ``status`` tree (CONTRACT: ``host.status``), in tree order."""
+    todo = [status]
+    while todo:
+        node = todo.pop()
+        if node.get("kind") == "actor":
+            yield node
+        todo += reversed(node.get("children") or [])
+
+
+def find_actor(status: dict, name: str) -> dict | None:
+    """The status node of actor ``name``, or None if the tree has no such actor."""
+    return next((node for node in actors(status) if node["name"] == name), None)
+
+
+__all__ = ["HostProcess", "actors", "children_of", "cmdline", "find_actor", "free_port", "open_client", "wait_for",
+           "write_workspace", "EXAMPLES", "ROOT"]

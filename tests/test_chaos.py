@@ -13,7 +13,7 @@ import pytest
 import redis as redis_py
 import trio
 
-from conftest import open_client, wait_for
+from conftest import actors, open_client, wait_for
 
 RELAY = '''
 import time
@@ -56,12 +56,7 @@ supervision:
 
 
 def _pids(status: dict) -> list[int]:
-    out = []
-    for child in status.get("children") or []:
-        if child.get("pid"):
-            out.append(child["pid"])
-        out += _pids(child)
-    return out
+    return [n["pid"] for n in actors(status) if n.get("pid")]
 
 
 async def _send(url: str, values: range) -> None:

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from conftest import EXAMPLES, HostProcess, open_client, write_workspace
+from conftest import EXAMPLES, HostProcess, find_actor, open_client, write_workspace
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -67,16 +67,6 @@ def _rpc(url: str, method: str, params: dict | None = None):
     return trio.run(go)
 
 
-def _actor(status: dict, name: str) -> dict:
-    todo = [status]
-    while todo:
-        n = todo.pop()
-        if n.get("name") == name and n.get("kind") == "actor":
-            return n
-        todo.extend(n.get("children") or [])
-    raise KeyError(name)
-
-
 @pytest.fixture(scope="module")
 def dash(tmp_path_factory):
     if not os.path.exists(CHROMIUM):
@@ -124,14 +114,14 @@ def test_the_page_lists_the_actors_live(dash):
 def test_a_killed_worker_shows_its_restart_and_cause_within_2s(dash):
     page, expect = dash.page, dash.expect
     expect(page.locator('#tree [data-actor="calc"] .state')).to_have_text("running", timeout=10_000)
-    calc = _actor(_rpc(dash.url, "supervisor.status"), "calc")
+    calc = find_actor(_rpc(dash.url, "supervisor.status"), "calc")
     os.kill(calc["pid"], signal.SIGKILL)
     row = page.locator('#tree [data-actor="calc"]')
     expect(row.locator(".restarts")).to_have_text(f"↻ {calc['restarts'] + 1}", timeout=2_000)
     expect(row.locator("xpath=..").locator('[data-cause="last exit"]')).to_contain_text("killed by SIGKILL",
                                                                                           timeout=2_000)
     expect(row.locator(".state")).to_have_text("running", timeout=5_000)
-    new_pid = _actor(_rpc(dash.url, "supervisor.status"), "calc")["pid"]
+    new_pid = find_actor(_rpc(dash.url, "supervisor.status"), "calc")["pid"]
     assert new_pid != calc["pid"]
     expect(row.locator(".meta")).to_contain_text(f"pid {new_pid}", timeout=2_000)
 

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import trio
 
-from conftest import EXAMPLES, ROOT, children_of, cmdline, open_client, wait_for
+from conftest import EXAMPLES, ROOT, children_of, cmdline, find_actor, open_client, wait_for
 from supervisor.client import RpcError
 
 SEED = ROOT.parent / "shared" / "seeds" / "004_907eda7e1530af8d.txt"
@@ -233,7 +233,7 @@ async def test_errors_name_the_file_and_line_and_leave_no_trace(make_host):
         assert (await c.call("Failing", {"how": "ok"}))["outputs"]["out"]["value"] == "fine"
 
         status = await c.status()
-        broken = _find(status, "Broken")
+        broken = find_actor(status, "Broken")
         assert broken["last_error"] is not None
         assert "broken.actor.js" in broken["last_error"]["message"]
         assert "line 5" in broken["last_error"]["message"], broken["last_error"]
@@ -308,16 +308,6 @@ async def test_the_seeds_two_script_example_runs_from_the_command_line(make_host
         res = await c.call("Processor", {"input": 1, "operation": "nope"})
         assert res["outputs"]["error"]["type"] == "error"
         assert (await c.call("Calculator", {"a": 2, "b": 3, "op": "mul"}))["outputs"]["result"]["value"] == 6
-
-
-def _find(node: dict, name: str) -> dict:
-    if node.get("name") == name:
-        return node
-    for child in node.get("children") or []:
-        found = _find(child, name)
-        if found:
-            return found
-    return {}
 
 
 STATE_OPS = '''\

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import redis as redis_py
 
-from conftest import open_client, wait_for
+from conftest import find_actor, open_client, wait_for
 from supervisor._channel import BadFrame, LineChannel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "supervisor" / "runtime" / "python"))
@@ -350,7 +350,7 @@ async def test_large_bytes_go_through_shared_memory_and_each_worker_sees_only_it
             res = await c.call("Echo", {"data": data})
             assert res["outputs"]["data"]["value"] == data
         peek = (await c.call("Peek", {"x": b"y" * (200 << 10)}))["outputs"]
-        echo = _node(await c.status(), "Echo")
+        echo = find_actor(await c.status(), "Echo")
     assert echo["bytes"] == "shared-memory"
     assert peek["size"]["value"] == 200 << 10
     # its own two regions (the Echo worker's are in another pid namespace), nothing else
@@ -389,7 +389,7 @@ async def test_node_workers_take_and_give_bytes_as_attachments(make_host):
     data = os.urandom(3 << 20) + b"\n@"
     async with open_client(host.url, binary=True) as c:
         res = await c.call("EchoJs", {"data": data})
-        assert _node(await c.status(), "EchoJs")["bytes"] == "attachments"
+        assert find_actor(await c.status(), "EchoJs")["bytes"] == "attachments"
     assert res["outputs"]["data"]["value"] == data
     assert [e["message"]["value"] for e in res["emitted"]] == ["buffer"]
 
@@ -453,17 +453,7 @@ async def test_a_payload_larger_than_the_ring_falls_back_to_attachments_and_arri
         for size in (600 << 10, 3 << 20, 600 << 10):  # fits, does not, fits again
             data = os.urandom(size)
             assert (await c.call("Echo", {"data": data}))["outputs"]["data"]["value"] == data
-        assert _node(await c.status(), "Echo")["bytes"] == "shared-memory"
-
-
-def _node(tree: dict, name: str) -> dict:
-    """The status node of actor ``name``."""
-    if tree.get("kind") == "actor" and tree.get("name") == name:
-        return tree
-    for child in tree.get("children") or []:
-        if found := _node(child, name):
-            return found
-    return {}
+        assert find_actor(await c.status(), "Echo")["bytes"] == "shared-memory"
 
 
 ORDER = '''

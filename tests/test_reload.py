@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import open_client
+from conftest import find_actor, open_client
 from supervisor._discovery import Discovery, ScriptProblem, extract
 from supervisor._reload import plan_reload
 from supervisor.client import RpcError
@@ -106,17 +106,17 @@ async def test_edit_break_fix_delete_and_add_under_a_running_host(make_host):
         write(ws / "counter.actor.py", COUNTER.replace("def count(context):", "def count(context:"))
         await wait_for_status(c, lambda st: any("counter.actor.py:5" in p for p in st["script_problems"]))
         assert await y(c, "Counter", 1) == 101
-        restarts = _find(await c.status(), "Counter")["restarts"]
+        restarts = find_actor(await c.status(), "Counter")["restarts"]
 
         # Fixed: the new code runs; a reload is not a failure, so restarts do not count it.
         write(ws / "counter.actor.py", COUNTER.replace("STEP = 1", "STEP = 7"))
         await eventually(lambda: y(c, "Counter", 1), 8)
         status = await c.status()
-        assert status["script_problems"] == [] and _find(status, "Counter")["restarts"] == restarts
+        assert status["script_problems"] == [] and find_actor(status, "Counter")["restarts"] == restarts
 
         # Deleted: it stops and is no longer listed; the others serve on.
         (ws / "js.actor.js").unlink()
-        await wait_for_status(c, lambda st: not _find(st, "Js"))
+        await wait_for_status(c, lambda st: not find_actor(st, "Js"))
         with pytest.raises(RpcError):
             await c.call("Js", {"x": 1})
         assert "Js" not in {a["name"] for a in (await c.request("actors.list"))["actors"]}
@@ -139,16 +139,6 @@ async def wait_for_status(c, predicate, timeout: float = 20) -> None:
             await trio.sleep(0.1)
         return
     raise AssertionError(f"status never matched: {status}")
-
-
-def _find(node: dict, name: str) -> dict:
-    if node.get("name") == name:
-        return node
-    for child in node.get("children") or []:
-        found = _find(child, name)
-        if found:
-            return found
-    return {}
 
 
 # -- the pure plan ----------------------------------------------------------------------------------

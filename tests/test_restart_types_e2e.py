@@ -13,7 +13,7 @@ import sys
 import pytest
 import trio
 
-from conftest import open_client, wait_for
+from conftest import find_actor, open_client, wait_for
 from supervisor.client import RpcError
 
 STOPPER = '''
@@ -73,18 +73,8 @@ supervision:
 """
 
 
-def _node(status: dict, name: str) -> dict | None:
-    todo = [status]
-    while todo:
-        n = todo.pop()
-        if n["name"] == name and n.get("kind") == "actor":
-            return n
-        todo += n.get("children") or []
-    return None
-
-
 async def _state(c, name: str) -> str | None:
-    node = _node(await c.status(), name)
+    node = find_actor(await c.status(), name)
     return node and node["state"]
 
 
@@ -113,13 +103,13 @@ async def test_transient_stops_after_a_normal_exit_and_restarts_after_a_crash(ho
         # actor.restart brings it back; a crash (abnormal) is restarted by the supervisor.
         assert await c.request("actor.restart", {"actor": "t"}) == {}
         await _ok(c, "t")
-        node = _node(await c.status(), "t")
+        node = find_actor(await c.status(), "t")
         assert node["restarts"] == 1 and node["last_restart_cause"] == "actor.restart"
         with pytest.raises(RpcError) as err:
             await c.call("t", {"how": "crash"})
         assert err.value.data["exit_code"] == 7
         await _ok(c, "t")
-        node = _node(await c.status(), "t")
+        node = find_actor(await c.status(), "t")
         assert node["restarts"] == 2 and node["last_restart_cause"] == "failed"
         assert node["last_exit"]["reason"] == "error"
         r = await trio.run_process([sys.executable, "-m", "supervisor", "status", "--url", host.url],
@@ -139,7 +129,7 @@ async def test_transient_stops_after_a_normal_exit_and_restarts_after_a_crash(ho
             await c.call("t", {"how": "exit3"})
         assert err.value.data["exit_code"] == 3
         await _ok(c, "t")
-        assert _node(await c.status(), "t")["restarts"] == 4
+        assert find_actor(await c.status(), "t")["restarts"] == 4
 
         # A bare os._exit(0): normal too, the message in hand fails saying so.
         with pytest.raises(RpcError) as err:
@@ -150,7 +140,7 @@ async def test_transient_stops_after_a_normal_exit_and_restarts_after_a_crash(ho
 
 
 async def _stopped(c, name: str, how: str) -> dict | None:
-    node = _node(await c.status(), name)
+    node = find_actor(await c.status(), name)
     return node if node and node["state"] == "stopped" and (node["last_exit"] or {}).get("message") == how else None
 
 
@@ -158,7 +148,7 @@ async def test_permanent_restarts_after_a_normal_exit(host):
     async with open_client(host.url) as c:
         await c.call("p", {"how": "stop-why"})
         await _ok(c, "p")
-        node = _node(await c.status(), "p")
+        node = find_actor(await c.status(), "p")
         assert node["restarts"] == 1 and node["state"] == "running"
         assert node["last_exit"]["reason"] == "normal" and node["last_exit"]["message"] == "work done"
         assert node["last_restart_cause"] == "exited normally"
@@ -167,10 +157,10 @@ async def test_permanent_restarts_after_a_normal_exit(host):
 async def test_temporary_is_never_restarted_and_restart_says_why(host):
     async with open_client(host.url) as c:
         # actor.restart of a running temporary actor restarts it (it is not removed).
-        pid = _node(await c.status(), "y")["pid"]
+        pid = find_actor(await c.status(), "y")["pid"]
         assert await c.request("actor.restart", {"actor": "y"}) == {}
         await _ok(c, "y")
-        node = _node(await c.status(), "y")
+        node = find_actor(await c.status(), "y")
         assert node["restarts"] == 1 and node["pid"] != pid and node["last_restart_cause"] == "actor.restart"
 
         with pytest.raises(RpcError):
@@ -186,11 +176,11 @@ async def test_temporary_is_never_restarted_and_restart_says_why(host):
             assert err.value.code == -32001 and "temporary" in err.value.message
             assert err.value.data == {"actor": name}
         await _ok(c, "p")  # the others were not touched
-        assert _node(await c.status(), "p")["restarts"] == 0
+        assert find_actor(await c.status(), "p")["restarts"] == 0
 
 
 async def _gone(c, name: str) -> bool:
-    return _node(await c.status(), name) is None
+    return find_actor(await c.status(), name) is None
 
 
 async def test_javascript_process_exit_0_and_stop_are_normal_other_codes_crash(host):
@@ -235,18 +225,18 @@ supervision:
     g: {members: [a, b], strategy: one_for_all, max_restarts: 1, max_seconds: 60}
 """)
     async with open_client(host.url) as c:
-        pids = {n: _node(await c.status(), n)["pid"] for n in ("a", "b")}
+        pids = {n: find_actor(await c.status(), n)["pid"] for n in ("a", "b")}
         with pytest.raises(RpcError):
             await c.call("a", {"how": "exit"})
         for n in ("a", "b"):
             assert (await c.call(n, {"how": "ok"}, timeout=20))["outputs"]["ok"]["value"] is True
         status = await c.status()
-        a, b = _node(status, "a"), _node(status, "b")
+        a, b = find_actor(status, "a"), find_actor(status, "b")
         assert (a["restarts"], b["restarts"]) == (1, 1) and b["pid"] != pids["b"]
         assert a["last_restart_cause"] == "failed"
         assert b["last_restart_cause"] == "sibling 'a' failed (one_for_all)"
 
-        pids = {n: _node(status, n)["pid"] for n in ("a", "b")}
+        pids = {n: find_actor(status, n)["pid"] for n in ("a", "b")}
         with pytest.raises(RpcError):  # the second failure in g's window: g gives up, network restarts it
             await c.call("a", {"how": "exit"})
         for n in ("a", "b"):
@@ -255,10 +245,10 @@ supervision:
         group = next(n for n in status["children"][0]["children"] if n["name"] == "g")
         assert group["restarts"] == 1 and group["last_restart_cause"] == "failed"
         for n in ("a", "b"):
-            node = _node(status, n)
+            node = find_actor(status, n)
             assert node["pid"] != pids[n] and node["restarts"] == 2
             assert node["last_restart_cause"].startswith("supervisor 'g' restarted (more than 1 restarts")
-        assert _node(status, "solo")["restarts"] == 0
+        assert find_actor(status, "solo")["restarts"] == 0
 
 
 async def test_restart_after_the_root_gave_up_starts_the_tree_again(make_host):
@@ -281,7 +271,7 @@ supervision: {max_restarts: 0, max_seconds: 60}
         assert status["state"] == "running" and status["children"][0]["state"] == "running"
         assert (await c.call("solo", {"how": "ok"}, timeout=20))["outputs"]["ok"]["value"] is True
         assert (await c.call("a", {"how": "ok"}, timeout=20))["outputs"]["ok"]["value"] is True
-        solo = _node(await c.status(), "solo")
+        solo = find_actor(await c.status(), "solo")
         assert solo["restarts"] == 1 and solo["last_restart_cause"].startswith("supervisor 'network' restarted")
 
 

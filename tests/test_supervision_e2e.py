@@ -7,7 +7,7 @@ import signal
 import pytest
 import trio
 
-from conftest import children_of, cmdline, open_client, wait_for
+from conftest import actors, children_of, cmdline, find_actor, open_client, wait_for
 from supervisor.client import ConnectionLost, RpcError
 
 CRASHER = '''
@@ -43,16 +43,6 @@ def steady(context):
 '''
 
 
-def _node(status: dict, name: str) -> dict:
-    todo = [status]
-    while todo:
-        n = todo.pop()
-        if n["name"] == name and n.get("kind") == "actor":
-            return n
-        todo += n.get("children") or []
-    raise KeyError(name)
-
-
 async def test_crash_kinds_fail_the_call_and_restart_the_worker(make_host):
     host = await make_host({"crasher.actor.py": CRASHER, "steady.actor.py": STEADY},
                            "supervision: {max_restarts: 10, max_seconds: 60}\n")
@@ -61,7 +51,7 @@ async def test_crash_kinds_fail_the_call_and_restart_the_worker(make_host):
             await c.call("Crasher", {"how": "raise"})
         assert err.value.code == -32002 and err.value.data["type"] == "ValueError"
         assert err.value.data["traceback"][-1].startswith('File "crasher.actor.py", line 9')
-        assert _node(await c.status(), "Crasher")["restarts"] == 0  # a raise is the message's failure only
+        assert find_actor(await c.status(), "Crasher")["restarts"] == 0  # a raise is the message's failure only
 
         expected = {"exit": ("exit_code", 7), "segv": ("signal", signal.SIGSEGV)}
         for restarts, (how, (key, value)) in enumerate(expected.items(), start=1):
@@ -69,22 +59,22 @@ async def test_crash_kinds_fail_the_call_and_restart_the_worker(make_host):
                 await c.call("Crasher", {"how": how})
             assert err.value.code == -32002 and err.value.data[key] == value
             assert (await c.call("Crasher", {"how": "ok"}))["outputs"]["ok"]["value"] is True
-            assert _node(await c.status(), "Crasher")["restarts"] == restarts
+            assert find_actor(await c.status(), "Crasher")["restarts"] == restarts
 
         with pytest.raises(RpcError) as err:
             await c.call("Crasher", {"how": "bomb"})
         assert err.value.code == -32005 and err.value.data == {"limit": "memory"}
         assert (await c.call("Crasher", {"how": "ok"}))["outputs"]["ok"]["value"] is True
-        assert _node(await c.status(), "Crasher")["restarts"] == 3
+        assert find_actor(await c.status(), "Crasher")["restarts"] == 3
 
         with pytest.raises(RpcError) as err:
             await c.call("Crasher", {"how": "loop"})
         assert err.value.code == -32003
         assert (await c.call("Crasher", {"how": "ok"}))["outputs"]["ok"]["value"] is True
-        node = _node(await c.status(), "Crasher")
+        node = find_actor(await c.status(), "Crasher")
         assert node["restarts"] == 4 and node["last_error"]["type"] == "ActorTimedOut"
         assert (await c.call("Steady", {"x": 5}))["outputs"]["y"]["value"] == 5
-        assert _node(await c.status(), "Steady")["restarts"] == 0
+        assert find_actor(await c.status(), "Steady")["restarts"] == 0
 
 
 async def test_exceeded_intensity_escalates_and_status_shows_it(make_host):
@@ -132,13 +122,7 @@ async def test_sigterm_drains_and_leaves_no_process_behind(make_host):
 
 
 def _restarts(status: dict) -> dict[str, int]:
-    out, todo = {}, [status]
-    while todo:
-        n = todo.pop()
-        if n.get("kind") == "actor":
-            out[n["name"]] = n["restarts"]
-        todo += n.get("children") or []
-    return out
+    return {n["name"]: n["restarts"] for n in actors(status)}
 
 
 @pytest.mark.parametrize("strategy,expected", [
@@ -161,7 +145,7 @@ supervision:
 """
     host = await make_host({"crasher.actor.py": CRASHER, "steady.actor.py": STEADY}, config)
     async with open_client(host.url) as c:
-        pids = {n: _node(await c.status(), n)["pid"] for n in ("a", "b", "c", "solo")}
+        pids = {n: find_actor(await c.status(), n)["pid"] for n in ("a", "b", "c", "solo")}
         with pytest.raises(RpcError):
             await c.call("b", {"how": "exit"})
         for name in ("a", "b", "c"):
@@ -169,7 +153,7 @@ supervision:
         status = await c.status()
         assert _restarts(status) == expected
         for name, n in expected.items():
-            assert (_node(status, name)["pid"] != pids[name]) == bool(n)
+            assert (find_actor(status, name)["pid"] != pids[name]) == bool(n)
         group = status["children"][0]["children"][-1]
         assert group["name"] == "trio" and group["strategy"] == strategy
 
@@ -209,7 +193,7 @@ supervision:
 """
     host = await make_host({"crasher.actor.py": CRASHER, "steady.actor.py": STEADY}, config)
     async with open_client(host.url) as c:
-        solo_pid = _node(await c.status(), "solo")["pid"]
+        solo_pid = find_actor(await c.status(), "solo")["pid"]
         with pytest.raises(RpcError):
             await c.call("a", {"how": "exit"})
         status = await wait_for(c.status)
@@ -218,7 +202,7 @@ supervision:
         network = status["children"][0]
         group = next(n for n in network["children"] if n["name"] == "g")
         assert group["restarts"] == 1 and group["last_error"]["type"] == "SupervisorGaveUp"
-        assert _node(status, "solo")["pid"] == solo_pid and _node(status, "solo")["restarts"] == 0
+        assert find_actor(status, "solo")["pid"] == solo_pid and find_actor(status, "solo")["restarts"] == 0
         assert (await c.call("solo", {"x": 3}))["outputs"]["y"]["value"] == 3
 
 
@@ -285,11 +269,11 @@ network:
             await c.request("actor.restart", {"actor": "split"})
             await wait_for(lambda: _restarted(c, "split"), timeout=30)
             await c.call("tick", {"x": "last"})  # behind anything already in Tick's mailbox
-        assert _node(await c.status(), "tick")["processed"] == sent + 1
+        assert find_actor(await c.status(), "tick")["processed"] == sent + 1
 
 
 async def _restarted(c, name: str) -> bool:
-    node = _node(await c.status(), name)
+    node = find_actor(await c.status(), name)
     return node["restarts"] >= 1 and node["state"] == "running"
 
 
