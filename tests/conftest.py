@@ -159,5 +159,15 @@ def find_actor(status: dict, name: str) -> dict | None:
     return next((node for node in actors(status) if node["name"] == name), None)
 
 
+async def wait_printed(host: HostProcess, word: str, times: int = 1, timeout: float = 10) -> None:
+    """Wait until the host has logged ``word`` (no spaces) printed by a script ``times`` times.
+
+    The host logs each line a script writes to stdout as it comes (``script output ...
+    text=WORD``), so a script that prints a word before it blocks tells the test that its
+    message is in hand: the event to wait on, not a guess of how long the call takes to get
+    there."""
+    await wait_for(lambda: host.output().count(f" text={word}") >= times, timeout)
+
+
 __all__ = ["HostProcess", "actors", "children_of", "cmdline", "find_actor", "free_port", "open_client", "wait_for",
-           "write_workspace", "EXAMPLES", "ROOT"]
+           "wait_printed", "write_workspace", "EXAMPLES", "ROOT"]

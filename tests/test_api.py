@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import trio
 import trio_websocket
 
-from conftest import open_client, wait_for, write_workspace
+from conftest import open_client, wait_for, wait_printed, write_workspace
 from supervisor.client import ConnectionLost, RpcError
 
 DOUBLE = '''
@@ -23,7 +23,9 @@ from reflow import actor
 
 @actor(name="Double", inports=["x", "sleep"], outports=["y"])
 def double(context):
-    time.sleep(context.get_input("sleep", 0))
+    if context.get_input("sleep", 0):
+        print("sleeping")  # the test waits for this line: the message is in the worker
+        time.sleep(context.get_input("sleep"))
     return {"y": context.get_input("x") * 2}
 '''
 
@@ -250,7 +252,7 @@ async def test_client_reconnects_and_its_subscription_delivers_again(make_host):
                 with pytest.raises(ConnectionLost):
                     await c.call("Double", {"x": 1, "sleep": 30})
             n.start_soon(in_flight)
-            await trio.sleep(0.2)  # the call is in the worker
+            await wait_printed(host, "sleeping")  # the call is in the worker
             host.proc.kill()
             await host.wait()
             await host.start()

@@ -7,7 +7,7 @@ import signal
 import pytest
 import trio
 
-from conftest import actors, children_of, cmdline, find_actor, open_client, wait_for
+from conftest import actors, children_of, cmdline, find_actor, open_client, wait_for, wait_printed
 from supervisor.client import ConnectionLost, RpcError
 
 CRASHER = '''
@@ -99,7 +99,7 @@ async def test_exceeded_intensity_escalates_and_status_shows_it(make_host):
 
 
 async def test_sigterm_drains_and_leaves_no_process_behind(make_host):
-    slow = STEADY.replace('return {"y"', 'import time; time.sleep(0.5); return {"y"')
+    slow = STEADY.replace('return {"y"', 'print("sleeping"); import time; time.sleep(0.5); return {"y"')
     host = await make_host({"steady.actor.py": slow})
     async with open_client(host.url) as c:
         assert (await c.call("Steady", {"x": 1}))["outputs"]["y"]["value"] == 1
@@ -113,7 +113,7 @@ async def test_sigterm_drains_and_leaves_no_process_behind(make_host):
 
         async with trio.open_nursery() as n:
             n.start_soon(call, 2)
-            await trio.sleep(0.1)  # the call is in the worker
+            await wait_printed(host, "sleeping", times=2)  # the call is in the worker
             host.signal(signal.SIGTERM)
     assert results == [2]
     assert await host.wait(30) == 0
@@ -159,7 +159,7 @@ supervision:
 
 
 async def test_second_signal_stops_at_once(make_host):
-    slow = STEADY.replace('return {"y"', 'import time; time.sleep(60); return {"y"')
+    slow = STEADY.replace('return {"y"', 'print("sleeping"); import time; time.sleep(60); return {"y"')
     host = await make_host({"steady.actor.py": slow}, "supervision: {shutdown_grace: 60s}\n")
     async with open_client(host.url) as c:
         descendants = children_of(host.proc.pid)
@@ -168,12 +168,13 @@ async def test_second_signal_stops_at_once(make_host):
                 with pytest.raises((RpcError, ConnectionLost)):
                     await c.call("Steady", {"x": 1})
             n.start_soon(call)
-            await trio.sleep(0.3)  # the call is in the worker
+            await wait_printed(host, "sleeping")  # the call is in the worker
             host.signal(signal.SIGTERM)
-            await trio.sleep(0.3)  # the host is draining
+            await wait_for(lambda: "draining in-flight messages" in host.output())
             assert host.proc.poll() is None
             host.signal(signal.SIGINT)
             assert await host.wait(5) == 0
+            assert "second signal: stopping now" in host.output()  # not the drain ending on its own
             n.cancel_scope.cancel()
     for pid in descendants:
         assert not cmdline(pid), f"left behind: {pid} {cmdline(pid)}"

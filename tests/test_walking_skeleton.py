@@ -10,7 +10,7 @@ import sys
 import pytest
 import trio
 
-from conftest import EXAMPLES, ROOT, children_of, cmdline, open_client, wait_for
+from conftest import EXAMPLES, ROOT, children_of, cmdline, open_client, wait_for, wait_printed
 from supervisor.client import RpcError
 
 CALC = (EXAMPLES / "calculator.py").read_text()
@@ -23,6 +23,8 @@ from reflow import actor
 
 @actor(name="Slow", inports=["seconds"], outports=["done"])
 def slow(context):
+    if context.get_input("seconds"):
+        print("sleeping")  # the test waits for this line: the message is in the script
     time.sleep(context.get_input("seconds"))
     return {"done": True}
 '''
@@ -101,7 +103,7 @@ async def test_sigkill_worker_fails_that_call_and_next_call_succeeds(make_host):
             def python_inside():
                 return [p for p in children_of(sandbox_pid) if cmdline(p).startswith("/usr/local/bin/python3")]
             (pid,) = await wait_for(python_inside)
-            await trio.sleep(0.3)  # let the call reach the script's time.sleep
+            await wait_printed(host, "sleeping")  # the call reached the script's time.sleep
             os.kill(pid, signal.SIGKILL)
 
         async with trio.open_nursery() as n:
