@@ -1,7 +1,9 @@
 """Static discovery of script actors (CONTRACT §3): metadata is read, never run.
 
-Fixtures in tests/scripts/discovery/ are verbatim copies of the seeds' examples
-(checked against the seeds when shared/ is beside the checkout).
+The seeds' examples are read where they live: examples/scripts/ (the seed's text below a
+one-line header), and tests/scripts/discovery/ for the seed's DataProcessor as the seed wrote
+it (examples/scripts/ adds the helper it calls); all checked against the seeds when shared/
+is beside the checkout.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from conftest import EXAMPLES
 from supervisor._discovery import (ComponentSpec, Discovery, ScriptError, ScriptProblem, _glob_regex, discover,
                                    extract)
 
@@ -45,12 +48,13 @@ def _error(path: Path, text: str | None = None) -> ScriptProblem:
 # -- the seeds' examples --------------------------------------------------------------------------
 
 @pytest.mark.skipif(not SEEDS.is_dir(), reason="shared/ is not beside the checkout")
-def test_fixtures_are_the_seeds_verbatim():
+def test_the_examples_and_fixtures_are_the_seeds_verbatim():
     seed = (SEEDS / "004_907eda7e1530af8d.txt").read_text()
     assert (FIXTURES / "data_processor.actor.py").read_text() == _block(seed, "python")
-    assert (FIXTURES / "stream_aggregator.actor.js").read_text() == _block(seed, "javascript")
+    header, text = (EXAMPLES / "stream_aggregator.actor.js").read_text().split("\n", 1)
+    assert header.startswith("//") and text == _block(seed, "javascript")
     seed0 = (SEEDS / "000_2396b510a9ec5be8.txt").read_text()
-    assert (FIXTURES / "test_actor.py").read_text() == _block(seed0, "python", "Create `test_actor.py`")
+    assert (EXAMPLES / "test_actor.py").read_text() == _block(seed0, "python", "Create `test_actor.py`")
 
 
 def test_seed_python_data_processor():
@@ -64,16 +68,16 @@ def test_seed_python_data_processor():
 
 
 def test_seed_javascript_stream_aggregator():
-    path = FIXTURES / "stream_aggregator.actor.js"
+    path = EXAMPLES / "stream_aggregator.actor.js"
     c = extract(path)
     assert c == ComponentSpec(
-        name="StreamAggregator", runtime="javascript", file=path, line=3, source=path.read_text(),
+        name="StreamAggregator", runtime="javascript", file=path, line=4, source=path.read_text(),
         entry="aggregateStream", inports=("stream", "window"), outports=("aggregated", "stats"),
         state_backend="redis", description=None, mtime_ns=path.stat().st_mtime_ns)
 
 
 def test_seed_undecorated_test_actor():
-    c = extract(FIXTURES / "test_actor.py")
+    c = extract(EXAMPLES / "test_actor.py")
     assert (c.name, c.runtime, c.entry, c.line, c.dynamic_ports, c.inports, c.outports) == (
         "test_actor", "python", "process", 1, True, (), ())
 
@@ -286,7 +290,7 @@ def test_discover_patterns_exclusions_and_order(tmp_path):
                       ("x/node_modules/pkg/nm2.actor.py", "NM2"), ("x/__pycache__/c.actor.py", "Cache"),
                       ("plain.py", "Plain"), ("a/notes.txt", "Txt")]:
         _write(root / rel, GOOD.format(name=name))
-    _write(root / "a" / "agg.actor.js", (FIXTURES / "stream_aggregator.actor.js").read_text())
+    _write(root / "a" / "agg.actor.js", (EXAMPLES / "stream_aggregator.actor.js").read_text())
     found = discover(root, ["**/*.actor.py", "**/*.actor.js"], ["**/node_modules/**", "**/__pycache__/**"])
     assert [(c.name, c.file.relative_to(root).as_posix()) for c in found.components] == [
         ("StreamAggregator", "a/agg.actor.js"), ("Deep", "a/b/deep.actor.py"), ("Top", "top.actor.py")]
