@@ -1,16 +1,36 @@
 """reflow-supervisor: sandboxed, supervised script actors on trio.
 
-The public names; everything else lives in private modules.
+The public names; everything else lives in private modules (and ``supervisor.client``,
+the client's own module, whose names are these same objects). tests/test_exports.py
+checks that each public name is exported here exactly once.
 """
 
-from ._config import Config as Config, ConfigError as ConfigError, load_config as load_config
-from ._discovery import ComponentSpec as ComponentSpec, discover as discover
-from ._errors import (ActorError as ActorError, ActorFailed as ActorFailed, ActorTimedOut as ActorTimedOut,
-                      Overloaded as Overloaded, ResourceLimitExceeded as ResourceLimitExceeded,
+# The client: a trio WebSocket client for the host's API, and what its calls raise.
+from .client import Client as Client, open_client as open_client
+from ._peer import ConnectionLost as ConnectionLost, RpcError as RpcError
+
+# The errors the host answers with (each carries its JSON-RPC ``code``).
+from ._errors import (ActorError as ActorError, ActorFailed as ActorFailed, ActorRemoved as ActorRemoved,
+                      ActorStopped as ActorStopped, ActorTimedOut as ActorTimedOut, InvalidParams as InvalidParams,
+                      Overloaded as Overloaded, RequestCancelled as RequestCancelled,
+                      ResourceLimitExceeded as ResourceLimitExceeded, Unauthorized as Unauthorized,
                       UnknownActor as UnknownActor)
-from ._host import Host as Host
+
+# Configuration: reflow.yaml loaded into frozen attrs; bad input is one ConfigError naming each key.
+from ._config import (Config as Config, ConfigError as ConfigError, ConfigProblem as ConfigProblem,
+                      load_config as load_config)
 from ._policy import RestartType as RestartType, Strategy as Strategy
 
-__all__ = ["ActorError", "ActorFailed", "ActorTimedOut", "ComponentSpec", "Config", "ConfigError", "Host",
-           "Overloaded", "ResourceLimitExceeded", "RestartType", "Strategy", "UnknownActor", "discover",
-           "load_config"]
+# Discovery: script actors' metadata, read and never run.
+from ._discovery import (ComponentSpec as ComponentSpec, ScriptError as ScriptError, ScriptProblem as ScriptProblem,
+                         discover as discover)
+
+# The host itself (``python -m supervisor run``).
+from ._host import Host as Host, HostError as HostError
+
+__all__ = [
+    "ActorError", "ActorFailed", "ActorRemoved", "ActorStopped", "ActorTimedOut", "Client", "ComponentSpec", "Config",
+    "ConfigError", "ConfigProblem", "ConnectionLost", "Host", "HostError", "InvalidParams", "Overloaded",
+    "RequestCancelled", "ResourceLimitExceeded", "RestartType", "RpcError", "ScriptError", "ScriptProblem",
+    "Strategy", "Unauthorized", "UnknownActor", "discover", "load_config", "open_client",
+]
