@@ -100,10 +100,10 @@ class ProcessSpec:
     memory: int | None = None
 
 
-# Send-ahead window (see ActorCell._serve), measured in make bench's graph and batch runs:
-# 8 ahead, topped up after every reply, meant one small write (and one worker wake-up) per
-# message once the window filled; 64, topped up once half of it is answered, carries ~32 per
-# write: ~3× the messages/s on one actor and on a two-actor graph. The byte cap keeps large
+# Send-ahead window (see ActorCell._serve): 8 ahead, topped up after every reply, meant one
+# small write (and one worker wake-up) per message once the window filled; 64, topped up
+# once half of it is answered, carries ~32 per write, which is what lets one actor and a
+# two-actor graph keep up (make bench's graph and batch runs). The byte cap keeps large
 # payloads from piling up in the channel and in the worker's read buffer.
 SEND_AHEAD = 64
 SEND_REFILL = SEND_AHEAD // 2

@@ -9,12 +9,11 @@ A frame may carry raw attachments (``bytes`` payloads that should not pay for
 base64 and a JSON string parse): its line is ``@LEN,LEN,… JSON`` and the
 attachments follow the newline back to back. JSON never starts with ``@``, so
 plain frames are untouched; the JSON refers to attachment ``k`` as
-``{"type": "bytes", "$att": k}``. Why not msgpack headers: measured here on a
-``process`` request's header (224 bytes), orjson writes it in 0.4 µs and reads
-it in 1.2 µs, msgpack in 1.2 and 2.3 µs; the workers have only their runtime's
-standard library, where JSON is built in and msgpack is not; and raw buffers
-after a text line cost what they cost in any binary framing (one ``writev``,
-one slice).
+``{"type": "bytes", "$att": k}``. Why not msgpack headers: orjson writes and
+reads a ``process`` request's header faster than msgpack does; the workers
+have only their runtime's standard library, where JSON is built in and msgpack
+is not; and raw buffers after a text line cost what they cost in any binary
+framing (one ``writev``, one slice).
 """
 
 from __future__ import annotations
@@ -50,9 +49,9 @@ def json_values(frame: bytes | bytearray, *, exact: bool = False) -> int:
 
     What a parse allocates is about its length plus some 100 bytes per value, so this
     bounds what a frame can inflate to before anything is allocated for it. The quick
-    count (one C pass, ~0.1 µs for a reply frame) also counts commas and brackets
-    inside strings; ``exact`` first drops the strings' contents (a regex pass, ~4 ns
-    a byte), for a frame whose quick count is over the budget. Never raises: a frame
+    count (one C pass) also counts commas and brackets inside strings; ``exact``
+    first drops the strings' contents (a slower regex pass), for a frame whose quick
+    count is over the budget. Never raises: a frame
     that is not JSON gets some count and fails its parse later.
     """
     if exact:

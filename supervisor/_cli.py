@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 def _tune_gc() -> None:
     """The host allocates a few short-lived containers per message; CPython's default
     (a young-generation collection every 700 allocations, each older one walking every
-    module and config object) spent ~5% of a loaded host in the collector. Freeze what
+    module and config object) costs a loaded host a visible share of its time. Freeze what
     exists at start (imports, config) out of the collector's walks and collect the
     young generation less often; cycles still go, just in larger batches."""
     import gc

@@ -149,8 +149,8 @@ class RedisConfig:
     # The embedded server's appendfsync. "everysec" (the default): Redis write()s the AOF
     # before it answers, so an accepted message survives a SIGKILL of redis-server or of
     # the host (it is in the kernel's page cache); a machine crash or power cut may lose up
-    # to ~1 s. "always" fsyncs before answering and closes that too, at a measured cost of
-    # about half the durable throughput and twice the durable latency on this machine.
+    # to ~1 s. "always" fsyncs before answering and closes that too, at a large cost in
+    # durable throughput and latency (a disk flush per write).
     appendfsync: _Fsync = "everysec"
 
 
@@ -906,7 +906,7 @@ def config_json_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _schema_problems(config: Any, schema: Mapping[str, Any], comp: Any) -> Iterator[tuple[_Path, str]]:
-    import jsonschema  # only when there is a schema to check: it costs ~0.1 s to import
+    import jsonschema  # only when there is a schema to check: it is slow to import
 
     where = f"{getattr(comp.file, 'name', comp.file)}:{comp.line}"
     try:

@@ -417,14 +417,14 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _parse_literal(path: Path, literal: str, line: int) -> dict[str, Any]:
     """The object literal as a dict; ScriptError with the file's line on a syntax error."""
     try:
-        # Plain JSON first: json5 is a pure-Python parser (~1 ms a literal) and JSON5 is a
+        # Plain JSON first: json5 is a slow pure-Python parser and JSON5 is a
         # superset of JSON, so a JSON-shaped literal means the same either way.
         return json.loads(literal, object_pairs_hook=_no_duplicates)
     except ValueError:
         pass
-    # pyjson5 (Cython, ~2 µs a literal) reads the usual case; it keeps the last of two equal
-    # keys without a word, so a literal whose key count does not add up, and any literal it
-    # refuses, goes to json5 (pure Python, ~2 ms), which rejects duplicates and says where.
+    # pyjson5 (Cython, fast) reads the usual case; it keeps the last of two equal keys
+    # without a word, so a literal whose key count does not add up, and any literal it
+    # refuses, goes to json5 (pure Python, slow), which rejects duplicates and says where.
     try:
         fast = pyjson5.decode(literal)
     except Exception:  # pyjson5's errors carry no line: json5 below says it properly

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ActorStats", "BUCKETS", "HostMetrics", "quantile", "walk_status"]
 
-# Upper bounds (seconds) of the duration histogram: a call here takes ~0.25 ms, a script
-# that sleeps or computes, anything up to its timeout.
+# Upper bounds (seconds) of the duration histogram: a plain call takes well under a
+# millisecond, a script that sleeps or computes, anything up to its timeout.
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
            10.0, 30.0, 60.0)
 

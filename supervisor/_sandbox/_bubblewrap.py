@@ -19,7 +19,7 @@ sandbox paths.
 Cold start is on the hot path (restarts, pool refills), so the mount table is
 kept short: the libraries a runtime links are bound as one read-only directory
 per sandbox directory (``_staged``) rather than one mount per file — the same
-files at the same paths, ~8 ms less per spawn for Python's ~50 libraries.
+files at the same paths, far fewer mounts per spawn for Python's many libraries.
 """
 
 from __future__ import annotations
@@ -390,7 +390,7 @@ def refresh_bytecode(folder: Path) -> None:
 
 # Runs /reflow/reflow_worker.py as `python3 /reflow/reflow_worker.py ARGS…` would (as
 # __main__, argv[0] and __file__ set), but from its cached bytecode: a script named on the
-# command line is compiled afresh every time (~4 ms for the worker), a loader uses its .pyc.
+# command line is compiled afresh every time, a loader uses its .pyc.
 PY_WORKER = "/reflow/reflow_worker.py"
 PY_BOOT = ("import sys; sys.argv[0] = __file__ = %r; exec(__import__('_frozen_importlib_external')"
            ".SourceFileLoader('__main__', __file__).get_code('__main__'))" % PY_WORKER)

@@ -13,8 +13,8 @@ backend says so once at startup and relies on rlimits.
 
 Why ``echo 0 > tasks`` and not ``echo $$ > cgroup.procs``: moving a whole
 thread group write-locks the kernel's global ``cgroup_threadgroup_rwsem``,
-which waits out an RCU grace period — 11–15 ms per spawn on this machine,
-a third of a cold start. Moving the *current, single* thread (``0`` written
+which waits out an RCU grace period on every spawn, a large share of a cold
+start. Moving the *current, single* thread (``0`` written
 to ``tasks``) skips that lock (Linux ≥ 5.17; older kernels just take it), and
 for the single-threaded ``sh`` it moves the whole process: what it then
 ``exec``s and forks stays inside.

@@ -4,7 +4,7 @@ Why not ``trio.run_process``: it forks from a worker thread, and Linux fires a
 child's parent-death signal when that *thread* exits (trio parks idle threads
 for ~10 s), so ``bwrap --die-with-parent`` started that way is SIGKILLed about
 ten seconds later. We fork from the trio thread itself (``subprocess.Popen``
-uses vfork here, ~1 ms), so the death signal is tied to the host's main thread,
+uses vfork here), so the death signal is tied to the host's main thread,
 which lives exactly as long as the host. Exit is awaited through a pidfd.
 """
 

@@ -2,7 +2,7 @@
 
 Runs as ``python3 -I -S -B reflow_worker.py LIMITS_JSON FD`` inside the
 sandbox. Talks newline-delimited JSON-RPC 2.0 over the inherited socket FD.
-Stays on the standard library and imports lazily (``asyncio`` costs ~30 ms):
+Stays on the standard library and imports lazily (``asyncio`` is a heavy import):
 a script's coroutine is driven directly unless the script uses asyncio.
 """
 
@@ -18,7 +18,7 @@ def _json_codec():
     """(dumps, loads) with the output of ``json.JSONEncoder(ensure_ascii=False,
     separators=(",", ":"), allow_nan=False).encode`` and ``json.loads``, straight on the
     C accelerator ``_json``: ``import json`` pulls in ``re`` (its decoder and encoder
-    compile regexes at import), ~8 ms of every cold start. Falls back to ``json`` where
+    compile regexes at import), which every cold start would pay for. Falls back to ``json`` where
     ``_json`` is missing or differs."""
     try:
         import _json

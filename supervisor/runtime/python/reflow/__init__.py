@@ -13,7 +13,7 @@ latency.
 from __future__ import annotations
 
 # No module-level imports beyond the interpreter's own: ``base64`` alone pulls in ``re``
-# (~7 ms of every cold start here), ``math`` is a shared object to load. Bytes messages
+# (which every cold start would pay for), ``math`` is a shared object to load. Bytes messages
 # use ``binascii`` (what ``base64`` calls), imported when the first one is converted.
 
 _INF = float("inf")
@@ -367,7 +367,7 @@ def actor(name=None, inports=(), outports=(), **meta):
     return register
 
 
-# A process's first compile() costs ~1.5 ms here (it builds the AST types and faults in the
-# parser), the next ones ~0.07 ms. This module is imported by every worker before it says
+# A process's first compile() costs far more than the next ones (it builds the AST types
+# and faults in the parser). This module is imported by every worker before it says
 # ready: pay it now, in the cold start, rather than in the `load` a warm worker is taken for.
 compile("", "<reflow warm-up>", "exec")
