@@ -102,6 +102,12 @@ class HostProcess:
     def output(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
+    def redis(self):
+        """A redis-py client on the host's embedded Redis (its unix socket in the state dir)."""
+        import redis
+
+        return redis.Redis(unix_socket_path=str(self.state_dir / "redis.sock"))
+
 
 @pytest.fixture
 async def make_host(tmp_path):
@@ -144,6 +150,25 @@ async def wait_for(predicate, timeout: float = 10, interval: float = 0.02):
             await trio.sleep(interval)
 
 
+async def run_cli(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    """``python -m supervisor ARGS`` as a user runs it: (exit code, stdout, stderr)."""
+    r = await trio.run_process([sys.executable, "-m", "supervisor", *args], capture_stdout=True,
+                               capture_stderr=True, check=False, cwd=cwd)
+    return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+
+async def worker_rpc(worker, rid, method: str, params: dict | None = None, notes: list | None = None) -> dict:
+    """Send a request on a sandbox ``worker``'s channel; return its reply, collecting the
+    notifications read meanwhile into ``notes`` (dropped when None)."""
+    await worker.channel.send(orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}}))
+    while True:
+        msg = orjson.loads(await worker.channel.receive())
+        if msg.get("id") == rid and "method" not in msg:
+            return msg
+        if notes is not None:
+            notes.append(msg)
+
+
 def actors(status: dict):
     """Every actor node of a ``status`` tree (CONTRACT: ``host.status``), in tree order."""
     todo = [status]
@@ -169,5 +194,5 @@ async def wait_printed(host: HostProcess, word: str, times: int = 1, timeout: fl
     await wait_for(lambda: host.output().count(f" text={word}") >= times, timeout)
 
 
-__all__ = ["HostProcess", "actors", "children_of", "cmdline", "find_actor", "free_port", "open_client", "wait_for",
-           "wait_printed", "write_workspace", "EXAMPLES", "ROOT"]
+__all__ = ["HostProcess", "actors", "children_of", "cmdline", "find_actor", "free_port", "open_client", "run_cli",
+           "wait_for", "wait_printed", "worker_rpc", "write_workspace", "EXAMPLES", "ROOT"]

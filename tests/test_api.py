@@ -39,6 +39,21 @@ def total(context):
 '''
 
 
+def fan_in(iip: str) -> str:
+    """A network: Double d1 and d2 into Sum's a and b, plus one more connection (an IIP)."""
+    return f"""\
+network:
+  processes:
+    d1: {{component: Double}}
+    d2: {{component: Double}}
+    sum: {{component: Sum}}
+  connections:
+    - {{src: {{process: d1, port: y}}, tgt: {{process: sum, port: a}}}}
+    - {{src: {{process: d2, port: y}}, tgt: {{process: sum, port: b}}}}
+    - {iip}
+"""
+
+
 async def raw(ws, frame):
     await ws.send_message(frame)
     return orjson.loads(await ws.get_message())
@@ -153,17 +168,7 @@ async def test_send_and_subscribe(make_host):
 
 
 async def test_graph_routes_iips_and_waits_for_all_inports(make_host):
-    config = """\
-network:
-  processes:
-    d1: {component: Double}
-    d2: {component: Double}
-    sum: {component: Sum}
-  connections:
-    - {src: {process: d1, port: y}, tgt: {process: sum, port: a}}
-    - {src: {process: d2, port: y}, tgt: {process: sum, port: b}}
-    - {data: 5, tgt: {process: d2, port: x}}
-"""
+    config = fan_in("{data: 5, tgt: {process: d2, port: x}}")
     host = await make_host({"double.actor.py": DOUBLE, "sum.actor.py": SUM}, config)
     async with open_client(host.url) as c:
         sub = await c.request("actor.subscribe", {"actor": "sum"})
@@ -340,21 +345,9 @@ network:
 async def test_durable_fan_in_keeps_a_waiting_value_across_a_host_sigkill(make_host):
     import signal
 
-    import redis
-
-    config = """\
-network:
-  processes:
-    d1: {component: Double}
-    d2: {component: Double}
-    sum: {component: Sum}
-  connections:
-    - {src: {process: d1, port: y}, tgt: {process: sum, port: a}}
-    - {src: {process: d2, port: y}, tgt: {process: sum, port: b}}
-    - {data: 100, tgt: {process: sum, port: b}}
-"""
+    config = fan_in("{data: 100, tgt: {process: sum, port: b}}")
     host = await make_host({"double.actor.py": DOUBLE, "sum.actor.py": SUM}, config)
-    r = redis.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
+    r = host.redis()
     async with open_client(host.url) as c:
         sub = await c.request("actor.subscribe", {"actor": "sum"})
         notes = c.on_notification(sub["subscription"])

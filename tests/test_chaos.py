@@ -10,7 +10,6 @@ import random
 import signal
 
 import pytest
-import redis as redis_py
 import trio
 
 from conftest import actors, open_client, wait_for
@@ -90,7 +89,7 @@ async def _kill_workers(url: str, rng: random.Random, kills: list[int]) -> None:
 async def _chaos(make_host, n: int, seed: int, timeout: float) -> None:
     rng = random.Random(seed)
     host = await make_host({"relay.actor.py": RELAY, "adder.actor.py": ADDER}, CONFIG)
-    r = redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
+    r = host.redis()
 
     def total() -> int:
         return int(r.get("reflow:Adder:state:total") or 0)
@@ -107,7 +106,7 @@ async def _chaos(make_host, n: int, seed: int, timeout: float) -> None:
     host.proc.kill()  # the host itself, with work in its mailboxes and its workers
     await host.wait()
     await host.start()
-    r = redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
+    r = host.redis()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_kill_workers, host.url, rng, kills)
         await _send(host.url, range(half, n))

@@ -10,15 +10,7 @@ import sys
 import orjson
 import trio
 
-from conftest import EXAMPLES, wait_for
-
-
-async def _cli(*args: str, cwd) -> tuple[int, str, str]:
-    import sys
-
-    r = await trio.run_process([sys.executable, "-m", "supervisor", *args], capture_stdout=True, capture_stderr=True,
-                               check=False, cwd=cwd)
-    return r.returncode, r.stdout.decode(), r.stderr.decode()
+from conftest import EXAMPLES, run_cli, wait_for
 
 
 async def test_call_and_status_commands(make_host):
@@ -27,15 +19,15 @@ async def test_call_and_status_commands(make_host):
                                      "@actor(name='T', inports=['value'], outports=['status', 'result'])\n"
                                      "async def process")}, "", "--log-level", "debug")
     cwd = host.config.parent
-    rc, out, err = await _cli("call", "T", "value=21", "-c", str(host.config), cwd=cwd)
+    rc, out, err = await run_cli("call", "T", "value=21", "-c", str(host.config), cwd=cwd)
     assert rc == 0, err
     assert out.splitlines()[:2] == ['status: "processing"', "result: 42"]
-    rc, out, err = await _cli("status", "-c", str(host.config), cwd=cwd)
+    rc, out, err = await run_cli("status", "-c", str(host.config), cwd=cwd)
     assert rc == 0, err
     assert "root [supervisor] running" in out and "T [actor] running" in out and "tier=namespaces" in out
-    rc, out, err = await _cli("call", "Nope", "x=1", "--url", host.url, cwd=cwd)
+    rc, out, err = await run_cli("call", "Nope", "x=1", "--url", host.url, cwd=cwd)
     assert rc == 1 and "unknown actor 'Nope' (-32001)" in err
-    rc, out, err = await _cli("call", "T", "oops", "--url", host.url, cwd=cwd)
+    rc, out, err = await run_cli("call", "T", "oops", "--url", host.url, cwd=cwd)
     assert rc == 2 and "port=JSON" in err
     log = host.output()
     for event in ("sandbox created", "rpc server started", "script loaded into worker", "rpc request"):
@@ -45,7 +37,7 @@ async def test_call_and_status_commands(make_host):
 
 
 async def test_status_without_a_host_is_one_clear_sentence(tmp_path):
-    rc, out, err = await _cli("status", "--url", "ws://127.0.0.1:9/", cwd=tmp_path)
+    rc, out, err = await run_cli("status", "--url", "ws://127.0.0.1:9/", cwd=tmp_path)
     assert rc == 1 and err.startswith("error: cannot reach the host") and "Traceback" not in err
 
 
@@ -53,7 +45,7 @@ async def test_call_timeout_is_minus_32003(make_host):
     slow = ("import time\nfrom reflow import actor\n\n@actor(name='S', inports=['x'], outports=['y'])\n"
             "def s(context):\n    time.sleep(5)\n    return {'y': 1}\n")
     host = await make_host({"s.actor.py": slow})
-    rc, out, err = await _cli("call", "S", "x=1", "--timeout", "0.5", "--url", host.url, cwd=host.config.parent)
+    rc, out, err = await run_cli("call", "S", "x=1", "--timeout", "0.5", "--url", host.url, cwd=host.config.parent)
     assert rc == 1 and "(-32003)" in err
 
 
@@ -64,7 +56,7 @@ async def test_call_shows_what_a_failing_actor_streamed_before_its_error(make_ho
               "        await context.send_output('step', i)\n"
               "    raise ValueError('gave up')\n")
     host = await make_host({"f.actor.py": script})
-    rc, out, err = await _cli("call", "F", "x=1", "--url", host.url, cwd=host.config.parent)
+    rc, out, err = await run_cli("call", "F", "x=1", "--url", host.url, cwd=host.config.parent)
     assert rc == 1 and "gave up" in err and "(-32002)" in err and "Traceback" not in err
     # Every streamed output, in order, then the error. (Whether the last outputs share a
     # network read with the error reply is up to timing; this does not force it.)
@@ -172,12 +164,12 @@ _STREAMS_AND_RETURNS = ("from reflow import actor\n\n"
 
 async def test_call_prints_each_output_once_and_notes_a_non_json_input(make_host):
     host = await make_host({"t.actor.py": _STREAMS_AND_RETURNS})
-    rc, out, err = await _cli("call", "T", "value=21", "--url", host.url, cwd=host.config.parent)
+    rc, out, err = await run_cli("call", "T", "value=21", "--url", host.url, cwd=host.config.parent)
     assert (rc, out.splitlines(), err) == (0, ['status: "processing"', "result: 42"], "")
-    rc, out, err = await _cli("call", "T", "value=ab", "--url", host.url, cwd=host.config.parent)
+    rc, out, err = await run_cli("call", "T", "value=ab", "--url", host.url, cwd=host.config.parent)
     assert (rc, out.splitlines()) == (0, ['status: "processing"', 'result: "abab"'])
     assert err.splitlines() == ["note: value: not JSON, sent as the string 'ab'"]
-    rc, out, err = await _cli("call", "T", 'value="ab"', "--url", host.url, cwd=host.config.parent)
+    rc, out, err = await run_cli("call", "T", 'value="ab"', "--url", host.url, cwd=host.config.parent)
     assert rc == 0 and err == ""
 
 
@@ -185,16 +177,16 @@ async def test_status_shows_broken_scripts_tiers_and_pool_state_and_deadletters_
     host = await make_host({"t.actor.py": _STREAMS_AND_RETURNS,
                             "broken.actor.py": "from reflow import actor\n\n@actor(name='X'\ndef f(:\n"})
     cwd = host.config.parent
-    rc, out, err = await _cli("status", "--url", host.url, cwd=cwd)
+    rc, out, err = await run_cli("status", "--url", host.url, cwd=cwd)
     assert rc == 0, err
     lines = out.splitlines()
     assert any(line.startswith("broken script (not loaded): ") and "broken.actor.py:4" in line for line in lines), out
     assert "tier=namespaces: its own bubblewrap sandbox" in out and "backend: bubblewrap" in out
     (pool,) = [line for line in lines if line.startswith("pool python: ")]
     assert pool.split(" — ")[0] in ("pool python: warming", "pool python: warm") and "/1 warm, " in pool, pool
-    rc, out, err = await _cli("deadletters", "--url", host.url, cwd=cwd)
+    rc, out, err = await run_cli("deadletters", "--url", host.url, cwd=cwd)
     assert (rc, out, err) == (0, "no dead letters\n", "")
-    rc, out, err = await _cli("deadletters", "--replay", "0-1", "--url", host.url, cwd=cwd)
+    rc, out, err = await run_cli("deadletters", "--replay", "0-1", "--url", host.url, cwd=cwd)
     assert (rc, out, err) == (1, "", "error: no dead letter '0-1' (-32602)\n")
 
 
@@ -233,7 +225,7 @@ async def test_every_cli_error_is_one_sentence_with_its_exit_code(tmp_path):
     results = {}
 
     async def one(args: tuple[str, ...]) -> None:
-        results[args] = await _cli(*args, cwd=tmp_path)
+        results[args] = await run_cli(*args, cwd=tmp_path)
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ import redis as redis_py
 import trio
 import trio_websocket
 
-from conftest import open_client, wait_for
+from conftest import open_client, run_cli, wait_for
 from supervisor.client import RpcError
 
 COUNTER = '''
@@ -26,23 +26,11 @@ def count(context):
 '''
 
 
-async def _cli(*args: str) -> tuple[int, str, str]:
-    import sys
-
-    r = await trio.run_process([sys.executable, "-m", "supervisor", *args], capture_stdout=True,
-                               capture_stderr=True, check=False)
-    return r.returncode, r.stdout.decode(), r.stderr.decode()
-
-
-def _redis(host) -> redis_py.Redis:
-    return redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
-
-
 async def test_poison_message_lands_in_dead_letters_and_leaves_no_trace(make_host):
     host = await make_host({"counter.actor.py": COUNTER}, "supervision: {actors: {Counter: {max_deliveries: 3}}}\n")
     async with open_client(host.url) as c:
         await c.send("Counter", "n", -5)
-        r = _redis(host)
+        r = host.redis()
         await wait_for(lambda: r.xlen("reflow:deadletter") == 1)
         (_, fields), = r.xrange("reflow:deadletter")
         assert fields[b"process"] == b"Counter" and fields[b"attempts"] == b"3"
@@ -59,9 +47,9 @@ async def test_poison_message_lands_in_dead_letters_and_leaves_no_trace(make_hos
             with pytest.raises(RpcError) as err:
                 await c.request("deadletters.replay", {"id": bad})
             assert err.value.code == -32602, err.value
-    rc, out, err = await _cli("deadletters", "--url", host.url)
+    rc, out, err = await run_cli("deadletters", "--url", host.url)
     assert rc == 0 and dead["id"] in out and "ValueError: negative" in out
-    rc, out, err = await _cli("deadletters", "--replay", dead["id"], "--url", host.url)
+    rc, out, err = await run_cli("deadletters", "--replay", dead["id"], "--url", host.url)
     assert rc == 0 and "into Counter" in out
     await wait_for(lambda: r.xlen("reflow:deadletter") == 1 and r.xrange("reflow:deadletter")[0][0].decode()
                    != dead["id"])  # replayed, failed three more times, dead again
@@ -73,13 +61,13 @@ async def test_accepted_messages_survive_a_host_sigkill_exactly_once(make_host):
     async with open_client(host.url) as c:
         for _ in range(n):
             await c.request("actor.send", {"actor": "Counter", "port": "n", "value": 1})
-        await wait_for(lambda: _redis(host).get("reflow:Counter:state:total") is not None)
-    before = int(_redis(host).get("reflow:Counter:state:total"))
+        await wait_for(lambda: host.redis().get("reflow:Counter:state:total") is not None)
+    before = int(host.redis().get("reflow:Counter:state:total"))
     host.proc.kill()  # some processed, some pending, maybe one in the worker
     assert before < n, "the kill must land with work still pending"
     await host.wait()
     await host.start()
-    r = _redis(host)
+    r = host.redis()
     await wait_for(lambda: r.get("reflow:Counter:state:total") == str(n).encode(), timeout=30)
     # Each commit deletes its message from the inbox: once it is empty, nothing is left to
     # deliver again, so a total still at n means each message counted exactly once.
@@ -97,7 +85,7 @@ async def test_embedded_redis_killed_mid_run_is_restarted_and_the_tree_rides_it_
     host = await make_host({"counter.actor.py": COUNTER})
     async with open_client(host.url) as c:
         await c.send("Counter", "n", 1)
-        await wait_for(lambda: _redis(host).get("reflow:Counter:state:total") == b"1")
+        await wait_for(lambda: host.redis().get("reflow:Counter:state:total") == b"1")
         (redis_pid,) = [p for p in children_of(host.proc.pid) if "redis-server" in cmdline(p)]
         os.kill(redis_pid, signal.SIGKILL)
         await wait_for(lambda: any("redis-server" in cmdline(p) and p != redis_pid
@@ -111,7 +99,7 @@ async def test_embedded_redis_killed_mid_run_is_restarted_and_the_tree_rides_it_
                 return False
         await wait_for(accepted, timeout=15)
         # Redis write()s its AOF before it answers: the first increment, acknowledged, outlives its SIGKILL
-        await wait_for(lambda: _redis(host).get("reflow:Counter:state:total") == b"11", timeout=15)
+        await wait_for(lambda: host.redis().get("reflow:Counter:state:total") == b"11", timeout=15)
         status = await c.status()
         assert status["state"] == "running" and status["children"][0]["state"] == "running"
 
@@ -140,7 +128,7 @@ async def test_a_message_that_kills_its_worker_is_dead_lettered_without_taking_s
     # Default supervision (3 restarts in 5 s) and max_deliveries 5: five crashes in a row would
     # escalate; redeliveries of a worker-killing message are spaced so that they do not.
     host = await make_host({"killer.actor.py": KILLER, "bystander.actor.py": BYSTANDER})
-    r = _redis(host)
+    r = host.redis()
     async with open_client(host.url) as c:
         await c.send("Killer", "x", "die")
         await wait_for(lambda: r.xlen("reflow:deadletter") == 1, timeout=30)
@@ -249,7 +237,7 @@ async def test_a_full_durable_mailbox_refuses_with_minus_32004_naming_max_pendin
             assert exc.code == -32004 and "max_pending 3" in str(exc), exc
         else:
             raise AssertionError("a fourth message was accepted past max_pending 3")
-        assert _redis(host).xlen("reflow:Slow:inbox") == 3
+        assert host.redis().xlen("reflow:Slow:inbox") == 3
 
 
 TALLY = '''
@@ -286,7 +274,7 @@ async def test_pipelined_commits_keep_each_message_seeing_the_ones_before(make_h
         with trio.fail_after(60):
             seen = [(await outputs.receive())["params"]["message"]["value"] for _ in range(300)]
         assert seen == list(range(1, 301))
-        assert _redis(host).get("reflow:Tally:state:seen") == b"300"
+        assert host.redis().get("reflow:Tally:state:seen") == b"300"
 
 
 async def test_calls_queued_behind_a_crash_on_a_durable_host_are_all_answered(make_host):
@@ -339,7 +327,7 @@ async def test_a_send_to_an_idle_actor_that_redis_refuses_leaves_no_trace(make_h
     host = await make_host({"record.actor.py": RECORD}, start=False)
     host.config.write_text(host.config.read_text().replace("  root: .\n", "  root: .\n  mailbox: {max_pending: 2}\n"))
     await host.start()
-    r = _redis(host)
+    r = host.redis()
     async with open_client(host.url) as c:
         outputs = await _idle_record(c)
         _external_entry(r, "reflow:Record:inbox", 100)
@@ -361,7 +349,7 @@ async def test_a_send_to_an_idle_actor_and_entries_not_yet_read_each_run_once(ma
     read yet: the send itself (started at once) and anything before it, which the feeder
     hands out; none of them runs twice, and a later send comes after all of them."""
     host = await make_host({"record.actor.py": RECORD})
-    r = _redis(host)
+    r = host.redis()
     async with open_client(host.url) as c:
         outputs = await _idle_record(c)
         _external_entry(r, "reflow:Record:inbox", 100)
@@ -382,7 +370,7 @@ async def test_a_send_after_its_inbox_was_deleted_under_the_host_is_accepted_and
     meeting NOGROUP (the stream deleted under the host, group and all) must not turn an
     added message into an error for its sender. It is accepted, and it runs once."""
     host = await make_host({"record.actor.py": RECORD})
-    r = _redis(host)
+    r = host.redis()
     async with open_client(host.url) as c:
         outputs = await _idle_record(c)
         r.delete("reflow:Record:inbox")

@@ -28,6 +28,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import worker_rpc
 from supervisor._sandbox import _microsandbox as msb
 from supervisor._sandbox._base import SandboxUnavailable, WorkerSpec, WorkerStartError
 from supervisor._sandbox._bubblewrap import runtime_dir
@@ -416,17 +417,6 @@ def fake_sdk(monkeypatch):
     return install
 
 
-async def rpc(worker, rid, method, params=None, notes=None):
-    """Send a request; return its reply, collecting notifications read meanwhile into ``notes``."""
-    await worker.channel.send(orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}}))
-    while True:
-        msg = orjson.loads(await worker.channel.receive())
-        if msg.get("id") == rid and "method" not in msg:
-            return msg
-        if notes is not None:
-            notes.append(msg)
-
-
 DOUBLE = '''
 from reflow import actor
 
@@ -449,9 +439,9 @@ async def test_worker_boots_loads_a_script_and_processes_a_message(fake_sdk):
         assert vm.options == sandbox_options(spec, "python:3.11")
         assert vm.exec_calls == [exec_command(spec)]
         with trio.fail_after(10):
-            assert (await rpc(worker, 1, "load", {"source": DOUBLE, "filename": "double.py"}))["result"] == {}
+            assert (await worker_rpc(worker, 1, "load", {"source": DOUBLE, "filename": "double.py"}))["result"] == {}
             notes: list = []
-            reply = await rpc(worker, 2, "process", {"actor_id": "d", "payload": {"x": {"type": "integer",
+            reply = await worker_rpc(worker, 2, "process", {"actor_id": "d", "payload": {"x": {"type": "integer",
                                                                                            "value": 21}}}, notes)
         assert reply == {"jsonrpc": "2.0", "id": 2, "result": {"outputs": {"y": {"type": "integer", "value": 42}}}}
         assert "".join(n["params"]["text"] for n in notes if n["method"] == "log") == "doubling\n"
@@ -492,7 +482,7 @@ async def test_unread_output_is_capped_by_killing_the_worker(fake_sdk):
     spec = WorkerSpec(runtime="python", max_output=64 * 1024)
     worker = await MicrosandboxBackend(probe_cache=None).start(spec)
     noisy = 'def process(context):\n    for _ in range(2000):\n        print("x" * 1000)\n'
-    assert (await rpc(worker, 1, "load", {"source": noisy, "filename": "noisy.py"}))["result"] == {}
+    assert (await worker_rpc(worker, 1, "load", {"source": noisy, "filename": "noisy.py"}))["result"] == {}
     await worker.channel.send(orjson.dumps({"jsonrpc": "2.0", "id": 2, "method": "process",
                                             "params": {"actor_id": "n", "payload": {}}}))
     with trio.fail_after(10):
@@ -542,8 +532,8 @@ def test_real_microvm_worker_end_to_end():
         try:
             assert worker.tier == "microvm"
             with trio.fail_after(30):
-                assert (await rpc(worker, 1, "load", {"source": DOUBLE, "filename": "double.py"}))["result"] == {}
-                reply = await rpc(worker, 2, "process", {"actor_id": "d", "payload": {
+                assert (await worker_rpc(worker, 1, "load", {"source": DOUBLE, "filename": "double.py"}))["result"] == {}
+                reply = await worker_rpc(worker, 2, "process", {"actor_id": "d", "payload": {
                     "x": {"type": "integer", "value": 4}}})
             assert reply["result"] == {"outputs": {"y": {"type": "integer", "value": 8}}}
         finally:

@@ -21,8 +21,6 @@ import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import redis as redis_py
-
 from conftest import find_actor, open_client, wait_for
 from supervisor._channel import BadFrame, LineChannel
 
@@ -173,7 +171,7 @@ network:
     async with open_client(host.url) as c:
         for n in (1, 70_000):
             await c.send("Echo", "data", {"type": "bytes", "value": base64.b64encode(b"x" * n).decode()})
-    r = redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
+    r = host.redis()
     await wait_for(lambda: r.get("reflow:Size:state:bytes") == b"70001", timeout=30)
     assert r.xlen("reflow:deadletter") == 0
 
@@ -486,7 +484,7 @@ async def test_a_backlog_of_large_messages_runs_once_each_in_order(make_host, ki
         await c.send("Order", "x", {"seq": -1, "pad": "", "sleep": 0.5})  # the backlog builds behind it
         for seq in range(40):
             await c.send("Order", "x", {"seq": seq, "pad": pad})
-    r = redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
+    r = host.redis()
     await wait_for(lambda: len(orjson.loads(r.get("reflow:Order:state:seen") or b"[]")) >= 42, timeout=30)
     assert orjson.loads(r.get("reflow:Order:state:seen")) == [-2, -1, *range(40)]
 
@@ -528,7 +526,7 @@ async def _send_batches(host, frames: list[list[tuple[str, str, object]]]) -> No
 
 async def _state_list(host, actor: str, key: str, n: int) -> list:
     """The list an actor keeps in state ``key``, once it holds ``n`` items."""
-    r = redis_py.Redis(unix_socket_path=str(host.state_dir / "redis.sock"))
+    r = host.redis()
     await wait_for(lambda: len(orjson.loads(r.get(f"reflow:{actor}:state:{key}") or b"[]")) >= n, timeout=30)
     return orjson.loads(r.get(f"reflow:{actor}:state:{key}"))
 

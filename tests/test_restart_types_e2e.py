@@ -8,12 +8,9 @@ an abnormal one, temporary ones never (they leave the tree).
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-import trio
 
-from conftest import find_actor, open_client, wait_for
+from conftest import find_actor, open_client, run_cli, wait_for
 from supervisor.client import RpcError
 
 STOPPER = '''
@@ -112,9 +109,8 @@ async def test_transient_stops_after_a_normal_exit_and_restarts_after_a_crash(ho
         node = find_actor(await c.status(), "t")
         assert node["restarts"] == 2 and node["last_restart_cause"] == "failed"
         assert node["last_exit"]["reason"] == "error"
-        r = await trio.run_process([sys.executable, "-m", "supervisor", "status", "--url", host.url],
-                                   capture_stdout=True, check=False)
-        line = next(ln for ln in r.stdout.decode().splitlines() if ln.strip().startswith("t "))
+        _, out, _ = await run_cli("status", "--url", host.url)
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith("t "))
         assert "restarts=2" in line and "last_exit=error" in line and "restarted because: failed" in line, line
 
         # sys.exit(0) mid-message: a normal stop with what was sent so far.

@@ -9,18 +9,11 @@ import orjson
 import pytest
 import trio
 
+from conftest import worker_rpc
 from supervisor._sandbox._base import WorkerSpec
 from supervisor._sandbox._bubblewrap import BubblewrapBackend
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="bubblewrap is not installed")
-
-
-async def rpc(worker, rid, method, params=None):
-    await worker.channel.send(orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}}))
-    while True:
-        msg = orjson.loads(await worker.channel.receive())
-        if msg.get("id") == rid and "method" not in msg:
-            return msg
 
 
 async def test_worker_outlives_trio_thread_cache_idle_timeout():
@@ -31,7 +24,7 @@ async def test_worker_outlives_trio_thread_cache_idle_timeout():
         await trio.to_thread.run_sync(time.sleep, 0)
         await trio.sleep(12)
         assert worker.exit_info is None
-        assert (await rpc(worker, 1, "ping"))["result"] == {}
+        assert (await worker_rpc(worker, 1, "ping"))["result"] == {}
     finally:
         await worker.aclose()
 
@@ -59,22 +52,22 @@ def probe(context):
 async def test_sandbox_sees_neutral_paths_only_and_limits_memory():
     worker = await BubblewrapBackend().start(WorkerSpec(runtime="python"))
     try:
-        assert (await rpc(worker, 1, "load", {"source": SCRIPT, "filename": "probe.py",
+        assert (await worker_rpc(worker, 1, "load", {"source": SCRIPT, "filename": "probe.py",
                                               "limits": {"memory": 256 * 2**20}}))["result"] == {}
-        view = (await rpc(worker, 2, "process", {"payload": {"what": {"type": "string", "value": "view"}}}))
+        view = (await worker_rpc(worker, 2, "process", {"payload": {"what": {"type": "string", "value": "view"}}}))
         out = view["result"]["outputs"]["out"]["value"]
         assert set(out["root"]) <= {"usr", "lib", "lib64", "tmp", "dev", "reflow"} and not out["proc"]
         assert set(out["env"]) <= {"HOME", "PATH", "LANG", "PWD"}
         assert out["hostname"] == "sandbox" and out["exe"] == "/usr/local/bin/python3"
         assert out["uid"] != 0  # and, on a root host, not root outside (test_hostile_sandbox.py)
         assert "/root" not in orjson.dumps(out).decode() and "/work" not in orjson.dumps(out).decode()
-        err = await rpc(worker, 3, "process", {"payload": {"what": {"type": "string", "value": "write_usr"}}})
+        err = await worker_rpc(worker, 3, "process", {"payload": {"what": {"type": "string", "value": "write_usr"}}})
         assert err["error"]["code"] == -32002 and err["error"]["data"]["type"] in ("OSError", "PermissionError")
         assert err["error"]["data"]["traceback"][-1].startswith('File "probe.py", line')
-        ok = await rpc(worker, 4, "process", {"payload": {"what": {"type": "string", "value": "alloc"},
+        ok = await worker_rpc(worker, 4, "process", {"payload": {"what": {"type": "string", "value": "alloc"},
                                                           "n": {"type": "integer", "value": 10**6}}})
         assert ok["result"]["outputs"]["out"]["value"] == 10**6
-        bomb = await rpc(worker, 5, "process", {"payload": {"what": {"type": "string", "value": "alloc"},
+        bomb = await worker_rpc(worker, 5, "process", {"payload": {"what": {"type": "string", "value": "alloc"},
                                                             "n": {"type": "integer", "value": 2**30}}})
         assert bomb["error"]["code"] == -32005 and bomb["error"]["data"] == {"limit": "memory"}
         with trio.fail_after(5):
