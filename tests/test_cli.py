@@ -13,11 +13,14 @@ import trio
 from conftest import EXAMPLES, run_cli, wait_for
 
 
+# The seed's test_actor.py (streamed outputs, then get_outputs), with its ports declared.
+_STREAMS_AND_RETURNS = (EXAMPLES / "test_actor.py").read_text().replace(
+    "async def process", "from reflow import actor\n\n"
+    "@actor(name='T', inports=['value'], outports=['status', 'result'])\nasync def process")
+
+
 async def test_call_and_status_commands(make_host):
-    host = await make_host({"t.actor.py": (EXAMPLES / "test_actor.py").read_text()
-                            .replace("async def process", "from reflow import actor\n\n"
-                                     "@actor(name='T', inports=['value'], outports=['status', 'result'])\n"
-                                     "async def process")}, "", "--log-level", "debug")
+    host = await make_host({"t.actor.py": _STREAMS_AND_RETURNS}, "", "--log-level", "debug")
     cwd = host.config.parent
     rc, out, err = await run_cli("call", "T", "value=21", "-c", str(host.config), cwd=cwd)
     assert rc == 0, err
@@ -152,14 +155,6 @@ async def test_auto_backend_probes_once_and_says_what_it_chose(make_host, tmp_pa
     assert "using bubblewrap (namespaces) — " in line and f"remembered in {cache}" in line, line
     assert chosen[0].split(" — ", 1)[1].split(";")[0] == line.split(" — ", 1)[1].split(";")[0]  # the same reason
     assert second_s < 8 and second_s < first_s, (first_s, second_s)
-
-
-_STREAMS_AND_RETURNS = ("from reflow import actor\n\n"
-                        "@actor(name='T', inports=['value'], outports=['status', 'result'])\n"
-                        "async def process(context):\n"
-                        "    await context.send_output('status', 'processing')\n"
-                        "    await context.send_output('result', context.get_input('value') * 2)\n"
-                        "    return context.get_outputs()\n")
 
 
 async def test_call_prints_each_output_once_and_notes_a_non_json_input(make_host):
