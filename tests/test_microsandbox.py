@@ -28,7 +28,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import worker_rpc
+from conftest import wait_for, worker_rpc
 from supervisor._sandbox import _microsandbox as msb
 from supervisor._sandbox._base import SandboxUnavailable, WorkerSpec, WorkerStartError
 from supervisor._sandbox._bubblewrap import runtime_dir
@@ -499,9 +499,17 @@ async def test_create_failure_is_a_start_error_and_leaves_nothing(fake_sdk):
 
 async def test_cancelled_start_tears_the_vm_down(fake_sdk):
     sdk = fake_sdk(create_hangs=True)
-    with trio.move_on_after(0.3) as scope:
-        await MicrosandboxBackend(probe_cache=None).start(WorkerSpec(runtime="python"))
-    assert scope.cancelled_caught
+    returned = []
+
+    async def start():
+        returned.append(await MicrosandboxBackend(probe_cache=None).start(WorkerSpec(runtime="python")))
+
+    with trio.fail_after(30):  # (a start that ignored the cancel would hang here)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start)
+            await wait_for(lambda: any(op == "create" for op, _ in sdk.log))  # cancelled mid-create
+            nursery.cancel_scope.cancel()
+    assert returned == []
     (name,) = [n for op, n in sdk.log if op == "create"]
     assert ("remove", name) in sdk.log and not sdk.vms
 
