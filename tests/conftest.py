@@ -19,6 +19,7 @@ from supervisor.client import open_client
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "scripts"
+SEEDS = ROOT.parent / "shared" / "seeds"  # the task's seed texts, when shared/ is beside the checkout
 
 
 def free_port() -> int:
@@ -150,6 +151,11 @@ async def wait_for(predicate, timeout: float = 10, interval: float = 0.02):
             await trio.sleep(interval)
 
 
+def seed_block(text: str, lang: str, after: str = "") -> str:
+    """The first ```lang fenced block of a seed ``text`` after the string ``after``."""
+    return text[text.index(after):].split(f"```{lang}\n", 1)[1].split("```", 1)[0]
+
+
 async def run_cli(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
     """``python -m supervisor ARGS`` as a user runs it: (exit code, stdout, stderr)."""
     r = await trio.run_process([sys.executable, "-m", "supervisor", *args], capture_stdout=True,
@@ -195,4 +201,4 @@ async def wait_printed(host: HostProcess, word: str, times: int = 1, timeout: fl
 
 
 __all__ = ["HostProcess", "actors", "children_of", "cmdline", "find_actor", "free_port", "open_client", "run_cli",
-           "wait_for", "wait_printed", "worker_rpc", "write_workspace", "EXAMPLES", "ROOT"]
+           "seed_block", "wait_for", "wait_printed", "worker_rpc", "write_workspace", "EXAMPLES", "ROOT", "SEEDS"]

@@ -17,17 +17,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, SEEDS, seed_block
 from supervisor._discovery import (ComponentSpec, Discovery, ScriptError, ScriptProblem, _glob_regex, discover,
                                    extract)
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "scripts" / "discovery"
-SEEDS = HERE.parent.parent / "shared" / "seeds"
-
-
-def _block(text: str, lang: str, after: str = "") -> str:
-    return text[text.index(after):].split(f"```{lang}\n", 1)[1].split("```", 1)[0]
 
 
 def _write(path: Path, text: str) -> Path:
@@ -50,11 +45,11 @@ def _error(path: Path, text: str | None = None) -> ScriptProblem:
 @pytest.mark.skipif(not SEEDS.is_dir(), reason="shared/ is not beside the checkout")
 def test_the_examples_and_fixtures_are_the_seeds_verbatim():
     seed = (SEEDS / "004_907eda7e1530af8d.txt").read_text()
-    assert (FIXTURES / "data_processor.actor.py").read_text() == _block(seed, "python")
+    assert (FIXTURES / "data_processor.actor.py").read_text() == seed_block(seed, "python")
     header, text = (EXAMPLES / "stream_aggregator.actor.js").read_text().split("\n", 1)
-    assert header.startswith("//") and text == _block(seed, "javascript")
+    assert header.startswith("//") and text == seed_block(seed, "javascript")
     seed0 = (SEEDS / "000_2396b510a9ec5be8.txt").read_text()
-    assert (EXAMPLES / "test_actor.py").read_text() == _block(seed0, "python", "Create `test_actor.py`")
+    assert (EXAMPLES / "test_actor.py").read_text() == seed_block(seed0, "python", "Create `test_actor.py`")
 
 
 def test_seed_python_data_processor():

@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import EXAMPLES, SEEDS, seed_block
 from supervisor._discovery import ScriptError, discover, extract
 
-SEED = Path(__file__).resolve().parent.parent.parent / "shared" / "seeds" / "004_907eda7e1530af8d.txt"
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "scripts"
-
-
-def _block(text: str, lang: str) -> str:
-    return text.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
+SEED = SEEDS / "004_907eda7e1530af8d.txt"
 
 
 @pytest.mark.skipif(not SEED.exists(), reason="shared/ is not beside the checkout")
 def test_seed_actors(tmp_path):
     seed = SEED.read_text()
-    (tmp_path / "agg.actor.js").write_text(_block(seed, "javascript"))
-    (tmp_path / "dp.actor.py").write_text(_block(seed, "python"))
+    (tmp_path / "agg.actor.js").write_text(seed_block(seed, "javascript"))
+    (tmp_path / "dp.actor.py").write_text(seed_block(seed, "python"))
     found = {c.name: c for c in discover(tmp_path, ["**/*.actor.py", "**/*.actor.js"]).components}
     agg, dp = found["StreamAggregator"], found["DataProcessor"]
     assert (agg.runtime, agg.inports, agg.outports, agg.state_backend, agg.entry) == (

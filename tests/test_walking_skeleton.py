@@ -10,7 +10,7 @@ import sys
 import pytest
 import trio
 
-from conftest import EXAMPLES, ROOT, children_of, cmdline, open_client, wait_for, wait_printed
+from conftest import EXAMPLES, ROOT, SEEDS, children_of, cmdline, open_client, seed_block, wait_for, wait_printed
 from supervisor.client import RpcError
 
 CALC = (EXAMPLES / "calculator.py").read_text()
@@ -152,10 +152,10 @@ def _cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
 
 
 def test_check_config_seed_file_and_bad_key(tmp_path):
-    seed = (ROOT.parent / "shared" / "seeds" / "004_907eda7e1530af8d.txt")
+    seed = SEEDS / "004_907eda7e1530af8d.txt"
     text = seed.read_text() if seed.exists() else None
     if text is not None:
-        block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+        block = seed_block(text, "yaml")
         (tmp_path / "seed.yaml").write_text(block)
         r = _cli("check-config", "-c", str(tmp_path / "seed.yaml"))
         assert r.returncode == 0, r.stderr
