@@ -39,6 +39,7 @@ $(FBP_NODE): tests/fbp/package.json tests/fbp/package-lock.json
 	@touch $@
 
 test: $(STAMP) system-deps browser-deps $(FBP_NODE)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -m "not slow"
 
 soak: $(STAMP) system-deps
