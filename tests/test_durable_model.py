@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
+import types
 from pathlib import Path
 
 import orjson
@@ -46,7 +47,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from supervisor._cell import ActorCell, ProcessSpec
+from supervisor._cell import ActorCell, Envelope, ProcessSpec
 from supervisor._config import Config, MailboxConfig, RedisConfig, SupervisionConfig, WorkspaceConfig
 from supervisor._discovery import ComponentSpec
 from supervisor._host import Host
@@ -59,6 +60,8 @@ NAME = "p"
 COMPONENT = ComponentSpec(name="Effect", runtime="python", file=Path("/dev/null"), line=1, source="",
                           entry=None, inports=("x",), outports=())
 SETTLE = 10.0  # seconds the feeder may take to go idle after a step
+# A process upstream, connected out -> p.x: its commits add to p's inbox in their MULTI/EXEC.
+UPSTREAM = types.SimpleNamespace(name="u", inbox=f"{NS}:u:inbox")
 
 
 class Loop:
@@ -113,8 +116,8 @@ class StandInHost:
         self.config = config
         self.redis = redis
         self.durable = True
-        self.routes: dict = {}
-        self.cells: dict = {}
+        self.routes: dict = {(UPSTREAM.name, "out"): [(NAME, "x")]}
+        self.cells: dict = {}  # (the cell under test joins it)
         self._fan_in: dict = {}
         self.stopping = False
 
@@ -135,6 +138,7 @@ class Activation:
         self.loop = loop
         self.host = host
         self.cell = ActorCell(process, host)
+        host.cells[process.name] = self.cell
         self.queue: collections.deque = collections.deque()
         self._feeder: trio.CancelScope | None = None
         self._feeder_done: trio.Event | None = None
@@ -214,6 +218,9 @@ class Activation:
                 if self.feeder_failure is not None:
                     raise AssertionError("the feeder failed") from self.feeder_failure
                 assert not self._feeder_done.is_set(), "the feeder returned"
+                # (every step has woken the feeder for what it added by now: one that waits
+                # with entries unread would only find them by its slow safety-net poll)
+                assert not (cell.idle and cell.unread and not cell.wake.is_set()), "a wake-up was lost"
                 quiet = cell.idle and not cell.unread and cell.claimed is None and not cell.resweep
                 # (a waiting receiver that was handed a message must have put it in the queue)
                 if quiet and (self._receiver is None or self.recv.statistics().tasks_waiting_receive):
@@ -246,6 +253,22 @@ class Activation:
             await self.start_run()
             return mids, charged
         return mids, None
+
+    async def route_then_send(self, routed: list[int], values: list[int], known: set[str]
+                              ) -> tuple[list[str], list[str]]:
+        """An upstream message's commit adds ``routed`` to the inbox (``Host.start_commit``:
+        not read yet, so no send may start ahead of them), and sends follow it at once,
+        before Redis has answered the commit. Returns the ids of the routed messages (new
+        to ``known``, in the inbox's order) and of the sent ones."""
+        env = Envelope(inputs={})
+        commit = self.host.start_commit(UPSTREAM, StateTxn(self.host.redis, "u:", None),
+                                        [("out", {"type": "json", "value": v}) for v in routed], env)
+        accepted = [self.host.enqueue_durable(self.cell, {"x": {"type": "json", "value": v}}) for v in values]
+        await commit.finish()
+        sent = [await a() for a in accepted]
+        entries = await self.host.redis.execute("XRANGE", self.cell.inbox, "-", "+")
+        new = [orjson.loads(dict(zip(raw[::2], raw[1::2]))[b"m"])["id"] for _, raw in entries]
+        return [m for m in new if m not in known and m not in sent], sent
 
     async def head(self):
         """The message the worker starts now (confirmed, if a send started it: ``_handle``)."""
@@ -404,6 +427,18 @@ class DurableDelivery(RuleBasedStateMachine):
             if after is not None:
                 self._charge(after)
             self._settle()
+
+    @rule(routed=st.integers(1, 3), n=st.integers(0, 2))
+    def route_then_send(self, routed, n):
+        """Messages from upstream (in its commit's MULTI/EXEC), and sends right behind them."""
+        values = list(range(self.values, self.values + routed + n))
+        self.values += routed + n
+        new, sent = self.loop.run(self.act.route_then_send, values[:routed], values[routed:], set(self.status))
+        assert len(new) == routed, (new, routed)
+        for mid in new + sent:
+            self.attempts[mid] = 0
+            self.status[mid] = "live"
+        self._settle()
 
     # (Rules with nothing to act on do nothing, rather than wait for a precondition: what
     # the worker holds depends on when Redis answered a pipelined commit, and hypothesis
