@@ -5,32 +5,34 @@ host's trio Redis client, and every piece of the durable path a cell runs — th
 (``_mailbox.feed``: sweep, reads, claims, hand-out, crash spacing), the send
 (``Host.enqueue_durable``: the Lua check-and-add that reads for an idle feeder,
 ``claim``/``claimed``, ``ActorCell.start_now``/``_confirm``), the commit
-(``StateTxn`` + ``Host.start_commit``'s MULTI/EXEC of state and XACK/XDEL, finished by
-``ActorCell._settle``/``_settle_at_exit``), a failure's retry or dead letter
-(``ActorCell._retry_later``), a commit lost to an outage (``ActorCell._lost_to_outage``),
-and replay (``_mailbox.replay_deadletter`` as ``deadletters.replay`` calls it). The cell
-is a real ``ActorCell`` on a stand-in host that has only what those pieces read.
+(``StateTxn`` + ``Host.start_commit``'s MULTI/EXEC of state, downstream XADDs and
+XACK/XDEL, finished by ``ActorCell._settle``/``_settle_at_exit``), a failure's retry or
+dead letter (``ActorCell._retry_later``), a commit lost to an outage
+(``ActorCell._lost_to_outage``), and replay (``_mailbox.replay_deadletter`` as
+``deadletters.replay`` calls it). The cell is a real ``ActorCell`` on a stand-in host that
+has only what those pieces read; an upstream process is only a name its commits come from.
 
 What the test stands in for: the worker, and ``ActorCell._run``/``_serve`` around it. The
 state machine's rules decide what the worker does with the message at the head of what it
 was handed: commit it (its effect is a state increment keyed by its message id, in the same
-transaction as its acknowledgement), fail it (the script raised), lose its outcome to an
-outage, crash holding it or crash idle, or be stopped by its supervisor; a run's end is
-mirrored from ``_run``'s ``finally`` (settle the commits on their way, charge the message in
-hand) and a new run starts a new feeder. "Restart" is a new host process: a fresh
-``ActorCell`` (no memory of what it held) on the same Redis, after the old one's commits
-reached Redis. Real outages (a dying redis-server) are not driven here; ``test_durable.py``
-and ``test_chaos.py`` do that end to end.
+transaction as its acknowledgement), have Redis refuse that commit, fail it (the script
+raised), lose its outcome to an outage, crash holding it or crash idle, or be stopped by
+its supervisor; a run's end is mirrored from ``_run``'s ``finally`` (settle the commits on
+their way, charge the message in hand) and a new run starts a new feeder. "Restart" is a
+new host process: a fresh ``ActorCell`` (no memory of what it held) on the same Redis,
+after the old one's commits reached Redis. Not driven here: real outages (a dying
+redis-server: ``test_durable.py`` and ``test_chaos.py`` do that end to end), a full
+send-ahead window (the merged inbox never fills), fan-in.
 
 The invariants, after every step once the feeder is idle: each message's effect is applied
 at most once, and exactly once when acknowledged; every message accepted is in exactly one
 place (its inbox entry, with the attempts the model expects; the dead letters, after
 ``max_deliveries`` attempts, with no effect; or applied); attempts never decrease (except
-by a replay, which resets them); every inbox entry has been read and is in the cell's hand
-(nothing stuck behind an idle feeder); no message is in hand twice. At the end the worker
-runs without failing until the inbox is empty, and every message is applied or dead.
+by a replay, which resets them); nothing is stuck: every inbox entry has been read, is in
+the cell's hand and in its ``in_hand``, and no wake-up was lost; no message is in hand
+twice, and they are handed out in the inbox's order. At the end the worker runs without
+failing until the inbox is empty, and every message is applied or dead-lettered.
 """
-
 from __future__ import annotations
 
 import collections
