@@ -716,6 +716,11 @@ def _network_checks(net: NetworkConfig) -> Iterator[tuple[_Path, str]]:
             known = ", ".join(sorted(net.processes)) or "none declared"
             yield path + ("process",), f"unknown process {ref.process!r} (processes: {known})"
 
+    for name in net.processes:
+        if ":" in name or not name.strip():
+            # ':' separates a process's Redis keys ({namespace}:{process}:state:…) and the API's
+            # component:process form: "a:state:b" could write process a's keys from process a:state.
+            yield ("network", "processes", name), "a process name must be non-blank and may not contain ':'"
     for i, conn in enumerate(net.connections):
         yield from check(("network", "connections", i, "src"), conn.src)
         yield from check(("network", "connections", i, "tgt"), conn.tgt)

@@ -393,6 +393,14 @@ network:
     assert found["network.outports.OUT.process"].line == 8
 
 
+def test_a_process_name_cannot_reach_into_another_process_keys():
+    # {namespace}:{process}:state:KEY — a process "a:state:b" would share process a's key space.
+    found = problems("network:\n  processes:\n    a: {component: A}\n    'a:state:b': {component: A}\n")
+    assert str(found["network.processes['a:state:b']"]).startswith(
+        "network.processes['a:state:b']: a process name must be non-blank and may not contain ':'"), found
+    assert "network.processes.a" not in found
+
+
 def test_a_connection_has_exactly_one_of_src_and_data():
     text = ("network:\n  processes: {a: {component: A}}\n  connections:\n"
             "    - {tgt: {process: a, port: i}}\n"
