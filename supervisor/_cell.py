@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import attrs
 import orjson
 import trio
 
 from ._channel import BadFrame, ChannelClosed, FrameTooLarge, SendTimedOut, json_values
 from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
                       ResourceLimitExceeded, single_error)
+from ._messages import Envelope, ProcessSpec
 from ._mailbox import feed, find_entry, inbox_key, poke, retry_or_deadletter_cmds
 from ._metrics import ActorStats
 from ._protocol import Blob, is_typed, json_default
@@ -37,11 +37,9 @@ if TYPE_CHECKING:
     from ._discovery import ComponentSpec
     from ._host import Commit, Host
 
-__all__ = ["ActorCell", "Envelope", "ProcessSpec", "WorkerDied"]
+__all__ = ["ActorCell", "WorkerDied"]
 
 log = logging.getLogger("supervisor.actor")
-_message_ids = itertools.count(1)
-_run_tag = f"{int(time.time() * 1000):x}"  # message ids stay unique across host restarts
 
 
 class WorkerDied(Exception):
@@ -87,19 +85,6 @@ class ScriptLoadFailed(Exception):
         self.error = error
 
 
-@attrs.frozen
-class ProcessSpec:
-    """A process of the network: a component, its config and its supervision settings."""
-
-    name: str
-    component: ComponentSpec
-    config: dict = attrs.field(factory=dict)
-    restart: str = "permanent"
-    timeout: float | None = None
-    max_deliveries: int = 5
-    memory: int | None = None
-
-
 # Send-ahead window (see ActorCell._serve): 8 ahead, topped up after every reply, meant one
 # small write (and one worker wake-up) per message once the window filled; 64, topped up
 # once half of it is answered, carries ~32 per write, which is what lets one actor and a
@@ -109,71 +94,6 @@ SEND_AHEAD = 64
 SEND_REFILL = SEND_AHEAD // 2
 SEND_AHEAD_BYTES = 1 << 20
 SETTLE_AT_EXIT = 5.0  # seconds a stopping run waits for Redis to answer its commits
-
-
-def new_message_id() -> str:
-    return f"m{next(_message_ids)}-{_run_tag}"
-
-
-@attrs.define(eq=False)
-class Envelope:
-    """One message for a cell and the one-shot answer its sender waits for."""
-
-    inputs: dict[str, Any]                      # port -> typed wire message
-    message_id: str = attrs.field(factory=new_message_id)
-    on_output: Callable[[str, dict], None] | None = None
-    config: dict | None = None
-    outputs: dict | None = None
-    emitted: list = attrs.field(factory=list)
-    error: ActorError | None = None
-    stream_id: bytes | None = None              # set for messages from the durable inbox
-    attempts: int = 0
-    outage: bool = False                        # a state call met Redis unavailable
-    body: bytes | None = None                   # its entry's body: set for every durable message
-    claim: Reply | None = None                  # started before Redis confirmed its add (see start_now)
-    shm_end: int = 0                            # its inputs' end in the worker's inbound ring
-    finished: bool = False
-    # Called once, when the message is answered: how its sender hears, with no task
-    # waiting on an event (a request answered from a callback costs the host far less).
-    on_done: Callable[[], None] | None = None
-
-    @property
-    def durable(self) -> bool:
-        return self.body is not None
-
-    def resolve(self, outputs: dict) -> None:
-        if not self.finished:
-            self.outputs = outputs
-            self._finish()
-
-    def fail(self, error: ActorError) -> None:
-        if not self.finished:
-            self.error = error
-            self._finish()
-
-    def _finish(self) -> None:
-        self.finished = True
-        done, self.on_done = self.on_done, None
-        if done is not None:
-            done()
-
-    def result(self) -> dict:
-        """The answer of a finished message.
-
-        Raises:
-            ActorError: the message failed.
-        """
-        if self.error is not None:
-            raise self.error
-        return {"message_id": self.message_id, "outputs": self.outputs,
-                "emitted": [{"port": p, "message": m} for p, m in self.emitted]}
-
-    async def wait(self) -> dict:
-        if not self.finished:
-            event = trio.Event()
-            self.on_done = event.set
-            await event.wait()
-        return self.result()
 
 
 async def _gone(worker: Worker) -> ExitInfo:

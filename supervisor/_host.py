@@ -28,7 +28,8 @@ import orjson
 import trio
 
 from . import _policy as policy
-from ._cell import ActorCell, Envelope, ProcessSpec, ScriptLoadFailed, new_message_id
+from ._cell import ActorCell, ScriptLoadFailed
+from ._messages import Envelope, ProcessSpec, new_message_id
 from ._mailbox import claim, claimed, done_cmds, enqueue_cmd, enqueue_if_room_cmd, entry_body, poke
 from ._config import Config
 from ._discovery import ComponentSpec, Discovery, ScriptProblem, discover

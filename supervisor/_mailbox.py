@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
+from ._messages import Envelope
 from ._protocol import json_default
 from ._redis import Redis, RedisError, RedisUnavailable, Reply
 
 log = logging.getLogger("supervisor.mailbox")
 
 if TYPE_CHECKING:
-    from ._cell import ActorCell, Envelope
+    from ._cell import ActorCell
 
 __all__ = ["list_deadletters", "replay_deadletter", "GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed", "enqueue_cmd",
            "enqueue_if_room_cmd", "entry_body", "done_cmds", "retry_or_deadletter_cmds", "poke", "claim", "claimed",
@@ -176,8 +177,6 @@ def find_entry(entries: list, body: bytes) -> bytes | None:
 
 
 def _envelope(sid: bytes, f: dict[bytes, bytes]) -> Envelope:
-    from ._cell import Envelope
-
     body = orjson.loads(f[b"m"])
     return Envelope(inputs=body["inputs"], message_id=body["id"], stream_id=sid,
                     attempts=int(f.get(b"a", b"0")), body=f[b"m"])

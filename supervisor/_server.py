@@ -28,7 +28,7 @@ import trio
 import trio_websocket
 
 from . import _protocol as proto
-from ._cell import Envelope
+from ._messages import Envelope
 from ._mailbox import list_deadletters, poke, replay_deadletter
 from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
 from ._http import query_token_ok, serve_front
