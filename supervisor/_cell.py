@@ -25,7 +25,7 @@ from ._channel import BadFrame, ChannelClosed, FrameTooLarge, SendTimedOut, json
 from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
                       ResourceLimitExceeded, single_error)
 from ._messages import Envelope, ProcessSpec
-from ._mailbox import feed, find_entry, inbox_key, poke, retry_or_deadletter_cmds
+from ._mailbox import deadletter_key, feed, find_entry, inbox_key, poke, retry_or_deadletter_cmds
 from ._metrics import ActorStats
 from ._protocol import Blob, is_typed, json_default
 from ._redis import RedisError, RedisUnavailable, Reply
@@ -161,6 +161,7 @@ class ActorCell:
         # Sent to the worker behind ``current``, with their request ids, not yet started.
         self.ahead: collections.deque[tuple[Envelope, int]] = collections.deque()
         self.inbox = inbox_key(cfg.workspace.redis.namespace, self.name)
+        self.deadletters = deadletter_key(cfg.workspace.redis.namespace)
         # The feeder's (see _mailbox.feed): woken by poke (which sets unread) or claimed.
         self.wake: trio.Event | None = None
         self.unread = False
@@ -688,8 +689,8 @@ class ActorCell:
         """A durable message the script failed on: to the back of the inbox, or dead letters
         (then True: it will not be tried again)."""
         assert env.stream_id is not None and env.body is not None
-        cmds, dead = retry_or_deadletter_cmds(self, self.inbox, env.stream_id, env.body, env.attempts + 1, error,
-                                              self.process.max_deliveries)
+        cmds, dead = retry_or_deadletter_cmds(self.deadletters, self.name, self.inbox, env.stream_id, env.body,
+                                              env.attempts + 1, error, self.process.max_deliveries)
         try:
             await self.host.redis.transaction(cmds)
         except (RedisUnavailable, RedisError) as exc:

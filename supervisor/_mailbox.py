@@ -92,15 +92,15 @@ def done_cmds(key: str, stream_id: bytes) -> list[tuple]:
     return [("XACK", key, GROUP, stream_id), ("XDEL", key, stream_id)]
 
 
-def retry_or_deadletter_cmds(cell: ActorCell, key: str, stream_id: bytes, body: bytes, attempts: int,
-                             error: dict, max_deliveries: int, not_before: float | None = None,
+def retry_or_deadletter_cmds(deadletters: str, process: str, key: str, stream_id: bytes, body: bytes,
+                             attempts: int, error: dict, max_deliveries: int, not_before: float | None = None,
                              ) -> tuple[list[tuple], bool]:
-    """Commands that retry an entry (at the end of its stream, not before ``not_before``)
-    or dead-letter it; and which."""
+    """Commands that retry an entry of ``process``'s inbox ``key`` (at the end of its stream,
+    not before ``not_before``) or dead-letter it to the stream ``deadletters``; and which."""
     cmds = done_cmds(key, stream_id)
     if attempts >= max_deliveries:
-        cmds.insert(0, ("XADD", deadletter_key(cell.host.config.workspace.redis.namespace), "*",
-                        "process", cell.name, "m", body, "attempts", attempts,
+        cmds.insert(0, ("XADD", deadletters, "*",
+                        "process", process, "m", body, "attempts", attempts,
                         "error", orjson.dumps(error), "at", repr(time.time())))
         return cmds, True
     held = ("t", repr(not_before)) if not_before is not None else ()
@@ -108,15 +108,14 @@ def retry_or_deadletter_cmds(cell: ActorCell, key: str, stream_id: bytes, body: 
     return cmds, False
 
 
-def crash_spacing(cell: ActorCell) -> float:
+def crash_spacing(max_seconds: float, max_restarts: int) -> float:
     """How long a message that killed its worker waits before it is tried again.
 
     Each such redelivery costs a restart. Spaced by max_seconds / max_restarts (and a
     margin), one poison message reaches ``max_deliveries`` and the dead-letter stream
     without ever pushing its supervisor past its restart intensity, so a bad input
     cannot take the actor's siblings down with it."""
-    sup = cell.host.config.supervision
-    return 1.1 * sup.max_seconds / max(1, sup.max_restarts)
+    return 1.1 * max_seconds / max(1, max_restarts)
 
 
 async def ensure_group(redis: Redis, key: str) -> None:
@@ -212,10 +211,12 @@ async def _sweep(cell: ActorCell, send: trio.MemorySendChannel[Envelope], first:
                 continue
             cell.charged.discard(sid)
             attempts = int(f.get(b"a", b"0")) + 1
+            sup = cell.host.config.supervision
             cmds, dead = retry_or_deadletter_cmds(
-                cell, key, sid, f[b"m"], attempts,
+                cell.deadletters, cell.name, key, sid, f[b"m"], attempts,
                 {"type": "WorkerDied", "message": "the worker died while handling this message"},
-                cell.process.max_deliveries, not_before=time.time() + crash_spacing(cell))
+                cell.process.max_deliveries,
+                not_before=time.time() + crash_spacing(sup.max_seconds, sup.max_restarts))
             await redis.transaction(cmds)
 
 
