@@ -25,7 +25,7 @@ from ._channel import BadFrame, ChannelClosed, FrameTooLarge, SendTimedOut, json
 from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
                       ResourceLimitExceeded, single_error)
 from ._messages import Envelope, ProcessSpec
-from ._mailbox import deadletter_key, feed, find_entry, inbox_key, poke, retry_or_deadletter_cmds
+from ._mailbox import DurableInbox, deadletter_key, feed, find_entry, inbox_key, retry_or_deadletter_cmds
 from ._metrics import ActorStats
 from ._protocol import Blob, is_typed, json_default
 from ._redis import RedisError, RedisUnavailable, Reply
@@ -162,15 +162,9 @@ class ActorCell:
         self.ahead: collections.deque[tuple[Envelope, int]] = collections.deque()
         self.inbox = inbox_key(cfg.workspace.redis.namespace, self.name)
         self.deadletters = deadletter_key(cfg.workspace.redis.namespace)
-        # The feeder's (see _mailbox.feed): woken by poke (which sets unread) or claimed.
-        self.wake: trio.Event | None = None
-        self.unread = False
-        self.idle = False
-        self.claimed: tuple[Reply, bytes | None] | None = None
+        # The feeder's state (see _mailbox.feed), told what happens through its methods.
+        self.durable_inbox = DurableInbox(self.inbox, cfg.workspace.mailbox.batch)
         self._merged: tuple[trio.MemorySendChannel[Envelope], trio.MemoryReceiveChannel[Envelope]] | None = None
-        self.in_hand: set[bytes] = set()  # durable entries this run took and has not finished (see feed)
-        self.resweep = False
-        self.charged: set[bytes] = set()  # durable entries a run died holding: they cost an attempt
         self.runs = 0
         # Handled messages whose commit is on its way to Redis, oldest first (see _serve).
         self._committing: collections.deque[tuple[Commit, Envelope, list, dict]] = collections.deque()
@@ -197,7 +191,7 @@ class ActorCell:
 
     def start_now(self, message_id: str, body: bytes, claim: Reply) -> bool:
         """Start a durable message at once, while Redis adds it, if this run waits with
-        nothing in line (its feeder is idle too: the caller claimed, see _mailbox.claim).
+        nothing in line (its feeder is idle too: the caller claimed, see DurableInbox.claim).
 
         Its add also reads it for the feeder (into the group's pending list), so once
         confirmed (``_confirm``) it is a durable message like any other; the worker meanwhile
@@ -325,7 +319,7 @@ class ActorCell:
                         # feeder hands it out again, counting an attempt unless it was only
                         # stopped by its supervisor.
                         if env.stream_id is not None and not _cancelled(failure):
-                            self.charged.add(env.stream_id)
+                            self.durable_inbox.charge(env.stream_id)
                     elif died_by_itself:
                         env.fail(_death_error(self.name, worker.exit_info))
                     elif self.host.stopping:
@@ -649,7 +643,7 @@ class ActorCell:
                 continue
             committing.popleft()
             if env.stream_id is not None:
-                self.in_hand.discard(env.stream_id)
+                self.durable_inbox.finished(env.stream_id)
             self.processed += 1
             if routed:
                 self.stats.routed(routed)
@@ -675,15 +669,13 @@ class ActorCell:
         durable it costs an attempt when the next run hands it out again."""
         self.current = None
         if env.stream_id is not None:
-            self.charged.add(env.stream_id)
+            self.durable_inbox.charge(env.stream_id)
 
     def _lost_to_outage(self, env: Envelope) -> None:
         """A durable message whose outcome Redis could not record: still pending in its
         stream, it is handed out again by the feeder's next sweep, no attempt counted."""
         assert env.stream_id is not None
-        self.in_hand.discard(env.stream_id)
-        self.resweep = True
-        poke(self)
+        self.durable_inbox.lost(env.stream_id)
 
     async def _retry_later(self, env: Envelope, error: dict) -> bool:
         """A durable message the script failed on: to the back of the inbox, or dead letters
@@ -697,12 +689,12 @@ class ActorCell:
             log.error("could not requeue a failed message: %s", exc, extra={"actor": self.name})
             self._lost_to_outage(env)
             return False
-        self.in_hand.discard(env.stream_id)
+        self.durable_inbox.finished(env.stream_id)
         if dead:
             log.error("message moved to the dead-letter stream after %d attempts", env.attempts + 1,
                       extra={"actor": self.name, "message_id": env.message_id})
         else:
-            poke(self)
+            self.durable_inbox.poke()
         return dead
 
     async def _reply(self, worker: Worker, rid: int, env: Envelope | None, txn: StateTxn | None) -> dict:

@@ -30,7 +30,7 @@ import trio
 from . import _policy as policy
 from ._cell import ActorCell, ScriptLoadFailed
 from ._messages import Envelope, ProcessSpec, new_message_id
-from ._mailbox import claim, claimed, done_cmds, enqueue_cmd, enqueue_if_room_cmd, entry_body, poke
+from ._mailbox import done_cmds, enqueue_cmd, enqueue_if_room_cmd, entry_body
 from ._config import Config
 from ._discovery import ComponentSpec, Discovery, ScriptProblem, discover
 from ._errors import ActorError, ActorFailed, ActorRemoved, ActorStopped, InvalidParams, Overloaded, UnknownActor
@@ -539,7 +539,7 @@ class Host:
                     woken.append(target)
                     # Not read yet: a send must not start ahead of it (see ActorCell.start_now);
                     # the feeder is woken once the commit is in.
-                    target.unread = True
+                    target.durable_inbox.mark_unread()
         if ack and env.stream_id is not None:
             cmds += done_cmds(cell.inbox, env.stream_id)
         if not cmds and not later and not gathering:
@@ -559,7 +559,7 @@ class Host:
                                   {"type": type(exc).__name__, "message": str(exc)}) from exc
             finally:  # (committed or not, a read settles the unread set above)
                 for target in woken:
-                    poke(target)
+                    target.durable_inbox.poke()
             for target in dict.fromkeys(gathering):
                 await self._assemble(target)
             while delivered < len(later):
@@ -585,7 +585,7 @@ class Host:
             log.error("fan-in for %s not assembled yet: %s", target.name, exc)
             return
         if made:
-            poke(target)
+            target.durable_inbox.poke()
 
     async def enqueue(self, cell: ActorCell, inputs: dict) -> str:
         """Accept a message for ``cell`` (``actor.send``); returns once it is durable (or queued,
@@ -603,15 +603,16 @@ class Host:
         mid = new_message_id()
         ports = self._fan_in.get(cell.name)
         if ports is None:
-            body = entry_body(mid, inputs)  # (first: nothing may raise between claim and claimed)
-            batch = claim(cell)
+            body = entry_body(mid, inputs)  # (first: nothing may raise between claim and claim_read)
+            inbox = cell.durable_inbox
+            batch = inbox.claim()
             reply = self.redis.submit(*enqueue_if_room_cmd(cell.inbox, limit, body, batch))
             if batch:  # the feeder waits, with everything read: the add reads for it
-                claimed(cell, reply, body if cell.start_now(mid, body, reply) else None)
+                inbox.claim_read(reply, body if cell.start_now(mid, body, reply) else None)
             else:
                 # Wake the feeder now, not once Redis has answered: its read is submitted behind
                 # the add (see _mailbox._read_new), so it finds the message one round trip sooner.
-                poke(cell)
+                inbox.poke()
         else:  # one value per port waits for the others (await_all_inports)
             reply = self.redis.submit(*push_if_room_cmd(
                 cell.inbox, limit, [(self._fanin_key(cell.name, p), v) for p, v in inputs.items() if p in ports]))

@@ -29,7 +29,7 @@ import trio_websocket
 
 from . import _protocol as proto
 from ._messages import Envelope
-from ._mailbox import list_deadletters, poke, replay_deadletter
+from ._mailbox import list_deadletters, replay_deadletter
 from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
 from ._http import query_token_ok, serve_front
 from ._watch import Watchers
@@ -229,7 +229,7 @@ class Api:
 
         def inbox_of(name: str) -> str:
             cell = self.host.cell(name)
-            cell.unread = True  # (added behind the feeder's back: no send may start ahead of it)
+            cell.durable_inbox.mark_unread()  # (added behind the feeder's back: no send may start ahead of it)
             return cell.inbox
 
         if not isinstance(p["id"], str) or not _STREAM_ID.fullmatch(p["id"]):
@@ -238,7 +238,7 @@ class Api:
             process = await replay_deadletter(self.host.redis, ns, p["id"], inbox_of)
         except KeyError:
             raise InvalidParams(f"no dead letter {p['id']!r}") from None
-        poke(self.host.cell(process))
+        self.host.cell(process).durable_inbox.poke()
         return {"process": process}
 
     def process_start(self, conn: Connection, params: Any) -> Later:
