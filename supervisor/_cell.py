@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import orjson
 import trio
@@ -34,10 +34,12 @@ from ._shm import ShmError
 from ._state import StateTxn, state_prefix
 
 if TYPE_CHECKING:
+    from ._config import Config
     from ._discovery import ComponentSpec
-    from ._host import Commit, Host
+    from ._messages import Commit
+    from ._pool import WorkerPool
 
-__all__ = ["ActorCell", "WorkerDied"]
+__all__ = ["ActorCell", "CellHost", "WorkerDied"]
 
 log = logging.getLogger("supervisor.actor")
 
@@ -131,8 +133,25 @@ def _death_error(name: str, exit: ExitInfo) -> ActorError:
                                                              "message": exit.describe()})
 
 
+class CellHost(Protocol):
+    """What a cell asks of the host it runs in (``Host`` implements it): named here, so that
+    the cell needs nothing of the host's module."""
+
+    config: Config
+    redis: Any                   # the pipelined client (_redis.Redis) once the host runs
+    pool: WorkerPool | None      # set before any cell runs
+    durable: bool                # mailboxes are Redis streams (else memory)
+    stopping: bool
+
+    async def commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope, *, ack: bool = True) -> None: ...
+
+    def start_commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope, *, ack: bool = True) -> Commit: ...
+
+    def publish(self, cell: ActorCell, routed: list, message_id: str) -> None: ...
+
+
 class ActorCell:
-    def __init__(self, process: ProcessSpec, host: Host):
+    def __init__(self, process: ProcessSpec, host: CellHost):
         self.process = process
         self.name = process.name
         self.host = host

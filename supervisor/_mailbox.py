@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 import trio
@@ -34,14 +34,24 @@ from ._redis import Redis, RedisError, RedisUnavailable, Reply
 
 log = logging.getLogger("supervisor.mailbox")
 
-if TYPE_CHECKING:
-    from ._cell import ActorCell
-
-__all__ = ["list_deadletters", "replay_deadletter", "GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed", "enqueue_cmd",
-           "enqueue_if_room_cmd", "entry_body", "done_cmds", "retry_or_deadletter_cmds", "DurableInbox", "find_entry"]
+__all__ = ["list_deadletters", "replay_deadletter", "GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed",
+           "enqueue_cmd", "enqueue_if_room_cmd", "entry_body", "done_cmds", "retry_or_deadletter_cmds", "DurableInbox",
+           "Feeding", "find_entry"]
 
 GROUP = "cells"
 CONSUMER = "host"
+
+
+class Feeding(Protocol):
+    """What the feeder reads of the cell it feeds (an ``ActorCell``): named here, so that
+    this module needs nothing of the cell's."""
+
+    name: str
+    runs: int                    # the cell's runs in this host process, this one included
+    deadletters: str             # the dead-letter stream's key
+    durable_inbox: DurableInbox
+    process: Any                 # its ProcessSpec (max_deliveries)
+    host: Any                    # redis, config.supervision
 
 
 class DurableInbox:
@@ -199,7 +209,7 @@ def _fields(raw: list) -> dict[bytes, bytes]:
     return {raw[i]: raw[i + 1] for i in range(0, len(raw), 2)}
 
 
-async def feed(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None:
+async def feed(cell: Feeding, send: trio.MemorySendChannel[Envelope]) -> None:
     """Feed one cell's run with its durable messages; rides out Redis outages with backoff.
 
     Redis going away is not the actor's failure: the feeder waits and retries
@@ -251,7 +261,7 @@ def _envelope(sid: bytes, f: dict[bytes, bytes]) -> Envelope:
                     attempts=int(f.get(b"a", b"0")), body=f[b"m"])
 
 
-async def _sweep(cell: ActorCell, inbox: DurableInbox, send: trio.MemorySendChannel[Envelope], first: bool) -> None:
+async def _sweep(cell: Feeding, inbox: DurableInbox, send: trio.MemorySendChannel[Envelope], first: bool) -> None:
     """The entries taken but never acknowledged (see ``feed``)."""
     redis = cell.host.redis
     key = inbox.key
@@ -290,7 +300,7 @@ async def _sweep(cell: ActorCell, inbox: DurableInbox, send: trio.MemorySendChan
             await redis.transaction(cmds)
 
 
-async def _read_new(cell: ActorCell, inbox: DurableInbox, send: trio.MemorySendChannel[Envelope]) -> None:
+async def _read_new(cell: Feeding, inbox: DurableInbox, send: trio.MemorySendChannel[Envelope]) -> None:
     """New entries, until a commit lost to an outage asks for another sweep.
 
     The feeder reads again only when someone added to the inbox since its last read

@@ -1,5 +1,6 @@
 """The messages that cross the middle of the host: what a process is (``ProcessSpec``) and
-one message for a cell with its one-shot answer (``Envelope``).
+one message for a cell with its one-shot answer (``Envelope``), and its commit on the way
+to Redis (``Commit``).
 
 Pure data shared by the server, the host, the cells and the mailboxes, kept apart so that
 none of them has to import another to name a message (no import circle). Nothing here does
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from ._discovery import ComponentSpec
     from ._redis import Reply
 
-__all__ = ["Envelope", "ProcessSpec", "new_message_id"]
+__all__ = ["Commit", "Envelope", "NOTHING_TO_COMMIT", "ProcessSpec", "new_message_id"]
 
 _message_ids = itertools.count(1)
 _run_tag = f"{int(time.time() * 1000):x}"  # message ids stay unique across host restarts
@@ -104,3 +105,21 @@ class Envelope:
             self.on_done = event.set
             await event.wait()
         return self.result()
+
+
+@attrs.frozen
+class Commit:
+    """A message's commit on its way: ``finish()`` waits for Redis's answer, then routes
+    what follows from it; ``ready`` says whether that answer is in (no Redis: always).
+    ``finish`` is None when there is nothing to wait for or route (a call on a memory
+    host whose outputs go nowhere): no coroutine to run per message then."""
+
+    reply: Reply | None
+    finish: Callable[[], Awaitable[None]] | None
+
+    @property
+    def ready(self) -> bool:
+        return self.reply is None or self.reply.ready
+
+
+NOTHING_TO_COMMIT = Commit(None, None)

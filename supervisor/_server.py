@@ -31,6 +31,7 @@ from . import _protocol as proto
 from ._messages import Envelope
 from ._mailbox import list_deadletters, replay_deadletter
 from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
+from ._fbp import serve_fbp
 from ._http import query_token_ok, serve_front
 from ._watch import Watchers
 from ._wsio import MESSAGE_QUEUE, deliver, get_messages, send_messages, send_now
@@ -111,8 +112,7 @@ class Api:
 
     async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
         if "noflo" in request.proposed_subprotocols:  # the FBP Network Protocol (CONTRACT §7)
-            from ._fbp import serve_fbp  # (its secret is checked per message: browsers send no header)
-
+            # (its secret is checked per message: browsers send no header)
             await serve_fbp(self, request)
             return
         token = self.cfg.token
