@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import trio
 
-from supervisor._host import runtime_unavailable
+from supervisor._child import runtime_unavailable
 from supervisor._pool import WorkerPool
 from supervisor._sandbox._base import Worker, WorkerSpec
 from supervisor._sandbox._bubblewrap import BubblewrapBackend

@@ -15,6 +15,7 @@ from ._errors import (ActorError as ActorError, ActorFailed as ActorFailed, Acto
                       Overloaded as Overloaded, RequestCancelled as RequestCancelled,
                       ResourceLimitExceeded as ResourceLimitExceeded, Unauthorized as Unauthorized,
                       UnknownActor as UnknownActor)
+from ._errors import HostError as HostError  # the host cannot start as configured
 
 # Configuration: reflow.yaml loaded into frozen attrs; bad input is one ConfigError naming each key.
 from ._config import (Config as Config, ConfigError as ConfigError, ConfigProblem as ConfigProblem,
@@ -26,7 +27,7 @@ from ._discovery import (ComponentSpec as ComponentSpec, ScriptError as ScriptEr
                          discover as discover)
 
 # The host itself (``python -m supervisor run``).
-from ._host import Host as Host, HostError as HostError
+from ._host import Host as Host
 
 __all__ = [
     "ActorError", "ActorFailed", "ActorRemoved", "ActorStopped", "ActorTimedOut", "Client", "ComponentSpec", "Config",

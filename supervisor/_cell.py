@@ -16,16 +16,16 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-import attrs
 import orjson
 import trio
 
 from ._channel import BadFrame, ChannelClosed, FrameTooLarge, SendTimedOut, json_values
 from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
                       ResourceLimitExceeded, single_error)
-from ._mailbox import feed, find_entry, inbox_key, poke, retry_or_deadletter_cmds
+from ._messages import Envelope, ProcessSpec
+from ._mailbox import DurableInbox, deadletter_key, feed, find_entry, inbox_key, retry_or_deadletter_cmds
 from ._metrics import ActorStats
 from ._protocol import Blob, is_typed, json_default
 from ._redis import RedisError, RedisUnavailable, Reply
@@ -34,14 +34,14 @@ from ._shm import ShmError
 from ._state import StateTxn, state_prefix
 
 if TYPE_CHECKING:
+    from ._config import Config
     from ._discovery import ComponentSpec
-    from ._host import Commit, Host
+    from ._messages import Commit
+    from ._pool import WorkerPool
 
-__all__ = ["ActorCell", "Envelope", "ProcessSpec", "WorkerDied"]
+__all__ = ["ActorCell", "CellHost", "WorkerDied"]
 
 log = logging.getLogger("supervisor.actor")
-_message_ids = itertools.count(1)
-_run_tag = f"{int(time.time() * 1000):x}"  # message ids stay unique across host restarts
 
 
 class WorkerDied(Exception):
@@ -87,19 +87,6 @@ class ScriptLoadFailed(Exception):
         self.error = error
 
 
-@attrs.frozen
-class ProcessSpec:
-    """A process of the network: a component, its config and its supervision settings."""
-
-    name: str
-    component: ComponentSpec
-    config: dict = attrs.field(factory=dict)
-    restart: str = "permanent"
-    timeout: float | None = None
-    max_deliveries: int = 5
-    memory: int | None = None
-
-
 # Send-ahead window (see ActorCell._serve): 8 ahead, topped up after every reply, meant one
 # small write (and one worker wake-up) per message once the window filled; 64, topped up
 # once half of it is answered, carries ~32 per write, which is what lets one actor and a
@@ -109,71 +96,6 @@ SEND_AHEAD = 64
 SEND_REFILL = SEND_AHEAD // 2
 SEND_AHEAD_BYTES = 1 << 20
 SETTLE_AT_EXIT = 5.0  # seconds a stopping run waits for Redis to answer its commits
-
-
-def new_message_id() -> str:
-    return f"m{next(_message_ids)}-{_run_tag}"
-
-
-@attrs.define(eq=False)
-class Envelope:
-    """One message for a cell and the one-shot answer its sender waits for."""
-
-    inputs: dict[str, Any]                      # port -> typed wire message
-    message_id: str = attrs.field(factory=new_message_id)
-    on_output: Callable[[str, dict], None] | None = None
-    config: dict | None = None
-    outputs: dict | None = None
-    emitted: list = attrs.field(factory=list)
-    error: ActorError | None = None
-    stream_id: bytes | None = None              # set for messages from the durable inbox
-    attempts: int = 0
-    outage: bool = False                        # a state call met Redis unavailable
-    body: bytes | None = None                   # its entry's body: set for every durable message
-    claim: Reply | None = None                  # started before Redis confirmed its add (see start_now)
-    shm_end: int = 0                            # its inputs' end in the worker's inbound ring
-    finished: bool = False
-    # Called once, when the message is answered: how its sender hears, with no task
-    # waiting on an event (a request answered from a callback costs the host far less).
-    on_done: Callable[[], None] | None = None
-
-    @property
-    def durable(self) -> bool:
-        return self.body is not None
-
-    def resolve(self, outputs: dict) -> None:
-        if not self.finished:
-            self.outputs = outputs
-            self._finish()
-
-    def fail(self, error: ActorError) -> None:
-        if not self.finished:
-            self.error = error
-            self._finish()
-
-    def _finish(self) -> None:
-        self.finished = True
-        done, self.on_done = self.on_done, None
-        if done is not None:
-            done()
-
-    def result(self) -> dict:
-        """The answer of a finished message.
-
-        Raises:
-            ActorError: the message failed.
-        """
-        if self.error is not None:
-            raise self.error
-        return {"message_id": self.message_id, "outputs": self.outputs,
-                "emitted": [{"port": p, "message": m} for p, m in self.emitted]}
-
-    async def wait(self) -> dict:
-        if not self.finished:
-            event = trio.Event()
-            self.on_done = event.set
-            await event.wait()
-        return self.result()
 
 
 async def _gone(worker: Worker) -> ExitInfo:
@@ -211,8 +133,25 @@ def _death_error(name: str, exit: ExitInfo) -> ActorError:
                                                              "message": exit.describe()})
 
 
+class CellHost(Protocol):
+    """What a cell asks of the host it runs in (``Host`` implements it): named here, so that
+    the cell needs nothing of the host's module."""
+
+    config: Config
+    redis: Any                   # the pipelined client (_redis.Redis) once the host runs
+    pool: WorkerPool | None      # set before any cell runs
+    durable: bool                # mailboxes are Redis streams (else memory)
+    stopping: bool
+
+    async def commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope, *, ack: bool = True) -> None: ...
+
+    def start_commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope, *, ack: bool = True) -> Commit: ...
+
+    def publish(self, cell: ActorCell, routed: list, message_id: str) -> None: ...
+
+
 class ActorCell:
-    def __init__(self, process: ProcessSpec, host: Host):
+    def __init__(self, process: ProcessSpec, host: CellHost):
         self.process = process
         self.name = process.name
         self.host = host
@@ -241,15 +180,10 @@ class ActorCell:
         # Sent to the worker behind ``current``, with their request ids, not yet started.
         self.ahead: collections.deque[tuple[Envelope, int]] = collections.deque()
         self.inbox = inbox_key(cfg.workspace.redis.namespace, self.name)
-        # The feeder's (see _mailbox.feed): woken by poke (which sets unread) or claimed.
-        self.wake: trio.Event | None = None
-        self.unread = False
-        self.idle = False
-        self.claimed: tuple[Reply, bytes | None] | None = None
+        self.deadletters = deadletter_key(cfg.workspace.redis.namespace)
+        # The feeder's state (see _mailbox.feed), told what happens through its methods.
+        self.durable_inbox = DurableInbox(self.inbox, cfg.workspace.mailbox.batch)
         self._merged: tuple[trio.MemorySendChannel[Envelope], trio.MemoryReceiveChannel[Envelope]] | None = None
-        self.in_hand: set[bytes] = set()  # durable entries this run took and has not finished (see feed)
-        self.resweep = False
-        self.charged: set[bytes] = set()  # durable entries a run died holding: they cost an attempt
         self.runs = 0
         # Handled messages whose commit is on its way to Redis, oldest first (see _serve).
         self._committing: collections.deque[tuple[Commit, Envelope, list, dict]] = collections.deque()
@@ -276,7 +210,7 @@ class ActorCell:
 
     def start_now(self, message_id: str, body: bytes, claim: Reply) -> bool:
         """Start a durable message at once, while Redis adds it, if this run waits with
-        nothing in line (its feeder is idle too: the caller claimed, see _mailbox.claim).
+        nothing in line (its feeder is idle too: the caller claimed, see DurableInbox.claim).
 
         Its add also reads it for the feeder (into the group's pending list), so once
         confirmed (``_confirm``) it is a durable message like any other; the worker meanwhile
@@ -404,7 +338,7 @@ class ActorCell:
                         # feeder hands it out again, counting an attempt unless it was only
                         # stopped by its supervisor.
                         if env.stream_id is not None and not _cancelled(failure):
-                            self.charged.add(env.stream_id)
+                            self.durable_inbox.charge(env.stream_id)
                     elif died_by_itself:
                         env.fail(_death_error(self.name, worker.exit_info))
                     elif self.host.stopping:
@@ -728,7 +662,7 @@ class ActorCell:
                 continue
             committing.popleft()
             if env.stream_id is not None:
-                self.in_hand.discard(env.stream_id)
+                self.durable_inbox.finished(env.stream_id)
             self.processed += 1
             if routed:
                 self.stats.routed(routed)
@@ -754,34 +688,32 @@ class ActorCell:
         durable it costs an attempt when the next run hands it out again."""
         self.current = None
         if env.stream_id is not None:
-            self.charged.add(env.stream_id)
+            self.durable_inbox.charge(env.stream_id)
 
     def _lost_to_outage(self, env: Envelope) -> None:
         """A durable message whose outcome Redis could not record: still pending in its
         stream, it is handed out again by the feeder's next sweep, no attempt counted."""
         assert env.stream_id is not None
-        self.in_hand.discard(env.stream_id)
-        self.resweep = True
-        poke(self)
+        self.durable_inbox.lost(env.stream_id)
 
     async def _retry_later(self, env: Envelope, error: dict) -> bool:
         """A durable message the script failed on: to the back of the inbox, or dead letters
         (then True: it will not be tried again)."""
         assert env.stream_id is not None and env.body is not None
-        cmds, dead = retry_or_deadletter_cmds(self, self.inbox, env.stream_id, env.body, env.attempts + 1, error,
-                                              self.process.max_deliveries)
+        cmds, dead = retry_or_deadletter_cmds(self.deadletters, self.name, self.inbox, env.stream_id, env.body,
+                                              env.attempts + 1, error, self.process.max_deliveries)
         try:
             await self.host.redis.transaction(cmds)
         except (RedisUnavailable, RedisError) as exc:
             log.error("could not requeue a failed message: %s", exc, extra={"actor": self.name})
             self._lost_to_outage(env)
             return False
-        self.in_hand.discard(env.stream_id)
+        self.durable_inbox.finished(env.stream_id)
         if dead:
             log.error("message moved to the dead-letter stream after %d attempts", env.attempts + 1,
                       extra={"actor": self.name, "message_id": env.message_id})
         else:
-            poke(self)
+            self.durable_inbox.poke()
         return dead
 
     async def _reply(self, worker: Worker, rid: int, env: Envelope | None, txn: StateTxn | None) -> dict:

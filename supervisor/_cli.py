@@ -140,7 +140,8 @@ def _tune_gc() -> None:
 def _run(args: argparse.Namespace) -> int:
     import trio
 
-    from ._host import Host, HostError
+    from ._errors import HostError
+    from ._host import Host
     from ._log import setup_logging
 
     setup_logging("debug" if args.debug and not args.log_level else args.log_level)

@@ -12,7 +12,7 @@ from typing import Any
 __all__ = [
     "ActorError", "UnknownActor", "ActorRemoved", "ActorFailed", "ActorTimedOut", "Overloaded",
     "ResourceLimitExceeded", "Unauthorized", "ActorStopped", "InvalidParams", "RequestCancelled",
-    "single_error",
+    "HostError", "single_error",
 ]
 
 PARSE_ERROR = -32700
@@ -44,6 +44,10 @@ class ActorError(Exception):
         if self.data is not None:
             err["data"] = self.data
         return err
+
+
+class HostError(Exception):
+    """The host cannot start as configured (exit code 2); the message says why."""
 
 
 class InvalidParams(ActorError):

@@ -42,7 +42,8 @@ import trio_websocket
 from . import _policy as policy
 from . import _protocol as proto
 from ._cell import ActorCell
-from ._errors import ActorError
+from ._child import CellChild, runtime_unavailable
+from ._errors import ActorError, HostError
 from ._fbp_graph import Action, Graph, GraphError, ProtocolError, data_event_id, parse_message
 
 if TYPE_CHECKING:
@@ -240,8 +241,6 @@ class FbpRuntime:
                     self.network_error(str(exc))
 
     async def _do_start_node(self, act: Action) -> None:
-        from ._host import CellChild, HostError, runtime_unavailable
-
         host = self.host
         if act.node in host.cells:  # (the graph's own are stopped before they start again)
             raise GraphError(f"node {act.node!r}: a process of that name already runs on this host")

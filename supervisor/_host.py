@@ -23,79 +23,33 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 import orjson
 import trio
 
 from . import _policy as policy
-from ._cell import ActorCell, Envelope, ProcessSpec, ScriptLoadFailed, new_message_id
-from ._mailbox import claim, claimed, done_cmds, enqueue_cmd, enqueue_if_room_cmd, entry_body, poke
+from ._cell import ActorCell
+from ._child import CellChild, runtime_unavailable
+from ._messages import NOTHING_TO_COMMIT, Commit, Envelope, ProcessSpec, new_message_id
+from ._mailbox import done_cmds, enqueue_cmd, enqueue_if_room_cmd, entry_body
 from ._config import Config
 from ._discovery import ComponentSpec, Discovery, ScriptProblem, discover
-from ._errors import ActorError, ActorFailed, ActorRemoved, ActorStopped, InvalidParams, Overloaded, UnknownActor
+from ._errors import (ActorError, ActorFailed, ActorRemoved, ActorStopped, HostError, InvalidParams, Overloaded,
+                      UnknownActor)
 from ._files import write_atomic
 from ._fanin import assemble, fanin_key, push_cmd, push_if_room_cmd
 from ._packages import PackageInstallFailed, ensure_packages
 from ._pool import WorkerPool
 from ._protocol import wrap
 from ._reload import plan_reload, watch_scripts
-from ._redis import RedisError, RedisUnavailable, Reply, open_redis, serve_embedded_redis
+from ._redis import RedisError, RedisUnavailable, open_redis, serve_embedded_redis
 from ._sandbox import select_backend
 from ._sandbox._base import SandboxBackend, SandboxUnavailable, WorkerSpec
-from ._tree import NotRunning, PermanentFailure, Supervisor, SupervisorGaveUp
+from ._server import serve_api
+from ._tree import NotRunning, Supervisor, SupervisorGaveUp
 
 __all__ = ["Host", "HostError"]
 
 log = logging.getLogger("supervisor.host")
-
-
-class HostError(Exception):
-    """The host cannot start as configured (exit code 2); the message says why."""
-
-
-class CellChild:
-    """Adapts an ActorCell to the supervisor's child interface."""
-
-    kind = "actor"
-
-    def __init__(self, cell: ActorCell, restart_type: policy.RestartType):
-        self.cell = cell
-        self.name = cell.name
-        self.restart_type = restart_type
-
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> str | None:
-        try:
-            return await self.cell.run(task_status=task_status)
-        except ScriptLoadFailed as exc:
-            raise PermanentFailure(str(exc)) from exc
-
-    def interrupt(self) -> bool:
-        """Kill the worker (for actor.restart): False if there is none to kill."""
-        worker = self.cell.worker
-        if worker is None:
-            return False
-        worker.kill()
-        return True
-
-    def on_stopped(self, error: BaseException | None) -> None:
-        if error is not None:
-            why = f": {error}"
-        elif self.cell.exit_detail is not None:  # it stopped itself, and its restart type keeps it so
-            why = (f": it exited normally ({self.cell.exit_detail}) and, being {self.restart_type.value}, "
-                   "is not restarted" + ("" if self.restart_type is policy.RestartType.TEMPORARY
-                                         else "; actor.restart starts it again"))
-        elif self.restart_type is policy.RestartType.TEMPORARY:
-            why = ": it was temporary and exited (temporary actors are never restarted)"
-        else:
-            why = ""
-        self.cell.fail_queued(ActorStopped(f"actor {self.name!r} is not running{why}"))
-
-    def status(self) -> dict:
-        c = self.cell
-        w = c.worker
-        return {"name": c.name, "kind": "actor", "component": c.component.name, "restart": self.restart_type.value,
-                "runtime": c.component.runtime, "tier": c.tier, "pid": w.pid if w else None,
-                "pending": c.pending(), "processed": c.processed, "bytes": bytes_path(w)}
 
 
 class _Started:
@@ -108,54 +62,11 @@ class _Started:
         self.event.set()
 
 
-def bytes_path(worker: Any) -> str | None:
-    """How bytes payloads reach this worker: "shared-memory" (with attachments below the
-    threshold), "attachments" (raw on the channel), "base64" (a channel that carries only
-    text, e.g. a microVM's stdio); None while it has no worker."""
-    if worker is None:
-        return None
-    if getattr(worker, "shm", None) is not None:
-        return "shared-memory"
-    return "attachments" if getattr(worker, "ready_info", {}).get("attachments") is True else "base64"
-
-
 def _policy_from(sup_cfg: Any) -> policy.Policy:
     b = sup_cfg.backoff
     return policy.Policy(strategy=policy.Strategy(sup_cfg.strategy), max_restarts=sup_cfg.max_restarts,
                          max_seconds=sup_cfg.max_seconds, backoff_min=b.min, backoff_max=b.max,
                          jitter=b.jitter, reset_after=b.reset)
-
-
-def runtime_unavailable(runtime: str) -> str | None:
-    """Why scripts of ``runtime`` cannot run on this machine, or None."""
-    if runtime == "javascript":
-        import shutil
-
-        from ._sandbox._bubblewrap import runtime_dir
-
-        if shutil.which("node") is None:
-            return "Node.js is not installed (JavaScript actors need the node binary)"
-        if not (runtime_dir() / "js" / "reflow_worker.js").exists():
-            return "this build has no JavaScript runtime (supervisor/runtime/js)"
-    return None
-
-
-@attrs.frozen
-class Commit:
-    """A message's commit on its way: ``finish()`` waits for Redis's answer, then routes
-    what follows from it; ``ready`` says whether that answer is in (no Redis: always).
-    ``finish`` is None when there is nothing to wait for or route (a call on a memory
-    host whose outputs go nowhere): no coroutine to run per message then."""
-
-    reply: Reply | None
-    finish: Callable[[], Awaitable[None]] | None
-
-    @property
-    def ready(self) -> bool:
-        return self.reply is None or self.reply.ready
-
-
-_NOTHING_TO_COMMIT = Commit(None, None)
 
 
 class Host:
@@ -538,11 +449,11 @@ class Host:
                     woken.append(target)
                     # Not read yet: a send must not start ahead of it (see ActorCell.start_now);
                     # the feeder is woken once the commit is in.
-                    target.unread = True
+                    target.durable_inbox.mark_unread()
         if ack and env.stream_id is not None:
             cmds += done_cmds(cell.inbox, env.stream_id)
         if not cmds and not later and not gathering:
-            return _NOTHING_TO_COMMIT
+            return NOTHING_TO_COMMIT
         reply = self.redis.submit_transaction(cmds) if cmds else None
         delivered = 0
 
@@ -558,7 +469,7 @@ class Host:
                                   {"type": type(exc).__name__, "message": str(exc)}) from exc
             finally:  # (committed or not, a read settles the unread set above)
                 for target in woken:
-                    poke(target)
+                    target.durable_inbox.poke()
             for target in dict.fromkeys(gathering):
                 await self._assemble(target)
             while delivered < len(later):
@@ -584,7 +495,7 @@ class Host:
             log.error("fan-in for %s not assembled yet: %s", target.name, exc)
             return
         if made:
-            poke(target)
+            target.durable_inbox.poke()
 
     async def enqueue(self, cell: ActorCell, inputs: dict) -> str:
         """Accept a message for ``cell`` (``actor.send``); returns once it is durable (or queued,
@@ -602,15 +513,16 @@ class Host:
         mid = new_message_id()
         ports = self._fan_in.get(cell.name)
         if ports is None:
-            body = entry_body(mid, inputs)  # (first: nothing may raise between claim and claimed)
-            batch = claim(cell)
+            body = entry_body(mid, inputs)  # (first: nothing may raise between claim and claim_read)
+            inbox = cell.durable_inbox
+            batch = inbox.claim()
             reply = self.redis.submit(*enqueue_if_room_cmd(cell.inbox, limit, body, batch))
             if batch:  # the feeder waits, with everything read: the add reads for it
-                claimed(cell, reply, body if cell.start_now(mid, body, reply) else None)
+                inbox.claim_read(reply, body if cell.start_now(mid, body, reply) else None)
             else:
                 # Wake the feeder now, not once Redis has answered: its read is submitted behind
                 # the add (see _mailbox._read_new), so it finds the message one round trip sooner.
-                poke(cell)
+                inbox.poke()
         else:  # one value per port waits for the others (await_all_inports)
             reply = self.redis.submit(*push_if_room_cmd(
                 cell.inbox, limit, [(self._fanin_key(cell.name, p), v) for p, v in inputs.items() if p in ports]))
@@ -718,7 +630,6 @@ class Host:
         self.pool = WorkerPool(backend, self._worker_specs(specs), preload=ws.sandbox.pool.preload_count,
                                max_size=ws.sandbox.pool.max_size, idle_timeout=ws.sandbox.pool.idle_timeout)
         self.root = self._build_tree(specs)
-        from ._server import serve_api
 
         async with trio.open_nursery() as nursery:
             self._nursery_for_drain = nursery

@@ -22,25 +22,105 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import orjson
 import trio
 
+from ._messages import Envelope
 from ._protocol import json_default
 from ._redis import Redis, RedisError, RedisUnavailable, Reply
 
 log = logging.getLogger("supervisor.mailbox")
 
-if TYPE_CHECKING:
-    from ._cell import ActorCell, Envelope
-
-__all__ = ["list_deadletters", "replay_deadletter", "GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed", "enqueue_cmd",
-           "enqueue_if_room_cmd", "entry_body", "done_cmds", "retry_or_deadletter_cmds", "poke", "claim", "claimed",
-           "find_entry"]
+__all__ = ["list_deadletters", "replay_deadletter", "GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed",
+           "enqueue_cmd", "enqueue_if_room_cmd", "entry_body", "done_cmds", "retry_or_deadletter_cmds", "DurableInbox",
+           "Feeding", "find_entry"]
 
 GROUP = "cells"
 CONSUMER = "host"
+
+
+class Feeding(Protocol):
+    """What the feeder reads of the cell it feeds (an ``ActorCell``): named here, so that
+    this module needs nothing of the cell's."""
+
+    name: str
+    runs: int                    # the cell's runs in this host process, this one included
+    deadletters: str             # the dead-letter stream's key
+    durable_inbox: DurableInbox
+    process: Any                 # its ProcessSpec (max_deliveries)
+    host: Any                    # redis, config.supervision
+
+
+class DurableInbox:
+    """One process's durable inbox as its feeder sees it: every piece of the feeder's state
+    (see ``feed``), which only this module reads and writes; the cell, the host and the
+    server tell it what happened through its methods.
+
+    - ``unread``: someone added to the stream since the feeder's last read (``mark_unread``,
+      ``poke``); while set, no send may start a message ahead of the feeder (``claim``).
+    - ``idle``/``wake``: the feeder waits, everything read; ``poke`` and ``claim_read`` wake it.
+    - ``claimed``: the reply of a send that read for the idle feeder, and the body of the
+      message that send started at once, if it did (``claim``, ``claim_read``).
+    - ``in_hand``: stream ids this run was handed and has not finished (``finished``).
+    - ``resweep``: a commit lost to an outage asks the feeder for another sweep (``lost``).
+    - ``charged``: stream ids a run died holding: they cost an attempt (``charge``).
+    """
+
+    __slots__ = ("key", "batch", "wake", "unread", "idle", "claimed", "in_hand", "resweep", "charged",
+                 "finished", "charge")
+
+    def __init__(self, key: str, batch: int):
+        self.key = key
+        self.batch = batch
+        self.wake: trio.Event | None = None
+        self.unread = False
+        self.idle = False
+        self.claimed: tuple[Reply, bytes | None] | None = None
+        self.in_hand: set[bytes] = set()
+        self.resweep = False
+        self.charged: set[bytes] = set()
+        # Bound to the sets themselves (which are cleared, never replaced): called once per
+        # durable message, they cost what the set's own method does.
+        self.finished: Callable[[bytes], None] = self.in_hand.discard
+        """The run is done with this entry (committed, requeued or dead-lettered)."""
+        self.charge: Callable[[bytes], None] = self.charged.add
+        """A run ended holding this entry: handed out again, it costs an attempt."""
+
+    def mark_unread(self) -> None:
+        """Something was added (or is being added) behind the feeder's back: no send may start
+        ahead of it until the feeder has read; ``poke`` once it is in."""
+        self.unread = True
+
+    def poke(self) -> None:
+        """Tell the feeder that its inbox has new entries."""
+        self.unread = True
+        if self.wake is not None:
+            self.wake.set()
+
+    def lost(self, stream_id: bytes) -> None:
+        """An entry whose outcome Redis could not record: still pending in the stream, the
+        feeder's next sweep hands it out again, no attempt counted."""
+        self.in_hand.discard(stream_id)
+        self.resweep = True
+        self.poke()
+
+    def claim(self) -> int:
+        """Whether a send may read for the feeder (the batch size to read, else 0): only when
+        the feeder waits with everything read, so the entries it gets are next in line."""
+        if not self.idle or self.unread or self.claimed is not None:
+            return 0
+        self.idle = False
+        return self.batch
+
+    def claim_read(self, reply: Reply, started: bytes | None) -> None:
+        """Hand the feeder the reply of a send that ``claim``ed (``started``: the body of the
+        message the send started at once, if it did)."""
+        self.claimed = (reply, started)
+        assert self.wake is not None
+        self.wake.set()
 
 
 def inbox_key(namespace: str, process: str) -> str:
@@ -91,15 +171,15 @@ def done_cmds(key: str, stream_id: bytes) -> list[tuple]:
     return [("XACK", key, GROUP, stream_id), ("XDEL", key, stream_id)]
 
 
-def retry_or_deadletter_cmds(cell: ActorCell, key: str, stream_id: bytes, body: bytes, attempts: int,
-                             error: dict, max_deliveries: int, not_before: float | None = None,
+def retry_or_deadletter_cmds(deadletters: str, process: str, key: str, stream_id: bytes, body: bytes,
+                             attempts: int, error: dict, max_deliveries: int, not_before: float | None = None,
                              ) -> tuple[list[tuple], bool]:
-    """Commands that retry an entry (at the end of its stream, not before ``not_before``)
-    or dead-letter it; and which."""
+    """Commands that retry an entry of ``process``'s inbox ``key`` (at the end of its stream,
+    not before ``not_before``) or dead-letter it to the stream ``deadletters``; and which."""
     cmds = done_cmds(key, stream_id)
     if attempts >= max_deliveries:
-        cmds.insert(0, ("XADD", deadletter_key(cell.host.config.workspace.redis.namespace), "*",
-                        "process", cell.name, "m", body, "attempts", attempts,
+        cmds.insert(0, ("XADD", deadletters, "*",
+                        "process", process, "m", body, "attempts", attempts,
                         "error", orjson.dumps(error), "at", repr(time.time())))
         return cmds, True
     held = ("t", repr(not_before)) if not_before is not None else ()
@@ -107,15 +187,14 @@ def retry_or_deadletter_cmds(cell: ActorCell, key: str, stream_id: bytes, body: 
     return cmds, False
 
 
-def crash_spacing(cell: ActorCell) -> float:
+def crash_spacing(max_seconds: float, max_restarts: int) -> float:
     """How long a message that killed its worker waits before it is tried again.
 
     Each such redelivery costs a restart. Spaced by max_seconds / max_restarts (and a
     margin), one poison message reaches ``max_deliveries`` and the dead-letter stream
     without ever pushing its supervisor past its restart intensity, so a bad input
     cannot take the actor's siblings down with it."""
-    sup = cell.host.config.supervision
-    return 1.1 * sup.max_seconds / max(1, sup.max_restarts)
+    return 1.1 * max_seconds / max(1, max_restarts)
 
 
 async def ensure_group(redis: Redis, key: str) -> None:
@@ -130,7 +209,7 @@ def _fields(raw: list) -> dict[bytes, bytes]:
     return {raw[i]: raw[i + 1] for i in range(0, len(raw), 2)}
 
 
-async def feed(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None:
+async def feed(cell: Feeding, send: trio.MemorySendChannel[Envelope]) -> None:
     """Feed one cell's run with its durable messages; rides out Redis outages with backoff.
 
     Redis going away is not the actor's failure: the feeder waits and retries
@@ -138,28 +217,29 @@ async def feed(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None:
     would otherwise count every retry against its intensity.
 
     Every run starts with a sweep of the entries taken and never acknowledged.
-    Only an entry a worker died holding (``cell.charged``) costs an attempt and
+    Only an entry a worker died holding (``charged``) costs an attempt and
     goes to the back of the stream, spaced by ``crash_spacing``; the others were
     merely read ahead and are handed out again as they are. On the cell's first
     run in this host process nothing says which entry an earlier host's worker
     held, so each pending entry costs one.
 
-    ``cell.in_hand`` holds the stream ids this run has handed to the cell and
+    ``in_hand`` holds the stream ids this run has handed to the cell and
     not finished. A later sweep, after an outage made a commit fail, hands back
     only what is pending and not in hand, with no attempt counted: nothing is
     run twice, nothing is left behind.
     """
-    cell.in_hand = set()
-    cell.resweep = False
-    cell.claimed = None  # (what a run's claim took is pending: the sweep hands it out)
+    inbox = cell.durable_inbox
+    inbox.in_hand.clear()
+    inbox.resweep = False
+    inbox.claimed = None  # (what a run's claim took is pending: the sweep hands it out)
     first = True
     failures = 0
     while True:
         try:
-            await _sweep(cell, send, first)
+            await _sweep(cell, inbox, send, first)
             first = False
             failures = 0
-            await _read_new(cell, send)
+            await _read_new(cell, inbox, send)
         except (RedisUnavailable, RedisError) as exc:
             if failures == 0:
                 log.error("cannot read the inbox of %s: %s; retrying", cell.name, exc)
@@ -176,29 +256,27 @@ def find_entry(entries: list, body: bytes) -> bytes | None:
 
 
 def _envelope(sid: bytes, f: dict[bytes, bytes]) -> Envelope:
-    from ._cell import Envelope
-
     body = orjson.loads(f[b"m"])
     return Envelope(inputs=body["inputs"], message_id=body["id"], stream_id=sid,
                     attempts=int(f.get(b"a", b"0")), body=f[b"m"])
 
 
-async def _sweep(cell: ActorCell, send: trio.MemorySendChannel[Envelope], first: bool) -> None:
+async def _sweep(cell: Feeding, inbox: DurableInbox, send: trio.MemorySendChannel[Envelope], first: bool) -> None:
     """The entries taken but never acknowledged (see ``feed``)."""
     redis = cell.host.redis
-    key = cell.inbox
-    batch = cell.host.config.workspace.mailbox.batch
-    if cell.claimed is not None:  # (a resweep: what a claim took counts as in hand before the read)
-        await _take_claimed(cell, send, batch)
+    key = inbox.key
+    batch = inbox.batch
+    if inbox.claimed is not None:  # (a resweep: what a claim took counts as in hand before the read)
+        await _take_claimed(inbox, send, batch)
     await ensure_group(redis, key)
-    cell.resweep = False
+    inbox.resweep = False
     start = b"0"
     while True:
         reply = await redis.submit("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, start)()
         entries = reply[0][1] if reply else []
         if not entries:
             if first:
-                cell.charged.clear()  # acknowledged after all (the commit made it)
+                inbox.charged.clear()  # acknowledged after all (the commit made it)
             return
         for sid, raw in entries:
             start = sid
@@ -206,78 +284,80 @@ async def _sweep(cell: ActorCell, send: trio.MemorySendChannel[Envelope], first:
                 await redis.pipeline(done_cmds(key, sid))
                 continue
             f = _fields(raw)
-            if not (first and (cell.runs <= 1 or sid in cell.charged)):
-                if sid not in cell.in_hand:
-                    cell.in_hand.add(sid)
+            if not (first and (cell.runs <= 1 or sid in inbox.charged)):
+                if sid not in inbox.in_hand:
+                    inbox.in_hand.add(sid)
                     await send.send(_envelope(sid, f))
                 continue
-            cell.charged.discard(sid)
+            inbox.charged.discard(sid)
             attempts = int(f.get(b"a", b"0")) + 1
+            sup = cell.host.config.supervision
             cmds, dead = retry_or_deadletter_cmds(
-                cell, key, sid, f[b"m"], attempts,
+                cell.deadletters, cell.name, key, sid, f[b"m"], attempts,
                 {"type": "WorkerDied", "message": "the worker died while handling this message"},
-                cell.process.max_deliveries, not_before=time.time() + crash_spacing(cell))
+                cell.process.max_deliveries,
+                not_before=time.time() + crash_spacing(sup.max_seconds, sup.max_restarts))
             await redis.transaction(cmds)
 
 
-async def _read_new(cell: ActorCell, send: trio.MemorySendChannel[Envelope]) -> None:
+async def _read_new(cell: Feeding, inbox: DurableInbox, send: trio.MemorySendChannel[Envelope]) -> None:
     """New entries, until a commit lost to an outage asks for another sweep.
 
     The feeder reads again only when someone added to the inbox since its last read
-    (``poke``: ``cell.unread``), or its last read filled a batch, or a slow poll says so
+    (``poke``: ``unread``), or its last read filled a batch, or a slow poll says so
     as a safety net; a send that finds it waiting reads for it in the same command as its
     add (``claim``)."""
     redis = cell.host.redis
-    key = cell.inbox
-    batch = cell.host.config.workspace.mailbox.batch
-    cell.unread = True
-    while not cell.resweep:
-        if cell.claimed is not None:
-            await _take_claimed(cell, send, batch)
+    key = inbox.key
+    batch = inbox.batch
+    inbox.unread = True
+    while not inbox.resweep:
+        if inbox.claimed is not None:
+            await _take_claimed(inbox, send, batch)
             continue
-        if cell.unread:
-            cell.unread = False
+        if inbox.unread:
+            inbox.unread = False
             # (Submitted, so it reaches Redis behind every add submitted before it, even
             # one still waiting for a connection: it cannot miss one and go idle.)
             reply = await redis.submit("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, ">")()
-            await _hand_out(cell, send, reply[0][1] if reply else [], batch)
+            await _hand_out(inbox, send, reply[0][1] if reply else [], batch)
             continue
-        cell.wake = trio.Event()
-        cell.idle = True
+        inbox.wake = trio.Event()
+        inbox.idle = True
         try:
             with trio.move_on_after(1.0) as poll:
-                await cell.wake.wait()
+                await inbox.wake.wait()
         finally:
-            cell.idle = False
+            inbox.idle = False
         if poll.cancelled_caught:
-            cell.unread = True
+            inbox.unread = True
 
 
-async def _take_claimed(cell: ActorCell, send: trio.MemorySendChannel[Envelope], batch: int) -> None:
+async def _take_claimed(inbox: DurableInbox, send: trio.MemorySendChannel[Envelope], batch: int) -> None:
     """Hand out what a send read for the feeder (see ``claim``), except the message that
     send already started (see ``ActorCell.start_now``): that one only joins ``in_hand``,
     as though handed out."""
-    assert cell.claimed is not None
-    reply, started = cell.claimed
+    assert inbox.claimed is not None
+    reply, started = inbox.claimed
     try:
         entries = await reply()
     except RedisError:
         entries = None  # not added: its sender hears why (RedisUnavailable: see feed)
     finally:
-        cell.claimed = None
+        inbox.claimed = None
     if isinstance(entries, list):
-        await _hand_out(cell, send, entries, batch, started)
+        await _hand_out(inbox, send, entries, batch, started)
     else:  # (added but not read for us, or not added: a read of our own settles it)
-        cell.unread = True
+        inbox.unread = True
 
 
-async def _hand_out(cell: ActorCell, send: trio.MemorySendChannel[Envelope], entries: list, batch: int,
+async def _hand_out(inbox: DurableInbox, send: trio.MemorySendChannel[Envelope], entries: list, batch: int,
                     started: bytes | None = None) -> None:
     if len(entries) >= batch:
-        cell.unread = True  # there may be more
+        inbox.unread = True  # there may be more
     skip = find_entry(entries, started) if started is not None else None
     if skip is not None:
-        cell.in_hand.add(skip)  # (first: the loop may sleep, and the started one may finish meanwhile)
+        inbox.in_hand.add(skip)  # (first: the loop may sleep, and the started one may finish meanwhile)
     for sid, raw in entries:
         if sid == skip:
             continue
@@ -285,32 +365,8 @@ async def _hand_out(cell: ActorCell, send: trio.MemorySendChannel[Envelope], ent
         hold = float(f.get(b"t", b"0")) - time.time()
         if hold > 0:  # it killed a worker: see crash_spacing (later entries wait behind it)
             await trio.sleep(hold)
-        cell.in_hand.add(sid)
+        inbox.in_hand.add(sid)
         await send.send(_envelope(sid, f))
-
-
-def poke(cell: ActorCell) -> None:
-    """Tell the cell's feeder that its inbox has new entries."""
-    cell.unread = True
-    if cell.wake is not None:
-        cell.wake.set()
-
-
-def claim(cell: ActorCell) -> int:
-    """Whether a send may read for the feeder (the batch size to read, else 0): only when
-    the feeder waits with everything read, so the entries it gets are next in line."""
-    if not cell.idle or cell.unread or cell.claimed is not None:
-        return 0
-    cell.idle = False
-    return cell.host.config.workspace.mailbox.batch
-
-
-def claimed(cell: ActorCell, reply: Reply, started: bytes | None) -> None:
-    """Hand the feeder the reply of a send that ``claim``ed (``started``: the body of the
-    message the send started at once, if it did)."""
-    cell.claimed = (reply, started)
-    assert cell.wake is not None
-    cell.wake.set()
 
 
 def _decode(v: bytes) -> Any:

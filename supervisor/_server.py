@@ -28,9 +28,10 @@ import trio
 import trio_websocket
 
 from . import _protocol as proto
-from ._cell import Envelope
-from ._mailbox import list_deadletters, poke, replay_deadletter
+from ._messages import Envelope
+from ._mailbox import list_deadletters, replay_deadletter
 from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
+from ._fbp import serve_fbp
 from ._http import query_token_ok, serve_front
 from ._watch import Watchers
 from ._wsio import MESSAGE_QUEUE, deliver, get_messages, send_messages, send_now
@@ -111,8 +112,7 @@ class Api:
 
     async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
         if "noflo" in request.proposed_subprotocols:  # the FBP Network Protocol (CONTRACT §7)
-            from ._fbp import serve_fbp  # (its secret is checked per message: browsers send no header)
-
+            # (its secret is checked per message: browsers send no header)
             await serve_fbp(self, request)
             return
         token = self.cfg.token
@@ -229,7 +229,7 @@ class Api:
 
         def inbox_of(name: str) -> str:
             cell = self.host.cell(name)
-            cell.unread = True  # (added behind the feeder's back: no send may start ahead of it)
+            cell.durable_inbox.mark_unread()  # (added behind the feeder's back: no send may start ahead of it)
             return cell.inbox
 
         if not isinstance(p["id"], str) or not _STREAM_ID.fullmatch(p["id"]):
@@ -238,7 +238,7 @@ class Api:
             process = await replay_deadletter(self.host.redis, ns, p["id"], inbox_of)
         except KeyError:
             raise InvalidParams(f"no dead letter {p['id']!r}") from None
-        poke(self.host.cell(process))
+        self.host.cell(process).durable_inbox.poke()
         return {"process": process}
 
     def process_start(self, conn: Connection, params: Any) -> Later:

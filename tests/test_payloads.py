@@ -379,7 +379,7 @@ module.exports = actor({name: 'EchoJs', inports: ['data'], outports: ['data', 'k
 
 
 async def test_node_workers_take_and_give_bytes_as_attachments(make_host):
-    from supervisor._host import runtime_unavailable
+    from supervisor._child import runtime_unavailable
 
     if (why := runtime_unavailable("javascript")) is not None:
         pytest.skip(why)
