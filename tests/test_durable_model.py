@@ -49,11 +49,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from supervisor._cell import ActorCell, Envelope, ProcessSpec
+from supervisor._cell import ActorCell
+from supervisor._messages import Envelope, ProcessSpec
 from supervisor._config import Config, MailboxConfig, RedisConfig, SupervisionConfig, WorkspaceConfig
 from supervisor._discovery import ComponentSpec
 from supervisor._host import Host
-from supervisor._mailbox import feed, list_deadletters, poke, replay_deadletter
+from supervisor._mailbox import feed, list_deadletters, replay_deadletter
 from supervisor._redis import RedisError, open_redis, serve_embedded_redis
 from supervisor._state import StateTxn
 
@@ -184,7 +185,7 @@ class Activation:
             await cell._confirm(env)
         self.queue.clear()
         if env is not None and env.stream_id is not None and not cancelled:
-            cell.charged.add(env.stream_id)
+            cell.durable_inbox.charge(env.stream_id)
             return env.message_id
         return None
 
@@ -222,8 +223,9 @@ class Activation:
                 assert not self._feeder_done.is_set(), "the feeder returned"
                 # (every step has woken the feeder for what it added by now: one that waits
                 # with entries unread would only find them by its slow safety-net poll)
-                assert not (cell.idle and cell.unread and not cell.wake.is_set()), "a wake-up was lost"
-                quiet = cell.idle and not cell.unread and cell.claimed is None and not cell.resweep
+                box = cell.durable_inbox
+                assert not (box.idle and box.unread and not box.wake.is_set()), "a wake-up was lost"
+                quiet = box.idle and not box.unread and box.claimed is None and not box.resweep
                 # (a waiting receiver that was handed a message must have put it in the queue)
                 if quiet and (self._receiver is None or self.recv.statistics().tasks_waiting_receive):
                     break
@@ -316,11 +318,11 @@ class Activation:
 
     async def replay(self, entry_id: str) -> None:
         def inbox_of(name: str) -> str:  # (as the deadletters.replay handler does)
-            self.cell.unread = True
+            self.cell.durable_inbox.mark_unread()
             return self.cell.inbox
 
         await replay_deadletter(self.host.redis, NS, entry_id, inbox_of)
-        poke(self.cell)
+        self.cell.durable_inbox.poke()
 
     async def observe(self, mids: list[str]) -> dict:
         redis = self.host.redis
@@ -569,8 +571,8 @@ class DurableDelivery(RuleBasedStateMachine):
         # ... and the feeder knows which: a later sweep hands out only what is not (see feed).
         # (a commit Redis has done and the cell has not heard of yet is still in hand)
         unheard = {env.stream_id for env, _ in self.committing.values() if not env.finished}
-        assert self.act.cell.in_hand == {sid for sid, _, _ in seen["inbox"]} | unheard, (
-            self.act.cell.in_hand, seen["inbox"], unheard)
+        assert self.act.cell.durable_inbox.in_hand == {sid for sid, _, _ in seen["inbox"]} | unheard, (
+            self.act.cell.durable_inbox.in_hand, seen["inbox"], unheard)
 
     def teardown(self):
         if self.act is None:
