@@ -619,7 +619,7 @@ def test_network_names_and_ports_are_checked_against_the_discovered_components()
 def test_process_config_is_validated_against_config_schema_with_its_line():
     text = "network:\n  processes:\n    double:\n      component: Calc\n      config:\n        factor: two\n"
     (p,) = check_components(parse(text), [_calc()])
-    assert str(p) == f"network.processes.double.config.factor: 'two' is not of type 'number' (reflow.yaml:6)"
+    assert str(p) == "network.processes.double.config.factor: 'two' is not of type 'number' (reflow.yaml:6)"
     ok = text.replace("factor: two", "factor: 2.5")
     assert check_components(parse(ok), [_calc()]) == []
 

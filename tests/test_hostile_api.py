@@ -11,7 +11,6 @@ import json
 
 import orjson
 import pytest
-import trio
 import trio_websocket
 
 from _rawws import RawWs, pipeline_until_stalled, port_of
