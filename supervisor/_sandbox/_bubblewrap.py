@@ -25,6 +25,7 @@ files at the same paths, far fewer mounts per spawn for Python's many libraries.
 from __future__ import annotations
 
 import compileall
+import contextlib
 import functools
 import glob
 import hashlib
@@ -40,6 +41,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from .._files import write_atomic
 from .._shm import Regions
 from ._base import SandboxBackend, SandboxUnavailable, Worker, WorkerSpec, ulimit_commands
 from ._cgroup import Cgroups
@@ -230,14 +232,10 @@ def _stage_dir(files: dict[str, str]) -> str:
     if _links_exactly(final, stats):
         return str(final)
     _make_root(root)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
+    with _fresh_dir(root) as tmp:
         for name, src in files.items():
             os.link(src, tmp / name)
         os.chmod(tmp, 0o755)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     try:
         os.rename(tmp, final)
     except OSError:  # another host made it meanwhile (or a stale one is in the way): use ours
@@ -246,6 +244,18 @@ def _stage_dir(files: dict[str, str]) -> str:
             return str(final)
         return str(tmp)
     return str(final)
+
+
+@contextlib.contextmanager
+def _fresh_dir(root: Path):
+    """A new private directory in ``root`` to fill before it is renamed into place; removed
+    if filling it fails (so a failed stage leaves nothing behind)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _make_root(root: Path) -> None:
@@ -289,8 +299,7 @@ def reachable_tree(src: str, *, exclude: tuple[str, ...] = (), always: bool = Fa
         return str(final)
     _make_root(root)
     _sweep_trees(root)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
+    with _fresh_dir(root) as tmp:
         for top, dirs, files in os.walk(real):
             rel = os.path.relpath(top, real)
             if rel == ".":
@@ -318,16 +327,14 @@ def reachable_tree(src: str, *, exclude: tuple[str, ...] = (), always: bool = Fa
             for d in dirs:
                 os.chmod(os.path.join(top, d), 0o755)
         os.chmod(tmp, 0o755)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     try:
         os.rename(tmp, final)
     except OSError:  # another host put the same tree in place meanwhile (a rename is whole)
         shutil.rmtree(tmp, ignore_errors=True)
         if not final.is_dir():
             raise
-    source.write_text(real)
+    # Whole or not at all: another host's _sweep_trees reading it empty would remove the tree.
+    write_atomic(source, real.encode())
     return str(final)
 
 

@@ -49,6 +49,7 @@ import microsandbox as ms  # ImportError here makes select_backend fall back
 import orjson
 import trio
 
+from .._files import write_atomic
 from .._channel import ChannelClosed, LineChannel
 from ._base import ExitInfo, SandboxBackend, SandboxUnavailable, Worker, WorkerSpec, WorkerStartError
 from ._bubblewrap import _shared_libs, runtime_dir
@@ -791,9 +792,7 @@ class MicrosandboxBackend(SandboxBackend):
             now = time.time()
             data[self._cache_key()] = {"reason": reason, "at": now,
                                        **({} if definitive else {"expires": now + TIMEOUT_VERDICT_TTL})}
-            tmp = self.probe_cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, self.probe_cache)
+            write_atomic(self.probe_cache, json.dumps(data).encode())
         except OSError:
             return False
         return True
