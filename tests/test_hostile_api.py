@@ -210,13 +210,14 @@ def test_host_json_is_replaced_whole_never_seen_empty(tmp_path):
     path = tmp_path / "host.json"
     write_atomic(path, orjson.dumps({"n": -1}))
     bad: list[bytes] = []
+    seen: set[int] = set()
     stop = threading.Event()
 
     def read() -> None:
         while not stop.is_set():
             data = path.read_bytes()
             try:
-                orjson.loads(data)
+                seen.add(orjson.loads(data)["n"])
             except orjson.JSONDecodeError:
                 bad.append(data)
 
@@ -229,6 +230,7 @@ def test_host_json_is_replaced_whole_never_seen_empty(tmp_path):
         stop.set()
         reader.join()
     assert not bad, bad[:3]
+    assert len(seen) >= 3, seen  # the reader really read during the rewrites
     assert orjson.loads(path.read_bytes())["n"] == 399
     assert [p.name for p in tmp_path.iterdir()] == ["host.json"]  # no temporary file left
 

@@ -8,9 +8,11 @@ import signal
 import h11
 import pytest
 import trio
+import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import open_client, wait_for
+from supervisor.client import RpcError
 
 DOUBLE = """\
 from reflow import actor
@@ -80,8 +82,9 @@ async def test_metrics_parse_and_move_with_traffic(make_host):
     async with open_client(host.url) as c:
         for i in range(5):
             assert (await c.call("Double", {"x": i}))["outputs"]["y"]["value"] == 2 * i
-        with pytest.raises(Exception):
+        with pytest.raises(RpcError) as err:
             await c.call("Double", {"x": "fail"})
+        assert err.value.code == -32002, err.value
         st = await c.status()
         pid = st["children"][0]["children"][0]["pid"]
         os.kill(pid, signal.SIGKILL)
@@ -150,9 +153,10 @@ async def test_token_guards_metrics_and_the_websocket_but_not_the_page(make_host
     assert (await http(host.url, "/auth", [("authorization", "Bearer s3cret")]))[0] == 204
     async with open_client(host.url + "?token=s3cret") as c:  # what the page's WebSocket sends
         assert (await c.call("Double", {"x": 2}))["outputs"]["y"]["value"] == 4
-    with pytest.raises(Exception):
+    with pytest.raises(trio_websocket.ConnectionRejected) as refused:
         async with open_client(host.url + "?token=nope", reconnect=False) as c:
             await c.status()
+    assert refused.value.status_code == 401
 
 
 async def test_hostile_http_gets_a_refusal_and_holds_nothing_up(make_host):
