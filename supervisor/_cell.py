@@ -376,7 +376,10 @@ class ActorCell:
 
     async def _request(self, worker: Worker, method: str, params: dict) -> int:
         rid = next(self._rid)
-        await worker.channel.send(orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params}))
+        try:
+            await worker.channel.send(orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params}))
+        except SendTimedOut as exc:  # (a worker that stops reading while it loads, too)
+            await self._kill(worker, str(exc), "time")
         return rid
 
     async def trial_load(self) -> str | None:
@@ -530,9 +533,7 @@ class ActorCell:
                 self.ahead.pop()
             self._give_back(envs, front=True)
             if isinstance(exc, SendTimedOut):  # it stopped reading: of no use, and it holds this cell
-                log.warning("sandbox killed: %s", exc, extra={"actor": self.name})
-                worker.kill(limit="time")
-                raise WorkerDied(self.name, await worker.wait()) from None
+                await self._kill(worker, str(exc), "time")
             raise WorkerDied(self.name, await _gone(worker)) from None
 
     async def _fail_alone(self, env: Envelope, error: ActorError) -> None:
@@ -737,16 +738,16 @@ class ActorCell:
             except ChannelClosed:
                 raise WorkerDied(self.name, await _gone(worker)) from None
             except FrameTooLarge:
-                await self._over_output(worker, f"a frame longer than {channel.max_frame} bytes")
+                await self._kill(worker, f"a frame longer than {channel.max_frame} bytes")
             except BadFrame as exc:
                 self._violation(worker, env, str(exc))
             if channel.bytes_received - start > self.max_output:
-                await self._over_output(worker, f"more than {self.max_output} bytes for one request")
+                await self._kill(worker, f"more than {self.max_output} bytes for one request")
             n = len(frame) - len(frame.translate(None, b",[{")) + 1  # json_values(frame), inlined
             if n > values:  # (the quick count also counts commas inside strings)
                 n = json_values(frame, exact=True)
                 if n > values:
-                    await self._over_output(worker, f"more than {self.max_values} JSON values for one request")
+                    await self._kill(worker, f"more than {self.max_values} JSON values for one request")
             values -= n
             try:
                 msg = orjson.loads(frame)
@@ -776,14 +777,14 @@ class ActorCell:
             if method == "state":
                 states_left -= 1
                 if states_left < 0:
-                    await self._over_output(worker, f"more than {MAX_STATE_CALLS} state calls for one request")
+                    await self._kill(worker, f"more than {MAX_STATE_CALLS} state calls for one request")
                 if txn is not None and not await self._state_call(worker, msg.get("id"), txn, params) \
                         and env is not None:
                     env.outage = True
             elif method == "output":
                 outputs_left -= 1
                 if outputs_left < 0:
-                    await self._over_output(worker, f"more than {MAX_OUTPUTS} outputs for one request")
+                    await self._kill(worker, f"more than {MAX_OUTPUTS} outputs for one request")
                 if env is None:
                     continue
                 port, message = params.get("port"), params.get("message")
@@ -802,12 +803,13 @@ class ActorCell:
             else:
                 self._violation(worker, env, f"a request for {str(method)[:40]!r}, which the host does not serve")
 
-    async def _over_output(self, worker: Worker, why: str) -> NoReturn:
-        """The worker sent more than its output limit allows: kill it with that limit (its
-        message answers -32005 ``{"limit": "output"}``, see run)."""
+    async def _kill(self, worker: Worker, why: str, limit: str = "output") -> NoReturn:
+        """The worker broke ``limit`` (it sent more than its output allows, or stopped reading
+        its channel: "time"): kill it with that limit, so that its message answers -32005
+        ``{"limit": …}`` (see run), and raise WorkerDied."""
         log.warning("sandbox killed: %s", why, extra={"actor": self.name})
-        worker.kill(limit="output")
-        raise WorkerDied(self.name, await worker.wait())
+        worker.kill(limit=limit)
+        raise WorkerDied(self.name, await worker.wait()) from None
 
     def _attached(self, worker: Worker, env: Envelope | None, message: Any, attachments: list[bytes]) -> Any:
         """``{"type": "bytes", "$att": k}`` from the worker → a bytes message holding attachment k;
@@ -857,7 +859,5 @@ class ActorCell:
         try:
             await worker.channel.send(orjson.dumps(reply))
         except SendTimedOut as exc:  # it stopped reading its replies (a pipelined flood)
-            log.warning("sandbox killed: %s", exc, extra={"actor": self.name})
-            worker.kill(limit="time")
-            raise WorkerDied(self.name, await worker.wait()) from None
+            await self._kill(worker, str(exc), "time")
         return reachable
