@@ -30,7 +30,6 @@ import datetime
 import hmac
 import math
 import logging
-import os
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -44,6 +43,7 @@ from . import _protocol as proto
 from ._cell import ActorCell
 from ._child import CellChild, runtime_unavailable
 from ._errors import ActorError, HostError
+from ._files import write_atomic
 from ._fbp_graph import Action, Graph, GraphError, ProtocolError, data_event_id, parse_message
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ class FbpRuntime:
             rid = str(uuid.uuid4())
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(rid)
+                write_atomic(path, rid.encode())
             except OSError:
                 pass
             return rid
@@ -360,21 +360,12 @@ class FbpRuntime:
         """Write the graph (noflo graph JSON) atomically: temp file + os.replace. Where:
         the file reflow.yaml's ``network:`` names, else .reflow/graph.json."""
         path = self.host.config.graph_file or (self.host.config.workspace.state_dir / "graph.json")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(orjson.dumps(self.graph.to_json(), option=orjson.OPT_INDENT_2))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, orjson.dumps(self.graph.to_json(), option=orjson.OPT_INDENT_2))
         except OSError as exc:
             log.error("graph not saved to %s: %s", path, exc)
             self.network_error(f"graph not saved to {path.name}: {exc.strerror or exc}")
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
 
     def ports_payload(self) -> dict:
         g = self.graph

@@ -47,7 +47,7 @@ from ._sandbox._base import SandboxBackend, SandboxUnavailable, WorkerSpec
 from ._server import serve_api
 from ._tree import NotRunning, Supervisor, SupervisorGaveUp
 
-__all__ = ["Host", "HostError"]
+__all__ = ["Host"]
 
 log = logging.getLogger("supervisor.host")
 
