@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         leaves = _leaves(exc)   # trio wraps a task's error in an ExceptionGroup: show the error
         cause = leaves[0] if len(leaves) == 1 else exc
-        print(f"error: {cause or type(cause).__name__}", file=sys.stderr)
+        print(f"error: {str(cause) or type(cause).__name__}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_USAGE
 

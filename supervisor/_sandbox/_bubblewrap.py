@@ -625,8 +625,12 @@ class BubblewrapBackend(SandboxBackend):
         if spec.runtime == "python" and spec.shm_size:
             # Two fresh regions for this worker alone; inherited (pass_fds), never on a filesystem.
             regions = Regions(spec.shm_size)
-            argv = self.argv(spec, shm={"in": regions.child_in, "out": regions.child_out,
-                                        "size": spec.shm_size, "threshold": spec.shm_threshold})
+            try:  # (argv can refuse: an unreachable packages dir; the regions must not outlive that)
+                argv = self.argv(spec, shm={"in": regions.child_in, "out": regions.child_out,
+                                            "size": spec.shm_size, "threshold": spec.shm_threshold})
+            except BaseException:
+                regions.close()
+                raise
         else:
             argv = self.argv(spec)
         if self._cgroups is None:
