@@ -483,9 +483,15 @@ def host_markers(host) -> list[str]:
                    "/home/", ".pyenv", ".venv", "sandbox-libs", "/var/cache", "site-packages/supervisor"})
 
 
+# What a broken probe raises (a typo, a wrong ctypes argument, an API this runtime lacks): it
+# says nothing about the sandbox, so it must not pass for a refusal.
+PROBE_BUGS = frozenset({"TypeError", "NameError", "AttributeError", "ArgumentError", "ReferenceError",
+                        "SyntaxError", "ImportError", "ModuleNotFoundError", "KeyError", "IndexError"})
+
+
 def denied(results: dict, *, allowed: tuple[str, ...] = ()) -> dict:
-    """The attacks that were not refused."""
-    return {k: v for k, v in results.items() if v == "ALLOWED" and k not in allowed}
+    """The attacks that were not refused (or whose probe broke before it could try)."""
+    return {k: v for k, v in results.items() if (v == "ALLOWED" or v in PROBE_BUGS) and k not in allowed}
 
 
 # -- who the sandbox is on the host ---------------------------------------------------------------
