@@ -10,7 +10,8 @@ from .client import Client as Client, open_client as open_client
 from ._peer import ConnectionLost as ConnectionLost, RpcError as RpcError
 
 # The errors the host answers with (each carries its JSON-RPC ``code``).
-from ._errors import (ActorError as ActorError, ActorFailed as ActorFailed, ActorRemoved as ActorRemoved,
+from ._errors import (ActorError as ActorError, ActorFailed as ActorFailed, ActorMoved as ActorMoved,
+                      ActorRemoved as ActorRemoved, RemoteError as RemoteError,
                       ActorStopped as ActorStopped, ActorTimedOut as ActorTimedOut, InvalidParams as InvalidParams,
                       Overloaded as Overloaded, RequestCancelled as RequestCancelled,
                       ResourceLimitExceeded as ResourceLimitExceeded, Unauthorized as Unauthorized,
@@ -30,8 +31,8 @@ from ._discovery import (ComponentSpec as ComponentSpec, ScriptError as ScriptEr
 from ._host import Host as Host
 
 __all__ = [
-    "ActorError", "ActorFailed", "ActorRemoved", "ActorStopped", "ActorTimedOut", "Client", "ComponentSpec", "Config",
+    "ActorError", "ActorFailed", "ActorMoved", "ActorRemoved", "ActorStopped", "ActorTimedOut", "Client", "ComponentSpec", "Config",
     "ConfigError", "ConfigProblem", "ConnectionLost", "Host", "HostError", "InvalidParams", "Overloaded",
-    "RequestCancelled", "ResourceLimitExceeded", "RestartType", "RpcError", "ScriptError", "ScriptProblem",
+    "RemoteError", "RequestCancelled", "ResourceLimitExceeded", "RestartType", "RpcError", "ScriptError", "ScriptProblem",
     "Strategy", "Unauthorized", "UnknownActor", "discover", "load_config", "open_client",
 ]

@@ -22,11 +22,13 @@ import orjson
 import trio
 
 from ._channel import BadFrame, ChannelClosed, FrameTooLarge, SendTimedOut, json_values
-from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
+from ._cluster import Ownership
+from ._errors import (ActorError, ActorFailed, ActorMoved, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
                       ResourceLimitExceeded, single_error)
 from ._messages import Envelope, ProcessSpec
 from ._mailbox import DurableInbox, deadletter_key, feed, find_entry, inbox_key, retry_or_deadletter_cmds
 from ._metrics import ActorStats
+from ._placement import fenced_cmd, lease_key
 from ._protocol import Blob, is_typed, json_default
 from ._redis import RedisError, RedisUnavailable, Reply
 from ._sandbox._base import ExitInfo, Worker
@@ -183,6 +185,10 @@ class ActorCell:
         self.deadletters = deadletter_key(cfg.workspace.redis.namespace)
         # The feeder's state (see _mailbox.feed), told what happens through its methods.
         self.durable_inbox = DurableInbox(self.inbox, cfg.workspace.mailbox.batch)
+        # Who may write as this process: every commit and inbox read is fenced by its lease.
+        self.lease = lease_key(cfg.workspace.redis.namespace, self.name)
+        self.ownership = Ownership(self.name)
+        self._owned_since = 0.0  # the ownership's acquired_at that the last run started under
         self._merged: tuple[trio.MemorySendChannel[Envelope], trio.MemoryReceiveChannel[Envelope]] | None = None
         self.runs = 0
         # Handled messages whose commit is on its way to Redis, oldest first (see _serve).
@@ -241,6 +247,30 @@ class ActorCell:
     def pending(self) -> int:
         return self._send.statistics().current_buffer_used
 
+    def guarded(self, cmds: list[tuple]) -> Reply:
+        """Submit writes (and inbox reads) made as this process's owner, in one script that
+        runs them only while this host holds the process's lease (``_placement.FENCED``):
+        the one way every commit, acknowledgement, requeue and feeder read reaches Redis.
+        Its reply is the last command's; raises Fenced (a RedisError) once the lease is gone."""
+        return self.host.redis.submit(*fenced_cmd(self.lease, self.ownership.token_value or "", cmds))
+
+    def idle(self) -> bool:
+        """Nothing in hand, nothing committing, nothing queued (a handoff waits for this)."""
+        return self.current is None and not self._committing and not self.ahead and self.pending() == 0
+
+    def moved(self, why: str) -> None:
+        """The lease moved away mid-life: refuse every queued memory message (calls that had
+        not started; durable ones wait in the inbox for the new owner), with an error that
+        says a retry is safe (the API's forwarding retries it at the new owner)."""
+        error = ActorMoved(self.name, why)
+        while self._retry:
+            self._retry.popleft().fail(error)
+        while True:
+            try:
+                self._recv.receive_nowait().fail(error)
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+
     def fail_queued(self, error: ActorError) -> None:
         """Refuse new messages and answer every queued one with ``error`` (the cell will not run again)."""
         self.stopped_reason = error.message
@@ -270,6 +300,9 @@ class ActorCell:
         self.stopped_reason = None
         self.stop_requested = self.exit_detail = None
         self.runs += 1
+        if self.ownership.acquired_at != self._owned_since:  # the first run under a new lease
+            self._owned_since = self.ownership.acquired_at
+            self.durable_inbox.suspect = not self.ownership.handed_over
         try:
             return await self._run(task_status)
         except WorkerDied as exc:
@@ -704,7 +737,7 @@ class ActorCell:
         cmds, dead = retry_or_deadletter_cmds(self.deadletters, self.name, self.inbox, env.stream_id, env.body,
                                               env.attempts + 1, error, self.process.max_deliveries)
         try:
-            await self.host.redis.transaction(cmds)
+            await self.guarded(cmds)()
         except (RedisUnavailable, RedisError) as exc:
             log.error("could not requeue a failed message: %s", exc, extra={"actor": self.name})
             self._lost_to_outage(env)

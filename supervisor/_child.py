@@ -10,6 +10,7 @@ import trio
 
 from . import _policy as policy
 from ._cell import ActorCell, ScriptLoadFailed
+from ._cluster import StartedOnce
 from ._errors import ActorStopped
 from ._tree import PermanentFailure
 
@@ -27,10 +28,37 @@ class CellChild:
         self.restart_type = restart_type
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> str | None:
-        try:
-            return await self.cell.run(task_status=task_status)
-        except ScriptLoadFailed as exc:
-            raise PermanentFailure(str(exc)) from exc
+        """Run the cell while this host holds its process's lease (CONTRACT §6).
+
+        Held elsewhere, the child counts as started (its supervisor goes on with its
+        siblings, as the process runs on another host) and waits for the lease. A lease lost
+        mid-run (taken over, or handed to a host that joined) cancels the run; that is no
+        failure of the actor, so it waits for the lease again instead of returning to its
+        supervisor, whose restart intensity it would otherwise spend."""
+        own = self.cell.ownership
+        started = StartedOnce(task_status)
+        while True:
+            if not own.held:
+                started.started()
+                await own.wait_held()
+            own.stopped = trio.Event()
+            try:
+                with trio.CancelScope() as scope:
+                    own.run_scope = scope
+                    if not own.held:  # (lost between the wait and here)
+                        continue
+                    try:
+                        return await self.cell.run(task_status=started)
+                    except ScriptLoadFailed as exc:
+                        raise PermanentFailure(str(exc)) from exc
+                    except Exception:
+                        if own.held:
+                            raise
+                        # (a write refused as Fenced as the lease went: the loss, not a crash)
+            finally:
+                own.run_scope = None
+                own.stopped.set()
+            self.cell.moved(own.lost_reason or "its lease moved to another host")
 
     def interrupt(self) -> bool:
         """Kill the worker (for actor.restart): False if there is none to kill."""
@@ -56,9 +84,18 @@ class CellChild:
     def status(self) -> dict:
         c = self.cell
         w = c.worker
-        return {"name": c.name, "kind": "actor", "component": c.component.name, "restart": self.restart_type.value,
-                "runtime": c.component.runtime, "tier": c.tier, "pid": w.pid if w else None,
-                "pending": c.pending(), "processed": c.processed, "bytes": bytes_path(w)}
+        own = c.ownership
+        holder = own.holder
+        out = {"name": c.name, "kind": "actor", "component": c.component.name, "restart": self.restart_type.value,
+               "runtime": c.component.runtime, "tier": c.tier, "pid": w.pid if w else None,
+               "pending": c.pending(), "processed": c.processed, "bytes": bytes_path(w),
+               "host": holder.host if holder is not None else None,
+               "fence": holder.fence if holder is not None else None}
+        if not own.held:
+            # (a finer state than its supervisor's "running": it runs on another host, or
+            # waits for a host that may own it)
+            out["state"] = "remote" if holder is not None else "unplaced"
+        return out
 
 
 def bytes_path(worker: Any) -> str | None:

@@ -209,12 +209,20 @@ class BackoffConfig:
 
 
 @attrs.frozen
+class PlacementConfig:
+    """Which hosts may own a process: those whose ``cluster.labels`` include all of these."""
+
+    labels: tuple[str, ...] = ()
+
+
+@attrs.frozen
 class ActorOverride:
     restart: _RestartType = "permanent"
     timeout: Duration | None = None
     max_deliveries: Count = Count(5)
     config: dict[str, Any] | None = None
     memory: Size | None = None
+    placement: PlacementConfig = PlacementConfig()
 
 
 @attrs.frozen
@@ -240,6 +248,18 @@ class SupervisionConfig:
     # A message's timeout where neither supervision.actors.NAME.timeout nor the script's
     # metadata sets one: past it the worker is killed (-32003) and restarted per policy.
     timeout: Duration = Duration(30.0)
+
+
+@attrs.frozen
+class ClusterConfig:
+    """This host's part in a cluster of hosts sharing one Redis (CONTRACT §6)."""
+
+    host_id: str | None = None           # None → hostname-pid (unique per running host)
+    advertise: str | None = None         # ws://ADDR:PORT other hosts reach this one at (None → the bound one)
+    # A dead host's processes are taken over within about this long; each live host renews
+    # its leases every lease_ttl / 3.
+    lease_ttl: Duration = Duration(3.0)
+    labels: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -297,6 +317,7 @@ class Config:
     network: NetworkConfig | None
     path: Path | None
     base_dir: Path
+    cluster: ClusterConfig = ClusterConfig()
     #: Where each key was written (for ``check_components``'s file:line); not part of the value.
     doc: Any = attrs.field(default=None, eq=False, repr=False)
     #: The graph file ``network:`` names (``network: FILE.json`` or ``network: {graph: FILE.json}``),
@@ -729,11 +750,29 @@ def _network_checks(net: NetworkConfig) -> Iterator[tuple[_Path, str]]:
             yield from check(("network", kind, name), ref)
 
 
+_HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _cluster_checks(cluster: ClusterConfig) -> Iterator[tuple[_Path, str]]:
+    if cluster.host_id is not None and not _HOST_ID.fullmatch(cluster.host_id):
+        # It names Redis keys and shows in status: keep it to a plain token.
+        yield ("cluster", "host_id"), (f"{cluster.host_id!r} is not a host id: use 1-128 letters, digits, "
+                                       "'.', '_' or '-', starting with a letter or digit")
+    if cluster.lease_ttl < 0.3:
+        yield ("cluster", "lease_ttl"), f"{cluster.lease_ttl}s is too short: at least 0.3s (renewed every third)"
+    if cluster.advertise is not None and not re.fullmatch(r"wss?://[^\s/]+(:[0-9]+)?/?", cluster.advertise):
+        yield ("cluster", "advertise"), f"expected ws://ADDRESS:PORT, got {cluster.advertise!r}"
+    for i, label in enumerate(cluster.labels):
+        if not label.strip():
+            yield ("cluster", "labels", i), "a label must be non-blank"
+
+
 # -- environment overrides -----------------------------------------------------------------------
 
 
 def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], list[ConfigProblem]]:
-    """``REFLOW_REDIS_URL``, ``REFLOW_WS_PORT``, ``REFLOW_TOKEN`` → per-section overrides; empty means unset."""
+    """``REFLOW_REDIS_URL``, ``REFLOW_WS_PORT``, ``REFLOW_TOKEN``, ``REFLOW_HOST_ID`` → per-section
+    overrides; empty means unset."""
     redis: dict[str, Any] = {}
     websocket: dict[str, Any] = {}
     problems = []
@@ -749,7 +788,14 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], l
             problems.append(ConfigProblem("REFLOW_WS_PORT", f"expected a port number 0..65535, got {raw!r}"))
     if env.get("REFLOW_TOKEN"):
         websocket["token"] = env["REFLOW_TOKEN"]
-    return {"redis": redis, "websocket": websocket}, problems
+    cluster: dict[str, Any] = {}
+    if env.get("REFLOW_HOST_ID"):
+        if _HOST_ID.fullmatch(env["REFLOW_HOST_ID"]):
+            cluster["host_id"] = env["REFLOW_HOST_ID"]
+        else:
+            problems.append(ConfigProblem("REFLOW_HOST_ID", f"{env['REFLOW_HOST_ID']!r} is not a host id: use "
+                                          "1-128 letters, digits, '.', '_' or '-'"))
+    return {"redis": redis, "websocket": websocket, "cluster": cluster}, problems
 
 
 def _resolve_paths(ws: WorkspaceConfig, base_dir: Path) -> WorkspaceConfig:
@@ -827,11 +873,13 @@ def parse_config(text: str, *, filename: str = "reflow.yaml", base_dir: Path,
     if problems:
         raise ConfigError(_in_file_order(problems, filename))
 
+    cluster = attrs.evolve(sections["cluster"], **overrides.pop("cluster"))
     ws = sections["workspace"]
     ws = attrs.evolve(ws, **{section: attrs.evolve(getattr(ws, section), **values)
                              for section, values in overrides.items()})
     return Config(workspace=_resolve_paths(ws, base_dir), supervision=sections["supervision"],
-                  network=sections["network"], path=None, base_dir=base_dir, doc=doc, graph_file=graph_file)
+                  network=sections["network"], path=None, base_dir=base_dir, doc=doc, graph_file=graph_file,
+                  cluster=cluster)
 
 
 # The top level: each section's type, and the checks that span its fields.
@@ -839,6 +887,7 @@ _SECTIONS: dict[str, tuple[Any, typing.Callable[[Any], Iterator[tuple[_Path, str
     "workspace": (WorkspaceConfig, _workspace_checks),
     "supervision": (SupervisionConfig, _supervision_checks),
     "network": (NetworkConfig | None, _network_checks),
+    "cluster": (ClusterConfig, _cluster_checks),
 }
 
 

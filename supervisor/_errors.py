@@ -12,7 +12,7 @@ from typing import Any
 __all__ = [
     "ActorError", "UnknownActor", "ActorRemoved", "ActorFailed", "ActorTimedOut", "Overloaded",
     "ResourceLimitExceeded", "Unauthorized", "ActorStopped", "InvalidParams", "RequestCancelled",
-    "HostError", "single_error",
+    "HostError", "single_error", "ActorMoved", "RemoteError",
 ]
 
 PARSE_ERROR = -32700
@@ -76,6 +76,23 @@ class ActorFailed(ActorError):
 
 class ActorStopped(ActorFailed):
     """The actor is not running (stopped, or its supervisor gave up)."""
+
+
+class ActorMoved(ActorStopped):
+    """The message had not started when its process moved to another host (a handoff, or
+    this host lost the lease): it did nothing, so sending it again is safe."""
+
+    def __init__(self, name: str, why: str):
+        super().__init__(f"actor {name!r} moved before this message started ({why}); retry",
+                         {"type": "ActorMoved", "actor": name})
+
+
+class RemoteError(ActorError):
+    """An error another host answered a forwarded request with, passed on as it came."""
+
+    def __init__(self, code: int, message: str, data: Any = None):
+        super().__init__(message, data)
+        self.code = code
 
 
 class ActorTimedOut(ActorError):

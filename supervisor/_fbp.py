@@ -40,7 +40,6 @@ import trio_websocket
 
 from . import _policy as policy
 from . import _protocol as proto
-from ._cell import ActorCell
 from ._child import CellChild, runtime_unavailable
 from ._errors import ActorError, HostError
 from ._files import write_atomic
@@ -259,8 +258,7 @@ class FbpRuntime:
             raise GraphError("the host's supervision tree is not running")
         spec = host._process_spec(act.node, comp, act.config or None)
         host.pool.add_runtime(comp.runtime, host._worker_specs([spec])[comp.runtime])
-        cell = ActorCell(spec, host)
-        host.cells[act.node] = cell
+        cell = host.new_cell(spec)
         if comp.await_all_inports:
             host._fan_in[act.node] = {p: collections.deque() for p in comp.inports}
         self._watch(act.node)

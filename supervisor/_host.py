@@ -5,6 +5,7 @@
     Host nursery
     ├── embedded redis-server (unless redis.url)     _redis.serve_embedded_redis
     ├── Redis client (reader tasks)                  _redis.open_redis
+    ├── Cluster (leases, host record, Pub/Sub)       _cluster.Cluster.run
     ├── WorkerPool (warm sandboxes, refill)          _pool.WorkerPool.serve
     ├── Supervisor "root" → Supervisor "network" → one ActorCell per process
     └── WebSocket API                                _server.serve_api
@@ -29,6 +30,7 @@ import trio
 from . import _policy as policy
 from ._cell import ActorCell
 from ._child import CellChild, runtime_unavailable
+from ._cluster import Cluster, ClusterRefused, Forwarder, labels_of
 from ._messages import NOTHING_TO_COMMIT, Commit, Envelope, ProcessSpec, new_message_id
 from ._mailbox import done_cmds, enqueue_cmd, enqueue_if_room_cmd, entry_body
 from ._config import Config
@@ -95,6 +97,8 @@ class Host:
         self.stopping = False
         self.durable = config.workspace.mailbox.kind == "redis"
         self.api: Any = None  # the WebSocket API (_server.Api) once it serves
+        self.cluster: Cluster | None = None  # this host's leases and view of the others, once Redis is up
+        self.forwarder: Forwarder | None = None  # requests for processes other hosts own
 
     # -- assembly -----------------------------------------------------------
     def rediscover(self) -> Discovery:
@@ -152,6 +156,14 @@ class Host:
         if getattr(self, "fbp", None) is not None:  # FBP clients hear of new and changed components
             self.fbp.components_changed([*plan.start, *replace])
 
+    def new_cell(self, spec: ProcessSpec) -> ActorCell:
+        """A process's cell, registered, holding (once the cluster runs) its lease's ownership."""
+        cell = ActorCell(spec, self)
+        self.cells[spec.name] = cell
+        if self.cluster is not None:
+            cell.ownership = self.cluster.ownership(spec.name, labels_of(self.config.supervision.actors, spec.name))
+        return cell
+
     def _cells_of(self, component: str) -> list[ActorCell]:
         return [c for c in self.cells.values() if c.component.name == component]
 
@@ -161,6 +173,8 @@ class Host:
         if parent is not None:
             await parent.remove_child(cell.name)
         self.cells.pop(cell.name, None)
+        if self.cluster is not None:
+            self.cluster.forget(cell.name)
         self._fan_in.pop(cell.name, None)
         self._fan_in_locks.pop(cell.name, None)
 
@@ -198,8 +212,7 @@ class Host:
             return
         spec = self._process_spec(comp.name, comp, None)
         self.pool.add_runtime(comp.runtime, self._worker_specs([spec])[comp.runtime])
-        cell = ActorCell(spec, self)
-        self.cells[spec.name] = cell
+        cell = self.new_cell(spec)
         if comp.await_all_inports:
             self._fan_in[spec.name] = {p: collections.deque() for p in comp.inports}
         log.info("starting new actor %s from %s", comp.name, comp.file.name)
@@ -272,8 +285,7 @@ class Host:
         sup = self.config.supervision
         children = []
         for spec in specs:
-            cell = ActorCell(spec, self)
-            self.cells[spec.name] = cell
+            cell = self.new_cell(spec)
             if spec.component.await_all_inports:
                 self._fan_in[spec.name] = {p: collections.deque() for p in spec.component.inports}
             children.append(CellChild(cell, policy.RestartType(spec.restart)))
@@ -377,6 +389,9 @@ class Host:
         tree["script_problems"] = [str(p) for p in self.discovery.problems] if self.discovery else []
         if self.api is not None:
             tree["api"] = self.api.status()
+        if self.cluster is not None:
+            tree["host"] = self.cluster.id
+            tree["hosts"] = self.cluster.status()
         return tree
 
     async def restart_actor(self, name: str) -> None:
@@ -446,6 +461,8 @@ class Host:
                         gathering.append(target)
                 else:
                     cmds.append(enqueue_cmd(target.inbox, new_message_id(), {tport: message}))
+                    if not target.ownership.held and self.cluster is not None:
+                        cmds.append(self.cluster.publish_wake(tgt))  # (its owner is another host)
                     woken.append(target)
                     # Not read yet: a send must not start ahead of it (see ActorCell.start_now);
                     # the feeder is woken once the commit is in.
@@ -454,7 +471,7 @@ class Host:
             cmds += done_cmds(cell.inbox, env.stream_id)
         if not cmds and not later and not gathering:
             return NOTHING_TO_COMMIT
-        reply = self.redis.submit_transaction(cmds) if cmds else None
+        reply = cell.guarded(cmds) if cmds else None
         delivered = 0
 
         async def finish() -> None:
@@ -516,7 +533,10 @@ class Host:
             body = entry_body(mid, inputs)  # (first: nothing may raise between claim and claim_read)
             inbox = cell.durable_inbox
             batch = inbox.claim()
-            reply = self.redis.submit(*enqueue_if_room_cmd(cell.inbox, limit, body, batch))
+            reply = self.redis.submit(*enqueue_if_room_cmd(cell.inbox, limit, body, batch, cell.lease,
+                                                           cell.ownership.token_value or ""))
+            if not cell.ownership.held and self.cluster is not None:
+                self.redis.submit(*self.cluster.publish_wake(cell.name))  # (its owner is another host)
             if batch:  # the feeder waits, with everything read: the add reads for it
                 inbox.claim_read(reply, body if cell.start_now(mid, body, reply) else None)
             else:
@@ -601,6 +621,20 @@ class Host:
             for port, message in routed:
                 callback(cell.name, port, message, message_id)
 
+    def _idle(self, process: str) -> bool:
+        cell = self.cells.get(process)
+        return cell is None or cell.idle()
+
+    def wake(self, process: str) -> None:
+        """``process``'s inbox has new entries: poke its feeder, here or on its owner's host."""
+        cell = self.cells.get(process)
+        if cell is None:
+            return
+        if cell.ownership.held or self.cluster is None:
+            cell.durable_inbox.poke()
+        else:
+            self.redis.submit(*self.cluster.publish_wake(process))
+
     # -- the task -------------------------------------------------------------
     def select_backend(self) -> SandboxBackend:
         if self.backend is None:
@@ -639,15 +673,31 @@ class Host:
                 url = await nursery.start(serve_embedded_redis, ws.state_dir, ws.redis.appendfsync)
             async with open_redis(url) as redis:
                 self.redis = redis
+                self.cluster = cluster = Cluster(self.config, redis, idle=self._idle, wake=self.wake)
+                self.forwarder = Forwarder(cluster, ws.websocket.token)
                 try:
                     await redis.execute("PING")
-                except RedisUnavailable as exc:
+                    await cluster.join()
+                    for cell in self.cells.values():
+                        cell.ownership = cluster.ownership(cell.name, labels_of(self.config.supervision.actors,
+                                                                                 cell.name))
+                    await cluster.tick()  # (the leases placement gives this host, before the tree starts)
+                except (RedisUnavailable, RedisError) as exc:
                     raise HostError(str(exc)) from exc
+                except ClusterRefused as exc:
+                    raise HostError(str(exc)) from None
                 async with trio.open_nursery() as inner:
+                    await inner.start(cluster.run)
                     await inner.start(self.pool.serve)
                     await inner.start(self._run_root)
+                    await inner.start(self.forwarder.run)
                     server = await inner.start(serve_api, self)
                     self.url = f"ws://{ws.websocket.host}:{server.port}/"
+                    cluster.url = self.config.cluster.advertise or self.url
+                    cluster.on_event = self.api.watchers.cluster_event
+                    cluster.on_hosts = self.api.hosts_changed
+                    self.api.hosts_changed(len(cluster.hosts))
+                    cluster.kick()  # (tell the others this host's url now)
                     self._write_host_file(server.port)
                     log.info("rpc server started", extra={"url": self.url, "pools": self.pool.readiness()})
                     await self._send_iips()
@@ -731,6 +781,8 @@ class Host:
             log.warning("messages still in flight after %gs; stopping anyway", grace)
         if self.root is not None:
             await self.root.stop_children()
+        if self.cluster is not None:
+            await self.cluster.leave()  # (the others take this host's processes over now)
         log.info("stopped")
         scope.cancel()
 

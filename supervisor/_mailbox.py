@@ -3,7 +3,10 @@
 Life of a message (``actor.send``, or an output routed along the graph):
 XADD to ``{ns}:{process}:inbox`` (the send is answered only after Redis took
 it) → the cell's feeder reads it (XREADGROUP) → the worker processes it → one
-MULTI/EXEC commits the state changes, the downstream XADDs and XACK+XDEL. A send
+script commits the state changes, the downstream XADDs and XACK+XDEL. Every read
+and write the feeder and the cell make as the process's owner is fenced (see
+``ActorCell.guarded``, ``_placement.FENCED``): it runs only while this host holds the
+process's lease, so a host that lost it takes nothing from the inbox. A send
 that finds the cell idle reads for the feeder in the same script as its add, and
 its worker starts on it while Redis adds it (``claim``, ``ActorCell.start_now``).
 
@@ -13,9 +16,10 @@ the one the worker held back at the end of the stream with one more attempt
 recorded (field ``a``), so the delivery count survives any number of host
 crashes; entries that were only read ahead are handed out again as they are. A script
 that raises is retried the same way. After ``max_deliveries`` attempts the
-entry moves to ``{ns}:deadletter`` with the error. Only this host writes a
-process's inbox (single activation), so a wake-up event replaces blocking
-reads, which would stall the pipelined Redis connection.
+entry moves to ``{ns}:deadletter`` with the error. Only the owning host reads a
+process's inbox (single activation), so a wake-up event (local, or a ``wake`` message
+from the host that added, see _cluster) replaces blocking reads, which would stall
+the pipelined Redis connection.
 """
 
 from __future__ import annotations
@@ -47,11 +51,12 @@ class Feeding(Protocol):
     this module needs nothing of the cell's."""
 
     name: str
-    runs: int                    # the cell's runs in this host process, this one included
     deadletters: str             # the dead-letter stream's key
     durable_inbox: DurableInbox
     process: Any                 # its ProcessSpec (max_deliveries)
     host: Any                    # redis, config.supervision
+
+    def guarded(self, cmds: list[tuple]) -> Reply: ...
 
 
 class DurableInbox:
@@ -67,10 +72,13 @@ class DurableInbox:
     - ``in_hand``: stream ids this run was handed and has not finished (``finished``).
     - ``resweep``: a commit lost to an outage asks the feeder for another sweep (``lost``).
     - ``charged``: stream ids a run died holding: they cost an attempt (``charge``).
+    - ``suspect``: this host took the inbox over from a run it knows nothing of (its own
+      last life, or a host that died holding the lease): the next sweep counts an attempt
+      for every pending entry, as any of them may be the one a worker died holding.
     """
 
     __slots__ = ("key", "batch", "wake", "unread", "idle", "claimed", "in_hand", "resweep", "charged",
-                 "finished", "charge")
+                 "finished", "charge", "suspect")
 
     def __init__(self, key: str, batch: int):
         self.key = key
@@ -82,6 +90,7 @@ class DurableInbox:
         self.in_hand: set[bytes] = set()
         self.resweep = False
         self.charged: set[bytes] = set()
+        self.suspect = True
         # Bound to the sets themselves (which are cleared, never replaced): called once per
         # durable message, they cost what the set's own method does.
         self.finished: Callable[[bytes], None] = self.in_hand.discard
@@ -148,12 +157,13 @@ def enqueue_cmd(key: str, message_id: str, inputs: dict, attempts: int = 0) -> t
 # round trip of its own (see claim), and the send may start at once (ActorCell.start_now).
 # The read is a pcall: Redis does not undo a script's writes when it fails, so once the entry
 # is added the script must report it added (-1, and the feeder reads for itself), whatever
-# the read meets (NOGROUP after the stream was deleted under us, say).
+# the read meets (NOGROUP after the stream was deleted under us, say). The read is fenced
+# like the feeder's own (KEYS[2] the lease, ARGV[8] the reader's token).
 ENQUEUE_IF_ROOM = """
 local n = redis.call('XLEN', KEYS[1])
 if n >= tonumber(ARGV[1]) then return n end
 redis.call('XADD', KEYS[1], '*', 'm', ARGV[2], 'a', ARGV[3])
-if ARGV[4] == '1' then
+if ARGV[4] == '1' and redis.call('GET', KEYS[2]) == ARGV[8] then
   local r = redis.pcall('XREADGROUP', 'GROUP', ARGV[5], ARGV[6], 'COUNT', ARGV[7], 'STREAMS', KEYS[1], '>')
   if type(r) == 'table' and r.err == nil then return r[1][2] end
 end
@@ -161,10 +171,12 @@ return -1
 """
 
 
-def enqueue_if_room_cmd(key: str, limit: int, body: bytes, claim: int = 0) -> tuple:
+def enqueue_if_room_cmd(key: str, limit: int, body: bytes, claim: int = 0, lease: str = "", token: str = "") -> tuple:
     """``enqueue_cmd`` (of ``body``, see ``entry_body``) unless the inbox already holds ``limit``
-    entries; with ``claim`` (a batch size), also read for the feeder (see ENQUEUE_IF_ROOM)."""
-    return ("EVAL", ENQUEUE_IF_ROOM, 1, key, limit, body, 0, int(claim > 0), GROUP, CONSUMER, claim)
+    entries; with ``claim`` (a batch size), also read for the feeder while ``lease`` holds
+    ``token`` (see ENQUEUE_IF_ROOM)."""
+    return ("EVAL", ENQUEUE_IF_ROOM, 2, key, lease or key, limit, body, 0, int(claim > 0), GROUP, CONSUMER, claim,
+            token)
 
 
 def done_cmds(key: str, stream_id: bytes) -> list[tuple]:
@@ -219,9 +231,10 @@ async def feed(cell: Feeding, send: trio.MemorySendChannel[Envelope]) -> None:
     Every run starts with a sweep of the entries taken and never acknowledged.
     Only an entry a worker died holding (``charged``) costs an attempt and
     goes to the back of the stream, spaced by ``crash_spacing``; the others were
-    merely read ahead and are handed out again as they are. On the cell's first
-    run in this host process nothing says which entry an earlier host's worker
-    held, so each pending entry costs one.
+    merely read ahead and are handed out again as they are. When this host took
+    the inbox over from a run it knows nothing of (``suspect``: its first run, or a
+    lease taken from a host that died) each pending entry costs one; after a handoff
+    (the last owner released the lease once its message in hand was done) none does.
 
     ``in_hand`` holds the stream ids this run has handed to the cell and
     not finished. A later sweep, after an outage made a commit fail, hands back
@@ -272,19 +285,20 @@ async def _sweep(cell: Feeding, inbox: DurableInbox, send: trio.MemorySendChanne
     inbox.resweep = False
     start = b"0"
     while True:
-        reply = await redis.submit("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, start)()
+        reply = await cell.guarded([("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, start)])()
         entries = reply[0][1] if reply else []
         if not entries:
             if first:
                 inbox.charged.clear()  # acknowledged after all (the commit made it)
+                inbox.suspect = False
             return
         for sid, raw in entries:
             start = sid
             if raw is None:  # deleted meanwhile
-                await redis.pipeline(done_cmds(key, sid))
+                await cell.guarded(done_cmds(key, sid))()
                 continue
             f = _fields(raw)
-            if not (first and (cell.runs <= 1 or sid in inbox.charged)):
+            if not (first and (inbox.suspect or sid in inbox.charged)):
                 if sid not in inbox.in_hand:
                     inbox.in_hand.add(sid)
                     await send.send(_envelope(sid, f))
@@ -297,7 +311,7 @@ async def _sweep(cell: Feeding, inbox: DurableInbox, send: trio.MemorySendChanne
                 {"type": "WorkerDied", "message": "the worker died while handling this message"},
                 cell.process.max_deliveries,
                 not_before=time.time() + crash_spacing(sup.max_seconds, sup.max_restarts))
-            await redis.transaction(cmds)
+            await cell.guarded(cmds)()
 
 
 async def _read_new(cell: Feeding, inbox: DurableInbox, send: trio.MemorySendChannel[Envelope]) -> None:
@@ -307,7 +321,6 @@ async def _read_new(cell: Feeding, inbox: DurableInbox, send: trio.MemorySendCha
     (``poke``: ``unread``), or its last read filled a batch, or a slow poll says so
     as a safety net; a send that finds it waiting reads for it in the same command as its
     add (``claim``)."""
-    redis = cell.host.redis
     key = inbox.key
     batch = inbox.batch
     inbox.unread = True
@@ -319,7 +332,7 @@ async def _read_new(cell: Feeding, inbox: DurableInbox, send: trio.MemorySendCha
             inbox.unread = False
             # (Submitted, so it reaches Redis behind every add submitted before it, even
             # one still waiting for a connection: it cannot miss one and go idle.)
-            reply = await redis.submit("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, ">")()
+            reply = await cell.guarded([("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, ">")])()
             await _hand_out(inbox, send, reply[0][1] if reply else [], batch)
             continue
         inbox.wake = trio.Event()

@@ -30,7 +30,7 @@ from redis.connection import parse_url
 
 from ._channel import SocketReader, write_now
 
-__all__ = ["Redis", "RedisError", "RedisUnavailable", "open_redis", "serve_embedded_redis",
+__all__ = ["Redis", "RedisError", "RedisUnavailable", "Fenced", "open_redis", "serve_embedded_redis",
            "embedded_redis_binary"]
 
 log = logging.getLogger("supervisor.redis")
@@ -42,6 +42,11 @@ class RedisUnavailable(Exception):
 
 class RedisError(Exception):
     """Redis answered a command with an error reply."""
+
+
+class Fenced(RedisError):
+    """A write refused because the lease it was made under is no longer its writer's
+    (see _placement.FENCED): another host owns the process now."""
 
 
 def _encode(args: Sequence[Any]) -> bytes:
@@ -197,6 +202,8 @@ class _Connection:
 def _checked(args: Sequence[Any], reply: Any) -> Any:
     if isinstance(reply, hiredis.ReplyError):
         _raise_if_loading(reply)
+        if str(reply).startswith("FENCED"):
+            raise Fenced(str(reply))
         raise RedisError(f"{args[0]}: {reply}")
     return reply
 
@@ -270,16 +277,19 @@ class Redis:
             return "embedded" if self._kw["path"].endswith("redis.sock") else f"unix:{self._kw['path']}"
         return f"{self._kw.get('host', 'localhost')}:{self._kw.get('port', 6379)}"
 
-    async def _open(self) -> _Connection:
+    async def _connect(self) -> trio.abc.Stream:
         kw = self._kw
         try:
             with trio.fail_after(5):
                 if "path" in kw:
-                    stream = await trio.open_unix_socket(kw["path"])
-                else:
-                    stream = await trio.open_tcp_stream(kw.get("host", "localhost"), int(kw.get("port", 6379)))
+                    return await trio.open_unix_socket(kw["path"])
+                return await trio.open_tcp_stream(kw.get("host", "localhost"), int(kw.get("port", 6379)))
         except (OSError, trio.TooSlowError) as exc:
             raise RedisUnavailable(f"cannot connect to Redis at {self.describe()}: {exc}") from exc
+
+    async def _open(self) -> _Connection:
+        kw = self._kw
+        stream = await self._connect()
         conn = _Connection(stream)
         self._nursery.start_soon(conn.read_loop)
         self._nursery.start_soon(conn.write_loop)
@@ -377,6 +387,62 @@ class Redis:
     async def transaction(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Run commands atomically (MULTI/EXEC); raise RedisError if any was rejected."""
         return await self.submit_transaction(commands)()
+
+    async def listen(self, channel: str, on_message: Callable[[bytes | None], None]) -> None:
+        """Subscribe to ``channel`` on a connection of its own and call ``on_message`` with each
+        message's data, until cancelled; reconnects with backoff. ``on_message(None)`` says
+        messages may have been missed (at each (re)subscription): the caller resynchronises."""
+        failures = 0
+        while True:
+            stream: trio.abc.Stream | None = None
+            try:
+                stream = await self._open_stream()
+                await stream.send_all(_encode(("SUBSCRIBE", channel)))
+                reader = hiredis.Reader(notEnoughData=False)
+                subscribed = False
+                while True:
+                    data = await stream.receive_some(1 << 16)
+                    if not data:
+                        raise RedisUnavailable("Redis closed the subscription")
+                    reader.feed(data)
+                    while (msg := reader.gets()) is not False:
+                        if isinstance(msg, hiredis.ReplyError):
+                            raise RedisError(f"SUBSCRIBE: {msg}")
+                        if not isinstance(msg, list) or len(msg) < 3:
+                            continue
+                        if msg[0] == b"subscribe" and not subscribed:
+                            subscribed, failures = True, 0
+                            on_message(None)
+                        elif msg[0] == b"message" and isinstance(msg[2], bytes):
+                            on_message(msg[2])
+            except (RedisUnavailable, RedisError, OSError, trio.BrokenResourceError, hiredis.ProtocolError) as exc:
+                if failures == 0:
+                    log.warning("cluster messages from Redis interrupted: %s; resubscribing", exc)
+                failures += 1
+            finally:
+                if stream is not None:
+                    with trio.CancelScope(shield=True):
+                        await trio.aclose_forcefully(stream)
+            await trio.sleep(min(2.0, 0.05 * 2 ** min(failures, 6)))
+
+    async def _open_stream(self) -> trio.abc.Stream:
+        """A new authenticated connection (for SUBSCRIBE, which takes a connection over)."""
+        kw = self._kw
+        stream = await self._connect()
+        if kw.get("password"):
+            await stream.send_all(_encode(["AUTH", *([kw["username"]] if kw.get("username") else []),
+                                           kw["password"]]))
+            reader = hiredis.Reader(notEnoughData=False)
+            with trio.fail_after(5):
+                while (reply := reader.gets()) is False:
+                    data = await stream.receive_some(4096)
+                    if not data:
+                        raise RedisUnavailable("Redis closed the connection")
+                    reader.feed(data)
+            if isinstance(reply, hiredis.ReplyError):
+                await trio.aclose_forcefully(stream)
+                raise RedisUnavailable(f"Redis refused the connection: {reply}")
+        return stream
 
     async def aclose(self) -> None:
         if self._conn is not None:

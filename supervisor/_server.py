@@ -30,7 +30,8 @@ import trio_websocket
 from . import _protocol as proto
 from ._messages import Envelope
 from ._mailbox import list_deadletters, replay_deadletter
-from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
+from ._cluster import LOCAL
+from ._errors import (ActorError, ActorMoved, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
 from ._fbp import serve_fbp
 from ._http import query_token_ok, serve_front
 from ._watch import Watchers
@@ -151,10 +152,33 @@ class Api:
     async def supervisor_status(self, conn: Connection, params: Any) -> Any:
         return self.host.status()
 
-    def actor_call_start(self, conn: Connection, params: Any) -> Later:
+    def _remote(self, cell: Any, params: dict) -> bool:
+        """Whether a request for ``cell`` goes to the host that owns it (CONTRACT §6). One that
+        another host forwarded here is served here or refused as moved, never sent on."""
+        if cell.ownership.held or self.host.forwarder is None:
+            return False
+        if params.get("$forwarded") is True:
+            raise ActorMoved(cell.name, f"this host ({self.host.cluster.id}) does not hold it")
+        return True
+
+    def _forward(self, conn: Connection, cell: Any, method: str, params: dict,
+                 local: Callable[[Connection, Any], Any]) -> _Run:
+        """The rest of a request served by the host that owns ``cell``'s process (or here,
+        if this host holds it by the time the forwarder looks: ``local``)."""
+        async def result() -> Any:
+            answer = await self.host.forwarder.request(cell.name, method, params)
+            if answer is not LOCAL:
+                return answer
+            later = local(conn, params)
+            return await later()
+        return result
+
+    def actor_call_start(self, conn: Connection, params: Any) -> Later | _Run:
         """actor.call, step one (see ``start``): the message is in the mailbox."""
         p = _object(params, required=("actor", "inputs"))
         cell = self.host.cell(p["actor"])
+        if self._remote(cell, p):
+            return self._forward(conn, cell, "actor.call", p, self.actor_call_start)
         inputs = p["inputs"]
         if not isinstance(inputs, dict):
             raise InvalidParams("inputs must be an object of port -> value")
@@ -167,6 +191,25 @@ class Api:
         """actor.send into a memory mailbox: nothing to wait for, so no task (see ``now``)."""
         cell, inputs = self._send_args(params)
         return {"message_id": self.host.enqueue_memory(cell, inputs)}
+
+    def actor_send_memory_start(self, conn: Connection, params: Any) -> _Run:
+        """actor.send into a memory mailbox while other hosts are up (``hosts_changed``): a
+        memory mailbox lives on its owner's host, so there the send is forwarded."""
+        cell, inputs = self._send_args(params)
+        if self._remote(cell, params):
+            return self._forward(conn, cell, "actor.send", params, self.actor_send_memory_start)
+        return _ready({"message_id": self.host.enqueue_memory(cell, inputs)})
+
+    def hosts_changed(self, hosts: int) -> None:
+        """With memory mailboxes, actor.send needs a task only while it may be forwarded."""
+        if self.host.durable:
+            return
+        if hosts > 1:
+            self.now.pop("actor.send", None)
+            self.start["actor.send"] = self.actor_send_memory_start
+        else:
+            self.start.pop("actor.send", None)
+            self.now["actor.send"] = self.actor_send_now
 
     def _send_args(self, params: Any) -> tuple[Any, dict]:
         p = _object(params, required=("actor", "port", "value"))
@@ -189,6 +232,8 @@ class Api:
         cell = self.host.cell(p["actor"])
         port = p.get("port")
         sid = f"sub{next(_sub_ids)}"
+        if self._remote(cell, p):
+            return self._relay(conn, cell, port, sid)
 
         def deliver(actor: str, out_port: str, message: dict, message_id: str) -> None:
             if port is None or port == out_port:
@@ -209,8 +254,39 @@ class Api:
         cell.subscribers.pop(key, None)
         return {}
 
+    def _relay(self, conn: Connection, cell: Any, port: Any, sid: str) -> dict:
+        """actor.subscribe for a process another host owns: its outputs come from that host
+        (following the process as it moves) until the client unsubscribes or leaves."""
+        relays = _Relays()
+        scope = trio.CancelScope()
+        relays[0] = scope
+        conn.subscriptions[sid] = (relays, 0)
+
+        def deliver(note: dict) -> None:
+            conn.notify("actor.output", {**note, "subscription": sid})
+
+        async def relay() -> None:
+            with scope:
+                await self.host.forwarder.relay(cell.name, port if isinstance(port, str) else None, deliver)
+                # (this host holds it now: the rest comes from the cell here)
+                if conn.subscriptions.get(sid) == (relays, 0):
+                    key = id(deliver)
+                    cell.subscribers[key] = lambda actor, p, message, mid: (
+                        deliver({"actor": actor, "port": p, "message": message, "message_id": mid})
+                        if port is None or port == p else None)
+                    conn.subscriptions[sid] = (cell, key)
+
+        assert conn._nursery is not None, "a connection's requests run inside its nursery"
+        conn._nursery.start_soon(relay)
+        return {"subscription": sid}
+
     async def actor_restart(self, conn: Connection, params: Any) -> Any:
         p = _object(params, required=("actor",))
+        cell = self.host.cell(p["actor"])
+        if self._remote(cell, p):
+            answer = await self.host.forwarder.request(cell.name, "actor.restart", p)
+            if answer is not LOCAL:
+                return answer
         await self.host.restart_actor(p["actor"])
         return {}
 
@@ -238,7 +314,7 @@ class Api:
             process = await replay_deadletter(self.host.redis, ns, p["id"], inbox_of)
         except KeyError:
             raise InvalidParams(f"no dead letter {p['id']!r}") from None
-        self.host.cell(process).durable_inbox.poke()
+        self.host.wake(process)
         return {"process": process}
 
     def process_start(self, conn: Connection, params: Any) -> Later:
@@ -254,6 +330,10 @@ class Api:
         """
         p = _object(params, required=("actor_id", "payload"))
         cell = self.host.cell(p["actor_id"])
+        if self._remote(cell, p):
+            # (its intermediate ``output`` notifications stay on the owner's side: only the
+            # answer comes back through a forwarded process call)
+            return self._forward(conn, cell, "process", p, self.process_start)
         payload = p["payload"]
         if not isinstance(payload, dict):
             raise InvalidParams("payload must be an object of port -> value")
@@ -270,6 +350,23 @@ class Api:
                        config=config if isinstance(config, dict) and config else None)
         cell.submit(env)
         return Later(env, _process_result, timeout, cell.name)
+
+
+class _Relays(dict):
+    """Stands where a cell's ``subscribers`` would in ``Connection.subscriptions``: popping
+    the relay's key (unsubscribe, or the connection's end) cancels the relay."""
+
+    def pop(self, key: Any, default: Any = None) -> Any:
+        scope = super().pop(key, default)
+        if scope is not None:
+            scope.cancel()
+        return scope
+
+
+def _ready(value: Any) -> _Run:
+    async def result() -> Any:
+        return value
+    return result
 
 
 @attrs.frozen

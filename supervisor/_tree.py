@@ -134,8 +134,10 @@ class Supervisor:
                "uptime": _uptime(self.started_at), "children": []}
         for node in self._nodes.values():
             st = node.child.status()
-            if not (st.get("kind") == "supervisor" and node.state == "running"):
-                st["state"] = node.state  # a running supervisor reports its own (e.g. failed)
+            if node.state != "running" or "state" not in st:
+                # A running child may report a finer state of its own: a supervisor's (e.g.
+                # failed), an actor's that runs on another host ("remote", see CellChild).
+                st["state"] = node.state
             st.update(restarts=node.restarts, last_error=node.last_error or st.get("last_error"),
                       last_exit=node.last_exit, last_restart_cause=node.last_restart_cause,
                       uptime=_uptime(node.started_at))

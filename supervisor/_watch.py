@@ -159,6 +159,12 @@ class Watchers:
         except Exception:
             log.exception("could not tell the watchers of %s", event)
 
+    def cluster_event(self, event: dict) -> None:
+        """A host joined or left, a process moved (``Cluster.on_event``)."""
+        ev = {**event, "at": time.time()}
+        for sub in list(self.subscribers.values()):
+            sub.put(ev)
+
     def put_log(self, rec: dict) -> None:
         for sub in list(self.subscribers.values()):
             if len(sub.log) < MAX_PENDING:

@@ -78,6 +78,12 @@ class Client:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + _DISCONNECT_TIMEOUT):
                 await ws.aclose()
 
+    async def wait_lost(self) -> None:
+        """Return once the current connection is lost (for good, with ``reconnect=False``)."""
+        peer = self._peer
+        if peer is not None and not self._lost:
+            await peer.wait_lost()
+
     # -- the connection loop ------------------------------------------------------------
     async def _run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         failures = 0

@@ -5,7 +5,7 @@ host's trio Redis client, and every piece of the durable path a cell runs — th
 (``_mailbox.feed``: sweep, reads, claims, hand-out, crash spacing), the send
 (``Host.enqueue_durable``: the Lua check-and-add that reads for an idle feeder,
 ``claim``/``claimed``, ``ActorCell.start_now``/``_confirm``), the commit
-(``StateTxn`` + ``Host.start_commit``'s MULTI/EXEC of state, downstream XADDs and
+(``StateTxn`` + ``Host.start_commit``'s fenced script of state, downstream XADDs and
 XACK/XDEL, finished by ``ActorCell._settle``/``_settle_at_exit``), a failure's retry or
 dead letter (``ActorCell._retry_later``), a commit lost to an outage
 (``ActorCell._lost_to_outage``), and replay (``_mailbox.replay_deadletter`` as
@@ -55,6 +55,7 @@ from supervisor._config import Config, MailboxConfig, RedisConfig, SupervisionCo
 from supervisor._discovery import ComponentSpec
 from supervisor._host import Host
 from supervisor._mailbox import feed, list_deadletters, replay_deadletter
+from supervisor._placement import Token, acquire_cmd, lease_key
 from supervisor._redis import RedisError, open_redis, serve_embedded_redis
 from supervisor._state import StateTxn
 
@@ -63,7 +64,7 @@ NAME = "p"
 COMPONENT = ComponentSpec(name="Effect", runtime="python", file=Path("/dev/null"), line=1, source="",
                           entry=None, inports=("x",), outports=())
 SETTLE = 10.0  # seconds the feeder may take to go idle after a step
-# A process upstream, connected out -> p.x: its commits add to p's inbox in their MULTI/EXEC.
+# A process upstream, connected out -> p.x: its commits add to p's inbox in their fenced commit.
 UPSTREAM = types.SimpleNamespace(name="u", inbox=f"{NS}:u:inbox")
 
 
@@ -114,12 +115,15 @@ class StandInHost:
 
     start_commit = Host.start_commit
     enqueue_durable = Host.enqueue_durable
+    cluster = None  # (one host: no other host to wake)
 
     def __init__(self, config: Config, redis):
         self.config = config
         self.redis = redis
         self.durable = True
         self.routes: dict = {(UPSTREAM.name, "out"): [(NAME, "x")]}
+        # (upstream's own lease is not under test: its commits go in as a plain MULTI/EXEC)
+        UPSTREAM.guarded = redis.submit_transaction
         self.cells: dict = {}  # (the cell under test joins it)
         self._fan_in: dict = {}
         self.stopping = False
@@ -343,12 +347,13 @@ def effect_key(message_id: str) -> str:
 
 
 class RefusedTxn(StateTxn):
-    """A message's state changes that Redis refuses, as it refuses every write of a
-    transaction when it is out of memory: one command it rejects while queueing makes EXEC
-    discard the whole transaction (EXECABORT)."""
+    """A message's state changes that Redis refuses, as it refuses every write of a commit
+    when it is out of memory: a script's first write is refused under OOM, and the script
+    stops there, having written nothing (a write refused later would leave the earlier
+    ones applied, which Redis does only for errors such as WRONGTYPE, never for OOM)."""
 
     def commands(self) -> list[tuple]:
-        return [*super().commands(), ("SET", self.prefix + "refused")]  # (wrong arity)
+        return [("SET", self.prefix + "refused"), *super().commands()]  # (wrong arity: refused first)
 
 
 class DurableDelivery(RuleBasedStateMachine):
@@ -380,8 +385,18 @@ class DurableDelivery(RuleBasedStateMachine):
 
     def _new_activation(self):
         self.act = Activation(self.loop, StandInHost(self.config, self.loop.redis), self.process)
+        self.loop.run(self._take_lease, self.act.cell)
         self.loop.run(self.act.start_run)
         self._settle()
+
+    async def _take_lease(self, cell):
+        """A new host process owns the process as a real host does (``_placement.ACQUIRE``),
+        once the dead one's lease has expired (deleted here: the test does not wait a TTL)."""
+        redis = self.loop.redis
+        await redis.execute("DEL", lease_key(NS, NAME))
+        fence, released = await redis.execute(*acquire_cmd(NS, NAME, "model-host", 3_600_000))
+        assert released == 0
+        cell.ownership.acquire(Token(int(fence), "model-host"), handed_over=False)
 
     def _settle(self):
         self.loop.run(self.act.settle)
@@ -434,7 +449,7 @@ class DurableDelivery(RuleBasedStateMachine):
 
     @rule(routed=st.integers(1, 3), n=st.integers(0, 2))
     def route_then_send(self, routed, n):
-        """Messages from upstream (in its commit's MULTI/EXEC), and sends right behind them."""
+        """Messages from upstream (in its fenced commit), and sends right behind them."""
         values = list(range(self.values, self.values + routed + n))
         self.values += routed + n
         new, sent = self.loop.run(self.act.route_then_send, values[:routed], values[routed:], set(self.status))
@@ -449,7 +464,7 @@ class DurableDelivery(RuleBasedStateMachine):
     # needs the same draws to choose the same rules.)
     @rule(everything=st.booleans(), refused=st.sampled_from([False, False, False, True]))
     def commit(self, everything, refused=False):
-        """The head's commit is queued (its effect and its acknowledgement in one MULTI/EXEC,
+        """The head's commit is queued (its effect and its acknowledgement in one fenced script,
         or one Redis refuses); the commits Redis has answered (``everything``: all) finish."""
         if not self.act.queue:
             return
