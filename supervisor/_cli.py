@@ -11,6 +11,7 @@ import collections
 import ipaddress
 import os
 import sys
+import time
 import traceback
 import typing
 from pathlib import Path
@@ -389,6 +390,13 @@ def _status(args: argparse.Namespace) -> int:
         if p.get("last_error"):
             line += f"  last_error={p['last_error']}"
         print(line)
+    hosts = tree.get("hosts") or []
+    for h in hosts:
+        me = " (this host)" if h.get("id") == tree.get("host") else ""
+        seen = f"{max(0.0, time.time() - h['last_seen']):.1f}s ago" if isinstance(h.get("last_seen"), float) else "?"
+        labels = f" labels={','.join(h['labels'])}" if h.get("labels") else ""
+        print(f"host {h.get('id')}{me}: {h.get('url')}{labels}, seen {seen}, "
+              f"owns {', '.join(h.get('processes') or []) or 'nothing'}")
     problems = tree.get("script_problems") or []
     for problem in problems:
         print(f"broken script (not loaded): {problem}")
@@ -458,6 +466,8 @@ def _print_tree(node: dict, depth: int) -> None:
     kind = node.get("kind")
     extra = f" strategy={node.get('strategy')}" if kind == "supervisor" else \
         f" tier={node.get('tier')} pending={node.get('pending')} processed={node.get('processed')}"
+    if kind == "actor" and node.get("host") is not None:
+        extra += f" host={node['host']} fence={node.get('fence')}"
     line = f"{pad}{node['name']} [{kind}] {node.get('state')} restarts={node.get('restarts')}{extra}"
     err = node.get("last_error")
     if err:
