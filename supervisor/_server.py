@@ -21,7 +21,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -31,13 +31,10 @@ from . import _protocol as proto
 from ._messages import Envelope
 from ._mailbox import list_deadletters, replay_deadletter
 from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
-from ._fbp import serve_fbp
+from ._fbp import FbpHost, serve_fbp
 from ._http import query_token_ok, serve_front
-from ._watch import Watchers
+from ._watch import WatchedHost, Watchers
 from ._wsio import MESSAGE_QUEUE, deliver, get_messages, send_messages, send_now
-
-if TYPE_CHECKING:
-    from ._host import Host
 
 __all__ = ["serve_api"]
 
@@ -54,7 +51,26 @@ _STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")  # a Redis stream entry id, 
 _sub_ids = itertools.count(1)
 
 
-async def serve_api(host: Host, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+class Backend(WatchedHost, FbpHost, Protocol):
+    """What the API asks of the host it serves (``Host`` implements it), besides what the
+    dashboard's watchers, /metrics and the FBP runtime beside it ask: named here, so that
+    the server needs nothing of the host's module."""
+
+    api: Any                     # set to the Api once it serves (the host's status reads it)
+    stopping: bool
+
+    def cell(self, name: Any) -> Any: ...  # the ActorCell named, or UnknownActor
+
+    def list_actors(self) -> list[dict]: ...
+
+    def enqueue_durable(self, cell: Any, inputs: dict) -> Callable[[], Awaitable[str]]: ...
+
+    def enqueue_memory(self, cell: Any, inputs: dict) -> str: ...
+
+    async def restart_actor(self, name: str) -> None: ...
+
+
+async def serve_api(host: Backend, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the API on ``workspace.websocket``, and the dashboard and /metrics beside it
     (plain HTTP on the same port, see _http); reports the WebSocketServer through task_status."""
     cfg = host.config.workspace.websocket
@@ -67,7 +83,7 @@ async def serve_api(host: Host, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
 
 
 class Api:
-    def __init__(self, host: Host):
+    def __init__(self, host: Backend):
         self.host = host
         self.cfg = host.config.workspace.websocket
         self.connections = 0
