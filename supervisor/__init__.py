@@ -7,7 +7,8 @@ checks that each public name is exported here exactly once.
 
 # The client: a trio WebSocket client for the host's API, and what its calls raise.
 from .client import Client as Client, open_client as open_client
-from ._peer import ConnectionLost as ConnectionLost, RpcError as RpcError
+from ._jsonrpc import RpcError as RpcError
+from ._peer import ConnectionLost as ConnectionLost
 
 # The errors the host answers with (each carries its JSON-RPC ``code``).
 from ._errors import (ActorError as ActorError, ActorFailed as ActorFailed, ActorMoved as ActorMoved,

@@ -32,7 +32,7 @@ import math
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 import trio
@@ -40,16 +40,13 @@ import trio_websocket
 
 from . import _policy as policy
 from . import _protocol as proto
+from ._cell import ActorCell, CellHost
 from ._child import CellChild, runtime_unavailable
 from ._errors import ActorError, HostError
 from ._files import write_atomic
 from ._fbp_graph import Action, Graph, GraphError, ProtocolError, data_event_id, parse_message
 
-if TYPE_CHECKING:
-    from ._host import Host
-    from ._server import Api
-
-__all__ = ["serve_fbp"]
+__all__ = ["FbpApi", "FbpHost", "serve_fbp"]
 
 log = logging.getLogger("supervisor.fbp")
 
@@ -62,7 +59,43 @@ SETTLE = 0.5        # seconds getstatus waits for a network that is about to go 
 _LANGUAGES = {"python": "python", "javascript": "javascript"}
 
 
-async def serve_fbp(api: Api, request: trio_websocket.WebSocketRequest) -> None:
+class FbpHost(CellHost, Protocol):
+    """What the FBP runtime asks of the host (``Host`` implements it): besides what a cell
+    it starts asks (``CellHost``), the host's processes, routes and the steps of starting
+    and removing one. Named here, so that this module needs nothing of the host's.
+    (The host also gets an ``fbp`` attribute, the runtime, set here on first use.)"""
+
+    cells: dict[str, ActorCell]
+    routes: dict[tuple[str, str], list[tuple[str, str]]]
+    _fan_in: dict[str, dict[str, collections.deque]]
+    discovery: Any               # _discovery.Discovery | None
+    root: Any                    # the supervision tree (_tree.Supervisor), once it runs
+    url: str | None
+
+    async def _ensure_packages(self, runtime: str) -> None: ...
+
+    def _process_spec(self, name: str, comp: Any, net_config: dict | None) -> Any: ...
+
+    def _worker_specs(self, specs_needed: list) -> dict[str, Any]: ...
+
+    async def _remove_cell(self, cell: ActorCell) -> None: ...
+
+    def new_cell(self, spec: Any) -> ActorCell: ...  # registered, holding its lease's ownership
+
+    async def enqueue(self, cell: ActorCell, inputs: dict) -> str: ...
+
+    async def deliver(self, process: str, port: str, message: dict) -> None: ...
+
+
+class FbpApi(Protocol):
+    """What an FBP connection asks of the API it came in by (``_server.Api`` implements it)."""
+
+    host: FbpHost
+    cfg: Any                     # workspace.websocket (max_connections)
+    connections: int             # the API's count of open connections, FBP ones included
+
+
+async def serve_fbp(api: FbpApi, request: trio_websocket.WebSocketRequest) -> None:
     """Serve one FBP protocol client (the request asked for subprotocol ``noflo``)."""
     host = api.host
     if api.connections >= api.cfg.max_connections or host.stopping:
@@ -80,7 +113,7 @@ async def serve_fbp(api: Api, request: trio_websocket.WebSocketRequest) -> None:
         api.connections -= 1
 
 
-def _runtime(host: Host) -> FbpRuntime:
+def _runtime(host: FbpHost) -> FbpRuntime:
     rt = getattr(host, "fbp", None)
     if rt is None:
         rt = host.fbp = FbpRuntime(host)
@@ -105,7 +138,7 @@ def _plain(message: Any) -> Any:
 class FbpRuntime:
     """The host's one graph and what watches it; shared by every FBP connection."""
 
-    def __init__(self, host: Host):
+    def __init__(self, host: FbpHost):
         self.host = host
         self.connections: set[FbpConnection] = set()
         self.lock = trio.Lock()  # one edit at a time, across connections

@@ -31,7 +31,7 @@ import trio_websocket
 from wsproto import ConnectionType, WSConnection
 
 if TYPE_CHECKING:
-    from ._host import Host
+    from ._metrics import MetricsHost
     from ._watch import Watchers
 
 __all__ = ["serve_front", "serve_http_and_websocket", "query_token_ok", "HttpApp", "STATIC"]
@@ -108,7 +108,7 @@ class HttpApp:
                      ("x-content-type-options", "nosniff")], body
 
 
-async def serve_front(handler: Callable[[trio_websocket.WebSocketRequest], Awaitable[None]], host: Host,
+async def serve_front(handler: Callable[[trio_websocket.WebSocketRequest], Awaitable[None]], host: MetricsHost,
                       watchers: Watchers, *, task_status: Any = trio.TASK_STATUS_IGNORED, **ws_options: Any) -> None:
     """The API's port as the host serves it: WebSocket to ``handler``, the dashboard and
     /metrics (see serve_http_and_websocket), and ``watchers``' task beside them."""

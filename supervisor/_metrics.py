@@ -12,8 +12,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
-
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._mailbox import deadletter_key
 from ._redis import RedisError, RedisUnavailable
@@ -21,12 +20,22 @@ from ._redis import RedisError, RedisUnavailable
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
-    from ._host import Host
-
 # (prometheus_client is imported where it is used: every command that loads a cell loads
 # this module, and only the host's API scrapes.)
 
-__all__ = ["ActorStats", "BUCKETS", "HostMetrics", "quantile", "walk_status"]
+__all__ = ["ActorStats", "BUCKETS", "HostMetrics", "MetricsHost", "quantile", "walk_status"]
+
+
+class MetricsHost(Protocol):
+    """What the metrics read of the host (``Host`` implements it): named here, so that this
+    module needs nothing of the host's."""
+
+    config: Any                  # workspace.redis.namespace
+    cells: dict[str, Any]        # name -> ActorCell (its stats, mailbox, inbox key)
+    durable: bool
+    redis: Any
+    root: Any                    # the supervision tree (_tree.Supervisor), once it runs
+    pool: Any                    # the WorkerPool, once it runs
 
 # Upper bounds (seconds) of the duration histogram: a plain call takes well under a
 # millisecond, a script that sleeps or computes, anything up to its timeout.
@@ -104,7 +113,7 @@ def walk_status(node: dict) -> Iterator[dict]:
         todo.extend(reversed(n.get("children") or []))
 
 
-async def mailbox_depths(host: Host) -> tuple[dict[str, int], int | None]:
+async def mailbox_depths(host: MetricsHost) -> tuple[dict[str, int], int | None]:
     """Messages waiting per actor (a memory mailbox's queue, or a durable inbox's length in
     Redis), and the dead-letter count (None without Redis or when it does not answer)."""
     depths = {name: cell.pending() + len(cell.ahead) + len(cell._retry) for name, cell in host.cells.items()}
@@ -123,7 +132,7 @@ async def mailbox_depths(host: Host) -> tuple[dict[str, int], int | None]:
 
 
 class _HostCollector:
-    def __init__(self, host: Host):
+    def __init__(self, host: MetricsHost):
         self.host = host
         self.depths: dict[str, int] = {}
         self.deadletters: int | None = None
@@ -181,7 +190,7 @@ def _le(bound: float) -> str:
 class HostMetrics:
     """The host's Prometheus registry: its own collector plus the process, platform and GC ones."""
 
-    def __init__(self, host: Host):
+    def __init__(self, host: MetricsHost):
         from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
         self.registry = CollectorRegistry(auto_describe=False)

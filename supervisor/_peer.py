@@ -24,7 +24,6 @@ JSON, bounded line buffer) are here.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -33,10 +32,11 @@ from typing import Any, Protocol
 import trio
 import trio_websocket
 
-from ._errors import ActorError
-from ._protocol import (INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, OVERLOADED, REQUEST_CANCELLED,
-                        ErrorResponse, Invalid, Notification, Request, Response, attach, decode_frame, encode,
-                        error_response, invalid_to_reply, reply_frame)
+from . import _jsonrpc as rpc
+# (defined in the pure core, both ends' one definition; this is where the client finds them)
+from ._jsonrpc import CANCEL_METHOD as CANCEL_METHOD, FrameTooLarge as FrameTooLarge, RpcError as RpcError
+from ._protocol import (INVALID_REQUEST, OVERLOADED, ErrorResponse, Invalid, Notification, Request, Response, attach,
+                        decode_frame, encode, error_response, invalid_to_reply, reply_frame)
 from ._wsio import eager_reader, get_messages, send_messages
 
 __all__ = ["CANCEL_METHOD", "ConnectionLost", "FrameTooLarge", "Peer", "RpcError", "StreamTransport",
@@ -44,24 +44,11 @@ __all__ = ["CANCEL_METHOD", "ConnectionLost", "FrameTooLarge", "Peer", "RpcError
 
 log = logging.getLogger("supervisor.peer")
 
-CANCEL_METHOD = "$/cancelRequest"
-
 Handler = Callable[[str, Any], Awaitable[Any]]
 NotificationHandler = Callable[[str, Any], None]
 
 
 # -- errors ----------------------------------------------------------------------------------------
-
-class RpcError(Exception):
-    """The other side answered with a JSON-RPC error.
-
-    A request handler raises it too, to answer with exactly this error.
-    """
-
-    def __init__(self, code: int, message: str, data: Any = None):
-        super().__init__(f"{message} ({code})")
-        self.code, self.message, self.data = code, message, data
-
 
 class ConnectionLost(Exception):
     """The connection broke while the call was pending (or could not be made).
@@ -70,14 +57,6 @@ class ConnectionLost(Exception):
     Transports raise it too, from ``send`` and ``receive``, when their
     connection ends: it is the one end-of-connection signal the peer knows.
     """
-
-
-class FrameTooLarge(Exception):
-    """The other side sent a frame larger than the transport accepts; framing is lost."""
-
-    def __init__(self, size: int, limit: int):
-        super().__init__(f"a frame of {size}+ bytes exceeds max_frame_size ({limit} bytes)")
-        self.size, self.limit = size, limit
 
 
 # -- transports ------------------------------------------------------------------------------------
@@ -243,8 +222,7 @@ class Peer:
         self._attachments = attachments
         self._handler = handler
         self._on_notification = on_notification
-        self._ids = itertools.count(1)
-        self._calls: dict[Any, _Call] = {}
+        self._calls: rpc.Correlator[_Call] = rpc.Correlator()
         self._serving: dict[Any, trio.CancelScope] = {}
         # Unbounded channel, bounded by accounting: callers wait for room (``_queued`` <
         # ``_limit``); frames that must not wait (a cancelRequest from a cancelled caller,
@@ -274,7 +252,7 @@ class Peer:
     @property
     def pending(self) -> tuple[Any, ...]:
         """Ids of our calls still waiting for an answer."""
-        return tuple(self._calls)
+        return self._calls.pending
 
     @property
     def serving(self) -> tuple[Any, ...]:
@@ -351,8 +329,7 @@ class Peer:
             self._why = why
             self._lost.set()
             log.debug("connection lost: %s", why)
-        calls, self._calls = self._calls, {}
-        for call in calls.values():
+        for call in self._calls.drain():
             call.reply = self._why
             call.done.set()
         self._room.set()  # callers waiting for room see the loss
@@ -372,23 +349,24 @@ class Peer:
             ConnectionLost: the connection ended before the answer came (or before the call).
             TypeError, ValueError: ``params`` cannot be sent as JSON (nothing was sent).
         """
-        rid = next(self._ids)
-        data = self._encode(Request(rid, method, params))
         if self._why is not None:
+            self._encode(Request(0, method, params))  # (params that are not JSON raise first, as ever)
             raise ConnectionLost(self._why)
         call = _Call()
-        self._calls[rid] = call
+        rid = self._calls.issue(call)
         sent = False
         try:
-            await self._put(data)
+            await self._put(self._encode(Request(rid, method, params)))
             sent = True
             await call.done.wait()
         finally:
             # Still in the table: we are leaving without an answer (cancelled). Tell the
             # other side, after the request in the FIFO, so it stops working for nobody.
-            if self._calls.pop(rid, None) is call and sent and self._why is None:
+            if self._calls.withdraw(rid, call) and sent and self._why is None:
                 self._put_nowait(self._encode(Notification(CANCEL_METHOD, {"id": rid})))
-        return _outcome(call.reply)
+        if isinstance(call.reply, str):
+            raise ConnectionLost(call.reply)
+        return rpc.result_of(call.reply)  # type: ignore[arg-type]  # (resolved: set before done)
 
     async def notify(self, method: str, params: dict | list | None = None) -> None:
         """Send a notification; returns once it is queued for the writer (it has no answer).
@@ -446,10 +424,8 @@ class Peer:
             self._lose(str(exc))
         except FrameTooLarge as exc:
             # Answer it (id null: it was not read), then close: the framing is lost.
-            why = f"the other side sent {exc}"
-            reply = error_response(None, INVALID_REQUEST, str(exc),
-                                   {"limit": "max_frame_size", "max": exc.limit, "size": exc.size})
-            self._put_nowait(self._encode(reply))
+            why = f"the other side sent a frame too large: {exc}"
+            self._put_nowait(self._encode(exc.reply()))
             self._lose(why, stop=False)  # fail our calls now; nothing more is queued
             self._out_send.close()  # the writer sends what is queued, then ends
             with trio.move_on_after(self._close_timeout):
@@ -463,7 +439,7 @@ class Peer:
         for item in frame.items:
             kind = type(item)
             if kind is Response or kind is ErrorResponse:
-                self._resolve(item)
+                self._resolve(item, self._calls.resolve(item))
             elif kind is Request:
                 scope = self._admit(item)
                 if isinstance(scope, ErrorResponse):
@@ -477,12 +453,12 @@ class Peer:
                     self._on_notification(item.method, item.params)
             elif item.notification:  # a notification refused for its params: never answered
                 log.warning("refused a notification: %s", item.error.message)
-            elif item.id is not None and item.id in self._calls:
+            elif (call := self._calls.resolve(item)) is not None:
                 # Most likely a malformed response to one of our calls: fail that call and do
                 # not answer it. (An Invalid does not say whether it was meant as a request or
                 # a response; an invalid request whose id happens to equal one of our pending
                 # ids would be taken for a response. Both directions share one wire.)
-                self._resolve(item)
+                self._resolve(item, call)
             else:
                 replies.append(invalid_to_reply(item))
         if admitted:
@@ -490,8 +466,7 @@ class Peer:
         elif replies:
             self._reply_nowait(replies, frame.is_batch)
 
-    def _resolve(self, item: Response | ErrorResponse | Invalid) -> None:
-        call = self._calls.pop(item.id, None)
+    def _resolve(self, item: Response | ErrorResponse | Invalid, call: _Call | None) -> None:
         if call is None:
             # A late answer to a cancelled call, or an id we never sent: nobody waits for it.
             log.debug("ignored a response with unknown id %r", item.id)
@@ -503,7 +478,7 @@ class Peer:
         """Register the request's cancel scope now, before its task runs, so that a
         ``$/cancelRequest`` later in the same frame (or the next) finds it; or refuse it."""
         if self._handler is None:
-            return error_response(req.id, METHOD_NOT_FOUND, f"method not found: {req.method}")
+            return rpc.method_not_found(req.id, req.method)
         if req.id in self._serving:
             return error_response(req.id, INVALID_REQUEST, f"Invalid Request: id {req.id!r} is already in use "
                                   "by a request in flight")
@@ -515,12 +490,9 @@ class Peer:
         return scope
 
     def _cancel_incoming(self, params: Any) -> None:
-        rid = params.get("id") if isinstance(params, dict) else None
-        # Only ids a request can have: True or 1.0 must not find the request with id 1.
-        if rid is None or type(rid) is int or type(rid) is str:
-            scope = self._serving.get(rid)
-            if scope is not None:
-                scope.cancel()
+        scope = self._serving.get(rpc.cancel_target(params))
+        if scope is not None:
+            scope.cancel()
 
     async def _answer(self, admitted: list[tuple[Request, trio.CancelScope]],
                       replies: list[Response | ErrorResponse], is_batch: bool) -> None:
@@ -550,14 +522,13 @@ class Peer:
         try:
             with scope:
                 return Response(req.id, await self._handler(req.method, req.params))
-            return error_response(req.id, REQUEST_CANCELLED, "request cancelled")
-        except RpcError as exc:
-            return error_response(req.id, exc.code, exc.message, exc.data)
-        except ActorError as exc:
-            return error_response(req.id, exc.code, exc.message, exc.data)
-        except Exception as exc:  # a handler's bug must not take the connection down, nor leak its traceback
-            log.exception("internal error answering %s", req.method)
-            return error_response(req.id, INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+            return rpc.cancelled(req.id)
+        except Exception as exc:
+            reply = rpc.error_reply(req.id, exc)
+            if reply is None:  # a handler's bug must not take the connection down, nor leak its traceback
+                log.exception("internal error answering %s", req.method)
+                reply = rpc.internal_error(req.id, exc)
+            return reply
         finally:
             if self._serving.get(req.id) is scope:
                 del self._serving[req.id]
@@ -573,28 +544,7 @@ def _reply_data(replies: list[Response | ErrorResponse], is_batch: bool) -> byte
     try:
         return reply_frame(replies, is_batch)
     except (TypeError, ValueError):
-        return reply_frame([_encodable(r) for r in replies], is_batch)
-
-
-def _encodable(reply: Response | ErrorResponse) -> Response | ErrorResponse:
-    try:
-        encode(reply)
-    except (TypeError, ValueError) as exc:
-        return error_response(reply.id, INTERNAL_ERROR, f"the result cannot be sent as JSON: {exc}")
-    return reply
-
-
-def _outcome(reply: Response | ErrorResponse | Invalid | str | None) -> Any:
-    if type(reply) is Response:
-        return reply.result
-    if isinstance(reply, str):
-        raise ConnectionLost(reply)
-    if type(reply) is ErrorResponse:
-        e = reply.error
-        raise RpcError(e.code, e.message, e.data)
-    if type(reply) is Invalid:
-        raise RpcError(reply.error.code, f"the other side sent a malformed response: {reply.error.message}")
-    raise AssertionError(f"unresolved call: {reply!r}")  # pragma: no cover
+        return reply_frame(rpc.encodable(replies), is_batch)
 
 
 @asynccontextmanager

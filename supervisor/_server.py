@@ -7,7 +7,9 @@ A call waiting for its message with no timeout is answered from the message's
 completion callback; every other waiting request gets a task in its own cancel
 scope. Either way it is in ``in_flight`` from the moment it is read, so that
 ``$/cancelRequest`` and disconnects cancel exactly what they should. Frames are
-decoded and validated by the pure :mod:`supervisor._protocol`.
+decoded and validated by the pure :mod:`supervisor._protocol`; the answers a request
+gets when it gets no result (an error, cancelled, a frame too large) are built by the
+pure :mod:`supervisor._jsonrpc`, which the client (``_peer``) shares.
 """
 
 from __future__ import annotations
@@ -21,24 +23,22 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 import trio
 import trio_websocket
 
+from . import _jsonrpc as rpc
 from . import _protocol as proto
 from ._messages import Envelope
 from ._mailbox import list_deadletters, replay_deadletter
 from ._cluster import LOCAL
-from ._errors import (ActorError, ActorMoved, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
-from ._fbp import serve_fbp
+from ._errors import ActorMoved, ActorTimedOut, InvalidParams, Overloaded
+from ._fbp import FbpHost, serve_fbp
 from ._http import query_token_ok, serve_front
-from ._watch import Watchers
+from ._watch import WatchedHost, Watchers
 from ._wsio import MESSAGE_QUEUE, deliver, get_messages, send_messages, send_now
-
-if TYPE_CHECKING:
-    from ._host import Host
 
 __all__ = ["serve_api"]
 
@@ -55,7 +55,30 @@ _STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")  # a Redis stream entry id, 
 _sub_ids = itertools.count(1)
 
 
-async def serve_api(host: Host, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+class Backend(WatchedHost, FbpHost, Protocol):
+    """What the API asks of the host it serves (``Host`` implements it), besides what the
+    dashboard's watchers, /metrics and the FBP runtime beside it ask: named here, so that
+    the server needs nothing of the host's module."""
+
+    api: Any                     # set to the Api once it serves (the host's status reads it)
+    stopping: bool
+    cluster: Any                 # _cluster.Cluster: this host's id and its view of the others
+    forwarder: Any               # _cluster.Forwarder: requests for processes other hosts own
+
+    def wake(self, process: str) -> None: ...  # its inbox has new entries (here or on its owner)
+
+    def cell(self, name: Any) -> Any: ...  # the ActorCell named, or UnknownActor
+
+    def list_actors(self) -> list[dict]: ...
+
+    def enqueue_durable(self, cell: Any, inputs: dict) -> Callable[[], Awaitable[str]]: ...
+
+    def enqueue_memory(self, cell: Any, inputs: dict) -> str: ...
+
+    async def restart_actor(self, name: str) -> None: ...
+
+
+async def serve_api(host: Backend, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the API on ``workspace.websocket``, and the dashboard and /metrics beside it
     (plain HTTP on the same port, see _http); reports the WebSocketServer through task_status."""
     cfg = host.config.workspace.websocket
@@ -68,7 +91,7 @@ async def serve_api(host: Host, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
 
 
 class Api:
-    def __init__(self, host: Host):
+    def __init__(self, host: Backend):
         self.host = host
         self.cfg = host.config.workspace.websocket
         self.connections = 0
@@ -522,7 +545,7 @@ class Connection:
             data = proto.reply_frame(replies, is_batch, atts)
         except (TypeError, ValueError):
             atts = [] if self.binary else None
-            data = proto.reply_frame([_encodable(r) for r in replies], is_batch, atts)
+            data = proto.reply_frame(rpc.encodable(replies), is_batch, atts)
         if data is not None:
             self.queue(proto.attach(data, atts) if atts else data, reply=True, final=final)
 
@@ -625,9 +648,7 @@ class Connection:
     def _too_large(self, size: int, limit: int) -> None:
         """Answer an oversized frame (unread, so id null) and close with 1009 once it is sent."""
         log.warning("client %s sent a %d-byte frame (max_frame_size %d); closing it", self.peer, size, limit)
-        self.reply([proto.error_response(None, proto.INVALID_REQUEST,
-                                         f"frame of {size} bytes exceeds max_frame_size ({limit} bytes)",
-                                         {"limit": "max_frame_size", "max": limit, "size": size})], False)
+        self.reply([rpc.FrameTooLarge(size, limit).reply()], False)
         self._close_code = 1009
         self._send.close()  # the writer sends what is queued, then closes
 
@@ -720,7 +741,7 @@ class Connection:
         if (refused := self._refused_when_stopping(req)) is not None:
             return refused
         self._log_request(req)
-        return _outcome(req, functools.partial(fn, self, req.params))
+        return _answered(req, functools.partial(fn, self, req.params))
 
     def _log_request(self, req: proto.Request) -> None:
         if log.isEnabledFor(logging.DEBUG):
@@ -739,11 +760,10 @@ class Connection:
                 return None
             return proto.invalid_to_reply(item)
         if isinstance(item, proto.Notification):
-            if item.method == "$/cancelRequest":
-                if isinstance(item.params, dict):
-                    waiting = self.in_flight.get(_id_key(item.params.get("id")))
-                    if waiting is not None:
-                        waiting.cancel()
+            if item.method == rpc.CANCEL_METHOD:
+                waiting = self.in_flight.get(rpc.cancel_target(item.params))
+                if waiting is not None:
+                    waiting.cancel()
             elif item.method in self.api.methods:
                 self._run_unanswered(item)
         return None
@@ -769,7 +789,7 @@ class Connection:
         if isinstance(run, proto.ErrorResponse):
             answer(run)
             return
-        key = _id_key(req.id)
+        key = req.id  # (decoded: an int, a str or None; 1 and "1" are two keys)
         if isinstance(run, Later) and run.timeout == math.inf:
             self.in_flight[key] = _Waiting(self, key, req, run, answer)
             return
@@ -783,7 +803,7 @@ class Connection:
             # Started, but first run after the connection ended: trio delivers the nursery's
             # cancel only at a checkpoint, and a method may do its work before its first one
             # (actor.subscribe would add a subscriber no one would ever remove).
-            self.forget(_id_key(req.id), scope)
+            self.forget(req.id, scope)
             return
         answer(await self._call(req, scope, run))
 
@@ -792,7 +812,7 @@ class Connection:
         (``Api.start``: an actor.send or call takes its place in line here, in the order
         the frames list the requests) and return what is left to await."""
         if req.method not in self.api.methods:
-            return proto.error_response(req.id, proto.METHOD_NOT_FOUND, f"method not found: {req.method}")
+            return rpc.method_not_found(req.id, req.method)
         if (refused := self._refused_when_stopping(req)) is not None:
             return refused
         if len(self.in_flight) >= self.api.cfg.max_in_flight:
@@ -808,17 +828,16 @@ class Connection:
             return _error_reply(req, exc)
 
     async def _call(self, req: proto.Request, scope: trio.CancelScope, run: _Run) -> Any:
-        key = _id_key(req.id)
         try:
             with scope:
                 result = await run()
                 _log_reply(req)
                 return proto.Response(req.id, result)
-            return _cancelled_reply(req)
+            return rpc.cancelled(req.id)
         except Exception as exc:
             return _error_reply(req, exc)
         finally:
-            self.forget(key, scope)
+            self.forget(req.id, scope)
 
     def forget(self, key: Any, entry: Any) -> None:
         """``entry`` is no longer in flight (unless its id was reused meanwhile)."""
@@ -839,11 +858,11 @@ class _Waiting:
 
     def done(self) -> None:
         self.conn.forget(self.key, self)
-        self.answer(_outcome(self.req, functools.partial(self.later.finish, self.later.env)))
+        self.answer(_answered(self.req, functools.partial(self.later.finish, self.later.env)))
 
     def cancel(self) -> None:
         self.detach()
-        self.answer(_cancelled_reply(self.req))
+        self.answer(rpc.cancelled(self.req.id))
 
     def detach(self) -> None:
         self.later.env.on_done = None
@@ -882,7 +901,7 @@ class _BatchReply:
 _Run = Callable[[], Awaitable[Any]]  # what a request's task awaits for its result
 
 
-def _outcome(req: proto.Request, produce: Callable[[], Any]) -> Any:
+def _answered(req: proto.Request, produce: Callable[[], Any]) -> Any:
     """``req``'s reply: ``produce()``'s result, or the error it raised."""
     try:
         result = produce()
@@ -897,16 +916,12 @@ def _log_reply(req: proto.Request) -> None:
         log.debug("rpc reply", extra={"id": req.id, "method": req.method})
 
 
-def _cancelled_reply(req: proto.Request) -> proto.ErrorResponse:
-    return proto.error_response(req.id, RequestCancelled.code, "request cancelled")
-
-
 def _error_reply(req: proto.Request, exc: Exception) -> proto.ErrorResponse:
-    if isinstance(exc, ActorError):
-        return proto.error_response(req.id, exc.code, exc.message, exc.data)
-    # a bug of ours must not take the connection down
-    log.error("internal error in %s", req.method, exc_info=exc)
-    return proto.error_response(req.id, proto.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+    reply = rpc.error_reply(req.id, exc)
+    if reply is None:  # a bug of ours must not take the connection down
+        log.error("internal error in %s", req.method, exc_info=exc)
+        reply = rpc.internal_error(req.id, exc)
+    return reply
 
 
 class _Unanswered:
@@ -933,14 +948,3 @@ def _peer_of(ws: trio_websocket.WebSocketConnection | trio_websocket.WebSocketRe
     except OSError:
         return "(a client that left)"
 
-
-def _id_key(rid: Any) -> Any:
-    return (type(rid).__name__, rid)
-
-
-def _encodable(reply: Any) -> Any:
-    try:
-        proto.encode(reply)
-    except (TypeError, ValueError) as exc:
-        return proto.error_response(reply.id, proto.INTERNAL_ERROR, f"the result cannot be sent as JSON: {exc}")
-    return reply

@@ -21,15 +21,11 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-from ._metrics import BUCKETS, mailbox_depths, quantile
-
-if TYPE_CHECKING:
-    from ._host import Host
-    from ._server import Connection
+from ._metrics import BUCKETS, MetricsHost, mailbox_depths, quantile
 
 __all__ = ["Watchers", "cause_details", "LogRing"]
 
@@ -94,13 +90,35 @@ class LogRing(logging.Handler):
             self.handleError(record)
 
 
+class WatchedHost(MetricsHost, Protocol):
+    """What a watcher reads of the host (``Host`` implements it), besides what the metrics
+    read: named here, so that this module needs nothing of the host's."""
+
+    routes: dict[tuple[str, str], list[tuple[str, str]]]
+    url: str | None
+
+    def status(self) -> dict: ...
+
+
+class WatchingClient(Protocol):
+    """The API connection a watch is pushed to (``_server.Connection`` implements it)."""
+
+    subscriptions: dict[str, tuple[Any, int]]  # sid -> (what holds the subscriber, its key)
+    _nursery: trio.Nursery | None  # where the pump runs: it ends with the connection
+    _queued: int                   # bytes of answers not yet sent (the client is behind)
+    _writer_done: trio.Event
+    _progress: trio.Event          # set (and replaced) each time the writer sent frames
+
+    def notify(self, method: str, params: dict) -> None: ...
+
+
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
 
 class _Sub:
     __slots__ = ("sid", "conn", "pending", "log", "stats", "overflowed", "wake")
 
-    def __init__(self, sid: str, conn: Connection):
+    def __init__(self, sid: str, conn: WatchingClient):
         self.sid, self.conn = sid, conn
         self.pending: list[dict] = []
         self.log: list[dict] = []
@@ -124,7 +142,7 @@ class Watchers:
     connection's subscription table takes: ``subscribers`` maps a key to a watcher, so
     that ``actor.unsubscribe`` and a connection's end remove it as they do any other."""
 
-    def __init__(self, host: Host):
+    def __init__(self, host: WatchedHost):
         self.host = host
         self.subscribers: dict[int, _Sub] = {}
         self.ring = LogRing(self)
@@ -183,7 +201,7 @@ class Watchers:
             todo.extend(c for c in sup.children() if hasattr(c, "notify") and hasattr(c, "children"))
 
     # -- the method ---------------------------------------------------------
-    async def watch(self, conn: Connection, params: Any) -> dict:
+    async def watch(self, conn: WatchingClient, params: Any) -> dict:
         """``supervisor.watch``: ``{"subscription", "snapshot"}`` (the snapshot in the answer, so
         that no change can fall between the two); the changes follow as events."""
         self.attach()

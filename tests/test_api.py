@@ -123,6 +123,21 @@ async def test_cancel_request_answers_minus_32800(make_host):
         assert r["id"] == 7 and r["error"]["code"] == -32800
 
 
+async def test_a_cancel_request_naming_no_request_id_cancels_nothing_and_keeps_the_connection(make_host):
+    """Only ids a request can have name one: true and 7.0 are not 7, and an id that could not
+    be a request's ([7], {}) names nothing (it used to end the client's connection)."""
+    host = await make_host({"double.actor.py": DOUBLE})
+    async with trio_websocket.open_websocket_url(host.url) as ws:
+        await ws.send_message('{"jsonrpc": "2.0", "id": 7, "method": "actor.call", "params": '
+                              '{"actor": "Double", "inputs": {"x": 1, "sleep": 0.5}}}')
+        for rid in ("true", "7.0", "[7]", "{}", '"7"'):
+            await ws.send_message('{"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": %s}}' % rid)
+        await ws.send_message('{"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {}}')
+        with trio.fail_after(10):
+            r = orjson.loads(await ws.get_message())
+        assert r["id"] == 7 and r["result"]["outputs"]["y"]["value"] == 2, r
+
+
 async def test_a_cancelled_call_is_answered_once_and_a_bad_timeout_sends_nothing(make_host):
     """A call waits for its message with no task of its own: cancelling it answers -32800
     at once and its late outcome is dropped, not sent as a second answer. A call whose
@@ -272,11 +287,11 @@ async def test_client_reconnects_and_its_subscription_delivers_again(make_host):
 
 def test_a_result_that_is_not_json_becomes_an_internal_error_for_that_request_only():
     from supervisor import _protocol as proto
-    from supervisor._server import _encodable
+    from supervisor._jsonrpc import encodable  # (what the server's Connection.reply falls back on)
 
     bad = proto.Response(1, {"x": float("nan")})
     good = proto.Response(2, 4)
-    fixed = [_encodable(r) for r in (bad, good)]
+    fixed = encodable([bad, good])
     assert isinstance(fixed[0], proto.ErrorResponse) and fixed[0].error.code == -32603
     assert "NaN" in fixed[0].error.message
     assert fixed[1] is good
