@@ -30,7 +30,7 @@ from ._mailbox import DurableInbox, deadletter_key, feed, find_entry, inbox_key,
 from ._metrics import ActorStats
 from ._placement import fenced_cmd, lease_key
 from ._protocol import Blob, is_typed, json_default
-from ._redis import RedisError, RedisUnavailable, Reply
+from ._redis import Fenced, RedisError, RedisUnavailable, Reply
 from ._sandbox._base import ExitInfo, Worker
 from ._shm import ShmError
 from ._state import StateTxn, state_prefix
@@ -739,6 +739,8 @@ class ActorCell:
         try:
             await self.guarded(cmds)()
         except (RedisUnavailable, RedisError) as exc:
+            if isinstance(exc, Fenced):
+                self.ownership.lose("a requeue was refused: another host holds the lease")
             log.error("could not requeue a failed message: %s", exc, extra={"actor": self.name})
             self._lost_to_outage(env)
             return False

@@ -43,7 +43,7 @@ from ._packages import PackageInstallFailed, ensure_packages
 from ._pool import WorkerPool
 from ._protocol import wrap
 from ._reload import plan_reload, watch_scripts
-from ._redis import RedisError, RedisUnavailable, open_redis, serve_embedded_redis
+from ._redis import Fenced, RedisError, RedisUnavailable, open_redis, serve_embedded_redis
 from ._sandbox import select_backend
 from ._sandbox._base import SandboxBackend, SandboxUnavailable, WorkerSpec
 from ._server import serve_api
@@ -482,6 +482,8 @@ class Host:
                 if reply is not None:
                     await reply()
             except (RedisUnavailable, RedisError) as exc:
+                if isinstance(exc, Fenced):  # (another host holds the lease: stop serving now)
+                    cell.ownership.lose("a commit was refused: another host holds the lease")
                 raise ActorFailed(f"actor {cell.name!r}: state not committed: {exc}",
                                   {"type": type(exc).__name__, "message": str(exc)}) from exc
             finally:  # (committed or not, a read settles the unread set above)
@@ -512,7 +514,7 @@ class Host:
             log.error("fan-in for %s not assembled yet: %s", target.name, exc)
             return
         if made:
-            target.durable_inbox.poke()
+            self.wake(target.name)
 
     async def enqueue(self, cell: ActorCell, inputs: dict) -> str:
         """Accept a message for ``cell`` (``actor.send``); returns once it is durable (or queued,

@@ -17,6 +17,7 @@ import redis as redis_py
 import trio
 
 from conftest import find_actor, free_port, open_client, wait_for
+from supervisor import RpcError
 from supervisor._redis import embedded_redis_binary
 
 RELAY = '''
@@ -129,7 +130,14 @@ async def _send_via(url: str, values: list[int]) -> None:
 
         async def one() -> None:
             async with limit:
-                await c.send("Relay", "n", 1)
+                for attempt in range(100):
+                    try:
+                        await c.send("Relay", "n", 1)
+                        return
+                    except RpcError as exc:  # -32004: not accepted (Redis reconnecting): retry later
+                        if exc.code != -32004:
+                            raise
+                        await trio.sleep(0.1)
 
         async with trio.open_nursery() as nursery:
             for _ in values:
@@ -261,3 +269,52 @@ async def test_sigterm_hands_processes_over_before_exit(make_host, shared_redis)
     assert await leaving.wait() == 0
     await _settled([staying], among={victim_id(staying, hosts)})
     await _drained(r, 200)
+
+
+async def _rolling(make_host, shared_redis, n: int, rounds: int) -> None:
+    url, r, _ = shared_redis
+    hosts = await _hosts(make_host, url, 3)
+    await _settled(hosts)
+    per = n // (3 * rounds)
+    sent = 0
+    for _ in range(rounds):
+        for i, h in enumerate(hosts):
+            others = [o.url for o in hosts if o is not h]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_send, others, range(sent, sent + per))
+                h.signal(signal.SIGTERM)
+                assert await h.wait() == 0, h.output()[-2000:]
+                await h.start()
+            sent += per
+    await _settled(hosts)
+    await _drained(r, sent)
+
+
+async def test_a_rolling_restart_of_all_three_under_load(make_host, shared_redis):
+    await _rolling(make_host, shared_redis, n=150, rounds=1)
+
+
+async def test_redis_killed_and_restarted_mid_run(make_host, shared_redis):
+    url, r, proc = shared_redis
+    hosts = await _hosts(make_host, url, 2)
+    await _settled(hosts)
+    await _send([h.url for h in hosts], range(100))
+    await wait_for(lambda: _total(r) >= 30, timeout=30)
+    args = proc.args
+    proc.kill()
+    proc.wait()
+    proc2 = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        await wait_for(lambda: _pings(r), timeout=10)
+        await _settled(hosts)
+        await _send([h.url for h in hosts], range(100, 200))
+        await _drained(r, 200)
+    finally:
+        proc2.kill()
+        proc2.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+async def test_rolling_restarts_soak(make_host, shared_redis):
+    await _rolling(make_host, shared_redis, n=3000, rounds=5)
