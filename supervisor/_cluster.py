@@ -232,7 +232,7 @@ class Cluster:
                 own.token = None
         cmds += [("DEL", host_key(self.ns, self.id)), ("SREM", hosts_key(self.ns), self.id),
                  ("PUBLISH", self._channel, "placement")]
-        with trio.move_on_after(2), trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 2):
             try:
                 await self.redis.pipeline(cmds)
             except (RedisUnavailable, RedisError) as exc:

