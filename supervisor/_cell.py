@@ -22,21 +22,21 @@ import orjson
 import trio
 
 from ._channel import BadFrame, ChannelClosed, FrameTooLarge, SendTimedOut, json_values
-from ._errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
-                      ResourceLimitExceeded, single_error)
-from ._messages import Envelope, ProcessSpec
+from .core.errors import (ActorError, ActorFailed, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
+                          ResourceLimitExceeded, single_error)
+from .core.messages import Envelope, ProcessSpec
 from ._mailbox import DurableInbox, deadletter_key, feed, find_entry, inbox_key, retry_or_deadletter_cmds
 from ._metrics import ActorStats
-from ._protocol import Blob, is_typed, json_default
+from .core.protocol import Blob, is_typed, json_default
 from ._redis import RedisError, RedisUnavailable, Reply
 from ._sandbox._base import ExitInfo, Worker
 from ._shm import ShmError
 from ._state import StateTxn, state_prefix
 
 if TYPE_CHECKING:
-    from ._config import Config
-    from ._discovery import ComponentSpec
-    from ._messages import Commit
+    from .core.config import Config
+    from .core.discovery import ComponentSpec
+    from .core.messages import Commit
     from ._pool import WorkerPool
 
 __all__ = ["ActorCell", "CellHost", "WorkerDied"]

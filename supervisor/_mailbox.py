@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import orjson
 import trio
 
-from ._messages import Envelope
-from ._protocol import json_default
+from .core.messages import Envelope
+from .core.protocol import json_default
 from ._redis import Redis, RedisError, RedisUnavailable, Reply
 
 log = logging.getLogger("supervisor.mailbox")

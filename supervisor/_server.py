@@ -7,7 +7,7 @@ A call waiting for its message with no timeout is answered from the message's
 completion callback; every other waiting request gets a task in its own cancel
 scope. Either way it is in ``in_flight`` from the moment it is read, so that
 ``$/cancelRequest`` and disconnects cancel exactly what they should. Frames are
-decoded and validated by the pure :mod:`supervisor._protocol`.
+decoded and validated by the pure :mod:`supervisor.core.protocol`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import attrs
 import trio
 import trio_websocket
 
-from . import _protocol as proto
-from ._messages import Envelope
+from .core import protocol as proto
+from .core.messages import Envelope
 from ._mailbox import list_deadletters, replay_deadletter
-from ._errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
+from .core.errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
 from ._fbp import serve_fbp
 from ._http import query_token_ok, serve_front
 from ._watch import Watchers
@@ -272,6 +272,15 @@ class Api:
         return Later(env, _process_result, timeout, cell.name)
 
 
+async def wait_for(env: Envelope) -> dict:
+    """``env``'s answer once it is finished (its ``on_done`` sets an event)."""
+    if not env.finished:
+        event = trio.Event()
+        env.on_done = event.set
+        await event.wait()
+    return env.result()
+
+
 @attrs.frozen
 class Later:
     """The rest of a request that put a message in a mailbox: once the message is done,
@@ -285,7 +294,7 @@ class Later:
 
     async def __call__(self) -> Any:
         with trio.move_on_after(self.timeout):
-            await self.env.wait()
+            await wait_for(self.env)
             return self.finish(self.env)
         raise ActorTimedOut(f"no answer from {self.actor!r} within {self.timeout:g}s", {"timeout": self.timeout})
 

@@ -19,7 +19,7 @@ import trio
 from conftest import open_client
 from supervisor._cell import MAX_OUTPUTS, MAX_STATE_CALLS
 from supervisor._channel import MAX_ATTACHMENTS, FrameTooLarge, LineChannel, SendTimedOut, json_values
-from supervisor._config import parse_config
+from supervisor.core.config import parse_config
 from supervisor.client import RpcError
 
 MAX_OUTPUT = 4 * 2**20
