@@ -33,8 +33,8 @@ from typing import Any, Protocol
 import trio
 import trio_websocket
 
-from .core.errors import ActorError
-from .core.protocol import (INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, OVERLOADED, REQUEST_CANCELLED,
+from .core.errors import ActorError, RequestCancelled, answers_as_itself, rpc_error
+from .core.protocol import (INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, OVERLOADED,
                             ErrorResponse, Invalid, Notification, Request, Response, attach, decode_frame, encode,
                             error_response, invalid_to_reply, reply_frame)
 from ._wsio import eager_reader, get_messages, send_messages
@@ -61,6 +61,9 @@ class RpcError(Exception):
     def __init__(self, code: int, message: str, data: Any = None):
         super().__init__(f"{message} ({code})")
         self.code, self.message, self.data = code, message, data
+
+
+answers_as_itself(RpcError)  # a handler raising it answers with exactly that error (core.errors.rpc_error)
 
 
 class ConnectionLost(Exception):
@@ -550,14 +553,12 @@ class Peer:
         try:
             with scope:
                 return Response(req.id, await self._handler(req.method, req.params))
-            return error_response(req.id, REQUEST_CANCELLED, "request cancelled")
-        except RpcError as exc:
-            return error_response(req.id, exc.code, exc.message, exc.data)
-        except ActorError as exc:
-            return error_response(req.id, exc.code, exc.message, exc.data)
+            return error_response(req.id, *rpc_error(RequestCancelled("request cancelled")))
+        except (RpcError, ActorError) as exc:
+            return error_response(req.id, *rpc_error(exc))
         except Exception as exc:  # a handler's bug must not take the connection down, nor leak its traceback
             log.exception("internal error answering %s", req.method)
-            return error_response(req.id, INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+            return error_response(req.id, *rpc_error(exc))
         finally:
             if self._serving.get(req.id) is scope:
                 del self._serving[req.id]

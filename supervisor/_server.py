@@ -30,7 +30,7 @@ import trio_websocket
 from .core import protocol as proto
 from .core.messages import Envelope
 from ._mailbox import list_deadletters, replay_deadletter
-from .core.errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled)
+from .core.errors import (ActorError, ActorTimedOut, InvalidParams, Overloaded, RequestCancelled, rpc_error)
 from ._fbp import serve_fbp
 from ._http import query_token_ok, serve_front
 from ._watch import Watchers
@@ -810,15 +810,14 @@ def _log_reply(req: proto.Request) -> None:
 
 
 def _cancelled_reply(req: proto.Request) -> proto.ErrorResponse:
-    return proto.error_response(req.id, RequestCancelled.code, "request cancelled")
+    return proto.error_response(req.id, *rpc_error(RequestCancelled("request cancelled")))
 
 
 def _error_reply(req: proto.Request, exc: Exception) -> proto.ErrorResponse:
-    if isinstance(exc, ActorError):
-        return proto.error_response(req.id, exc.code, exc.message, exc.data)
-    # a bug of ours must not take the connection down
-    log.error("internal error in %s", req.method, exc_info=exc)
-    return proto.error_response(req.id, proto.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+    if not isinstance(exc, ActorError):
+        # a bug of ours must not take the connection down
+        log.error("internal error in %s", req.method, exc_info=exc)
+    return proto.error_response(req.id, *rpc_error(exc))
 
 
 class _Unanswered:
