@@ -19,7 +19,7 @@ import orjson
 import trio
 import trio_websocket
 
-from supervisor._discovery import discover
+from supervisor._scan import discover
 from supervisor.client import RpcError, open_client
 
 from ._baselines import RAY_FIGURES, RayUnavailable, open_floor, open_ray

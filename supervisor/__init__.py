@@ -7,26 +7,26 @@ checks that each public name is exported here exactly once.
 
 # The client: a trio WebSocket client for the host's API, and what its calls raise.
 from .client import Client as Client, open_client as open_client
-from ._jsonrpc import RpcError as RpcError
+from .core.jsonrpc import RpcError as RpcError
 from ._peer import ConnectionLost as ConnectionLost
 
 # The errors the host answers with (each carries its JSON-RPC ``code``).
-from ._errors import (ActorError as ActorError, ActorFailed as ActorFailed, ActorMoved as ActorMoved,
-                      ActorRemoved as ActorRemoved, RemoteError as RemoteError,
-                      ActorStopped as ActorStopped, ActorTimedOut as ActorTimedOut, InvalidParams as InvalidParams,
-                      Overloaded as Overloaded, RequestCancelled as RequestCancelled,
-                      ResourceLimitExceeded as ResourceLimitExceeded, Unauthorized as Unauthorized,
-                      UnknownActor as UnknownActor)
-from ._errors import HostError as HostError  # the host cannot start as configured
+from .core.errors import (ActorError as ActorError, ActorFailed as ActorFailed, ActorMoved as ActorMoved,
+                          ActorRemoved as ActorRemoved, ActorStopped as ActorStopped, ActorTimedOut as ActorTimedOut,
+                          InvalidParams as InvalidParams, Overloaded as Overloaded, RemoteError as RemoteError,
+                          RequestCancelled as RequestCancelled, ResourceLimitExceeded as ResourceLimitExceeded,
+                          Unauthorized as Unauthorized, UnknownActor as UnknownActor)
+from .core.errors import HostError as HostError  # the host cannot start as configured
 
 # Configuration: reflow.yaml loaded into frozen attrs; bad input is one ConfigError naming each key.
-from ._config import (Config as Config, ConfigError as ConfigError, ConfigProblem as ConfigProblem,
-                      load_config as load_config)
-from ._policy import RestartType as RestartType, Strategy as Strategy
+from .core.config import (Config as Config, ConfigError as ConfigError, ConfigProblem as ConfigProblem,
+                          load_config as load_config)
+from .core.policy import RestartType as RestartType, Strategy as Strategy
 
 # Discovery: script actors' metadata, read and never run.
-from ._discovery import (ComponentSpec as ComponentSpec, ScriptError as ScriptError, ScriptProblem as ScriptProblem,
-                         discover as discover)
+from .core.discovery import (ComponentSpec as ComponentSpec, ScriptError as ScriptError,
+                             ScriptProblem as ScriptProblem)
+from ._scan import discover as discover
 
 # The host itself (``python -m supervisor run``).
 from ._host import Host as Host

@@ -21,24 +21,24 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 import orjson
 import trio
 
-from ._channel import BadFrame, ChannelClosed, FrameTooLarge, SendTimedOut, json_values
+from ._channel import BadFrame, ChannelClosed, FrameTooLarge, SendTimedOut
 from ._cluster import Ownership
-from ._errors import (ActorError, ActorFailed, ActorMoved, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
-                      ResourceLimitExceeded, single_error)
-from ._messages import Envelope, ProcessSpec
+from .core import frames
+from .core.errors import (ActorError, ActorFailed, ActorMoved, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
+                          ResourceLimitExceeded, single_error)
+from .core.messages import Envelope, ProcessSpec
 from ._mailbox import DurableInbox, deadletter_key, feed, find_entry, inbox_key, retry_or_deadletter_cmds
 from ._metrics import ActorStats
-from ._placement import fenced_cmd, lease_key
-from ._protocol import Blob, is_typed, json_default
+from .core.placement import fenced_cmd, lease_key
+from .core.protocol import Blob, json_default
 from ._redis import Fenced, RedisError, RedisUnavailable, Reply
 from ._sandbox._base import ExitInfo, Worker
-from ._shm import ShmError
 from ._state import StateTxn, state_prefix
 
 if TYPE_CHECKING:
-    from ._config import Config
-    from ._discovery import ComponentSpec
-    from ._messages import Commit
+    from .core.config import Config
+    from .core.discovery import ComponentSpec
+    from .core.messages import Commit
     from ._pool import WorkerPool
 
 __all__ = ["ActorCell", "CellHost", "WorkerDied"]
@@ -66,17 +66,8 @@ class ProtocolViolation(Exception):
 
 LOAD_TIMEOUT = float(os.environ.get("REFLOW_LOAD_TIMEOUT", "10"))  # seconds for a script's top-level code
 
-# What one message may make its sandbox send the host, besides ``max_output`` bytes in all
-# (see ActorCell._reply): each output is routed and kept with the message, each state call
-# is Redis work, each log line a line of the host's log. Well past what a script does on
-# purpose; a worker over them ends with the output limit (a log line past its cap is dropped).
-MAX_OUTPUTS = 10_000
-MAX_STATE_CALLS = 10_000
-MAX_LOG_LINES = 1_000
-# JSON values one message's frames may hold, per byte of ``max_output``: parsing makes
-# ~100 bytes per value (a dict, a list, a str), so a frame of ``[{},{},…]`` would make
-# ~30 times its length; at 1/32 a value per byte that is ~3 × max_output at most.
-VALUES_PER_OUTPUT_BYTE = 1 / 32
+# What one message may make its sandbox send the host (outputs, state calls, log lines,
+# JSON values per byte of ``max_output``): the frame codec's limits, core.frames.
 
 
 class ScriptLoadFailed(Exception):
@@ -168,7 +159,7 @@ class ActorCell:
         self.prefix = state_prefix(cfg.workspace.redis.namespace, self.name)
         self.default_ttl = cfg.workspace.redis.ttl
         self.max_output = cfg.workspace.sandbox.max_output
-        self.max_values = max(4096, int(self.max_output * VALUES_PER_OUTPUT_BYTE))
+        self.max_values = frames.max_values_for(self.max_output)
         self.default_timeout = cfg.supervision.timeout
         self.shm_threshold = cfg.workspace.sandbox.shm_threshold
         self.subscribers: dict[int, Callable[[str, str, dict, str], None]] = {}
@@ -249,7 +240,7 @@ class ActorCell:
 
     def guarded(self, cmds: list[tuple]) -> Reply:
         """Submit writes (and inbox reads) made as this process's owner, in one script that
-        runs them only while this host holds the process's lease (``_placement.FENCED``):
+        runs them only while this host holds the process's lease (``core.placement.FENCED``):
         the one way every commit, acknowledgement, requeue and feeder read reaches Redis.
         Its reply is the last command's; raises Fenced (a RedisError) once the lease is gone."""
         return self.host.redis.submit(*fenced_cmd(self.lease, self.ownership.token_value or "", cmds))
@@ -757,16 +748,18 @@ class ActorCell:
 
         What the worker sends for one request is bounded before it is parsed: each frame by
         the channel (``max_output`` bytes, attachments included), all of them together by
-        ``max_output`` bytes and ``max_values`` JSON values (see json_values), and by
-        MAX_OUTPUTS outputs and MAX_STATE_CALLS state calls; past any of them the worker is
+        ``max_output`` bytes and ``max_values`` JSON values, and by the outputs and state
+        calls one request may make (core.frames.RequestReader judges each frame against
+        them, and its shape against the protocol); past any of them the worker is
         killed with the output limit (WorkerDied; its message answers -32005). A frame that
         is not the protocol (not JSON, not an object, a reply to another request, a method
         the host never serves) is a ProtocolViolation. Either way only this worker ends.
         """
         channel = worker.channel
         start = channel.bytes_received
-        values = self.max_values
-        outputs_left, states_left, logs_left = MAX_OUTPUTS, MAX_STATE_CALLS, MAX_LOG_LINES
+        shm = getattr(worker, "shm", None)
+        reader = frames.RequestReader(rid, self.max_output, self.max_values, outputs=env is not None,
+                                      take_shm=None if shm is None else lambda ref: shm.outbound.take(ref))
         while True:
             try:
                 frame = await channel.receive()
@@ -776,67 +769,27 @@ class ActorCell:
                 await self._kill(worker, f"a frame longer than {channel.max_frame} bytes")
             except BadFrame as exc:
                 self._violation(worker, env, str(exc))
-            if channel.bytes_received - start > self.max_output:
-                await self._kill(worker, f"more than {self.max_output} bytes for one request")
-            n = len(frame) - len(frame.translate(None, b",[{")) + 1  # json_values(frame), inlined
-            if n > values:  # (the quick count also counts commas inside strings)
-                n = json_values(frame, exact=True)
-                if n > values:
-                    await self._kill(worker, f"more than {self.max_values} JSON values for one request")
-            values -= n
-            try:
-                msg = orjson.loads(frame)
-            except orjson.JSONDecodeError as exc:
-                self._violation(worker, env, f"a frame that is not JSON ({exc})")
-            if not isinstance(msg, dict):
-                self._violation(worker, env, "a frame that is not a JSON object")
-            method = msg.get("method")
-            if method is None:
-                if msg.get("id") != rid:
-                    # The worker answers in order and the host serves no other request of
-                    # its: a reply to anything else is no reply a worker sends.
-                    self._violation(worker, env, f"a reply to request {str(msg.get('id'))[:40]!r} while "
-                                                 f"request {rid} was pending")
-                if not isinstance(msg.get("error", {}), dict) or not isinstance(msg.get("result", {}), dict):
-                    self._violation(worker, env, "a reply whose result or error is not an object")
+            event = reader.feed(frame, channel.attachments, channel.bytes_received - start)
+            kind = type(event)
+            if kind is frames.Reply:
                 if env is not None and env.shm_end:  # the worker is done with its inputs
-                    worker.shm.inbound.release(env.shm_end)  # type: ignore[attr-defined]
-                outputs = (msg.get("result") or {}).get("outputs")
-                if isinstance(outputs, dict):
-                    for port, message in outputs.items():
-                        outputs[port] = self._attached(worker, env, message, channel.attachments)
-                return msg
-            params = msg.get("params")
-            if not isinstance(params, dict):
-                params = {}
-            if method == "state":
-                states_left -= 1
-                if states_left < 0:
-                    await self._kill(worker, f"more than {MAX_STATE_CALLS} state calls for one request")
-                if txn is not None and not await self._state_call(worker, msg.get("id"), txn, params) \
+                    shm.inbound.release(env.shm_end)  # type: ignore[union-attr]
+                return event.message
+            if kind is frames.Output:
+                env.emitted.append((event.port, event.message))
+                if env.on_output is not None:
+                    env.on_output(event.port, event.message)
+            elif kind is frames.StateCall:
+                if txn is not None and not await self._state_call(worker, event.id, txn, event.params) \
                         and env is not None:
                     env.outage = True
-            elif method == "output":
-                outputs_left -= 1
-                if outputs_left < 0:
-                    await self._kill(worker, f"more than {MAX_OUTPUTS} outputs for one request")
-                if env is None:
-                    continue
-                port, message = params.get("port"), params.get("message")
-                message = self._attached(worker, env, message, channel.attachments)
-                if not isinstance(port, str) or not is_typed(message):
-                    self._violation(worker, env, "an output that is not a port name and a typed message")
-                env.emitted.append((port, message))
-                if env.on_output is not None:
-                    env.on_output(port, message)
-            elif method == "log":
-                logs_left -= 1
-                if logs_left >= 0:
-                    log.info("script output" if logs_left else "script output (its further lines for this "
-                             "request are dropped)", extra={"actor": self.name, "stream": params.get("stream"),
-                                                           "text": str(params.get("text"))[:512]})
-            else:
-                self._violation(worker, env, f"a request for {str(method)[:40]!r}, which the host does not serve")
+            elif kind is frames.Log:
+                log.info("script output (its further lines for this request are dropped)" if event.last
+                         else "script output", extra={"actor": self.name, "stream": event.stream, "text": event.text})
+            elif kind is frames.OverLimit:
+                await self._kill(worker, event.reason)
+            elif kind is frames.Violation:
+                self._violation(worker, env, event.reason)
 
     async def _kill(self, worker: Worker, why: str, limit: str = "output") -> NoReturn:
         """The worker broke ``limit`` (it sent more than its output allows, or stopped reading
@@ -845,27 +798,6 @@ class ActorCell:
         log.warning("sandbox killed: %s", why, extra={"actor": self.name})
         worker.kill(limit=limit)
         raise WorkerDied(self.name, await worker.wait()) from None
-
-    def _attached(self, worker: Worker, env: Envelope | None, message: Any, attachments: list[bytes]) -> Any:
-        """``{"type": "bytes", "$att": k}`` from the worker → a bytes message holding attachment k;
-        ``{"type": "bytes", "$shm": ref}`` → one holding the bytes copied out of its ring."""
-        if not isinstance(message, dict) or len(message) != 2 or message.get("type") != "bytes":
-            return message
-        if "$shm" in message:
-            shm = getattr(worker, "shm", None)
-            if shm is None:
-                self._violation(worker, env, "a shared-memory reference from a worker that has none")
-            try:
-                return {"type": "bytes", "value": Blob(shm.outbound.take(message["$shm"]))}
-            except ShmError as exc:
-                self._violation(worker, env, str(exc))
-        if "$att" not in message:
-            return message
-        k = message["$att"]
-        if message.keys() != {"type", "$att"} or message["type"] != "bytes" or not isinstance(k, int) \
-                or isinstance(k, bool) or not 0 <= k < len(attachments):
-            self._violation(worker, env, "an attachment reference that names no attachment")
-        return {"type": "bytes", "value": Blob(attachments[k])}
 
     def _violation(self, worker: Worker, env: Envelope | None, why: str) -> NoReturn:
         error = ProtocolViolation(self.name, why)

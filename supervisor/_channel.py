@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Any
 
 import trio
 
 __all__ = ["BadFrame", "ChannelClosed", "FrameTooLarge", "LineChannel", "SendTimedOut", "SocketReader",
-           "json_values", "send_all_now", "write_now"]
+           "send_all_now", "write_now"]
 
 # Reads that found data waiting in a row without a checkpoint: a worker that never stops
 # writing must not hold up the host's other tasks, nor the cancel scope timing it out.
@@ -37,26 +36,6 @@ _READ_SIZE = 1 << 18
 # header's length, so a header is judged from its first bytes, never parsed whole.
 MAX_ATTACHMENTS = 1024
 _HEADER_MAX = 1 + MAX_ATTACHMENTS * 21  # "@" and up to MAX_ATTACHMENTS "LEN," (a length < 10**20)
-
-_STRUCTURE = b",[{"
-# A JSON string, escapes and all (possessive: linear, no backtracking).
-_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
-
-
-def json_values(frame: bytes | bytearray, *, exact: bool = False) -> int:
-    """An upper bound on the number of values (containers, numbers, strings, literals)
-    parsing ``frame`` as JSON makes: one more than its commas and opening brackets.
-
-    What a parse allocates is about its length plus some 100 bytes per value, so this
-    bounds what a frame can inflate to before anything is allocated for it. The quick
-    count (one C pass) also counts commas and brackets inside strings; ``exact``
-    first drops the strings' contents (a slower regex pass), for a frame whose quick
-    count is over the budget. Never raises: a frame
-    that is not JSON gets some count and fails its parse later.
-    """
-    if exact:
-        frame = _STRING.sub(b'""', frame)
-    return len(frame) - len(frame.translate(None, _STRUCTURE)) + 1
 
 
 def write_now(sock: trio.socket.SocketType, data: bytes) -> int:

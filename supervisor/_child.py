@@ -8,10 +8,10 @@ from typing import Any
 
 import trio
 
-from . import _policy as policy
+from .core import policy as policy
 from ._cell import ActorCell, ScriptLoadFailed
 from ._cluster import StartedOnce
-from ._errors import ActorStopped
+from .core.errors import ActorStopped
 from ._tree import PermanentFailure
 
 __all__ = ["CellChild", "bytes_path", "runtime_unavailable"]

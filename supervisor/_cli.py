@@ -83,7 +83,7 @@ def _config_path(arg: str | None) -> Path | None:
 
 
 def _load_config(arg: str | None) -> Any:
-    from ._config import ConfigError, load_config
+    from .core.config import ConfigError, load_config
 
     try:
         return load_config(_config_path(arg))
@@ -141,7 +141,7 @@ def _tune_gc() -> None:
 def _run(args: argparse.Namespace) -> int:
     import trio
 
-    from ._errors import HostError
+    from .core.errors import HostError
     from ._host import Host
     from ._log import setup_logging
 
@@ -233,7 +233,7 @@ def _rel(p: Path) -> str:
 
 def _discovered(config: Any) -> Any:
     """What the workspace's scripts declare, read statically (nothing of them runs)."""
-    from ._discovery import discover
+    from ._scan import discover
 
     ws = config.workspace
     return discover(ws.root, ws.script_patterns, ws.excluded_paths, ws.scripts, discover_scripts=ws.discover_scripts)
@@ -241,9 +241,10 @@ def _discovered(config: Any) -> Any:
 
 def _component_problems(config: Any, components: Any) -> None:
     """Raise UsageError with every problem ``run`` would have with these components."""
-    from ._config import check_components
+    from .components import package_components
+    from .core.config import check_components
 
-    problems = check_components(config, components)
+    problems = check_components(config, components, package_components())
     if problems:
         raise UsageError("\n".join(str(p) for p in problems))
 

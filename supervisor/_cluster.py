@@ -1,6 +1,6 @@
 """Several hosts on one Redis, the trio part: this host's membership, its leases, and the
 calls it forwards to the hosts that own other processes (CONTRACT §6; the design and the
-Lua are in ``_placement``).
+Lua are in ``core.placement``).
 
 One ``Cluster`` per host, owned by the host's nursery. Every ``lease_ttl / 3`` (and at once
 when another host says something changed) it *ticks*: renews this host's record and every
@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from ._placement import (CLUSTER_VERSION, HostRecord, Token, acquire_cmd, channel, decode_host, host_key,
+from .core.placement import (CLUSTER_VERSION, HostRecord, Token, acquire_cmd, channel, decode_host, host_key,
                          hosts_key, lease_key, place, release_cmd, renew_cmd)
 from ._redis import Redis, RedisError, RedisUnavailable
 
@@ -449,7 +449,7 @@ class Forwarder:
             if rec is not None and rec.url:
                 return rec
             if trio.current_time() > deadline:
-                from ._errors import ActorStopped
+                from .core.errors import ActorStopped
 
                 raise ActorStopped(f"actor {process!r} has no live host that may run it right now; retry later",
                                    {"type": "Unplaced", "actor": process})
@@ -457,7 +457,7 @@ class Forwarder:
             await self.cluster.changed(self.cluster.period)
 
     async def request(self, process: str, method: str, params: dict) -> Any:
-        from ._errors import ActorFailed, RemoteError
+        from .core.errors import ActorFailed, RemoteError
         from ._peer import ConnectionLost, RpcError
 
         while True:

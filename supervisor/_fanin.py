@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from ._protocol import json_default
+from .core.protocol import json_default
 
 __all__ = ["ASSEMBLE", "PUSH_IF_ROOM", "assemble", "fanin_key", "push_cmd", "push_if_room_cmd"]
 

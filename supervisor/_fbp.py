@@ -5,7 +5,7 @@ gets this (``_server.Api.handle`` hands it over); every other client gets the
 JSON-RPC API. One ``FbpRuntime`` per host holds the graph (one at a time, the
 host's network); each connection reads messages in order and answers them.
 The pure parts (message shape, the graph and its edits, noflo graph JSON) are
-in :mod:`supervisor._fbp_graph`; here the edits' actions are carried out on the
+in :mod:`supervisor.core.fbp_graph`; here the edits' actions are carried out on the
 running host: a node is a supervised ``ActorCell`` (started, or drained and
 stopped, as hot reload does), an edge is an entry of the router's table
 (``Host.routes``), an IIP or a ``runtime:packet`` is a message in a mailbox.
@@ -38,13 +38,13 @@ import orjson
 import trio
 import trio_websocket
 
-from . import _policy as policy
-from . import _protocol as proto
+from .core import policy as policy
+from .core import protocol as proto
 from ._cell import ActorCell, CellHost
 from ._child import CellChild, runtime_unavailable
-from ._errors import ActorError, HostError
+from .core.errors import ActorError, HostError
 from ._files import write_atomic
-from ._fbp_graph import Action, Graph, GraphError, ProtocolError, data_event_id, parse_message
+from .core.fbp_graph import Action, Graph, GraphError, ProtocolError, data_event_id, parse_message
 
 __all__ = ["FbpApi", "FbpHost", "serve_fbp"]
 
@@ -420,7 +420,7 @@ def component_payload(name: str, comp: Any) -> dict:
 
 def _network_doc(net: Any) -> dict:
     """reflow.yaml's inline ``network:`` (a NetworkConfig) as noflo graph JSON."""
-    from ._config import NO_DATA
+    from .core.config import NO_DATA
 
     def ref(r: Any) -> dict:
         out = {"process": r.process, "port": r.port}

@@ -27,21 +27,22 @@ from typing import Any
 import orjson
 import trio
 
-from . import _policy as policy
+from .core import policy as policy
 from ._cell import ActorCell
 from ._child import CellChild, runtime_unavailable
 from ._cluster import Cluster, ClusterRefused, Forwarder, labels_of
-from ._messages import NOTHING_TO_COMMIT, Commit, Envelope, ProcessSpec, new_message_id
+from .core.messages import NOTHING_TO_COMMIT, Commit, Envelope, ProcessSpec, new_message_id
 from ._mailbox import done_cmds, enqueue_cmd, enqueue_if_room_cmd, entry_body
-from ._config import Config
-from ._discovery import ComponentSpec, Discovery, ScriptProblem, discover
-from ._errors import (ActorError, ActorFailed, ActorRemoved, ActorStopped, HostError, InvalidParams, Overloaded,
-                      UnknownActor)
+from .core.config import Config
+from ._scan import discover
+from .core.discovery import ComponentSpec, Discovery, ScriptProblem
+from .core.errors import (ActorError, ActorFailed, ActorRemoved, ActorStopped, HostError, InvalidParams, Overloaded,
+                          UnknownActor)
 from ._files import write_atomic
 from ._fanin import assemble, fanin_key, push_cmd, push_if_room_cmd
 from ._packages import PackageInstallFailed, ensure_packages
 from ._pool import WorkerPool
-from ._protocol import wrap
+from .core.protocol import wrap
 from ._reload import plan_reload, watch_scripts
 from ._redis import Fenced, RedisError, RedisUnavailable, open_redis, serve_embedded_redis
 from ._sandbox import select_backend

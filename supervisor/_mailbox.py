@@ -5,7 +5,7 @@ XADD to ``{ns}:{process}:inbox`` (the send is answered only after Redis took
 it) → the cell's feeder reads it (XREADGROUP) → the worker processes it → one
 script commits the state changes, the downstream XADDs and XACK+XDEL. Every read
 and write the feeder and the cell make as the process's owner is fenced (see
-``ActorCell.guarded``, ``_placement.FENCED``): it runs only while this host holds the
+``ActorCell.guarded``, ``core.placement.FENCED``): it runs only while this host holds the
 process's lease, so a host that lost it takes nothing from the inbox. A send
 that finds the cell idle reads for the feeder in the same script as its add, and
 its worker starts on it while Redis adds it (``claim``, ``ActorCell.start_now``).
@@ -32,8 +32,8 @@ from typing import Any, Protocol
 import orjson
 import trio
 
-from ._messages import Envelope
-from ._protocol import json_default
+from .core.messages import Envelope
+from .core.protocol import json_default
 from ._redis import Redis, RedisError, RedisUnavailable, Reply
 
 log = logging.getLogger("supervisor.mailbox")

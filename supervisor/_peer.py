@@ -1,4 +1,4 @@
-"""A JSON-RPC 2.0 peer over any framed transport: the trio shell around :mod:`._protocol`.
+"""A JSON-RPC 2.0 peer over any framed transport: the trio shell around :mod:`.core.protocol`.
 
 Either side may call the other. ``async with open_peer(transport, handler) as
 peer: await peer.call("m", {...})``. The peer owns its transport and a nursery
@@ -32,11 +32,11 @@ from typing import Any, Protocol
 import trio
 import trio_websocket
 
-from . import _jsonrpc as rpc
+from .core import jsonrpc as rpc
 # (defined in the pure core, both ends' one definition; this is where the client finds them)
-from ._jsonrpc import CANCEL_METHOD as CANCEL_METHOD, FrameTooLarge as FrameTooLarge, RpcError as RpcError
-from ._protocol import (INVALID_REQUEST, OVERLOADED, ErrorResponse, Invalid, Notification, Request, Response, attach,
-                        decode_frame, encode, error_response, invalid_to_reply, reply_frame)
+from .core.jsonrpc import CANCEL_METHOD as CANCEL_METHOD, FrameTooLarge as FrameTooLarge, RpcError as RpcError
+from .core.protocol import (INVALID_REQUEST, OVERLOADED, ErrorResponse, Invalid, Notification, Request, Response, attach,
+                            decode_frame, encode, error_response, invalid_to_reply, reply_frame)
 from ._wsio import eager_reader, get_messages, send_messages
 
 __all__ = ["CANCEL_METHOD", "ConnectionLost", "FrameTooLarge", "Peer", "RpcError", "StreamTransport",
@@ -210,7 +210,7 @@ class Peer:
         max_in_flight: requests answered at once; more are answered -32004.
         close_timeout: how long closing the transport may take.
         attachments: write bytes messages holding a :class:`Blob` as raw attachments
-            (an attachment frame, see ``_protocol.attach``) instead of base64 text.
+            (an attachment frame, see ``core.protocol.attach``) instead of base64 text.
 
     A peer serves one connection once: for a new connection make a new peer.
     """

@@ -46,7 +46,7 @@ class RedisError(Exception):
 
 class Fenced(RedisError):
     """A write refused because the lease it was made under is no longer its writer's
-    (see _placement.FENCED): another host owns the process now."""
+    (see core.placement.FENCED): another host owns the process now."""
 
 
 def _encode(args: Sequence[Any]) -> bytes:

@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._discovery import ComponentSpec, Discovery
+from .core.discovery import ComponentSpec, Discovery
 
 __all__ = ["ReloadPlan", "plan_reload", "watch_scripts"]
 

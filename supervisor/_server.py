@@ -7,9 +7,9 @@ A call waiting for its message with no timeout is answered from the message's
 completion callback; every other waiting request gets a task in its own cancel
 scope. Either way it is in ``in_flight`` from the moment it is read, so that
 ``$/cancelRequest`` and disconnects cancel exactly what they should. Frames are
-decoded and validated by the pure :mod:`supervisor._protocol`; the answers a request
+decoded and validated by the pure :mod:`supervisor.core.protocol`; the answers a request
 gets when it gets no result (an error, cancelled, a frame too large) are built by the
-pure :mod:`supervisor._jsonrpc`, which the client (``_peer``) shares.
+pure :mod:`supervisor.core.jsonrpc`, which the client (``_peer``) shares.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ import attrs
 import trio
 import trio_websocket
 
-from . import _jsonrpc as rpc
-from . import _protocol as proto
-from ._messages import Envelope
+from .core import jsonrpc as rpc
+from .core import protocol as proto
+from .core.messages import Envelope
 from ._mailbox import list_deadletters, replay_deadletter
 from ._cluster import LOCAL
-from ._errors import ActorMoved, ActorTimedOut, InvalidParams, Overloaded
+from .core.errors import ActorMoved, ActorTimedOut, InvalidParams, Overloaded
 from ._fbp import FbpHost, serve_fbp
 from ._http import query_token_ok, serve_front
 from ._watch import WatchedHost, Watchers
@@ -392,6 +392,15 @@ def _ready(value: Any) -> _Run:
     return result
 
 
+async def wait_for(env: Envelope) -> dict:
+    """``env``'s answer once it is finished (its ``on_done`` sets an event)."""
+    if not env.finished:
+        event = trio.Event()
+        env.on_done = event.set
+        await event.wait()
+    return env.result()
+
+
 @attrs.frozen
 class Later:
     """The rest of a request that put a message in a mailbox: once the message is done,
@@ -405,7 +414,7 @@ class Later:
 
     async def __call__(self) -> Any:
         with trio.move_on_after(self.timeout):
-            await self.env.wait()
+            await wait_for(self.env)
             return self.finish(self.env)
         raise ActorTimedOut(f"no answer from {self.actor!r} within {self.timeout:g}s", {"timeout": self.timeout})
 

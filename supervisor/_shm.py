@@ -37,6 +37,8 @@ import mmap
 import os
 import struct
 
+from .core.frames import BadReference
+
 __all__ = ["CONTROL", "HEADER", "Regions", "Ring", "ShmError"]
 
 CONTROL = 64
@@ -55,8 +57,9 @@ _F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 _SIZE_SEALS = _F_SEAL_SHRINK | _F_SEAL_GROW
 
 
-class ShmError(Exception):
-    """A reference into shared memory that does not name a whole, current slot."""
+class ShmError(BadReference):
+    """A reference into shared memory that does not name a whole, current slot (what the
+    frame codec's ``take_shm`` raises: a protocol violation of the worker)."""
 
 
 def _aligned(n: int) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from ._errors import InvalidParams
+from .core.errors import InvalidParams
 from ._redis import Redis
 
 __all__ = ["StateTxn", "state_prefix", "escape_glob"]

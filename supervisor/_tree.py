@@ -1,6 +1,6 @@
 """The supervision tree's trio shell: run children, report exits, apply decisions.
 
-Every decision is made by the pure :func:`supervisor._policy.decide`; this
+Every decision is made by the pure :func:`supervisor.core.policy.decide`; this
 module only starts and cancels child tasks and sleeps through backoff. A
 child is anything with ``name``, ``run(task_status=...)`` and ``status()``:
 an :class:`~supervisor._cell.ActorCell` wrapper or another :class:`Supervisor`.
@@ -21,8 +21,8 @@ from typing import Any, Protocol
 
 import trio
 
-from . import _policy as policy
-from ._errors import single_error
+from .core import policy as policy
+from .core.errors import single_error
 from ._watch import cause_details
 
 __all__ = ["Supervisor", "SupervisorGaveUp", "NotRunning", "Child"]

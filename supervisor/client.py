@@ -30,7 +30,7 @@ import trio_websocket
 
 # One definition of each error, in _peer; this is their public home.
 from ._peer import ConnectionLost as ConnectionLost, Peer, RpcError as RpcError, WebSocketTransport, open_peer
-from ._protocol import Blob
+from .core.protocol import Blob
 from ._wsio import MESSAGE_QUEUE
 
 __all__ = ["Client", "ConnectionLost", "RpcError", "open_client"]

@@ -286,8 +286,8 @@ async def test_client_reconnects_and_its_subscription_delivers_again(make_host):
 
 
 def test_a_result_that_is_not_json_becomes_an_internal_error_for_that_request_only():
-    from supervisor import _protocol as proto
-    from supervisor._jsonrpc import encodable  # (what the server's Connection.reply falls back on)
+    from supervisor.core import protocol as proto
+    from supervisor.core.jsonrpc import encodable  # (what the server's Connection.reply falls back on)
 
     bad = proto.Response(1, {"x": float("nan")})
     good = proto.Response(2, 4)

@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-import supervisor._config as config_module
-from supervisor._config import (NO_DATA, ActorOverride, ConfigError, ConfigProblem, ConnectionConfig, GroupConfig,
-                                NetworkConfig, PortRef, ProcessConfig, SupervisionConfig, WorkspaceConfig,
-                                load_config, parse_config)
-from supervisor._units import format_size
+import supervisor.core.config as config_module
+from supervisor.core.config import (NO_DATA, ActorOverride, ConfigError, ConfigProblem, ConnectionConfig, GroupConfig,
+                                    NetworkConfig, PortRef, ProcessConfig, SupervisionConfig, WorkspaceConfig,
+                                    load_config, parse_config)
+from supervisor.core.units import format_size
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 
@@ -590,8 +590,8 @@ def test_public_names_exist():
 
 # -- the config against what discovery finds (check-config and run share it) --------------------
 
-from supervisor._config import check_components, config_json_schema  # noqa: E402
-from supervisor._discovery import extract  # noqa: E402
+from supervisor.core.config import check_components, config_json_schema  # noqa: E402
+from supervisor._scan import extract  # noqa: E402
 
 _CALC = ("from reflow import actor\n\n@actor(name='Calc', inports=['value'], outports=['result'],\n"
          "       config_schema={schema})\nasync def calc(context):\n    return {{}}\n")

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import EXAMPLES, SEEDS, seed_block
-from supervisor._discovery import (ComponentSpec, Discovery, ScriptError, ScriptProblem, _glob_regex, discover,
-                                   extract)
+from supervisor._scan import discover, extract
+from supervisor.core.discovery import ComponentSpec, Discovery, ScriptError, ScriptProblem, _glob_regex
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "scripts" / "discovery"

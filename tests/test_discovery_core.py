@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import EXAMPLES, SEEDS, seed_block
-from supervisor._discovery import ScriptError, discover, extract
+from supervisor._scan import discover, extract
+from supervisor.core.discovery import ScriptError
 
 SEED = SEEDS / "004_907eda7e1530af8d.txt"
 

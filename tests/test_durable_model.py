@@ -50,12 +50,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from supervisor._cell import ActorCell
-from supervisor._messages import Envelope, ProcessSpec
-from supervisor._config import Config, MailboxConfig, RedisConfig, SupervisionConfig, WorkspaceConfig
-from supervisor._discovery import ComponentSpec
+from supervisor.core.messages import Envelope, ProcessSpec
+from supervisor.core.config import Config, MailboxConfig, RedisConfig, SupervisionConfig, WorkspaceConfig
+from supervisor.core.discovery import ComponentSpec
 from supervisor._host import Host
 from supervisor._mailbox import feed, list_deadletters, replay_deadletter
-from supervisor._placement import Token, acquire_cmd, lease_key
+from supervisor.core.placement import Token, acquire_cmd, lease_key
 from supervisor._redis import RedisError, open_redis, serve_embedded_redis
 from supervisor._state import StateTxn
 

@@ -1,5 +1,5 @@
 """The public surface (STYLE §1): ``supervisor`` re-exports its public names from private
-modules, each exactly once (the idea of trio's ``_tests/test_exports.py``)."""
+modules (or the internal sans-IO ``supervisor.core``), each exactly once (the idea of trio's ``_tests/test_exports.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import inspect
 import types
 
 import supervisor
-from supervisor import _errors, client
+from supervisor import client
+from supervisor.core import errors as _errors
 
 # The public modules: the package, and the client's own module (the CLI and users import it).
 PUBLIC_MODULES = {"supervisor", "supervisor.client"}
@@ -20,10 +21,11 @@ def test_all_has_no_duplicates_and_each_name_exists():
 
 
 def test_each_public_name_is_defined_in_a_private_module_or_the_client():
-    """Code lives in private modules; ``supervisor.client`` holds the client's own code."""
+    """Code lives in private modules or the internal ``supervisor.core`` package (the
+    sans-IO core, not a public door); ``supervisor.client`` holds the client's own code."""
     for name in supervisor.__all__:
         module = getattr(supervisor, name).__module__
-        assert module == "supervisor.client" or module.startswith("supervisor._"), (name, module)
+        assert module == "supervisor.client" or module.startswith(("supervisor._", "supervisor.core.")), (name, module)
         assert getattr(supervisor, name).__name__ == name, f"{name} is exported under another name"
 
 

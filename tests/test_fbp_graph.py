@@ -1,4 +1,4 @@
-"""The FBP protocol's pure core (supervisor/_fbp_graph.py) and the graph file in reflow.yaml."""
+"""The FBP protocol's pure core (supervisor/core/fbp_graph.py) and the graph file in reflow.yaml."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from supervisor._config import ConfigError, parse_config
-from supervisor._fbp_graph import Graph, GraphError, ProtocolError, data_event_id, parse_message
+from supervisor.core.config import ConfigError, parse_config
+from supervisor.core.fbp_graph import Graph, GraphError, ProtocolError, data_event_id, parse_message
 
 
 def kinds(actions):

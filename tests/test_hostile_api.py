@@ -15,7 +15,7 @@ import trio_websocket
 
 from _rawws import RawWs, pipeline_until_stalled, port_of
 from conftest import wait_for
-from supervisor._protocol import INT_MAX, INT_MIN, MAX_DEPTH
+from supervisor.core.protocol import INT_MAX, INT_MIN, MAX_DEPTH
 
 ECHO = '''
 from reflow import actor

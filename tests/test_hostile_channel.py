@@ -17,9 +17,9 @@ import pytest
 import trio
 
 from conftest import open_client
-from supervisor._cell import MAX_OUTPUTS, MAX_STATE_CALLS
-from supervisor._channel import MAX_ATTACHMENTS, FrameTooLarge, LineChannel, SendTimedOut, json_values
-from supervisor._config import parse_config
+from supervisor.core.frames import MAX_OUTPUTS, MAX_STATE_CALLS, json_values
+from supervisor._channel import MAX_ATTACHMENTS, FrameTooLarge, LineChannel, SendTimedOut
+from supervisor.core.config import parse_config
 from supervisor.client import RpcError
 
 MAX_OUTPUT = 4 * 2**20

@@ -1,4 +1,4 @@
-"""The pure JSON-RPC core both ends share (supervisor._jsonrpc), hit directly.
+"""The pure JSON-RPC core both ends share (supervisor.core.jsonrpc), hit directly.
 
 Properties: any bytes are answered with responses or JSON-RPC error objects, never
 an exception; a batch is answered in the order it listed its entries; a Correlator
@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from supervisor import _jsonrpc as rpc
-from supervisor import _protocol as p
-from supervisor._errors import ActorFailed, InvalidParams, UnknownActor
+from supervisor.core import jsonrpc as rpc
+from supervisor.core import protocol as p
+from supervisor.core.errors import ActorFailed, InvalidParams, UnknownActor
 
 texts = st.text(max_size=10)
 json_values = st.recursive(

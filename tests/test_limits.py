@@ -14,7 +14,7 @@ import wsproto
 import wsproto.events as ev
 
 from conftest import open_client, wait_for
-from supervisor import _protocol as proto
+from supervisor.core import protocol as proto
 
 DOUBLE = '''
 from reflow import actor

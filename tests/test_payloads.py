@@ -190,7 +190,7 @@ async def test_a_worker_naming_an_attachment_it_did_not_send_is_killed_and_other
 
 @given(body=json_values, attachments=st.lists(st.binary(max_size=300), max_size=5))
 def test_attachment_frames_split_back_into_their_parts(body, attachments):
-    from supervisor._protocol import Blob, attach, bind_attachments, split_attachments
+    from supervisor.core.protocol import Blob, attach, bind_attachments, split_attachments
 
     refs = {"refs": [{"type": "bytes", "$att": k} for k in range(len(attachments))], "body": body}
     frame = attach(orjson.dumps(refs), attachments)

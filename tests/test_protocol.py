@@ -1,4 +1,4 @@
-"""The pure JSON-RPC 2.0 / typed-message core (supervisor._protocol).
+"""The pure JSON-RPC 2.0 / typed-message core (supervisor.core.protocol).
 
 Round trips for every message type, the JSON-RPC 2.0 specification's own
 examples (section 7) run through a tiny reference dispatcher, the corners the
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor import _protocol as p
+from supervisor.core import protocol as p
 
 # -- strategies ----------------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ import pytest
 import trio
 
 from conftest import find_actor, open_client
-from supervisor._discovery import Discovery, ScriptProblem, extract
+from supervisor._scan import extract
+from supervisor.core.discovery import Discovery, ScriptProblem
 from supervisor._reload import plan_reload
 from supervisor.client import RpcError
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent
 def package_components() -> dict:
     """``{"core/Repeat": ComponentSpec, …}``; a script here that does not read is a bug of
     this package, so it raises rather than being skipped."""
-    from .._discovery import discover
+    from .._scan import discover
 
     found = discover(ROOT, ["*/*.actor.py"], [], [], discover_scripts=True)
     if found.problems:

@@ -7,7 +7,7 @@
 // sandbox channel, answered before the call returns (the worker blocks on the
 // channel). A script may still `await` them; awaiting a plain value is fine.
 
-// What the host carries exactly (supervisor/_protocol.py, CONTRACT §4): integers in signed
+// What the host carries exactly (supervisor/core/protocol.py, CONTRACT §4): integers in signed
 // 64 bits (a JavaScript number is exact only to 2^53, as ever), values nested at most
 // MAX_DEPTH levels. Anything else is a RangeError naming the limit, never a value that
 // arrives changed (an integer beyond 64 bits read as a float, say).

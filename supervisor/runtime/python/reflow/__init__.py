@@ -20,7 +20,7 @@ _INF = float("inf")
 
 __all__ = ["actor", "ActorContext", "ActorState", "Message", "ActorError"]
 
-# What the host carries exactly (supervisor/_protocol.py, CONTRACT §4): integers in signed
+# What the host carries exactly (supervisor/core/protocol.py, CONTRACT §4): integers in signed
 # 64 bits, and values nested at most MAX_DEPTH levels (so that the host's answers carrying
 # them stay within what a client may be sent). Anything else is a script error naming the
 # limit, not a value that arrives changed (an integer beyond 64 bits as a float, say).

@@ -37,7 +37,7 @@ import attrs
 import orjson
 
 # One table of codes for the package: _errors maps exception classes to them.
-from ._errors import (ACTOR_FAILED as ACTOR_FAILED, INTERNAL_ERROR as INTERNAL_ERROR,
+from .errors import (ACTOR_FAILED as ACTOR_FAILED, INTERNAL_ERROR as INTERNAL_ERROR,
                       INVALID_PARAMS as INVALID_PARAMS, INVALID_REQUEST as INVALID_REQUEST,
                       METHOD_NOT_FOUND as METHOD_NOT_FOUND, OVERLOADED as OVERLOADED,
                       PARSE_ERROR as PARSE_ERROR, REQUEST_CANCELLED as REQUEST_CANCELLED,

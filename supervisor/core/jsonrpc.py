@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 
-from ._errors import ActorError
-from ._protocol import (INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, REQUEST_CANCELLED, ErrorResponse, Id,
+from .errors import answers_as_itself, rpc_error
+from .protocol import (INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, REQUEST_CANCELLED, ErrorResponse, Id,
                         Incoming, Invalid, Response, encode, error_response)
 
 __all__ = ["CANCEL_METHOD", "Correlator", "FrameTooLarge", "RpcError", "cancel_target", "cancelled",
@@ -46,6 +46,9 @@ class RpcError(Exception):
     def __init__(self, code: int, message: str, data: Any = None):
         super().__init__(f"{message} ({code})")
         self.code, self.message, self.data = code, message, data
+
+
+answers_as_itself(RpcError)  # a handler raising it answers with exactly that error (errors.rpc_error)
 
 
 class FrameTooLarge(Exception):
@@ -70,14 +73,15 @@ def error_reply(rid: Id, exc: BaseException) -> ErrorResponse | None:
     message and data for the errors that carry them (``ActorError``, :class:`RpcError`);
     None for any other exception, a bug: answer it with :func:`internal_error` (and log it;
     its text is not sent, it may hold paths or secrets)."""
-    if isinstance(exc, (ActorError, RpcError)):
-        return error_response(rid, exc.code, exc.message, exc.data)
-    return None
+    code, message, data = rpc_error(exc)
+    if code == INTERNAL_ERROR and not isinstance(exc, RpcError):
+        return None
+    return error_response(rid, code, message, data)
 
 
 def internal_error(rid: Id, exc: BaseException) -> ErrorResponse:
     """-32603 for a bug of ours: it names the exception's type, nothing of its text."""
-    return error_response(rid, INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+    return error_response(rid, *rpc_error(exc))
 
 
 def cancelled(rid: Id) -> ErrorResponse:

@@ -4,7 +4,9 @@ to Redis (``Commit``).
 
 Pure data shared by the server, the host, the cells and the mailboxes, kept apart so that
 none of them has to import another to name a message (no import circle). Nothing here does
-I/O; ``Envelope.wait`` is the one trio touch (an event its sender may wait on).
+I/O or waits: a sender hears the answer through ``Envelope.on_done`` (the server's
+``wait_for`` turns that into a trio event). The one clock read is the import-time tag that
+keeps message ids unique across host restarts; no decision depends on it.
 """
 
 from __future__ import annotations
@@ -12,16 +14,21 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
-import trio
 
-from ._errors import ActorError
+from .errors import ActorError
 
 if TYPE_CHECKING:
-    from ._discovery import ComponentSpec
-    from ._redis import Reply
+    from .discovery import ComponentSpec
+
+
+class PendingReply(Protocol):
+    """What a commit waits on: a Redis reply that may not be in yet (``_redis.Reply``)."""
+
+    @property
+    def ready(self) -> bool: ...
 
 __all__ = ["Commit", "Envelope", "NOTHING_TO_COMMIT", "ProcessSpec", "new_message_id"]
 
@@ -61,7 +68,7 @@ class Envelope:
     attempts: int = 0
     outage: bool = False                        # a state call met Redis unavailable
     body: bytes | None = None                   # its entry's body: set for every durable message
-    claim: Reply | None = None                  # started before Redis confirmed its add (see start_now)
+    claim: PendingReply | None = None           # started before Redis confirmed its add (see start_now)
     shm_end: int = 0                            # its inputs' end in the worker's inbound ring
     finished: bool = False
     # Called once, when the message is answered: how its sender hears, with no task
@@ -99,13 +106,6 @@ class Envelope:
         return {"message_id": self.message_id, "outputs": self.outputs,
                 "emitted": [{"port": p, "message": m} for p, m in self.emitted]}
 
-    async def wait(self) -> dict:
-        if not self.finished:
-            event = trio.Event()
-            self.on_done = event.set
-            await event.wait()
-        return self.result()
-
 
 @attrs.frozen
 class Commit:
@@ -114,7 +114,7 @@ class Commit:
     ``finish`` is None when there is nothing to wait for or route (a call on a memory
     host whose outputs go nowhere): no coroutine to run per message then."""
 
-    reply: Reply | None
+    reply: PendingReply | None
     finish: Callable[[], Awaitable[None]] | None
 
     @property

@@ -1,8 +1,10 @@
 """What can go wrong, named after what happened, and its JSON-RPC code.
 
 Every error a caller can see is an :class:`ActorError` subclass carrying a
-JSON-RPC ``code`` and JSON-safe ``data``; :func:`rpc_error` is the one place
-that maps exceptions to error objects (like h11's ``error_status_hint``).
+JSON-RPC ``code`` and JSON-safe ``data``: the classes' ``code`` attributes are
+the one error→code table (CONTRACT §4, like h11's ``error_status_hint``), and
+:func:`rpc_error` is the one place that turns any exception into the
+``(code, message, data)`` of the error object that answers for it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 __all__ = [
     "ActorError", "UnknownActor", "ActorRemoved", "ActorFailed", "ActorTimedOut", "Overloaded",
     "ResourceLimitExceeded", "Unauthorized", "ActorStopped", "InvalidParams", "RequestCancelled",
-    "HostError", "single_error", "ActorMoved", "RemoteError",
+    "HostError", "answers_as_itself", "rpc_error", "single_error", "ActorMoved", "RemoteError",
 ]
 
 PARSE_ERROR = -32700
@@ -40,9 +42,10 @@ class ActorError(Exception):
         self.data = data
 
     def to_error(self) -> dict[str, Any]:
-        err: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.data is not None:
-            err["data"] = self.data
+        code, message, data = rpc_error(self)
+        err: dict[str, Any] = {"code": code, "message": message}
+        if data is not None:
+            err["data"] = data
         return err
 
 
@@ -117,6 +120,34 @@ class Unauthorized(ActorError):
 
 class RequestCancelled(ActorError):
     code = REQUEST_CANCELLED
+
+
+# Exception classes that carry the JSON-RPC error answering for them (``code``,
+# ``message``, ``data``): ActorError here, and the client's RpcError (a handler raises it
+# to answer with exactly the error the other side sent), registered by its module.
+_CARRIERS: tuple[type[BaseException], ...] = (ActorError,)
+
+
+def answers_as_itself(cls: type[BaseException]) -> type[BaseException]:
+    """Register ``cls`` (instances have an int ``code``, a str ``message``, a JSON-safe
+    ``data``) as answering with its own error; returns ``cls`` (usable as a decorator)."""
+    global _CARRIERS
+    if cls not in _CARRIERS:
+        _CARRIERS = (*_CARRIERS, cls)
+    return cls
+
+
+def rpc_error(exc: BaseException) -> tuple[int, str, Any]:
+    """The ``(code, message, data)`` of the JSON-RPC error that answers for ``exc``.
+
+    An :class:`ActorError` (or a class registered with :func:`answers_as_itself`)
+    answers with its own code, message and data. Anything else is a bug of ours:
+    -32603 naming only its type, never its text or traceback (they may hold host
+    paths or secrets); the caller logs it.
+    """
+    if isinstance(exc, _CARRIERS):
+        return exc.code, exc.message, exc.data  # type: ignore[attr-defined]
+    return INTERNAL_ERROR, f"internal error: {type(exc).__name__}", None
 
 
 def single_error(group: BaseException) -> Exception | None:

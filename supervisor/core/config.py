@@ -42,7 +42,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
-from ._units import parse_duration, parse_size
+from .units import parse_duration, parse_size
 
 __all__ = [
     "ActorOverride", "BackoffConfig", "Config", "ConfigError", "ConfigProblem", "ConnectionConfig", "GroupConfig",
@@ -976,7 +976,8 @@ def _schema_problems(config: Any, schema: Mapping[str, Any], comp: Any) -> Itera
         yield tuple(err.absolute_path), err.message
 
 
-def check_components(config: Config, components: typing.Iterable[Any]) -> list[ConfigProblem]:
+def check_components(config: Config, components: typing.Iterable[Any],
+                     library: Mapping[str, Any] | None = None) -> list[ConfigProblem]:
     """What ``run`` would reject about this config given these discovered components.
 
     Checks that each network process names a discovered component, that connections and
@@ -986,12 +987,12 @@ def check_components(config: Config, components: typing.Iterable[Any]) -> list[C
     a network, each component's ``supervision.actors.NAME.config`` is checked.
 
     ``components`` are ``ComponentSpec``s (``name``, ``inports``, ``outports``,
-    ``dynamic_ports``, ``config_schema``, ``file``, ``line``). Pure: reads no file.
-    Returns every problem, located at its key's line, in file order.
+    ``dynamic_ports``, ``config_schema``, ``file``, ``line``). ``library`` is the package's
+    own components by name, which a network may name too (``core/Repeat`` …, CONTRACT §7;
+    the caller reads them: ``supervisor.components.package_components()``). Pure: reads no
+    file. Returns every problem, located at its key's line, in file order.
     """
-    from .components import package_components  # core/Repeat … (CONTRACT §7)
-
-    comps = {**package_components(), **{c.name: c for c in components}} if config.network is not None \
+    comps = {**(library or {}), **{c.name: c for c in components}} if config.network is not None \
         else {c.name: c for c in components}
     net = config.network
     found: list[tuple[_Path, str]] = []
