@@ -463,7 +463,7 @@ class ActorCell:
         Messages that are waiting when the window has room go out in one write: under
         load, one system call (and one wake-up of the worker) carries several.
 
-        Commits are pipelined the same way: a handled message's MULTI/EXEC is queued for
+        Commits are pipelined the same way: a handled message's commit script is queued for
         Redis and the next reply handled while it travels; each is finished (answered,
         published, routed) in order once Redis has answered, and all of them before this
         waits for new messages or handles a failure. A state call's reads go out behind

@@ -2,7 +2,7 @@
 
 With durable mailboxes a message routed to an ``await_all_inports`` process is
 pushed onto that port's list (``{ns}:{process}:fanin:{port}``) in the same
-MULTI/EXEC that commits its sender's message, so it is never only in memory.
+fenced script that commits its sender's message, so it is never only in memory.
 ``assemble`` then moves one message from every port into the process's inbox
 as a single entry — in one Lua script, so a crash can neither lose a buffered
 value nor assemble it twice. It is idempotent: the host also runs it at start,

@@ -433,7 +433,7 @@ class Host:
 
     # -- what cells call ----------------------------------------------------
     async def commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope, *, ack: bool = True) -> None:
-        """Commit one message in one MULTI/EXEC: its state changes, the messages it sends
+        """Commit one message in one script fenced by its lease (``ActorCell.guarded``): its state changes, the messages it sends
         downstream (durable mode) and its acknowledgement; then route what stays in memory.
 
         Raises:
@@ -445,7 +445,7 @@ class Host:
 
     def start_commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope, *,
                      ack: bool = True) -> Commit:
-        """``commit`` in two steps: the MULTI/EXEC is queued for Redis now (so whatever is
+        """``commit`` in two steps: the script is queued for Redis now (so whatever is
         sent after it, on the connection, sees it done), and ``finish`` waits for it."""
         cmds = txn.commands()
         later: list[tuple[str, str, dict]] = []

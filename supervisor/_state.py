@@ -3,7 +3,7 @@
 Each state key of process P lives at ``{namespace}:{P}:state:{key}`` as a JSON
 string. While one message is handled, writes go to a :class:`StateTxn`
 overlay (reads see the message's own writes); when the message succeeds the
-overlay becomes one MULTI/EXEC together with whatever else that message
+overlay becomes one fenced script together with whatever else that message
 commits, and when it fails the overlay is dropped: a failed message leaves no
 trace. A process is handled by one cell at a time, so the overlay cannot race
 another writer of the same keys.
@@ -207,7 +207,7 @@ class StateTxn:
         return sorted(found)
 
     def commands(self) -> list[tuple]:
-        """The Redis commands that commit this message's state changes (for MULTI/EXEC)."""
+        """The Redis commands that commit this message's state changes (for its fenced commit)."""
         cmds: list[tuple] = []
         for key, v in self._overlay.items():
             full = self.prefix + key
