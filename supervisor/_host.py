@@ -433,8 +433,9 @@ class Host:
 
     # -- what cells call ----------------------------------------------------
     async def commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope, *, ack: bool = True) -> None:
-        """Commit one message in one script fenced by its lease (``ActorCell.guarded``): its state changes, the messages it sends
-        downstream (durable mode) and its acknowledgement; then route what stays in memory.
+        """Commit one message in one script fenced by its process's lease (``ActorCell.guarded``):
+        its state changes, the messages it sends downstream (durable mode) and its
+        acknowledgement; then route what stays in memory.
 
         Raises:
             ActorFailed: Redis refused the commit or could not be reached (its ``__cause__``).
