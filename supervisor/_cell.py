@@ -253,18 +253,14 @@ class ActorCell:
         """The lease moved away mid-life: refuse every queued memory message (calls that had
         not started; durable ones wait in the inbox for the new owner), with an error that
         says a retry is safe (the API's forwarding retries it at the new owner)."""
-        error = ActorMoved(self.name, why)
-        while self._retry:
-            self._retry.popleft().fail(error)
-        while True:
-            try:
-                self._recv.receive_nowait().fail(error)
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return
+        self._fail_waiting(ActorMoved(self.name, why))
 
     def fail_queued(self, error: ActorError) -> None:
         """Refuse new messages and answer every queued one with ``error`` (the cell will not run again)."""
         self.stopped_reason = error.message
+        self._fail_waiting(error)
+
+    def _fail_waiting(self, error: ActorError) -> None:
         while self._retry:
             self._retry.popleft().fail(error)
         while True:
