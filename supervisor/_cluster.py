@@ -110,7 +110,7 @@ class Ownership:
 
 class Cluster:
     def __init__(self, config: Any, redis: Redis, *, idle: Callable[[str], bool],
-                 wake: Callable[[str], None]):
+                 wake: Callable[[str], None], alone: bool = False):
         c = config.cluster
         self.ns = config.workspace.redis.namespace
         self.id = c.host_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -121,6 +121,9 @@ class Cluster:
         self.advertise = c.advertise
         self.url = ""
         self.redis = redis
+        # The embedded Redis, which this host has just started: no other host can use it, so
+        # what host records and leases it holds are a dead predecessor's (see join).
+        self.alone = alone
         self.grace = float(config.supervision.shutdown_grace)
         self._idle = idle          # whether a process's cell has nothing in hand (a handoff waits for it)
         self._wake = wake          # poke a process's inbox: another host added to it
@@ -197,6 +200,8 @@ class Cluster:
         if version is not None and version < (5, 0):
             raise ClusterRefused(f"Redis at {self.redis.describe()} is version {'.'.join(map(str, version))}; "
                                  "reflow-supervisor needs Redis 5.0 or later (streams and scripts)")
+        if self.alone:
+            await self._clear_predecessors()
         deadline = trio.current_time() + self.ttl * 1.5 + 0.5
         seen: bytes | None = None
         while True:
@@ -221,6 +226,21 @@ class Cluster:
         self._renewed = trio.current_time()
         await self.redis.execute("PUBLISH", self._channel, "placement")
         log.info("joined the cluster as %s (%d hosts)", self.id, len(self.hosts))
+
+    async def _clear_predecessors(self) -> None:
+        """Drop the records and leases a host that used this (embedded) Redis before left
+        behind when it died, so that its processes start now, not a lease TTL later. Their
+        fences stay: a lease taken now still gets a new one, and tells a handoff from a death."""
+        ids = await self.redis.execute("SMEMBERS", hosts_key(self.ns))
+        cmds: list[tuple] = [("DEL", hosts_key(self.ns))]
+        cmds += [("DEL", host_key(self.ns, i.decode(errors="replace"))) for i in ids if isinstance(i, bytes)]
+        cursor = b"0"
+        while True:
+            cursor, keys = await self.redis.execute("SCAN", cursor, "MATCH", lease_key(self.ns, "*"), "COUNT", 1000)
+            cmds += [("DEL", k) for k in keys]
+            if cursor in (b"0", 0):
+                break
+        await self.redis.pipeline(cmds)
 
     async def leave(self) -> None:
         """Release every lease this host holds and its record (the host's runs have ended)."""
@@ -302,6 +322,8 @@ class Cluster:
                 want.append(name)
         if want:
             replies = await self.redis.pipeline([acquire_cmd(self.ns, p, self.id, self.ttl_ms) for p in want])
+            if any(isinstance(reply, list) for reply in replies):  # (the others forward here from now)
+                self.redis.submit("PUBLISH", self._channel, "placement")
             for name, reply in zip(want, replies):
                 own = self.owned.get(name)
                 if own is None:
@@ -475,10 +497,12 @@ class Forwarder:
                     continue  # (it had not started: ask the new owner)
                 raise RemoteError(exc.code, exc.message, exc.data) from None
             except (ConnectionLost, OSError) as exc:
+                self.cluster.kick()  # (its host may be dead: look again before the next request)
                 raise ActorFailed(f"host {rec.id!r}, which owns actor {process!r}, went away while serving this "
                                   f"request ({exc}); it may or may not have been applied",
                                   {"type": "HostLost", "host": rec.id}) from None
             except Exception as exc:  # a handshake refused: a host of another token, say
+                self.cluster.kick()
                 raise ActorFailed(f"cannot reach host {rec.id!r} at {rec.url}, which owns actor {process!r}: {exc}",
                                   {"type": "HostUnreachable", "host": rec.id}) from None
 

@@ -677,7 +677,8 @@ class Host:
                 url = await nursery.start(serve_embedded_redis, ws.state_dir, ws.redis.appendfsync)
             async with open_redis(url) as redis:
                 self.redis = redis
-                self.cluster = cluster = Cluster(self.config, redis, idle=self._idle, wake=self.wake)
+                self.cluster = cluster = Cluster(self.config, redis, idle=self._idle, wake=self.wake,
+                                                 alone=ws.redis.url is None)
                 self.forwarder = Forwarder(cluster, ws.websocket.token)
                 try:
                     await redis.execute("PING")

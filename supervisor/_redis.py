@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import logging
 import os
 import signal
@@ -49,13 +50,32 @@ class Fenced(RedisError):
     (see core.placement.FENCED): another host owns the process now."""
 
 
+# Lua scripts this process has sent, by body: their SHA1 digests. The command builders
+# say EVAL with the body (they stay pure, and the scripts stay readable where they are
+# used); once a script is known, it goes as EVALSHA, sparing Redis the body's bytes and
+# its hash on every commit. Every new connection loads them all first (SCRIPT LOAD), so a
+# restarted Redis, whose script cache is empty, has them before any EVALSHA reaches it.
+_SCRIPTS: dict[str, str] = {}
+
+
 def _encode(args: Sequence[Any]) -> bytes:
     """One command in RESP (hiredis's C encoder: bytes, str, int and float arguments).
 
     Raises:
         TypeError: an argument of another type (None, bool, …).
     """
+    if args[0] == "EVAL":
+        sha = _SCRIPTS.get(args[1])
+        if sha is not None:
+            return hiredis.pack_command(("EVALSHA", sha, *args[2:]))
+        _SCRIPTS[args[1]] = hashlib.sha1(args[1].encode()).hexdigest()
     return hiredis.pack_command(tuple(args))
+
+
+def _forget_scripts_if_flushed(reply: Any) -> None:
+    """NOSCRIPT: someone flushed Redis's script cache under us: send bodies again."""
+    if str(reply).startswith("NOSCRIPT"):
+        _SCRIPTS.clear()
 
 
 _SEND_TIMEOUT = 10.0
@@ -202,6 +222,7 @@ class _Connection:
 def _checked(args: Sequence[Any], reply: Any) -> Any:
     if isinstance(reply, hiredis.ReplyError):
         _raise_if_loading(reply)
+        _forget_scripts_if_flushed(reply)
         if str(reply).startswith("FENCED"):
             raise Fenced(str(reply))
         raise RedisError(f"{args[0]}: {reply}")
@@ -298,6 +319,7 @@ class Redis:
             hello.append(["AUTH", *([kw["username"]] if kw.get("username") else []), kw["password"]])
         if kw.get("db"):
             hello.append(["SELECT", int(kw["db"])])
+        hello += [["SCRIPT", "LOAD", body] for body in list(_SCRIPTS)]
         for reply in await conn.roundtrip(hello) if hello else []:
             if isinstance(reply, hiredis.ReplyError):
                 await stream.aclose()
@@ -333,6 +355,8 @@ class Redis:
         replies = await conn.roundtrip(commands)
         for r in replies:
             _raise_if_loading(r)
+            if isinstance(r, hiredis.ReplyError):
+                _forget_scripts_if_flushed(r)
         return [RedisError(str(r)) if isinstance(r, hiredis.ReplyError) else r for r in replies]
 
     async def execute(self, *args: Any) -> Any:

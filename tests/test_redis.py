@@ -11,9 +11,10 @@ import os
 import random
 import signal
 
+import pytest
 import trio
 
-from supervisor._redis import RedisUnavailable, open_redis, serve_embedded_redis
+from supervisor._redis import RedisError, RedisUnavailable, open_redis, serve_embedded_redis
 
 
 async def test_replies_reach_their_callers_when_callers_are_cancelled_mid_call(tmp_path, nursery):
@@ -103,3 +104,26 @@ async def test_submitted_commands_fail_with_unavailable_when_redis_cannot_be_rea
                 assert "cannot connect" in str(exc)
             else:
                 raise AssertionError("a PING reached no Redis")
+
+
+async def test_scripts_go_as_evalsha_and_survive_a_flushed_cache_and_a_restarted_redis(tmp_path, nursery):
+    url = await nursery.start(serve_embedded_redis, tmp_path)  # restarts the server when it dies
+    script = "return ARGV[1] .. ' from a script'"  # (a body no other test sends)
+    async with open_redis(url) as redis:
+        assert await redis.execute("EVAL", script, 0, "one") == b"one from a script"
+        assert await redis.execute("EVAL", script, 0, "two") == b"two from a script"  # (as EVALSHA)
+        stats = await redis.execute("INFO", "commandstats")
+        assert b"cmdstat_evalsha:calls=1," in stats, stats
+        await redis.execute("SCRIPT", "FLUSH")  # an operator flushes the cache under us
+        with pytest.raises(RedisError, match="NOSCRIPT"):
+            await redis.execute("EVAL", script, 0, "three")
+        assert await redis.execute("EVAL", script, 0, "four") == b"four from a script"  # sent whole again
+        os.kill(int((tmp_path / "redis.pid").read_text()), signal.SIGKILL)  # a new server: an empty cache
+        with trio.fail_after(10):
+            while True:
+                try:
+                    await redis.execute("PING")
+                    break
+                except RedisUnavailable:
+                    await trio.sleep(0.02)  # the supervisor restarts redis-server
+        assert await redis.execute("EVAL", script, 0, "five") == b"five from a script"
