@@ -120,9 +120,11 @@ async def _open_cluster(count: int, ttl: float) -> AsyncIterator[list[_Host]]:
     """``count`` hosts h0… on one fresh redis-server, each started and serving."""
     with tempfile.TemporaryDirectory(prefix="reflow-bench-cluster-") as tmp:
         port = _free_port()
-        (Path(tmp) / "redis").mkdir()
+        data = Path(tmp) / "redis"
+        data.mkdir()
+        # like the embedded one: append-only, fsync every second
         redis = subprocess.Popen([embedded_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(Path(tmp) / "redis")],
+                                  "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         r = redis_py.Redis(port=port)
         hosts = [_Host(Path(tmp) / f"h{i}", f"h{i}", f"redis://127.0.0.1:{port}/0", ttl) for i in range(count)]
