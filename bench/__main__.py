@@ -16,18 +16,19 @@ from pathlib import Path
 
 import trio
 
-from . import _baselines, _ours, _payloads, _report, _workers
+from . import _baselines, _cluster, _ours, _payloads, _report, _workers
 from ._stats import Figures
 
 # (n latency samples, warmup, total calls at 32 in flight, batch frames, state ops, restarts,
 #  cold starts, warm acquires, per-call messages, discovery reps, pipe round trips,
 #  actor.send batch frames of 64 per throughput run, payload round trips per size, whether Ray runs,
-#  turns each side takes in against_floor and against_ray)
+#  turns each side takes in against_floor, against_ray and the cluster's forwarding, SIGKILLs of a cluster
+#  host's owner)
 COUNTS = {
     "quick": dict(n=150, warmup=30, total=300, batches=4, state_n=100, restarts=2, cold=3, warm=3, per_call=3,
-                  disc=1, pipe=2000, sends=4, payloads=2, ray=False, turns=2),
+                  disc=1, pipe=2000, sends=4, payloads=2, ray=False, turns=2, kills=2),
     "full": dict(n=3000, warmup=300, total=10000, batches=100, state_n=2000, restarts=15, cold=20, warm=30,
-                 per_call=30, disc=5, pipe=20000, sends=150, payloads=40, ray=True, turns=10),
+                 per_call=30, disc=5, pipe=20000, sends=150, payloads=40, ray=True, turns=10, kills=10),
 }
 
 
@@ -39,6 +40,9 @@ async def run(fig: Figures, c: dict, log) -> None:
         *[(f"ours through a host, {kind} mailboxes", lambda kind=kind: _ours.host_figures(
             fig, kind=kind, n=c["n"], warmup=c["warmup"], total=c["total"], batches=c["batches"],
             state_n=c["state_n"], restarts=c["restarts"], sends=c["sends"])) for kind in ("memory", "redis")],
+        ("cluster: a forwarded call and a local one, interleaved", lambda: _cluster.forwarding(
+            fig, n=c["n"], warmup=c["warmup"], rounds=c["turns"])),
+        ("cluster: failover after SIGKILL of the owner", lambda: _cluster.failover(fig, kills=c["kills"])),
         ("cold start", lambda: _workers.cold_start(fig, c["cold"])),
         ("warm acquire + load", lambda: _workers.warm_acquire_load(fig, c["warm"])),
         ("idle RSS", lambda: _workers.idle_rss(fig)),

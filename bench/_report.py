@@ -81,6 +81,14 @@ ROWS = [
      "≥ 20,000 messages/s"),
     ("two-actor graph A → B, durable mailboxes (end to end)", "ours.graph.durable", "ray.throughput_batched", "x",
      "≥ 10,000/s, ≥ 3 × Ray batched"),
+    ("cluster: actor.call through a host that does not own the actor (forwarded), p50",
+     "ours.cluster.call_forwarded.p50", "ours.cluster.call_local.p50", "x", "≤ 2 × the local p50"),
+    ("cluster: forwarded call p99 (same)", "ours.cluster.call_forwarded.p99", "ours.cluster.call_local.p99", "x",
+     "–"),
+    ("cluster: failover p50, SIGKILL the owner → first call answered by the new owner",
+     "ours.cluster.failover.p50", "ours.cluster.lease_ttl", "x", "≤ lease_ttl + 0.5 s"),
+    ("cluster: failover max (same kills)", "ours.cluster.failover.max", "ours.cluster.lease_ttl", "x",
+     "≤ lease_ttl + 0.5 s"),
     ("cold start to ready, Python", "ours.cold_start.python.p50", None, None, "≤ 25 ms"),
     ("cold start to ready, Node", "ours.cold_start.node.p50", None, None, "≤ 80 ms"),
     ("warm acquire + load", "ours.warm_acquire_load.p50", None, None, "≤ 2 ms"),
@@ -132,6 +140,14 @@ add is confirmed). Its latency is timed from the send to the output at a subscri
 mailbox), "end to end" when the last actor (Double, or B for the graph) has processed every message, seen by \
 polling its `processed` count in `supervisor.status` every 5 ms on a second connection. {subscribed}\
 Ratios against Ray batched compare with `ray.get` of a list of calls.
+- Cluster: hosts on one `redis-server` of their own (durable mailboxes, told apart by `REFLOW_HOST_ID`), a \
+`network:` of Double alone. Forwarded call: two hosts (`lease_ttl` 3 s, the default); once both agree who owns \
+Double, `actor.call` through the owner ("local", the baseline column) and through the other host, which forwards it \
+over the hosts' WebSocket API, in alternating turns. Failover: three hosts, `lease_ttl` 1 s (the baseline \
+column); a client calls Double one call after another through the host that is neither the owner nor its \
+successor; SIGKILL the owner; the figure is the time from the kill to the first call sent after the killed \
+process was reaped that is answered. The killed host is started again (same id) and takes Double back by \
+handoff before the next kill; each kill waits at most 15 s.
 - Idle RSS sums VmRSS of the processes in the sandbox's pid namespace (bwrap's pid 1 and the interpreter); \
 the JSON note has the PSS and the outer bwrap. Ray's figure is the RSS of the actor's worker process alone.
 - State op and restart are measured on the durable (default) host. Restart: default backoff (10ms min, 5s \

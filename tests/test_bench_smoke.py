@@ -27,6 +27,8 @@ REQUIRED = {
     "ours.send.memory.batch64.accepted", "ours.send.durable.batch64.accepted",
     "ours.send.memory.batch64.processed", "ours.send.durable.batch64.processed",
     "ours.graph.memory", "ours.graph.durable",
+    "ours.cluster.call_local.p50", "ours.cluster.call_forwarded.p50", "ours.cluster.call_forwarded.p99",
+    "ours.cluster.failover.p50", "ours.cluster.failover.max", "ours.cluster.lease_ttl",
     *(f"{who}.payload.{size}.{path}.{stat}" for who, path in (("ours", "shm"), ("ours", "att"), ("baseline", "b64"))
       for size in ("64k", "1m", "10m") for stat in ("p50", "mbps")),
 }
