@@ -23,7 +23,7 @@ import orjson
 import redis as redis_py
 import trio
 
-from supervisor._placement import rendezvous
+from supervisor.core.placement import rendezvous
 from supervisor._redis import embedded_redis_binary
 from supervisor.client import RpcError, open_client
 
