@@ -179,7 +179,7 @@ class ActorCell:
         # Who may write as this process: every commit and inbox read is fenced by its lease.
         self.lease = lease_key(cfg.workspace.redis.namespace, self.name)
         self.ownership = Ownership(self.name)
-        self._owned_since = 0.0  # the ownership's acquired_at that the last run started under
+        self._owned_since = 0  # the ownership's acquisitions when the last run started
         self._merged: tuple[trio.MemorySendChannel[Envelope], trio.MemoryReceiveChannel[Envelope]] | None = None
         self.runs = 0
         # Handled messages whose commit is on its way to Redis, oldest first (see _serve).
@@ -287,8 +287,8 @@ class ActorCell:
         self.stopped_reason = None
         self.stop_requested = self.exit_detail = None
         self.runs += 1
-        if self.ownership.acquired_at != self._owned_since:  # the first run under a new lease
-            self._owned_since = self.ownership.acquired_at
+        if self.ownership.acquisitions != self._owned_since:  # the first run under a new lease
+            self._owned_since = self.ownership.acquisitions
             self.durable_inbox.suspect = not self.ownership.handed_over
         try:
             return await self._run(task_status)

@@ -71,7 +71,7 @@ class Ownership:
         self.stopped = trio.Event()
         self.stopped.set()
         self._held = trio.Event()
-        self.acquired_at = 0.0
+        self.acquisitions = 0      # how many times this host took the lease (a run tells a new one)
 
     @property
     def held(self) -> bool:
@@ -85,7 +85,7 @@ class Ownership:
         self.token = self.holder = token
         self.handed_over = handed_over
         self.lost_reason = self.handing_off = None
-        self.acquired_at = time.time()
+        self.acquisitions += 1
         self._held.set()
 
     def lose(self, why: str) -> None:
@@ -102,10 +102,6 @@ class Ownership:
     async def wait_held(self) -> None:
         while self.token is None:
             await self._held.wait()
-
-    def status(self, me: str) -> dict:
-        h = self.holder
-        return {"host": h.host if h is not None else None, "fence": h.fence if h is not None else None}
 
 
 class Cluster:
