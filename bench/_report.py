@@ -132,7 +132,7 @@ machine's noise. Ray's call latency is measured the same way, in turns with a se
 run during ours. Its other figures follow.
 - `actor.call` never touches the Redis stream (on a durable host it meets the stream's messages in one \
 in-memory channel). The durable path is `actor.send`: one Lua check-and-XADD (answered once Redis has it) → the \
-cell's feeder (XREADGROUP) → worker → one MULTI/EXEC of state, downstream XADDs and XACK+XDEL → \
+cell's feeder (XREADGROUP) → worker → one script of state, downstream XADDs and XACK+XDEL fenced by the lease → \
 `actor.output` notification. With one message in flight the actor is idle at each send, so the add's script \
 also reads the entry for the cell's feeder and the worker starts on it while Redis answers (it commits once the \
 add is confirmed). Its latency is timed from the send to the output at a subscriber on the same connection.
