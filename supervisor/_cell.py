@@ -29,7 +29,7 @@ from .core.errors import (ActorError, ActorFailed, ActorMoved, ActorStopped, Act
 from .core.messages import Envelope, ProcessSpec
 from ._mailbox import DurableInbox, deadletter_key, feed, find_entry, inbox_key, retry_or_deadletter_cmds
 from ._metrics import ActorStats
-from .core.placement import fenced_cmd, lease_key
+from .core.placement import channel, fenced_cmd, lease_key
 from .core.protocol import Blob, json_default
 from ._redis import Fenced, RedisError, RedisUnavailable, Reply
 from ._sandbox._base import ExitInfo, Worker
@@ -239,11 +239,34 @@ class ActorCell:
         return self._send.statistics().current_buffer_used
 
     def guarded(self, cmds: list[tuple]) -> Reply:
-        """Submit writes (and inbox reads) made as this process's owner, in one script that
-        runs them only while this host holds the process's lease (``core.placement.FENCED``):
-        the one way every commit, acknowledgement, requeue and feeder read reaches Redis.
+        """Submit writes made as this process's owner, in one script that runs them only
+        while this host holds the process's lease (``core.placement.FENCED``): the one way
+        every commit, acknowledgement, requeue and dead letter reaches Redis (reads:
+        ``read_inbox``).
         Its reply is the last command's; raises Fenced (a RedisError) once the lease is gone."""
         return self.host.redis.submit(*fenced_cmd(self.lease, self.ownership.token_value or "", cmds))
+
+    def read_inbox(self, read: tuple) -> Reply:
+        """An inbox read (XREADGROUP) as this process's owner, with the lease read in the same
+        MULTI/EXEC: atomic and native, where a read inside the fenced script costs Redis
+        twice as much (Lua converts the entries to its tables and back). Not conditional,
+        so a read that finds another holder may have taken entries into the group's pending
+        list that the owner was not handed: this host then stops serving and asks the owner
+        to sweep again (``resweep``, see _cluster), and the entries go to no worker here.
+        Its reply is the read's; raises Fenced when the lease is not this host's."""
+        token = self.ownership.token_value
+
+        def checked(replies: list) -> Any:
+            held, entries = replies
+            if token is not None and held == token.encode():
+                return entries
+            self.ownership.lose("an inbox read found the lease held by another host")
+            if entries:
+                self.host.redis.submit("PUBLISH", channel(self.host.config.workspace.redis.namespace),
+                                       f"resweep {self.name}")
+            raise Fenced(f"FENCED {self.lease} is held by {held!r}, not {token!r}")
+
+        return self.host.redis.submit_transaction([("GET", self.lease), read], then=checked)
 
     def idle(self) -> bool:
         """Nothing in hand, nothing committing, nothing queued (a handoff waits for this)."""

@@ -106,7 +106,8 @@ class Ownership:
 
 class Cluster:
     def __init__(self, config: Any, redis: Redis, *, idle: Callable[[str], bool],
-                 wake: Callable[[str], None], alone: bool = False):
+                 wake: Callable[[str], None], resweep: Callable[[str], None] = lambda name: None,
+                 alone: bool = False):
         c = config.cluster
         self.ns = config.workspace.redis.namespace
         self.id = c.host_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -123,6 +124,7 @@ class Cluster:
         self.grace = float(config.supervision.shutdown_grace)
         self._idle = idle          # whether a process's cell has nothing in hand (a handoff waits for it)
         self._wake = wake          # poke a process's inbox: another host added to it
+        self._resweep = resweep    # sweep a process's inbox again: a fenced host read from it
         self.owned: dict[str, Ownership] = {}
         self.hosts: dict[str, HostRecord] = {}
         self.started = time.time()
@@ -275,11 +277,12 @@ class Cluster:
     def _on_message(self, data: bytes | None) -> None:
         if data is None or data == b"placement":
             self._kick.set()
-        elif data.startswith(b"wake "):
-            name = data[5:].decode(errors="replace")
+        elif data.startswith((b"wake ", b"resweep ")):
+            verb, _, raw = data.partition(b" ")
+            name = raw.decode(errors="replace")
             own = self.owned.get(name)
             if own is not None and own.token is not None:
-                self._wake(name)
+                (self._wake if verb == b"wake" else self._resweep)(name)
 
     async def tick(self) -> None:
         """Renew, look, acquire, hand over (see the module's docstring)."""

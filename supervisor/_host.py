@@ -629,6 +629,11 @@ class Host:
         cell = self.cells.get(process)
         return cell is None or cell.idle()
 
+    def _resweep(self, process: str) -> None:
+        cell = self.cells.get(process)
+        if cell is not None and cell.ownership.held:
+            cell.durable_inbox.sweep_again()
+
     def wake(self, process: str) -> None:
         """``process``'s inbox has new entries: poke its feeder, here or on its owner's host."""
         cell = self.cells.get(process)
@@ -678,7 +683,7 @@ class Host:
             async with open_redis(url) as redis:
                 self.redis = redis
                 self.cluster = cluster = Cluster(self.config, redis, idle=self._idle, wake=self.wake,
-                                                 alone=ws.redis.url is None)
+                                                 resweep=self._resweep, alone=ws.redis.url is None)
                 self.forwarder = Forwarder(cluster, ws.websocket.token)
                 try:
                     await redis.execute("PING")

@@ -3,10 +3,11 @@
 Life of a message (``actor.send``, or an output routed along the graph):
 XADD to ``{ns}:{process}:inbox`` (the send is answered only after Redis took
 it) → the cell's feeder reads it (XREADGROUP) → the worker processes it → one
-script commits the state changes, the downstream XADDs and XACK+XDEL. Every read
-and write the feeder and the cell make as the process's owner is fenced (see
+script commits the state changes, the downstream XADDs and XACK+XDEL. Every write
+the feeder and the cell make as the process's owner is fenced (see
 ``ActorCell.guarded``, ``core.placement.FENCED``): it runs only while this host holds the
-process's lease, so a host that lost it takes nothing from the inbox. A send
+process's lease; a read that finds the lease gone has its entries swept again by the
+owner (``ActorCell.read_inbox``), so a host that lost it keeps nothing from the inbox. A send
 that finds the cell idle reads for the feeder in the same script as its add, and
 its worker starts on it while Redis adds it (``claim``, ``ActorCell.start_now``).
 
@@ -58,6 +59,8 @@ class Feeding(Protocol):
 
     def guarded(self, cmds: list[tuple]) -> Reply: ...
 
+    def read_inbox(self, read: tuple) -> Reply: ...
+
 
 class DurableInbox:
     """One process's durable inbox as its feeder sees it: every piece of the feeder's state
@@ -108,6 +111,12 @@ class DurableInbox:
         self.unread = True
         if self.wake is not None:
             self.wake.set()
+
+    def sweep_again(self) -> None:
+        """Entries may be pending that this run was never handed (a host that had lost the
+        lease read them: see ActorCell.read_inbox): the feeder sweeps again, no attempt counted."""
+        self.resweep = True
+        self.poke()
 
     def lost(self, stream_id: bytes) -> None:
         """An entry whose outcome Redis could not record: still pending in the stream, the
@@ -285,7 +294,7 @@ async def _sweep(cell: Feeding, inbox: DurableInbox, send: trio.MemorySendChanne
     inbox.resweep = False
     start = b"0"
     while True:
-        reply = await cell.guarded([("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, start)])()
+        reply = await cell.read_inbox(("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, start))()
         entries = reply[0][1] if reply else []
         if not entries:
             if first:
@@ -332,7 +341,7 @@ async def _read_new(cell: Feeding, inbox: DurableInbox, send: trio.MemorySendCha
             inbox.unread = False
             # (Submitted, so it reaches Redis behind every add submitted before it, even
             # one still waiting for a connection: it cannot miss one and go idle.)
-            reply = await cell.guarded([("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, ">")])()
+            reply = await cell.read_inbox(("XREADGROUP", "GROUP", GROUP, CONSUMER, "COUNT", batch, "STREAMS", key, ">"))()
             await _hand_out(inbox, send, reply[0][1] if reply else [], batch)
             continue
         inbox.wake = trio.Event()

@@ -374,10 +374,13 @@ class Redis:
         """
         return Reply(self._submit(_encode(args), 1), lambda replies: _checked(args, replies[0]))
 
-    def submit_transaction(self, commands: Sequence[Sequence[Any]]) -> Reply:
-        """``transaction`` in two steps, as ``submit``: queued now, in submission order."""
+    def submit_transaction(self, commands: Sequence[Sequence[Any]],
+                           then: Callable[[list[Any]], Any] | None = None) -> Reply:
+        """``transaction`` in two steps, as ``submit``: queued now, in submission order.
+        ``then``: what the reply is made of EXEC's replies (default: those replies)."""
         cmds = [("MULTI",), *commands, ("EXEC",)]
-        return Reply(self._submit(b"".join(_encode(c) for c in cmds), len(cmds)), _exec_result)
+        convert = _exec_result if then is None else (lambda replies: then(_exec_result(replies)))
+        return Reply(self._submit(b"".join(_encode(c) for c in cmds), len(cmds)), convert)
 
     def _submit(self, data: bytes, want: int) -> _Slot:
         slot = _Slot(want)

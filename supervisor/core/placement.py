@@ -9,10 +9,11 @@ token differs from every earlier one. A holder renews its leases by compare-and-
 Why the token is checked at the resource (Kleppmann, "How to do distributed locking"): a
 host paused past its lease (GC, SIGSTOP, a partition) wakes up believing it still owns its
 processes. So every write a process's owner makes — its state, the acknowledgement of its
-message, the messages it routes, the reads that take entries from its inbox — runs inside
-``FENCED``, which first compares the lease's value with the writer's token, in the same
-script: Redis runs scripts one at a time, so no other owner's write can come between the
-check and the writes. A stale token writes nothing and is answered ``FENCED``.
+message, the messages it routes — runs inside ``FENCED``, which first compares the
+lease's value with the writer's token, in the same script: Redis runs scripts one at a
+time, so no other owner's write can come between the check and the writes. A stale token
+writes nothing and is answered ``FENCED``. (A feeder's read checks the lease in the same
+MULTI/EXEC instead: see ActorCell.read_inbox.)
 
 Placement is rendezvous (highest-random-weight) hashing over the live hosts that have a
 process's labels: every host computes the same owner from the same host set without
@@ -60,7 +61,8 @@ def hosts_key(ns: str) -> str:
 
 def channel(ns: str) -> str:
     """The Pub/Sub channel hosts tell each other on: ``wake PROCESS`` (its inbox has new
-    entries) and ``placement`` (a lease was released, a host joined or left)."""
+    entries), ``resweep PROCESS`` (a host that had lost its lease read from its inbox) and
+    ``placement`` (a lease was released, a host joined or left)."""
     return f"{ns}:cluster"
 
 
