@@ -55,6 +55,13 @@ def test_a_hostile_record_or_token_is_refused_not_raised(raw):
     assert tok is None or (tok.fence >= 0 and tok.host)
 
 
+def test_a_record_naming_anything_but_a_websocket_url_is_refused():
+    good = HostRecord(id="a", url="ws://127.0.0.1:8080/")
+    assert decode_host(good.encode()) == good
+    for url in ("http://evil.example/", "file:///etc/passwd", "javascript:x"):
+        assert decode_host(HostRecord(id="a", url=url).encode()) is None
+
+
 @pytest.fixture(scope="module")
 def r(tmp_path_factory):
     port = free_port()

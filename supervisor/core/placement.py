@@ -118,6 +118,8 @@ def decode_host(raw: Any) -> HostRecord | None:
                          started=float(d.get("started", 0.0)), last_seen=float(d.get("last_seen", 0.0)))
     except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError):
         return None
+    if rec.url and not rec.url.startswith(("ws://", "wss://")):
+        return None  # (a forwarder sends the cluster's token there: a WebSocket API or nothing)
     return rec
 
 
