@@ -67,13 +67,7 @@ async def test_a_dead_redis_fails_calls_in_flight_and_the_next_call_reconnects(t
                         await trio.sleep(0.005)
             os.kill(pid, signal.SIGKILL)
         assert len(failures) == 1 and "connection" in str(failures[0]), failures
-        with trio.fail_after(10):
-            while True:
-                try:
-                    await redis.execute("PING")
-                    break
-                except RedisUnavailable:
-                    await trio.sleep(0.02)  # the supervisor restarts redis-server
+        await _reachable_again(redis)
         assert redis.connected
 
 
@@ -119,11 +113,16 @@ async def test_scripts_go_as_evalsha_and_survive_a_flushed_cache_and_a_restarted
             await redis.execute("EVAL", script, 0, "three")
         assert await redis.execute("EVAL", script, 0, "four") == b"four from a script"  # sent whole again
         os.kill(int((tmp_path / "redis.pid").read_text()), signal.SIGKILL)  # a new server: an empty cache
-        with trio.fail_after(10):
-            while True:
-                try:
-                    await redis.execute("PING")
-                    break
-                except RedisUnavailable:
-                    await trio.sleep(0.02)  # the supervisor restarts redis-server
+        await _reachable_again(redis)
         assert await redis.execute("EVAL", script, 0, "five") == b"five from a script"
+
+
+async def _reachable_again(redis) -> None:
+    """Until the embedded server is back (its supervisor restarts redis-server), 10 s at most."""
+    with trio.fail_after(10):
+        while True:
+            try:
+                await redis.execute("PING")
+                return
+            except RedisUnavailable:
+                await trio.sleep(0.02)  # (polling the restarted server, with the deadline above)
