@@ -208,7 +208,8 @@ class Cluster:
                 break
             raw = await self.redis.execute("GET", host_key(self.ns, self.id))
             other = decode_host(raw) if raw is not None else None
-            if raw is not None and seen is not None and raw != seen or trio.current_time() > deadline:
+            renewed = raw is not None and seen is not None and raw != seen  # (someone keeps it alive)
+            if renewed or trio.current_time() > deadline:
                 where = f" ({other.url or 'no url yet'}, pid {other.pid})" if other is not None else ""
                 raise ClusterRefused(f"cluster.host_id {self.id!r} is already used by a live host{where}; "
                                      "give each host its own host_id")
@@ -507,8 +508,8 @@ class Forwarder:
 
     async def relay(self, process: str, port: str | None, deliver: Callable[[dict], None]) -> None:
         """Pass on ``process``'s outputs (``actor.output`` params) from whichever host owns it,
-        following it as it moves, until cancelled. Returns LOCAL-wise: once this host holds
-        the process, the caller subscribes locally (``returned``)."""
+        following it as it moves, until cancelled; returns once this host holds the process
+        (the caller then subscribes to the cell here)."""
         while True:
             rec = await self.owner(process)
             if rec is LOCAL:

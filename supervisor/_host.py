@@ -162,8 +162,12 @@ class Host:
         cell = ActorCell(spec, self)
         self.cells[spec.name] = cell
         if self.cluster is not None:
-            cell.ownership = self.cluster.ownership(spec.name, labels_of(self.config.supervision.actors, spec.name))
+            self._own(cell)
         return cell
+
+    def _own(self, cell: ActorCell) -> None:
+        assert self.cluster is not None
+        cell.ownership = self.cluster.ownership(cell.name, labels_of(self.config.supervision.actors, cell.name))
 
     def _cells_of(self, component: str) -> list[ActorCell]:
         return [c for c in self.cells.values() if c.component.name == component]
@@ -688,9 +692,8 @@ class Host:
                 try:
                     await redis.execute("PING")
                     await cluster.join()
-                    for cell in self.cells.values():
-                        cell.ownership = cluster.ownership(cell.name, labels_of(self.config.supervision.actors,
-                                                                                 cell.name))
+                    for cell in self.cells.values():  # (built before the cluster ran)
+                        self._own(cell)
                     await cluster.tick()  # (the leases placement gives this host, before the tree starts)
                 except (RedisUnavailable, RedisError) as exc:
                     raise HostError(str(exc)) from exc

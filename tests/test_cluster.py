@@ -16,9 +16,8 @@ import pytest
 import redis as redis_py
 import trio
 
-from conftest import find_actor, free_port, open_client, wait_for
+from conftest import answers, find_actor, open_client, redis_server_argv, wait_for
 from supervisor import RpcError
-from supervisor._redis import embedded_redis_binary
 
 RELAY = '''
 from reflow import actor
@@ -63,25 +62,14 @@ cluster:
 @pytest.fixture
 async def shared_redis(tmp_path):
     """A redis-server of its own (not a host's embedded one), on a free TCP port."""
-    port = free_port()
-    d = tmp_path / "redis"
-    d.mkdir()
-    proc = subprocess.Popen([embedded_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(d)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    port, argv = redis_server_argv(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "everysec")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     r = redis_py.Redis(port=port)
-    await wait_for(lambda: _pings(r), timeout=10)
+    await wait_for(lambda: answers(r), timeout=10)
     yield f"redis://127.0.0.1:{port}/0", r, proc
     r.close()
     proc.kill()
     proc.wait()
-
-
-def _pings(r) -> bool:
-    try:
-        return bool(r.ping())
-    except redis_py.ConnectionError:
-        return False
 
 
 async def _hosts(make_host, url: str, n: int, config: str = CONFIG):
@@ -91,6 +79,17 @@ async def _hosts(make_host, url: str, n: int, config: str = CONFIG):
                             env={"REFLOW_REDIS_URL": url, "REFLOW_HOST_ID": f"h{i}"})
         hosts.append(h)
     return hosts
+
+
+def victim_id(host, hosts) -> str:
+    """A host's id (``_hosts`` names them h0, h1, …)."""
+    return f"h{hosts.index(host)}"
+
+
+def _owner_and_other(hosts, owner_id: str):
+    """The host of id ``owner_id``, and another one."""
+    owner = hosts[int(owner_id[1:])]
+    return owner, next(h for h in hosts if h is not owner)
 
 
 async def _owners(url: str) -> dict[str, tuple[str, int]]:
@@ -173,27 +172,26 @@ async def test_a_call_and_a_subscription_through_a_host_that_does_not_own_the_ac
     url, r, _ = shared_redis
     hosts = await _hosts(make_host, url, 2)
     owners = await _settled(hosts)
-    other = next(h for h in hosts if f"h{hosts.index(h)}" != owners["Adder"][0])
+    _, other = _owner_and_other(hosts, owners["Adder"][0])
     async with open_client(other.url) as c:
-        sub = c.subscribe("Adder", "total")
         first = await c.call("Adder", {"n": 5})
         assert first["outputs"]["total"]["value"] == 5
+        totals = [5]
+        got: list = []
+
+        async def listen() -> None:
+            async for note in c.subscribe("Adder", "total"):
+                got.append((note["actor"], note["port"], note["message"]["value"]))
+
         async with trio.open_nursery() as nursery:
-            got: list = []
-
-            async def listen() -> None:
-                async for note in sub:
-                    got.append(note["message"]["value"])
-                    if 12 in got:
-                        return
-
             nursery.start_soon(listen)
             with trio.fail_after(10):
-                while not got or 12 not in got:
-                    await c.call("Adder", {"n": 7})  # (repeated until the relayed subscription sees one)
-                    await trio.sleep(0.05)
+                while not got:  # (calls until the relayed subscription has delivered one)
+                    totals.append((await c.call("Adder", {"n": 7}))["outputs"]["total"]["value"])
             nursery.cancel_scope.cancel()
         status = await c.status()
+    assert totals == [5 + 7 * i for i in range(len(totals))]
+    assert got and all(a == "Adder" and p == "total" and v in totals[1:] for a, p, v in got), (got, totals)
     node = find_actor(status, "Adder")
     assert node["state"] == "remote" and node["host"] == owners["Adder"][0]
 
@@ -202,7 +200,7 @@ async def test_sigkill_of_an_owner_mid_stream_loses_nothing_and_doubles_nothing(
     url, r, _ = shared_redis
     hosts = await _hosts(make_host, url, 3)
     owners = await _settled(hosts)
-    victim = hosts[int(owners["Adder"][0][1:])]
+    victim, _ = _owner_and_other(hosts, owners["Adder"][0])
     alive = [h for h in hosts if h is not victim]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_send, [h.url for h in alive], range(400))
@@ -217,16 +215,11 @@ async def test_sigkill_of_an_owner_mid_stream_loses_nothing_and_doubles_nothing(
     await _drained(r, 400)
 
 
-def victim_id(victim, hosts) -> str:
-    return f"h{hosts.index(victim)}"
-
-
 async def test_a_host_stopped_past_its_lease_commits_nothing_when_it_wakes(make_host, shared_redis):
     url, r, _ = shared_redis
     hosts = await _hosts(make_host, url, 2)
     owners = await _settled(hosts)
-    sleeper = hosts[int(owners["Adder"][0][1:])]
-    other = next(h for h in hosts if h is not sleeper)
+    sleeper, other = _owner_and_other(hosts, owners["Adder"][0])
     await _send([other.url], range(100))
     await wait_for(lambda: _total(r) >= 20, timeout=30)
     sleeper.signal(signal.SIGSTOP)
@@ -239,7 +232,8 @@ async def test_a_host_stopped_past_its_lease_commits_nothing_when_it_wakes(make_
     await _drained(r, 200)
     now = await _settled(hosts)
     assert now["Adder"][1] > owners["Adder"][1]
-    await wait_for(lambda: "lease" in sleeper.output(), timeout=10)
+    # It found out (a renewal, a refused commit or a fenced read), and stopped serving.
+    await wait_for(lambda: "another host" in sleeper.output(), timeout=10)
 
 
 async def test_a_second_host_with_the_same_id_refuses_to_start(make_host, shared_redis):
@@ -260,8 +254,7 @@ async def test_sigterm_hands_processes_over_before_exit(make_host, shared_redis)
     url, r, _ = shared_redis
     hosts = await _hosts(make_host, url, 2)
     owners = await _settled(hosts)
-    leaving = hosts[int(owners["Adder"][0][1:])]
-    staying = next(h for h in hosts if h is not leaving)
+    leaving, staying = _owner_and_other(hosts, owners["Adder"][0])
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_send, [staying.url], range(200))
         await wait_for(lambda: _total(r) >= 30, timeout=30)
@@ -305,7 +298,7 @@ async def test_redis_killed_and_restarted_mid_run(make_host, shared_redis):
     proc.wait()
     proc2 = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        await wait_for(lambda: _pings(r), timeout=10)
+        await wait_for(lambda: answers(r), timeout=10)
         await _settled(hosts)
         await _send([h.url for h in hosts], range(100, 200))
         await _drained(r, 200)

@@ -145,15 +145,10 @@ async def test_a_message_that_kills_its_worker_is_dead_lettered_without_taking_s
 async def test_an_external_redis_that_goes_away_and_comes_back_loses_nothing_accepted(make_host, tmp_path):
     import subprocess
 
-    from conftest import free_port
+    from conftest import redis_server_argv
     from supervisor.client import RpcError
-    from supervisor._redis import embedded_redis_binary
 
-    port = free_port()
-    data = tmp_path / "external-redis"
-    data.mkdir()
-    argv = [embedded_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-            "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+    port, argv = redis_server_argv(tmp_path / "external-redis", "--appendonly", "yes", "--appendfsync", "always")
 
     def start_redis() -> subprocess.Popen:
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -11,10 +11,9 @@ import redis as redis_py
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import free_port
+from conftest import answers, redis_server_argv
 from supervisor.core.placement import (FENCED, HostRecord, Token, acquire_cmd, decode_host, eligible, fenced_cmd,
                                    lease_key, place, release_cmd, rendezvous, renew_cmd)
-from supervisor._redis import embedded_redis_binary
 
 names = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=12)
 
@@ -64,19 +63,13 @@ def test_a_record_naming_anything_but_a_websocket_url_is_refused():
 
 @pytest.fixture(scope="module")
 def r(tmp_path_factory):
-    port = free_port()
-    proc = subprocess.Popen([embedded_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--dir", str(tmp_path_factory.mktemp("redis"))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    port, argv = redis_server_argv(tmp_path_factory.mktemp("redis"))
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     client = redis_py.Redis(port=port)
     deadline = time.monotonic() + 10
-    while True:  # (polling the server until it answers, with a deadline)
-        try:
-            client.ping()
-            break
-        except redis_py.ConnectionError:
-            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
+    while not answers(client):  # (polling the starting server, with a deadline)
+        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.02)
     yield client
     client.close()
     proc.kill()
