@@ -205,6 +205,13 @@ class ActorCell:
             raise Overloaded(f"actor {self.name!r} has {self.host.config.workspace.mailbox.max_pending} "
                              "messages waiting; retry later", {"actor": self.name}) from None
 
+    async def put(self, env: Envelope) -> None:
+        """Queue a routed message, waiting for room (cancelled, it was not queued)."""
+        try:  # without a trip through the scheduler when there is room (the usual case)
+            self._send.send_nowait(env)
+        except trio.WouldBlock:
+            await self._send.send(env)
+
     def start_now(self, message_id: str, body: bytes, claim: Reply) -> bool:
         """Start a durable message at once, while Redis adds it, if this run waits with
         nothing in line (its feeder is idle too: the caller claimed, see DurableInbox.claim).

@@ -593,11 +593,7 @@ class Host:
         target = self.cells.get(process)
         if target is None:
             return
-        env = Envelope(inputs={port: message})
-        try:  # without a trip through the scheduler when there is room (the usual case)
-            target._send.send_nowait(env)
-        except trio.WouldBlock:
-            await target._send.send(env)
+        await target.put(Envelope(inputs={port: message}))
 
     def _fan_in_put(self, process: str, port: str, message: dict) -> bool:
         """Buffer a value for an ``await_all_inports`` process (memory mailboxes); False if
@@ -618,7 +614,7 @@ class Host:
             return
         async with self._fan_in_locks.setdefault(process, trio.Lock()):
             while all(buffers.values()):
-                await target._send.send(Envelope(inputs={p: q[0] for p, q in buffers.items()}))
+                await target.put(Envelope(inputs={p: q[0] for p, q in buffers.items()}))
                 for q in buffers.values():
                     q.popleft()
 
