@@ -27,13 +27,14 @@ from .core import frames
 from .core.errors import (ActorError, ActorFailed, ActorMoved, ActorStopped, ActorTimedOut, InvalidParams, Overloaded,
                           ResourceLimitExceeded, single_error)
 from .core.messages import Envelope, ProcessSpec
-from ._mailbox import DurableInbox, deadletter_key, feed, find_entry, inbox_key, retry_or_deadletter_cmds
+from ._mailbox import DurableInbox, feed, find_entry, retry_or_deadletter_cmds
 from ._metrics import ActorStats
-from .core.placement import channel, fenced_cmd, lease_key
+from .core.keys import Keys
+from .core.placement import fenced_cmd
 from .core.protocol import Blob, json_default
 from ._redis import Fenced, RedisError, RedisUnavailable, Reply
 from ._sandbox._base import ExitInfo, Worker
-from ._state import StateTxn, state_prefix
+from ._state import StateTxn
 
 if TYPE_CHECKING:
     from .core.config import Config
@@ -132,6 +133,7 @@ class CellHost(Protocol):
 
     config: Config
     redis: Any                   # the pipelined client (_redis.Redis) once the host runs
+    keys: Keys                   # where everything lives in that Redis (its layout: core.keys)
     pool: WorkerPool | None      # set before any cell runs
     durable: bool                # mailboxes are Redis streams (else memory)
     stopping: bool
@@ -141,6 +143,8 @@ class CellHost(Protocol):
     def start_commit(self, cell: ActorCell, txn: Any, routed: list, env: Envelope, *, ack: bool = True) -> Commit: ...
 
     def publish(self, cell: ActorCell, routed: list, message_id: str) -> None: ...
+
+    def relay_outbox(self, process: str) -> None: ...
 
 
 class ActorCell:
@@ -156,7 +160,6 @@ class ActorCell:
         self.processed = 0
         self.stats = ActorStats()  # what /metrics and the dashboard read (see _metrics)
         self._rid = itertools.count(1)
-        self.prefix = state_prefix(cfg.workspace.redis.namespace, self.name)
         self.default_ttl = cfg.workspace.redis.ttl
         self.max_output = cfg.workspace.sandbox.max_output
         self.max_values = frames.max_values_for(self.max_output)
@@ -172,12 +175,9 @@ class ActorCell:
         self._retry: collections.deque[Envelope] = collections.deque()
         # Sent to the worker behind ``current``, with their request ids, not yet started.
         self.ahead: collections.deque[tuple[Envelope, int]] = collections.deque()
-        self.inbox = inbox_key(cfg.workspace.redis.namespace, self.name)
-        self.deadletters = deadletter_key(cfg.workspace.redis.namespace)
         # The feeder's state (see _mailbox.feed), told what happens through its methods.
-        self.durable_inbox = DurableInbox(self.inbox, cfg.workspace.mailbox.batch)
-        # Who may write as this process: every commit and inbox read is fenced by its lease.
-        self.lease = lease_key(cfg.workspace.redis.namespace, self.name)
+        self.durable_inbox = DurableInbox("", cfg.workspace.mailbox.batch)
+        self.rekey(host.keys)
         self.ownership = Ownership(self.name)
         self._owned_since = 0  # the ownership's acquisitions when the last run started
         self._merged: tuple[trio.MemorySendChannel[Envelope], trio.MemoryReceiveChannel[Envelope]] | None = None
@@ -188,6 +188,16 @@ class ActorCell:
     @property
     def component(self) -> ComponentSpec:
         return self.process.component
+
+    def rekey(self, keys: Keys) -> None:
+        """Name this process's keys in ``keys``'s layout (the host learns once connected whether
+        it talks to a Redis Cluster; cells built before run on whichever it is)."""
+        self.keys = keys
+        self.prefix = keys.state_prefix(self.name)
+        self.inbox = self.durable_inbox.key = keys.inbox(self.name)
+        self.deadletters = keys.deadletters(self.name)
+        # Who may write as this process: every commit and inbox read is fenced by its lease.
+        self.lease = keys.lease(self.name)
 
     # -- the outside ------------------------------------------------------
     def submit(self, env: Envelope) -> None:
@@ -269,7 +279,7 @@ class ActorCell:
                 return entries
             self.ownership.lose("an inbox read found the lease held by another host")
             if entries:
-                self.host.redis.submit("PUBLISH", channel(self.host.config.workspace.redis.namespace),
+                self.host.redis.submit("PUBLISH", self.keys.channel(),
                                        f"resweep {self.name}")
             raise Fenced(f"FENCED {self.lease} is held by {held!r}, not {token!r}")
 
@@ -348,6 +358,8 @@ class ActorCell:
                         self._merged = merged_send, merged
                         nursery.start_soon(self._forward, merged_send)
                         nursery.start_soon(feed, self, merged_send)
+                        if self.keys.clustered:  # (what a last owner routed and did not relay yet)
+                            self.host.relay_outbox(self.name)
                     task_status.started()
                     await self._serve(worker, inbox)
                     nursery.cancel_scope.cancel()  # (returned: the script stopped; see _serve)

@@ -25,8 +25,9 @@ from typing import Any
 
 import trio
 
-from .core.placement import (CLUSTER_VERSION, HostRecord, Token, acquire_cmd, channel, decode_host, host_key,
-                         hosts_key, lease_key, place, release_cmd, renew_cmd)
+from .core.keys import Keys
+from .core.placement import (CLUSTER_VERSION, HostRecord, Token, acquire_cmd, decode_host, place, release_cmd,
+                             renew_cmd, renew_lost)
 from ._redis import Redis, RedisError, RedisUnavailable
 
 __all__ = ["Cluster", "Ownership", "ClusterRefused", "StartedOnce", "labels_of", "Forwarder", "LOCAL"]
@@ -107,9 +108,9 @@ class Ownership:
 class Cluster:
     def __init__(self, config: Any, redis: Redis, *, idle: Callable[[str], bool],
                  wake: Callable[[str], None], resweep: Callable[[str], None] = lambda name: None,
-                 alone: bool = False):
+                 alone: bool = False, keys: Keys | None = None):
         c = config.cluster
-        self.ns = config.workspace.redis.namespace
+        self.keys = keys or Keys(config.workspace.redis.namespace, getattr(redis, "clustered", False))
         self.id = c.host_id or f"{socket.gethostname()}-{os.getpid()}"
         self.labels = tuple(c.labels)
         self.ttl = float(c.lease_ttl)
@@ -132,7 +133,7 @@ class Cluster:
         self._kick = trio.Event()
         self._renewed = trio.current_time()
         self._nursery: trio.Nursery | None = None
-        self._channel = channel(self.ns)
+        self._channel = self.keys.channel()
         # Told of what changed in the cluster (supervisor.watch's host_joined, host_left,
         # process_moved events), and of the number of live hosts after each change.
         self.on_event: Callable[[dict], None] | None = None
@@ -204,9 +205,9 @@ class Cluster:
         seen: bytes | None = None
         while True:
             rec = self.record()
-            if await self.redis.execute("SET", host_key(self.ns, self.id), rec.encode(), "NX", "PX", self.ttl_ms):
+            if await self.redis.execute("SET", self.keys.host(self.id), rec.encode(), "NX", "PX", self.ttl_ms):
                 break
-            raw = await self.redis.execute("GET", host_key(self.ns, self.id))
+            raw = await self.redis.execute("GET", self.keys.host(self.id))
             other = decode_host(raw) if raw is not None else None
             renewed = raw is not None and seen is not None and raw != seen  # (someone keeps it alive)
             if renewed or trio.current_time() > deadline:
@@ -215,11 +216,11 @@ class Cluster:
                                      "give each host its own host_id")
             seen = raw
             await trio.sleep(self.period / 2)  # (a restart of the same host: its old record expires)
-        await self.redis.execute("SADD", hosts_key(self.ns), self.id)
+        await self.redis.execute("SADD", self.keys.hosts(), self.id)
         await self._read_hosts()
         for h, r in self.hosts.items():
             if r.version != CLUSTER_VERSION:
-                await self.redis.execute("DEL", host_key(self.ns, self.id))
+                await self.redis.execute("DEL", self.keys.host(self.id))
                 raise ClusterRefused(f"host {h!r} on this Redis speaks cluster version {r.version}, this host "
                                      f"{CLUSTER_VERSION}: run one version of reflow-supervisor per namespace")
         self._renewed = trio.current_time()
@@ -230,12 +231,12 @@ class Cluster:
         """Drop the records and leases a host that used this (embedded) Redis before left
         behind when it died, so that its processes start now, not a lease TTL later. Their
         fences stay: a lease taken now still gets a new one, and tells a handoff from a death."""
-        ids = await self.redis.execute("SMEMBERS", hosts_key(self.ns))
-        cmds: list[tuple] = [("DEL", hosts_key(self.ns))]
-        cmds += [("DEL", host_key(self.ns, i.decode(errors="replace"))) for i in ids if isinstance(i, bytes)]
+        ids = await self.redis.execute("SMEMBERS", self.keys.hosts())
+        cmds: list[tuple] = [("DEL", self.keys.hosts())]
+        cmds += [("DEL", self.keys.host(i.decode(errors="replace"))) for i in ids if isinstance(i, bytes)]
         cursor = b"0"
         while True:
-            cursor, keys = await self.redis.execute("SCAN", cursor, "MATCH", lease_key(self.ns, "*"), "COUNT", 1000)
+            cursor, keys = await self.redis.execute("SCAN", cursor, "MATCH", self.keys.lease("*"), "COUNT", 1000)
             cmds += [("DEL", k) for k in keys]
             if cursor in (b"0", 0):
                 break
@@ -247,9 +248,9 @@ class Cluster:
         cmds = []
         for own in self.owned.values():
             if own.token is not None:
-                cmds.append(release_cmd(self.ns, own.process, own.token))
+                cmds.append(release_cmd(self.keys, own.process, own.token))
                 own.token = None
-        cmds += [("DEL", host_key(self.ns, self.id)), ("SREM", hosts_key(self.ns), self.id),
+        cmds += [("DEL", self.keys.host(self.id)), ("SREM", self.keys.hosts(), self.id),
                  ("PUBLISH", self._channel, "placement")]
         with trio.CancelScope(shield=True, deadline=trio.current_time() + 2):
             try:
@@ -291,18 +292,18 @@ class Cluster:
         seen = {p: (o.holder.host if o.holder is not None else None) for p, o in self.owned.items()}
         held = [(p, o.token.value) for p, o in self.owned.items() if o.token is not None]
         names = list(self.owned)
+        renew = renew_cmd(self.keys, self.record(), self.ttl_ms, held)
         replies = await self.redis.pipeline([
-            renew_cmd(self.ns, self.record(), self.ttl_ms, held),
-            ("MGET", *(lease_key(self.ns, p) for p in names)) if names else ("PING",)])
-        lost, leases = replies
-        if isinstance(lost, Exception):
-            raise lost
+            *renew, ("MGET", *(self.keys.lease(p) for p in names)) if names else ("PING",)])
+        leases = replies[-1]
+        lost = renew_lost(replies[:-1], len(held))
         self._renewed = sent
-        for i in lost if isinstance(lost, list) else ():
-            if isinstance(i, int) and 1 <= i <= len(held):
-                own = self.owned.get(held[i - 1][0])
-                if own is not None and own.token is not None and own.token.value == held[i - 1][1]:
-                    own.lose("its lease was taken over by another host")
+        for i in lost:
+            own = self.owned.get(held[i][0])
+            if own is not None and own.token is not None and own.token.value == held[i][1]:
+                own.lose("its lease was taken over by another host")
+        if isinstance(leases, Exception):
+            raise leases
         await self._read_hosts()
         holders = [Token.parse(v) for v in leases] if isinstance(leases, list) else [None] * len(names)
         want = []
@@ -321,7 +322,7 @@ class Cluster:
             elif holder is None and desired == self.id and not self.leaving:
                 want.append(name)
         if want:
-            replies = await self.redis.pipeline([acquire_cmd(self.ns, p, self.id, self.ttl_ms) for p in want])
+            replies = await self.redis.pipeline([acquire_cmd(self.keys, p, self.id, self.ttl_ms) for p in want])
             if any(isinstance(reply, list) for reply in replies):  # (the others forward here from now)
                 self.redis.submit("PUBLISH", self._channel, "placement")
             for name, reply in zip(want, replies):
@@ -345,9 +346,9 @@ class Cluster:
         self._changed = trio.Event()
 
     async def _read_hosts(self) -> None:
-        ids = await self.redis.execute("SMEMBERS", hosts_key(self.ns))
+        ids = await self.redis.execute("SMEMBERS", self.keys.hosts())
         ids = sorted(i.decode(errors="replace") for i in ids if isinstance(i, bytes)) if isinstance(ids, list) else []
-        raws = await self.redis.execute("MGET", *(host_key(self.ns, i) for i in ids)) if ids else []
+        raws = await self.redis.execute("MGET", *(self.keys.host(i) for i in ids)) if ids else []
         hosts: dict[str, HostRecord] = {}
         gone = []
         for i, raw in zip(ids, raws):
@@ -357,7 +358,7 @@ class Cluster:
             else:
                 hosts[i] = rec
         if gone:  # (their records expired: they died without leaving)
-            await self.redis.execute("SREM", hosts_key(self.ns), *gone)
+            await self.redis.execute("SREM", self.keys.hosts(), *gone)
         before, self.hosts = set(self.hosts), hosts
         if set(hosts) != before:
             if self.on_event is not None:
@@ -383,7 +384,7 @@ class Cluster:
     async def _release_after(self, own: Ownership, token: Token) -> None:
         await own.stopped.wait()
         try:
-            await self.redis.execute(*release_cmd(self.ns, own.process, token))
+            await self.redis.execute(*release_cmd(self.keys, own.process, token))
         except (RedisUnavailable, RedisError) as exc:
             log.warning("process %s: lease not released (it expires within %gs): %s", own.process, self.ttl, exc)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from .core.keys import Keys
 from .core.protocol import json_default
 
 __all__ = ["ASSEMBLE", "PUSH_IF_ROOM", "assemble", "fanin_key", "push_cmd", "push_if_room_cmd"]
@@ -56,17 +57,18 @@ def push_if_room_cmd(inbox: str, limit: int, pushes: Sequence[tuple[str, Any]]) 
 
 
 def fanin_key(namespace: str, process: str, port: str) -> str:
-    return f"{namespace}:{process}:fanin:{port}"
+    """On one Redis (a cluster's layout: core.keys.Keys)."""
+    return Keys(namespace).fanin(process, port)
 
 
 def push_cmd(key: str, message: Any) -> tuple:
     return ("RPUSH", key, orjson.dumps(message, default=json_default))
 
 
-async def assemble(redis: Any, inbox: str, namespace: str, process: str, ports: Sequence[str],
+async def assemble(redis: Any, inbox: str, keys: Sequence[str], ports: Sequence[str],
                    new_id: Callable[[], str]) -> int:
-    """Move complete sets of port values into ``inbox``; returns how many messages it made."""
-    keys = [fanin_key(namespace, process, p) for p in ports]
+    """Move complete sets of port values (``keys``: one list per port of ``ports``) into
+    ``inbox``; returns how many messages it made."""
     made = 0
     while await redis.execute("EVAL", ASSEMBLE, 1 + len(keys), inbox, *keys,
                               orjson.dumps(new_id()), *(orjson.dumps(p) for p in ports)) == 1:

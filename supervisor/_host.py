@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import re
@@ -34,12 +35,14 @@ from ._cluster import Cluster, ClusterRefused, Forwarder, labels_of
 from .core.messages import NOTHING_TO_COMMIT, Commit, Envelope, ProcessSpec, new_message_id
 from ._mailbox import done_cmds, enqueue_cmd, enqueue_if_room_cmd, entry_body
 from .core.config import Config
+from .core.keys import Keys
 from ._scan import discover
 from .core.discovery import ComponentSpec, Discovery, ScriptProblem
 from .core.errors import (ActorError, ActorFailed, ActorRemoved, ActorStopped, HostError, InvalidParams, Overloaded,
                           UnknownActor)
 from ._files import write_atomic
-from ._fanin import assemble, fanin_key, push_cmd, push_if_room_cmd
+from ._fanin import assemble, push_cmd, push_if_room_cmd
+from ._outbox import Relay, outbox_cmd
 from ._packages import PackageInstallFailed, ensure_packages
 from ._pool import WorkerPool
 from .core.protocol import wrap
@@ -89,6 +92,9 @@ class Host:
         self._revive: tuple[trio.Event, trio.Event] | None = None
         self.pool: WorkerPool | None = None
         self.redis: Any = None
+        # Where everything lives in Redis; its layout is known once connected (core.keys).
+        self.keys = Keys(config.workspace.redis.namespace)
+        self.relay: Relay | None = None  # routes across slots, in a Redis Cluster (see _outbox)
         self.url: str | None = None
         self.started = trio.Event()
         self.watching = trio.Event()
@@ -456,15 +462,23 @@ class Host:
         later: list[tuple[str, str, dict]] = []
         woken: list[ActorCell] = []
         gathering: list[ActorCell] = []
+        outbox: list[dict] = []  # (in a Redis Cluster: see _outbox)
+        clustered = self.keys.clustered
         for port, message in routed:
             for tgt, tport in self.routes.get((cell.name, port), ()):
                 target = self.cells.get(tgt)
                 if not self.durable or target is None:
                     later.append((tgt, tport, message))
                 elif tgt in self._fan_in:
-                    if tport in self._fan_in[tgt]:
+                    if tport not in self._fan_in[tgt]:
+                        continue
+                    if clustered:
+                        outbox.append({"t": tgt, "p": tport, "v": message})
+                    else:
                         cmds.append(push_cmd(self._fanin_key(tgt, tport), message))
                         gathering.append(target)
+                elif clustered:
+                    outbox.append({"t": tgt, "b": {"id": new_message_id(), "inputs": {tport: message}}})
                 else:
                     cmds.append(enqueue_cmd(target.inbox, new_message_id(), {tport: message}))
                     if not target.ownership.held and self.cluster is not None:
@@ -473,6 +487,8 @@ class Host:
                     # Not read yet: a send must not start ahead of it (see ActorCell.start_now);
                     # the feeder is woken once the commit is in.
                     target.durable_inbox.mark_unread()
+        if outbox:
+            cmds.append(outbox_cmd(self.keys.outbox(cell.name), outbox))
         if ack and env.stream_id is not None:
             cmds += done_cmds(cell.inbox, env.stream_id)
         if not cmds and not later and not gathering:
@@ -495,6 +511,8 @@ class Host:
             finally:  # (committed or not, a read settles the unread set above)
                 for target in woken:
                     target.durable_inbox.poke()
+                if outbox and self.relay is not None:  # (even unanswered: it may be in)
+                    self.relay.mark(cell.name)
             for target in dict.fromkeys(gathering):
                 await self._assemble(target)
             while delivered < len(later):
@@ -507,15 +525,27 @@ class Host:
         return Commit(reply, finish)
 
     def _fanin_key(self, process: str, port: str) -> str:
-        return fanin_key(self.config.workspace.redis.namespace, process, port)
+        return self.keys.fanin(process, port)
+
+    def relay_outbox(self, process: str) -> None:
+        """``process``'s run starts here: relay what its outbox holds (in a Redis Cluster)."""
+        if self.relay is not None:
+            self.relay.mark(process)
+
+    async def assemble_fan_in(self, process: str) -> None:
+        """The relay put values on ``process``'s fan-in lists (see _outbox)."""
+        target = self.cells.get(process)
+        if target is not None and process in self._fan_in:
+            await self._assemble(target)
 
     async def _assemble(self, target: ActorCell) -> None:
         """Turn complete sets of buffered port values into inbox messages (durable fan-in).
         A failure here loses nothing: the values stay buffered and the next assembly (or
         the next start) moves them."""
         try:
-            made = await assemble(self.redis, target.inbox, self.config.workspace.redis.namespace, target.name,
-                                  list(self._fan_in[target.name]), new_message_id)
+            ports = list(self._fan_in[target.name])
+            made = await assemble(self.redis, target.inbox, [self._fanin_key(target.name, p) for p in ports], ports,
+                                  new_message_id)
         except (RedisUnavailable, RedisError) as exc:
             log.error("fan-in for %s not assembled yet: %s", target.name, exc)
             return
@@ -680,15 +710,23 @@ class Host:
             url = ws.redis.url
             if url is None:
                 url = await nursery.start(serve_embedded_redis, ws.state_dir, ws.redis.appendfsync)
-            async with open_redis(url) as redis:
+            async with contextlib.AsyncExitStack() as stack:
+                try:  # (it tells one Redis from a Redis Cluster, so it connects first)
+                    redis = await stack.enter_async_context(open_redis(url))
+                except (RedisUnavailable, RedisError) as exc:
+                    raise HostError(str(exc)) from exc
                 self.redis = redis
+                self.keys = Keys(ws.redis.namespace, redis.clustered)
                 self.cluster = cluster = Cluster(self.config, redis, idle=self._idle, wake=self.wake,
-                                                 resweep=self._resweep, alone=ws.redis.url is None)
+                                                 resweep=self._resweep, alone=ws.redis.url is None, keys=self.keys)
                 self.forwarder = Forwarder(cluster, ws.websocket.token)
+                if redis.clustered and self.durable:
+                    self.relay = Relay(self)
                 try:
                     await redis.execute("PING")
                     await cluster.join()
                     for cell in self.cells.values():  # (built before the cluster ran)
+                        cell.rekey(self.keys)
                         self._own(cell)
                     await cluster.tick()  # (the leases placement gives this host, before the tree starts)
                 except (RedisUnavailable, RedisError) as exc:
@@ -697,6 +735,8 @@ class Host:
                     raise HostError(str(exc)) from None
                 async with trio.open_nursery() as inner:
                     await inner.start(cluster.run)
+                    if self.relay is not None:
+                        await inner.start(self.relay.run)
                     await inner.start(self.pool.serve)
                     await inner.start(self._run_root)
                     await inner.start(self.forwarder.run)

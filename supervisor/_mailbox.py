@@ -27,19 +27,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import orjson
 import trio
 
+from .core.keys import Keys
 from .core.messages import Envelope
 from .core.protocol import json_default
 from ._redis import Redis, RedisError, RedisUnavailable, Reply
 
 log = logging.getLogger("supervisor.mailbox")
 
-__all__ = ["list_deadletters", "replay_deadletter", "GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed",
+__all__ = ["list_deadletters", "replay_deadletter", "deadletter_ref", "GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed",
            "enqueue_cmd", "enqueue_if_room_cmd", "entry_body", "done_cmds", "retry_or_deadletter_cmds", "DurableInbox",
            "Feeding", "find_entry"]
 
@@ -142,11 +143,13 @@ class DurableInbox:
 
 
 def inbox_key(namespace: str, process: str) -> str:
-    return f"{namespace}:{process}:inbox"
+    """On one Redis (a cluster's layout: core.keys.Keys)."""
+    return Keys(namespace).inbox(process)
 
 
 def deadletter_key(namespace: str) -> str:
-    return f"{namespace}:deadletter"
+    """On one Redis, where every process's dead letters go (a cluster's layout: core.keys.Keys)."""
+    return Keys(namespace).deadletters("")
 
 
 def entry_body(message_id: str, inputs: dict) -> bytes:
@@ -395,28 +398,50 @@ def _decode(v: bytes) -> Any:
     return orjson.loads(v) if v[:1] in (b"{", b"[") else v.decode()
 
 
-async def list_deadletters(redis: Redis, namespace: str, count: int = 100) -> list[dict]:
-    """The oldest ``count`` dead letters, decoded."""
+async def list_deadletters(redis: Redis, keys: Keys, processes: Sequence[str], count: int = 100) -> list[dict]:
+    """The oldest ``count`` dead letters, decoded: of every process, from one stream on one
+    Redis; from each of ``processes``' own in a cluster (see core.keys)."""
+    streams = sorted({keys.deadletters(p) for p in processes}) if keys.clustered else [keys.deadletters("")]
+    replies = await redis.pipeline([("XRANGE", k, "-", "+", "COUNT", count) for k in streams])
     out = []
-    for sid, raw in await redis.execute("XRANGE", deadletter_key(namespace), "-", "+", "COUNT", count):
-        f = _fields(raw)
-        body = orjson.loads(f[b"m"])
-        out.append({"id": sid.decode(), "process": f[b"process"].decode(), "message_id": body.get("id"),
-                    "inputs": body.get("inputs"), "attempts": int(f[b"attempts"]),
-                    "error": _decode(f[b"error"]), "at": float(f[b"at"])})
-    return out
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+        for sid, raw in reply:
+            f = _fields(raw)
+            body = orjson.loads(f[b"m"])
+            process = f[b"process"].decode()
+            out.append({"id": keys.deadletter_id(process, sid.decode()), "process": process,
+                        "message_id": body.get("id"), "inputs": body.get("inputs"), "attempts": int(f[b"attempts"]),
+                        "error": _decode(f[b"error"]), "at": float(f[b"at"])})
+    out.sort(key=lambda d: d["at"])
+    return out[:count]
 
 
-async def replay_deadletter(redis: Redis, namespace: str, entry_id: str, inbox_of: Any) -> str:
+def deadletter_ref(keys: Keys, entry_id: str) -> tuple[str | None, str]:
+    """(process, stream id) of a dead letter's public id (see Keys.deadletter_id); the
+    process is None on one Redis, where the entry names it."""
+    if keys.clustered:
+        process, _, sid = entry_id.rpartition(":")
+        return process, sid
+    return None, entry_id
+
+
+async def replay_deadletter(redis: Redis, keys: Keys, entry_id: str, inbox_of: Any) -> str:
     """Put a dead letter back in its process's inbox (attempts reset); returns the process name.
 
     Raises KeyError when there is no such entry.
     """
-    key = deadletter_key(namespace)
-    found = await redis.execute("XRANGE", key, entry_id, entry_id)
+    process, sid = deadletter_ref(keys, entry_id)
+    if keys.clustered and not process:
+        raise KeyError(entry_id)
+    key = keys.deadletters(process or "")
+    found = await redis.execute("XRANGE", key, sid, sid)
     if not found:
         raise KeyError(entry_id)
     f = _fields(found[0][1])
-    process = f[b"process"].decode()
-    await redis.transaction([("XADD", inbox_of(process), "*", "m", f[b"m"], "a", 0), ("XDEL", key, entry_id)])
-    return process
+    named = f[b"process"].decode()
+    if process is not None and named != process:
+        raise KeyError(entry_id)
+    await redis.transaction([("XADD", inbox_of(named), "*", "m", f[b"m"], "a", 0), ("XDEL", key, sid)])
+    return named

@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._mailbox import deadletter_key
 from ._redis import RedisError, RedisUnavailable
 
 if TYPE_CHECKING:
@@ -30,7 +29,8 @@ class MetricsHost(Protocol):
     """What the metrics read of the host (``Host`` implements it): named here, so that this
     module needs nothing of the host's."""
 
-    config: Any                  # workspace.redis.namespace
+    config: Any
+    keys: Any                    # core.keys.Keys: where the dead letters are
     cells: dict[str, Any]        # name -> ActorCell (its stats, mailbox, inbox key)
     durable: bool
     redis: Any
@@ -120,13 +120,14 @@ async def mailbox_depths(host: MetricsHost) -> tuple[dict[str, int], int | None]
     redis = host.redis
     if redis is None:
         return depths, None
-    ns = host.config.workspace.redis.namespace
+    keys = host.keys
     try:
-        dead_reply = redis.submit("XLEN", deadletter_key(ns))
+        streams = {keys.deadletters(name) for name in host.cells} if keys.clustered else {keys.deadletters("")}
+        dead_replies = [redis.submit("XLEN", k) for k in sorted(streams)]
         replies = {name: redis.submit("XLEN", cell.inbox) for name, cell in host.cells.items()} if host.durable else {}
         for name, reply in replies.items():
             depths[name] = int(await reply())
-        return depths, int(await dead_reply())
+        return depths, sum([int(await r()) for r in dead_replies])
     except (RedisUnavailable, RedisError):
         return depths, None
 

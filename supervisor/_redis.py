@@ -277,6 +277,8 @@ class Redis:
     :class:`RedisUnavailable`; the next call reconnects.
     """
 
+    clustered = False  # (a Redis Cluster is ClusterRedis)
+
     def __init__(self, url: str, nursery: trio.Nursery):
         self.url = url
         self._kw = parse_url(url)

@@ -32,7 +32,7 @@ import trio_websocket
 from .core import jsonrpc as rpc
 from .core import protocol as proto
 from .core.messages import Envelope
-from ._mailbox import list_deadletters, replay_deadletter
+from ._mailbox import deadletter_ref, list_deadletters, replay_deadletter
 from ._cluster import LOCAL
 from .core.errors import ActorMoved, ActorTimedOut, InvalidParams, Overloaded
 from ._fbp import FbpHost, serve_fbp
@@ -307,22 +307,22 @@ class Api:
         count = p.get("count", p.get("limit", 100))
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise InvalidParams("count must be a positive integer")
-        ns = self.host.config.workspace.redis.namespace
-        return {"deadletters": await list_deadletters(self.host.redis, ns, count)}
+        return {"deadletters": await list_deadletters(self.host.redis, self.host.keys, list(self.host.cells), count)}
 
     async def deadletters_replay(self, conn: Connection, params: Any) -> Any:
         p = _object(params, required=("id",))
-        ns = self.host.config.workspace.redis.namespace
+        keys = self.host.keys
 
         def inbox_of(name: str) -> str:
             cell = self.host.cell(name)
             cell.durable_inbox.mark_unread()  # (added behind the feeder's back: no send may start ahead of it)
             return cell.inbox
 
-        if not isinstance(p["id"], str) or not _STREAM_ID.fullmatch(p["id"]):
-            raise InvalidParams(f"no dead letter {p['id']!r}: ids look like '1700000000000-0'")
+        if not isinstance(p["id"], str) or not _STREAM_ID.fullmatch(deadletter_ref(keys, p["id"])[1]):
+            looks = keys.deadletter_id("PROCESS", "1700000000000-0")
+            raise InvalidParams(f"no dead letter {p['id']!r}: ids look like {looks!r} (see deadletters.list)")
         try:
-            process = await replay_deadletter(self.host.redis, ns, p["id"], inbox_of)
+            process = await replay_deadletter(self.host.redis, keys, p["id"], inbox_of)
         except KeyError:
             raise InvalidParams(f"no dead letter {p['id']!r}") from None
         self.host.wake(process)

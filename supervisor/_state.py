@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from .core.keys import Keys
 from .core.errors import InvalidParams
 from ._redis import Redis
 
@@ -31,7 +32,8 @@ def escape_glob(text: str) -> str:
 
 
 def state_prefix(namespace: str, process: str) -> str:
-    return f"{namespace}:{process}:state:"
+    """On one Redis (a cluster's layout: core.keys.Keys)."""
+    return Keys(namespace).state_prefix(process)
 
 
 def _key(key: Any) -> str:

@@ -55,6 +55,7 @@ from supervisor.core.config import Config, MailboxConfig, RedisConfig, Supervisi
 from supervisor.core.discovery import ComponentSpec
 from supervisor._host import Host
 from supervisor._mailbox import feed, list_deadletters, replay_deadletter
+from supervisor.core.keys import Keys
 from supervisor.core.placement import Token, acquire_cmd, lease_key
 from supervisor._redis import RedisError, open_redis, serve_embedded_redis
 from supervisor._state import StateTxn
@@ -120,6 +121,8 @@ class StandInHost:
     def __init__(self, config: Config, redis):
         self.config = config
         self.redis = redis
+        self.keys = Keys(NS)
+        self.relay = None
         self.durable = True
         self.routes: dict = {(UPSTREAM.name, "out"): [(NAME, "x")]}
         # (upstream's own lease is not under test: its commits go in as a plain MULTI/EXEC)
@@ -325,7 +328,7 @@ class Activation:
             self.cell.durable_inbox.mark_unread()
             return self.cell.inbox
 
-        await replay_deadletter(self.host.redis, NS, entry_id, inbox_of)
+        await replay_deadletter(self.host.redis, Keys(NS), entry_id, inbox_of)
         self.cell.durable_inbox.poke()
 
     async def observe(self, mids: list[str]) -> dict:
@@ -337,7 +340,7 @@ class Activation:
             "inbox": [(sid, orjson.loads(f[b"m"])["id"], int(f[b"a"]))
                       for sid, f in ((sid, dict(zip(raw[::2], raw[1::2]))) for sid, raw in inbox)],
             "pending": pending[0],
-            "dead": await list_deadletters(redis, NS, 10_000),
+            "dead": await list_deadletters(redis, Keys(NS), [NAME], 10_000),
             "effects": {m: (None if v is None else orjson.loads(v)) for m, v in zip(mids, effects)},
         }
 
@@ -394,7 +397,7 @@ class DurableDelivery(RuleBasedStateMachine):
         once the dead one's lease has expired (deleted here: the test does not wait a TTL)."""
         redis = self.loop.redis
         await redis.execute("DEL", lease_key(NS, NAME))
-        fence, released = await redis.execute(*acquire_cmd(NS, NAME, "model-host", 3_600_000))
+        fence, released = await redis.execute(*acquire_cmd(Keys(NS), NAME, "model-host", 3_600_000))
         assert released == 0
         cell.ownership.acquire(Token(int(fence), "model-host"), handed_over=False)
 
@@ -528,7 +531,7 @@ class DurableDelivery(RuleBasedStateMachine):
 
     @rule(pick=st.integers(0, 1 << 16))
     def replay(self, pick):
-        dead = self.loop.run(list_deadletters, self.loop.redis, NS, 10_000)
+        dead = self.loop.run(list_deadletters, self.loop.redis, Keys(NS), [NAME], 10_000)
         if not dead:
             return
         entry = dead[pick % len(dead)]

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import answers, redis_server_argv
+from supervisor.core.keys import Keys
 from supervisor.core.placement import (FENCED, HostRecord, Token, acquire_cmd, decode_host, eligible, fenced_cmd,
                                    lease_key, place, release_cmd, rendezvous, renew_cmd)
 
@@ -77,7 +78,7 @@ def r(tmp_path_factory):
 
 
 def _acquire(r, host: str, ttl_ms: int = 60_000):
-    reply = r.execute_command(*acquire_cmd("t", "p", host, ttl_ms))
+    reply = r.execute_command(*acquire_cmd(Keys("t"), "p", host, ttl_ms))
     return Token(int(reply[0]), host) if isinstance(reply, list) else reply, reply
 
 
@@ -96,15 +97,15 @@ def test_a_stale_owner_writes_nothing_after_another_took_over(r):
     assert r.get("t:p:state:n") == b"1" and r.xlen("t:p:inbox") == 0
     # a's renewal and release do nothing to b's lease
     rec = HostRecord(id="a", url="ws://x/")
-    assert r.execute_command(*renew_cmd("t", rec, 60_000, [("p", a.value)])) == [1]
-    assert r.execute_command(*release_cmd("t", "p", a)) == 0
+    assert r.execute_command(*renew_cmd(Keys("t"), rec, 60_000, [("p", a.value)])[0]) == [1]
+    assert r.execute_command(*release_cmd(Keys("t"), "p", a)) == 0
     assert r.get(lease_key("t", "p")) == b.value.encode()
 
 
 def test_a_handoff_is_told_apart_from_an_expiry(r):
     r.flushall()
     a, _ = _acquire(r, "a")
-    assert r.execute_command(*release_cmd("t", "p", a)) == 1
+    assert r.execute_command(*release_cmd(Keys("t"), "p", a)) == 1
     b, reply = _acquire(r, "b")
     assert reply[1] == 1 and b.fence == a.fence + 1
     assert r.pttl(lease_key("t", "p")) > 0

@@ -714,6 +714,10 @@ def _workspace_checks(ws: WorkspaceConfig) -> Iterator[tuple[_Path, str]]:
     pool = ws.sandbox.pool
     if pool.preload_count > pool.max_size:
         yield _SANDBOX + ("pool", "preload_count"), f"{pool.preload_count} is more than max_size ({pool.max_size})"
+    if not ws.redis.namespace or any(c in ws.redis.namespace for c in "{}:") or not ws.redis.namespace.isprintable():
+        # It starts every key; in a Redis Cluster a brace in it would become the hash tag (core.keys).
+        yield ("workspace", "redis", "namespace"), (f"{ws.redis.namespace!r} is not a namespace: use printable "
+                                                    "characters other than ':', '{' and '}'")
 
 
 def _supervision_checks(sup: SupervisionConfig) -> Iterator[tuple[_Path, str]]:
@@ -738,10 +742,11 @@ def _network_checks(net: NetworkConfig) -> Iterator[tuple[_Path, str]]:
             yield path + ("process",), f"unknown process {ref.process!r} (processes: {known})"
 
     for name in net.processes:
-        if ":" in name or not name.strip():
+        if any(c in name for c in ":{}") or not name.strip():
             # ':' separates a process's Redis keys ({namespace}:{process}:state:…) and the API's
             # component:process form: "a:state:b" could write process a's keys from process a:state.
-            yield ("network", "processes", name), "a process name must be non-blank and may not contain ':'"
+            # A name is its keys' hash tag in a Redis Cluster (core.keys): braces would cut it.
+            yield ("network", "processes", name), "a process name must be non-blank and may not contain ':', '{' or '}'"
     for i, conn in enumerate(net.connections):
         yield from check(("network", "connections", i, "src"), conn.src)
         yield from check(("network", "connections", i, "tgt"), conn.tgt)

@@ -110,8 +110,8 @@ def _name(payload: dict, key: str, what: str) -> str:
         raise GraphError(f"{what} must be a non-empty string ({key!r})")
     if len(v) > MAX_NAME:
         raise GraphError(f"{what} {v[:40]!r}… is longer than {MAX_NAME} characters")
-    if any(c in v for c in "\x00\n\r") or ":" in v and key in ("id", "to") and what.startswith("node"):
-        raise GraphError(f"{what} {v!r} may not contain ':' or control characters")
+    if any(c in v for c in "\x00\n\r") or any(c in v for c in ":{}") and key in ("id", "to") and what.startswith("node"):
+        raise GraphError(f"{what} {v!r} may not contain ':', '{{', '}}' or control characters")
     return v
 
 

@@ -33,37 +33,34 @@ from typing import Any
 import attrs
 import orjson
 
+from .keys import Keys
+
 __all__ = ["CLUSTER_VERSION", "HostRecord", "Token", "lease_key", "fence_key", "host_key", "hosts_key",
            "channel", "rendezvous", "eligible", "place", "fenced_cmd", "acquire_cmd", "renew_cmd",
-           "release_cmd", "decode_host", "FENCED", "ACQUIRE", "RENEW", "RELEASE"]
+           "release_cmd", "renew_lost", "decode_host", "FENCED", "ACQUIRE", "RENEW", "RENEW_LEASE", "RELEASE"]
 
 #: Hosts of different cluster versions do not share a Redis (a host refuses to join).
 CLUSTER_VERSION = 1
 
 
 def lease_key(ns: str, process: str) -> str:
-    return f"{ns}:lease:{process}"
+    return Keys(ns).lease(process)
 
 
 def fence_key(ns: str, process: str) -> str:
-    return f"{ns}:fence:{process}"
+    return Keys(ns).fence(process)
 
 
 def host_key(ns: str, host_id: str) -> str:
-    """A live host's record, kept with ``PX lease_ttl`` by its heartbeat."""
-    return f"{ns}:host:{host_id}"
+    return Keys(ns).host(host_id)
 
 
 def hosts_key(ns: str) -> str:
-    """The set of host ids that have joined; a dead one is dropped once its record expired."""
-    return f"{ns}:hosts"
+    return Keys(ns).hosts()
 
 
 def channel(ns: str) -> str:
-    """The Pub/Sub channel hosts tell each other on: ``wake PROCESS`` (its inbox has new
-    entries), ``resweep PROCESS`` (a host that had lost its lease read from its inbox) and
-    ``placement`` (a lease was released, a host joined or left)."""
-    return f"{ns}:cluster"
+    return Keys(ns).channel()
 
 
 @attrs.frozen
@@ -201,6 +198,14 @@ end
 return lost
 """
 
+# KEYS[1] a lease; ARGV[1] its holder's token, ARGV[2] the TTL in ms. RENEW for one lease: in a
+# Redis Cluster each lease is in its process's slot, so a host renews them one by one.
+RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
 # KEYS[1] the lease, KEYS[2] the fence counter; ARGV[1] the token, ARGV[2] its fence,
 # ARGV[3] the channel. Lets the lease go if it still holds this token, recording that it was
 # handed over (see ACQUIRE), and tells the other hosts.
@@ -222,16 +227,33 @@ def fenced_cmd(lease: str, token: str, cmds: Sequence[Sequence[Any]]) -> tuple:
     return tuple(args)
 
 
-def acquire_cmd(ns: str, process: str, host: str, ttl_ms: int) -> tuple:
-    return ("EVAL", ACQUIRE, 2, lease_key(ns, process), fence_key(ns, process), host, ttl_ms)
+def acquire_cmd(keys: Keys, process: str, host: str, ttl_ms: int) -> tuple:
+    return ("EVAL", ACQUIRE, 2, keys.lease(process), keys.fence(process), host, ttl_ms)
 
 
-def renew_cmd(ns: str, record: HostRecord, ttl_ms: int, held: Sequence[tuple[str, str]]) -> tuple:
-    """``held``: (process, token value) for each lease the host believes it holds."""
-    return ("EVAL", RENEW, 2 + len(held), host_key(ns, record.id), hosts_key(ns),
-            *(lease_key(ns, p) for p, _ in held), record.encode(), ttl_ms, record.id, *(t for _, t in held))
+def renew_cmd(keys: Keys, record: HostRecord, ttl_ms: int, held: Sequence[tuple[str, str]]) -> list[tuple]:
+    """The commands that renew ``record`` and each lease of ``held`` ((process, token value)
+    for each lease the host believes it holds): one script on one Redis; in a cluster, the
+    record and then one RENEW_LEASE per lease (each in its own slot). See ``renew_lost``."""
+    if not keys.clustered:
+        return [("EVAL", RENEW, 2 + len(held), keys.host(record.id), keys.hosts(),
+                 *(keys.lease(p) for p, _ in held), record.encode(), ttl_ms, record.id, *(t for _, t in held))]
+    return [("EVAL", RENEW, 2, keys.host(record.id), keys.hosts(), record.encode(), ttl_ms, record.id),
+            *(("EVAL", RENEW_LEASE, 1, keys.lease(p), t, ttl_ms) for p, t in held)]
 
 
-def release_cmd(ns: str, process: str, token: Token) -> tuple:
-    return ("EVAL", RELEASE, 2, lease_key(ns, process), fence_key(ns, process), token.value, token.fence,
-            channel(ns))
+def renew_lost(replies: Sequence[Any], n_held: int) -> list[int]:
+    """Which leases (indexes into ``held``, from 0) ``renew_cmd``'s replies say are no longer
+    held. Raises the first error reply (an Exception instance) it finds."""
+    for r in replies:
+        if isinstance(r, Exception):
+            raise r
+    if len(replies) == 1:  # (one script: RENEW's list of lost indexes, from 1)
+        lost = replies[0]
+        return [i - 1 for i in lost if isinstance(i, int) and 1 <= i <= n_held] if isinstance(lost, list) else []
+    return [i for i, r in enumerate(replies[1:1 + n_held]) if r != 1]
+
+
+def release_cmd(keys: Keys, process: str, token: Token) -> tuple:
+    return ("EVAL", RELEASE, 2, keys.lease(process), keys.fence(process), token.value, token.fence,
+            keys.channel())
