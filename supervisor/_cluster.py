@@ -432,6 +432,7 @@ class Forwarder:
         self._clients: dict[str, Any] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
+        self._streams = 0  # forwarded requests whose notifications are passed on (_streamed)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -479,7 +480,10 @@ class Forwarder:
             self.cluster.kick()
             await self.cluster.changed(self.cluster.period)
 
-    async def request(self, process: str, method: str, params: dict) -> Any:
+    async def request(self, process: str, method: str, params: dict,
+                      on_note: Callable[[dict], None] | None = None) -> Any:
+        """``method`` at the owner; ``on_note`` is given the params of the notifications the
+        owner sends for this request while it runs (``process``'s ``output``), in order."""
         from .core.errors import ActorFailed, RemoteError
         from ._peer import ConnectionLost, RpcError
 
@@ -490,7 +494,9 @@ class Forwarder:
             assert isinstance(rec, HostRecord)
             try:
                 client = await self._client(rec.url)
-                return await client.request(method, {**params, "$forwarded": True})
+                if on_note is None:
+                    return await client.request(method, {**params, "$forwarded": True})
+                return await self._streamed(client, method, params, on_note)
             except RpcError as exc:
                 if isinstance(exc.data, dict) and exc.data.get("type") == "ActorMoved":
                     self.cluster.kick()
@@ -506,6 +512,30 @@ class Forwarder:
                 self.cluster.kick()
                 raise ActorFailed(f"cannot reach host {rec.id!r} at {rec.url}, which owns actor {process!r}: {exc}",
                                   {"type": "HostUnreachable", "host": rec.id}) from None
+
+    async def _streamed(self, client: Any, method: str, params: dict, on_note: Callable[[dict], None]) -> Any:
+        """A request whose notifications the owner tags with a stream id of ours (it sends
+        them as ``subscription``, which the client routes by), passed on as they come; those
+        sent before the answer are all passed on before it returns (one connection: in order)."""
+        self._streams += 1
+        sid = f"$stream-{self._streams}"
+        notes = client.on_notification(sid)
+
+        def pass_on(item: dict) -> None:
+            note = dict(item.get("params") or {})
+            note.pop("subscription", None)
+            on_note(note)
+
+        async def passing() -> None:
+            async for item in notes:  # (until forgotten: the rest of what came, then the end)
+                pass_on(item)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(passing)
+            try:
+                return await client.request(method, {**params, "$forwarded": True, "$stream": sid})
+            finally:
+                client.forget_notifications(sid)
 
     async def relay(self, process: str, port: str | None, deliver: Callable[[dict], None]) -> None:
         """Pass on ``process``'s outputs (``actor.output`` params) from whichever host owns it,

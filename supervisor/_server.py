@@ -185,11 +185,18 @@ class Api:
         return True
 
     def _forward(self, conn: Connection, cell: Any, method: str, params: dict,
-                 local: Callable[[Connection, Any], Any]) -> _Run:
+                 local: Callable[[Connection, Any], Any], notes: str | None = None) -> _Run:
         """The rest of a request served by the host that owns ``cell``'s process (or here,
-        if this host holds it by the time the forwarder looks: ``local``)."""
+        if this host holds it by the time the forwarder looks: ``local``). ``notes``: the
+        notification the owner sends for this request meanwhile (``process``'s ``output``),
+        passed on to the caller as it comes."""
+        def note(params: dict) -> None:
+            assert notes is not None
+            conn.notify(notes, params)
+
         async def result() -> Any:
-            answer = await self.host.forwarder.request(cell.name, method, params)
+            answer = await self.host.forwarder.request(cell.name, method, params,
+                                                       on_note=note if notes is not None else None)
             if answer is not LOCAL:
                 return answer
             later = local(conn, params)
@@ -342,18 +349,20 @@ class Api:
         p = _object(params, required=("actor_id", "payload"))
         cell = self.host.cell(p["actor_id"])
         if self._remote(cell, p):
-            # (its intermediate ``output`` notifications stay on the owner's side: only the
-            # answer comes back through a forwarded process call)
-            return self._forward(conn, cell, "process", p, self.process_start)
+            return self._forward(conn, cell, "process", p, self.process_start, notes="output")
         payload = p["payload"]
         if not isinstance(payload, dict):
             raise InvalidParams("payload must be an object of port -> value")
         actor_id = p["actor_id"]
+        # Forwarded by another host (see _cluster.Forwarder.request): the outputs carry its
+        # stream's id, by which that host's client tells them to this request.
+        tag = p.get("$stream") if p.get("$forwarded") is True else None
+        tagged = {"subscription": tag} if isinstance(tag, str) and 0 < len(tag) <= 64 else {}
 
         def stream(port: str, message: dict) -> None:
             # ScriptOutput's timestamp is a u64 (ms since the epoch): when the output happened.
             conn.notify("output", {"actor_id": actor_id, "port": port, "data": _plain(message),
-                                   "timestamp": int(time.time() * 1000)})
+                                   "timestamp": int(time.time() * 1000), **tagged})
 
         config = p.get("config")
         timeout = _timeout(p.get("timeout"))

@@ -173,6 +173,12 @@ class Client:
         self._notifications[key] = send
         return recv
 
+    def forget_notifications(self, key: str) -> None:
+        """Stop routing ``key``'s notifications (see ``on_notification``); its channel ends."""
+        send = self._notifications.pop(key, None)
+        if send is not None:
+            send.close()
+
     async def call(self, actor: str, inputs: dict, timeout: float | None = None, *, idempotent: bool = False) -> dict:
         if self.binary and isinstance(inputs, dict):
             inputs = {port: _raw(v) for port, v in inputs.items()}
