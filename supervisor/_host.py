@@ -31,7 +31,7 @@ import trio
 from .core import policy as policy
 from ._cell import ActorCell
 from ._child import CellChild, runtime_unavailable
-from ._cluster import Cluster, ClusterRefused, Forwarder, labels_of
+from ._cluster import LOCAL, Cluster, ClusterRefused, Forwarder, labels_of
 from .core.messages import NOTHING_TO_COMMIT, Commit, Envelope, ProcessSpec, new_message_id
 from ._mailbox import done_cmds, enqueue_cmd, enqueue_if_room_cmd, entry_body
 from .core.config import Config
@@ -623,7 +623,24 @@ class Host:
         target = self.cells.get(process)
         if target is None:
             return
-        await target.put(Envelope(inputs={port: message}))
+        if target.ownership.held or self.forwarder is None or self.cluster is None or len(self.cluster.hosts) < 2:
+            await target.put(Envelope(inputs={port: message}))
+            return
+        # A memory mailbox lives on its owner's host: send it there (actor.send, forwarded),
+        # waiting while that mailbox is full as a local one would make this wait.
+        for attempt in range(100):
+            try:
+                answer = await self.forwarder.request(process, "actor.send",
+                                                      {"actor": process, "port": port, "value": message})
+            except ActorError as exc:
+                if getattr(exc, "code", None) == Overloaded.code and attempt < 99:
+                    await trio.sleep(min(0.5, 0.01 * 2 ** min(attempt, 6)))  # (its owner's mailbox is full)
+                    continue
+                log.error("a message routed to %s.%s was lost on the way to its host: %s", process, port, exc)
+                return
+            if answer is LOCAL:  # (this host holds it by now)
+                await target.put(Envelope(inputs={port: message}))
+            return
 
     def _fan_in_put(self, process: str, port: str, message: dict) -> bool:
         """Buffer a value for an ``await_all_inports`` process (memory mailboxes); False if
