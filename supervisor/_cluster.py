@@ -158,7 +158,7 @@ class Cluster:
 
     def record(self) -> HostRecord:
         return HostRecord(id=self.id, url=self.url, labels=self.labels, version=CLUSTER_VERSION, pid=os.getpid(),
-                          started=self.started, last_seen=time.time())
+                          started=self.started, last_seen=time.time(), runs=tuple(sorted(self.owned)))
 
     def holder_record(self, process: str) -> HostRecord | None:
         """The record of the other host that holds ``process``'s lease, or None (this host

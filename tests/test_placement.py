@@ -47,6 +47,19 @@ def test_placement_keeps_to_hosts_with_every_label(hosts, need, process):
         assert need <= set(records[owner].labels)
 
 
+@given(st.dictionaries(names, st.none() | st.sets(st.sampled_from(["P", "Q", "R"])), min_size=1, max_size=6),
+       st.sampled_from(["P", "Q", "R"]))
+def test_placement_gives_a_host_only_processes_its_config_has(hosts, process):
+    """A rolling deploy that adds a process: the hosts whose config has it own it, and a
+    record that does not say what it runs (None) may own anything."""
+    records = {h: HostRecord(id=h, url="", runs=None if runs is None else tuple(sorted(runs)))
+               for h, runs in hosts.items()}
+    owner = place(process, records, ())
+    can = {h for h, runs in hosts.items() if runs is None or process in runs}
+    assert owner == (rendezvous(process, can) if can else None)
+    assert decode_host(records[next(iter(records))].encode()) == records[next(iter(records))]
+
+
 @given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
 def test_a_hostile_record_or_token_is_refused_not_raised(raw):
     rec = decode_host(raw)

@@ -101,6 +101,9 @@ class HostRecord:
     pid: int = 0
     started: float = 0.0
     last_seen: float = 0.0
+    # The processes its config has (so placement gives it none it cannot run, as during a
+    # rolling deploy that adds one); None: a record that does not say (it may run any).
+    runs: tuple[str, ...] | None = None
 
     def encode(self) -> bytes:
         return orjson.dumps(attrs.asdict(self))
@@ -112,7 +115,8 @@ def decode_host(raw: Any) -> HostRecord | None:
         d = orjson.loads(raw)
         rec = HostRecord(id=str(d["id"]), url=str(d["url"]), labels=tuple(str(x) for x in d.get("labels", ())),
                          version=int(d.get("version", 0)), pid=int(d.get("pid", 0)),
-                         started=float(d.get("started", 0.0)), last_seen=float(d.get("last_seen", 0.0)))
+                         started=float(d.get("started", 0.0)), last_seen=float(d.get("last_seen", 0.0)),
+                         runs=None if d.get("runs") is None else tuple(str(x) for x in d["runs"]))
     except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError):
         return None
     if rec.url and not rec.url.startswith(("ws://", "wss://")):
@@ -135,14 +139,16 @@ def rendezvous(process: str, hosts: Iterable[str]) -> str | None:
     return best
 
 
-def eligible(hosts: Mapping[str, HostRecord], labels: Sequence[str]) -> list[str]:
-    """The hosts that may own a process placed on ``labels`` (all of them on each)."""
+def eligible(hosts: Mapping[str, HostRecord], labels: Sequence[str], process: str | None = None) -> list[str]:
+    """The hosts that may own ``process``, placed on ``labels``: those with all of them, whose
+    config has the process."""
     need = set(labels)
-    return [h for h, rec in hosts.items() if need <= set(rec.labels)]
+    return [h for h, rec in hosts.items()
+            if need <= set(rec.labels) and (process is None or rec.runs is None or process in rec.runs)]
 
 
 def place(process: str, hosts: Mapping[str, HostRecord], labels: Sequence[str]) -> str | None:
-    return rendezvous(process, eligible(hosts, labels))
+    return rendezvous(process, eligible(hosts, labels, process))
 
 
 # -- Lua ------------------------------------------------------------------------------------------
