@@ -31,7 +31,7 @@ from redis.connection import parse_url
 
 from ._channel import SocketReader, write_now
 
-__all__ = ["Redis", "RedisError", "RedisUnavailable", "Fenced", "open_redis", "serve_embedded_redis",
+__all__ = ["Redis", "ClusterRedis", "command_keys", "command_slot", "key_slot", "RedisError", "RedisUnavailable", "Fenced", "open_redis", "serve_embedded_redis",
            "embedded_redis_binary"]
 
 log = logging.getLogger("supervisor.redis")
@@ -43,6 +43,11 @@ class RedisUnavailable(Exception):
 
 class RedisError(Exception):
     """Redis answered a command with an error reply."""
+
+
+class _NotRun(RedisUnavailable):
+    """Redis is unavailable and the command surely did not run (no connection, or the
+    server is still loading): safe to send again, elsewhere or later."""
 
 
 class Fenced(RedisError):
@@ -232,7 +237,10 @@ def _checked(args: Sequence[Any], reply: Any) -> Any:
 def _raise_if_loading(reply: Any) -> None:
     """A restarted server answers LOADING while it replays its AOF: not there yet, not an error."""
     if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("LOADING"):
-        raise RedisUnavailable(f"Redis is still loading its data: {reply}")
+        raise _NotRun(f"Redis is still loading its data: {reply}")
+
+
+_ERRORS = (hiredis.ReplyError, RedisError)  # raw error replies, and those Redis.pipeline made
 
 
 def _exec_result(replies: list[Any]) -> list[Any]:
@@ -240,13 +248,13 @@ def _exec_result(replies: list[Any]) -> list[Any]:
     for r in replies:
         _raise_if_loading(r)
     for r in replies[:-1]:
-        if isinstance(r, hiredis.ReplyError):
+        if isinstance(r, _ERRORS):
             raise RedisError(str(r))
     result = replies[-1]
     if result is None:
         raise RedisError("transaction aborted")
-    for r in [result] if isinstance(result, hiredis.ReplyError) else result:
-        if isinstance(r, hiredis.ReplyError):
+    for r in [result] if isinstance(result, _ERRORS) else result:
+        if isinstance(r, _ERRORS):
             raise RedisError(str(r))
     return result
 
@@ -339,7 +347,7 @@ class Redis:
                         await self._conn.stream.aclose()
                 self._conn = None
                 if trio.current_time() < self._retry_at:
-                    raise RedisUnavailable(self._last_failure)
+                    raise _NotRun(self._last_failure)
                 try:
                     self._conn = await self._open()
                 except RedisUnavailable as exc:
@@ -348,7 +356,7 @@ class Redis:
                     self._failures += 1
                     self._retry_at = trio.current_time() + min(2.0, 0.05 * 2 ** min(self._failures, 6))
                     self._last_failure = str(exc)
-                    raise
+                    raise _NotRun(str(exc)) from exc
                 self._failures = 0
             return self._conn
 
@@ -422,36 +430,18 @@ class Redis:
         message's data, until cancelled; reconnects with backoff. ``on_message(None)`` says
         messages may have been missed (at each (re)subscription): the caller resynchronises."""
         failures = 0
+
+        def subscribed() -> None:
+            nonlocal failures
+            failures = 0
+
         while True:
-            stream: trio.abc.Stream | None = None
             try:
-                stream = await self._open_stream()
-                await stream.send_all(_encode(("SUBSCRIBE", channel)))
-                reader = hiredis.Reader(notEnoughData=False)
-                subscribed = False
-                while True:
-                    data = await stream.receive_some(1 << 16)
-                    if not data:
-                        raise RedisUnavailable("Redis closed the subscription")
-                    reader.feed(data)
-                    while (msg := reader.gets()) is not False:
-                        if isinstance(msg, hiredis.ReplyError):
-                            raise RedisError(f"SUBSCRIBE: {msg}")
-                        if not isinstance(msg, list) or len(msg) < 3:
-                            continue
-                        if msg[0] == b"subscribe" and not subscribed:
-                            subscribed, failures = True, 0
-                            on_message(None)
-                        elif msg[0] == b"message" and isinstance(msg[2], bytes):
-                            on_message(msg[2])
+                await _subscription(self, channel, on_message, subscribed)
             except (RedisUnavailable, RedisError, OSError, trio.BrokenResourceError, hiredis.ProtocolError) as exc:
                 if failures == 0:
                     log.warning("cluster messages from Redis interrupted: %s; resubscribing", exc)
                 failures += 1
-            finally:
-                if stream is not None:
-                    with trio.CancelScope(shield=True):
-                        await trio.aclose_forcefully(stream)
             await trio.sleep(min(2.0, 0.05 * 2 ** min(failures, 6)))
 
     async def _open_stream(self) -> trio.abc.Stream:
@@ -481,16 +471,669 @@ class Redis:
                     await self._conn.stream.aclose()
 
 
-@contextlib.asynccontextmanager
-async def open_redis(url: str) -> AsyncIterator[Redis]:
-    """A Redis client whose reader tasks live (and die) inside this block."""
-    async with trio.open_nursery() as nursery:
-        client = Redis(url, nursery)
+# ---------------------------------------------------------------------------------------
+# Redis Cluster.
+#
+# Why not redis-py's RedisCluster: it is blocking or asyncio, like the rest of redis-py (see
+# the top of this module). What is hand-written here is only the routing: which keys a
+# command names (``command_keys``, pure), their slot (redis-py's ``key_slot``, hash tags
+# honoured), the slot map (CLUSTER SLOTS: the bundled server is 6.2, no CLUSTER SHARDS), and
+# following MOVED / ASK / TRYAGAIN / CLUSTERDOWN. Each master's connection, reconnection,
+# backoff and pipelining is a ``Redis`` of its own.
+
+SLOTS = 16384
+
+# Commands that name no key: they go to any reachable master. (PUBLISH is cluster-wide.)
+_KEYLESS = frozenset({
+    "PING", "INFO", "PUBLISH", "SCRIPT", "CLUSTER", "TIME", "ECHO", "DBSIZE", "FLUSHALL", "FLUSHDB",
+    "CONFIG", "CLIENT", "COMMAND", "AUTH", "HELLO", "SELECT", "WAIT", "MULTI", "EXEC", "DISCARD", "ASKING",
+    "READONLY", "READWRITE", "LASTSAVE", "MEMORY", "SLOWLOG", "LATENCY", "ACL", "DEBUG", "PUBSUB", "RANDOMKEY",
+    "SWAPDB", "ROLE", "SAVE", "BGSAVE", "BGREWRITEAOF", "UNWATCH", "QUIT", "RESET", "SCAN", "KEYS",
+})
+_ALL_KEYS = frozenset({"MGET", "DEL", "UNLINK", "EXISTS", "TOUCH", "WATCH", "SUNION", "SINTER", "SDIFF",
+                       "SUNIONSTORE", "SINTERSTORE", "SDIFFSTORE", "PFCOUNT", "PFMERGE"})
+_KEYS_BUT_LAST = frozenset({"BLPOP", "BRPOP", "BZPOPMIN", "BZPOPMAX"})
+_TWO_KEYS = frozenset({"RENAME", "RENAMENX", "RPOPLPUSH", "BRPOPLPUSH", "LMOVE", "BLMOVE", "SMOVE", "COPY",
+                       "GEOSEARCHSTORE", "ZRANGESTORE"})
+_NUMKEYS_AT_2 = frozenset({"EVAL", "EVALSHA", "FCALL", "FCALL_RO", "ZUNION", "ZINTER", "ZDIFF"})
+_DEST_NUMKEYS_AT_2 = frozenset({"ZUNIONSTORE", "ZINTERSTORE", "ZDIFFSTORE"})
+# Multi-key commands a cluster client may split per node and reassemble (as redis-py's does).
+_SPLITTABLE = frozenset({"MGET", "DEL", "UNLINK", "EXISTS"})
+
+
+def _name(args: Sequence[Any]) -> str:
+    a = args[0]
+    return (a.decode() if isinstance(a, bytes) else str(a)).upper()
+
+
+def _as_bytes(v: Any) -> bytes:
+    return v if isinstance(v, bytes) else str(v).encode()
+
+
+def command_keys(args: Sequence[Any]) -> list[Any]:
+    """The keys a command names, in order, as given (pure; Redis's key specs, for the
+    commands this project and its users send). Keyless commands (PING, INFO, PUBLISH,
+    SCRIPT, CLUSTER, …) and SCAN name none; an unknown command names its first argument.
+    """
+    name = _name(args)
+    if name in _KEYLESS or len(args) < 2:
+        return []
+    if name in _ALL_KEYS:
+        return list(args[1:])
+    if name in _KEYS_BUT_LAST:
+        return list(args[1:-1])
+    if name in _TWO_KEYS:
+        return list(args[1:3])
+    if name in ("MSET", "MSETNX"):
+        return list(args[1::2])
+    if name in _NUMKEYS_AT_2:
+        return list(args[3:3 + int(args[2])])
+    if name in _DEST_NUMKEYS_AT_2:
+        return [args[1], *args[3:3 + int(args[2])]]
+    if name in ("XREAD", "XREADGROUP"):
+        for i, a in enumerate(args):
+            if isinstance(a, (str, bytes)) and _as_bytes(a).upper() == b"STREAMS":
+                rest = args[i + 1:]
+                return list(rest[:len(rest) // 2])
+        return []
+    return [args[1]]
+
+
+def key_slot(key: Any) -> int:
+    """A key's cluster slot (its hash tag's, if it has one: ``{P}:state`` and ``{P}:inbox`` share one)."""
+    from redis.crc import key_slot as crc_slot
+
+    return crc_slot(_as_bytes(key), SLOTS)
+
+
+def _hash_tag(pattern: Any) -> bytes | None:
+    """The hash tag of a SCAN pattern (``reflow:{Counter}:state:*`` → ``Counter``), if it has
+    one and the tag itself has no glob characters."""
+    p = _as_bytes(pattern)
+    start = p.find(b"{")
+    end = p.find(b"}", start + 1) if start > -1 else -1
+    if start < 0 or end < 0 or end == start + 1 or any(c in p[:end] for c in b"*?[\\"):
+        return None
+    return p[start + 1:end]
+
+
+class _Split:  # (the route of a multi-key command whose keys span slots, when it can be split)
+    pass
+
+
+SPLIT = _Split()
+
+
+def command_slot(args: Sequence[Any]) -> int | None | _Split:
+    """Where a command goes (pure): its keys' one slot; None for a keyless command (any
+    master); SPLIT for MGET/DEL/UNLINK/EXISTS over several slots.
+
+    Raises:
+        RedisError: the keys span slots and the command cannot be split (CROSSSLOT, naming
+            them), or a SCAN without a hash-tagged MATCH pattern.
+    """
+    name = _name(args)
+    if name == "SCAN":
+        pattern = next((args[i + 1] for i in range(1, len(args) - 1)
+                        if isinstance(args[i], (str, bytes)) and _as_bytes(args[i]).upper() == b"MATCH"), None)
+        tag = _hash_tag(pattern) if pattern is not None else None
+        if tag is None:
+            raise RedisError("SCAN on a Redis Cluster needs a MATCH pattern with a hash tag "
+                             f"(e.g. 'ns:{{P}}:*') to know its node; got {pattern!r}")
+        return key_slot(b"{" + tag + b"}")
+    keys = command_keys(args)
+    if not keys:
+        return None
+    slots = {key_slot(k) for k in keys}
+    if len(slots) == 1:
+        return slots.pop()
+    if name in _SPLITTABLE:
+        return SPLIT
+    raise RedisError(f"CROSSSLOT {name}: keys {', '.join(repr(k) for k in keys)} are in different hash slots "
+                     f"of the Redis Cluster (give them one hash tag, e.g. '{{P}}:a' and '{{P}}:b')")
+
+
+def transaction_slot(commands: Sequence[Sequence[Any]]) -> int | None:
+    """The slot of a MULTI/EXEC block (pure): that of its keyed commands, which must share it.
+
+    Raises:
+        RedisError: its commands' keys span slots (CROSSSLOT, naming them).
+    """
+    slot: int | None = None
+    named: list[Any] = []
+    for cmd in commands:
+        keys = command_keys(cmd)
+        named += keys
+        for k in keys:
+            s = key_slot(k)
+            if slot is None:
+                slot = s
+            elif s != slot:
+                raise RedisError(f"CROSSSLOT transaction: keys {', '.join(repr(k) for k in named)} are in "
+                                 "different hash slots of the Redis Cluster (a transaction runs on one)")
+    return slot
+
+
+def _redirection(replies: Sequence[Any]) -> str | None:
+    """The first cluster redirection or transient refusal among replies, as its text."""
+    for r in replies:
+        if isinstance(r, _ERRORS):
+            text = str(r)
+            if text.startswith(("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")):
+                return text
+    return None
+
+
+def _normal(replies: list[Any]) -> list[Any]:
+    """Raw replies as ``Redis.pipeline`` returns them (error replies as RedisError)."""
+    for r in replies:
+        _raise_if_loading(r)
+        if isinstance(r, hiredis.ReplyError):
+            _forget_scripts_if_flushed(r)
+    return [RedisError(str(r)) if isinstance(r, hiredis.ReplyError) else r for r in replies]
+
+
+def _result(args: Sequence[Any], reply: Any) -> Any:
+    """``execute``'s result from a normalised reply (``_checked``'s twin)."""
+    if isinstance(reply, RedisError):
+        if str(reply).startswith("FENCED"):
+            raise Fenced(str(reply))
+        raise RedisError(f"{args[0]}: {reply}")
+    return reply
+
+
+def _scripts_in(commands: Sequence[Sequence[Any]]) -> list[str]:
+    return [c[1] for c in commands if isinstance(c[0], str) and c[0] == "EVAL"]
+
+
+class _ClusterReply:
+    """A submitted command's reply on a cluster: that of its node's connection, or, when the
+    node redirected it or could not be reached, that of sending it again where it belongs."""
+
+    __slots__ = ("_slot", "_retry", "_convert")
+
+    def __init__(self, slot: _Slot, retry: Callable[[], Any], convert: Callable[[list[Any]], Any]):
+        self._slot, self._retry, self._convert = slot, retry, convert
+
+    @property
+    def ready(self) -> bool:
+        return self._slot.event.is_set()
+
+    async def __call__(self) -> Any:
         try:
-            yield client
+            replies = _normal(await self._slot.wait())
+        except _NotRun:
+            replies = await self._retry()
+        else:
+            if _redirection(replies) is not None:
+                replies = await self._retry()
+        return self._convert(replies)
+
+
+class _Done:
+    """A reply computed by a task of its own (a submitted command that could not simply queue)."""
+
+    def __init__(self, nursery: trio.Nursery, compute: Callable[[], Any]):
+        self._slot = _Slot(1)
+
+        async def run() -> None:
+            try:
+                self._slot.replies.append(await compute())
+            except Exception as exc:  # (given to whoever awaits the reply)
+                self._slot.error = exc
+            self._slot.event.set()
+
+        nursery.start_soon(run)
+
+    @property
+    def ready(self) -> bool:
+        return self._slot.event.is_set()
+
+    async def __call__(self) -> Any:
+        return (await self._slot.wait())[0]
+
+
+class ClusterRedis:
+    """A Redis Cluster client with ``Redis``'s interface, routing each command to its slot's master.
+
+    One ``Redis`` per master; the slot map comes from CLUSTER SLOTS and follows MOVED (and a
+    refresh soon after). ASK sends ASKING and the command to the importing node, once.
+    TRYAGAIN and CLUSTERDOWN are retried with a short backoff, and a master that cannot be
+    reached makes the client ask the others for the map again, within ``deadline`` seconds;
+    then :class:`RedisUnavailable` names the node. A command is sent again only when it
+    surely did not run (redirected, or never sent); one in flight when its node's connection
+    is lost fails with RedisUnavailable, as on ``Redis``.
+
+    ``submit`` keeps its order for commands to one slot (they queue on one connection); a
+    command redirected is sent again after the ones queued behind it. Multi-key MGET, DEL,
+    UNLINK and EXISTS over several slots are split per node; other commands whose keys span
+    slots raise RedisError (CROSSSLOT). SCAN needs a hash-tagged MATCH pattern (it goes to
+    that tag's node; its cursor is that node's).
+    """
+
+    clustered = True
+
+    def __init__(self, url: str, nursery: trio.Nursery, *, deadline: float = 3.0, seed: Redis | None = None):
+        from urllib.parse import urlsplit
+
+        self.url = url
+        self.deadline = deadline
+        self._nursery = nursery
+        parts = urlsplit(url)
+        self._userinfo = parts.netloc.rpartition("@")[0]
+        self._scheme = parts.scheme
+        kw = parse_url(url)
+        self._seed = f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
+        self._nodes: dict[str, Redis] = {}
+        if seed is not None:
+            self._nodes[self._seed] = seed
+        self._slots: list[str | None] = [None] * SLOTS
+        self._masters: list[str] = [self._seed]
+        self._loaded: dict[str, set[str]] = {}  # per node: script bodies it was sent SCRIPT LOAD for
+        self._down: dict[str, float] = {}  # node -> when it last could not be reached
+        self._refresh_lock = trio.Lock()
+        self._refreshed_at = -1.0
+        self._refresh_soon = False
+        self._rr = 0
+
+    # --- the map -------------------------------------------------------------------
+
+    def _node(self, addr: str) -> Redis:
+        node = self._nodes.get(addr)
+        if node is None:
+            netloc = f"{self._userinfo}@{addr}" if self._userinfo else addr
+            node = self._nodes[addr] = Redis(f"{self._scheme}://{netloc}", self._nursery)
+        return node
+
+    def _addr(self, slot: int | None) -> str:
+        addr = self._slots[slot] if slot is not None else None
+        if addr is not None:
+            return addr
+        now = trio.current_time()  # any master: one not seen down lately, in turn
+        up = [a for a in self._masters if now - self._down.get(a, -1e9) > 1.0] or self._masters
+        self._rr += 1
+        return up[self._rr % len(up)]
+
+    async def refresh(self, avoid: str | None = None) -> None:
+        """Read the slot map (CLUSTER SLOTS) from a reachable node, ``avoid`` last.
+
+        Raises:
+            RedisUnavailable: no node answered.
+        """
+        asked = trio.current_time()
+        async with self._refresh_lock:
+            if self._refreshed_at >= asked:  # (another task refreshed while this one waited)
+                return
+            candidates = [a for a in dict.fromkeys([*self._masters, self._seed, *self._nodes]) if a != avoid]
+            if avoid is not None:
+                candidates.append(avoid)
+            errors = []
+            for addr in candidates:
+                try:
+                    with trio.fail_after(2):
+                        reply = await self._node(addr).execute("CLUSTER", "SLOTS")
+                except (RedisUnavailable, RedisError, trio.TooSlowError) as exc:
+                    errors.append(f"{addr}: {exc}")
+                    continue
+                self._apply_map(reply, addr)
+                self._refreshed_at = trio.current_time()
+                return
+            raise RedisUnavailable("cannot reach any node of the Redis Cluster: " + "; ".join(errors))
+
+    def _apply_map(self, reply: list[Any], asked: str) -> None:
+        slots: list[str | None] = [None] * SLOTS
+        masters: list[str] = []
+        for start, end, master, *_replicas in reply:
+            host = master[0].decode() if master[0] else asked.rpartition(":")[0]
+            addr = f"{host}:{int(master[1])}"
+            if addr not in masters:
+                masters.append(addr)
+            slots[int(start):int(end) + 1] = [addr] * (int(end) - int(start) + 1)
+        self._slots = slots
+        self._masters = masters or [asked]
+
+    def _moved(self, text: str) -> str:
+        _, slot, addr = text.split()[:3]
+        self._slots[int(slot)] = addr
+        if addr not in self._masters:
+            self._masters.append(addr)
+        if not self._refresh_soon:  # the rest of the map likely moved too
+            self._refresh_soon = True
+            self._nursery.start_soon(self._background_refresh)
+        return addr
+
+    async def _background_refresh(self) -> None:
+        try:
+            with contextlib.suppress(RedisUnavailable):
+                await self.refresh()
         finally:
-            await client.aclose()
+            self._refresh_soon = False
+
+    # --- sending ---------------------------------------------------------------------
+
+    def _with_scripts(self, addr: str, commands: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
+        """SCRIPT LOAD in front of scripts this node was not given yet: ``_encode`` sends a
+        script as EVALSHA once any node knows it, and a node that connected before that
+        would answer NOSCRIPT (inside MULTI, after the rest of the transaction ran)."""
+        loaded = self._loaded.setdefault(addr, set())
+        pre = []
+        for body in _scripts_in(commands):
+            if body not in loaded:
+                loaded.add(body)
+                if body in _SCRIPTS:
+                    pre.append(("SCRIPT", "LOAD", body))
+        return [*pre, *commands]
+
+    async def _run(self, slot: int | None, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send ``commands`` (one command, or one MULTI … EXEC) to ``slot``'s master and return
+        their normalised replies, following redirections within the deadline."""
+        deadline = trio.current_time() + self.deadline
+        addr = self._addr(slot)
+        asking = False
+        backoff = 0.01
+        noscript_retried = False
+        for _hop in range(64):  # redirections are few; this only bounds a map that loops
+            node = self._node(addr)
+            try:
+                await node._connection()
+                batch = self._with_scripts(addr, commands)
+                pre = [("ASKING",)] if asking else []
+                replies = await node.pipeline([*pre, *batch])
+                replies = replies[len(replies) - len(commands):]
+            except _NotRun as exc:
+                self._down[addr] = trio.current_time()
+                self._loaded.pop(addr, None)
+                if trio.current_time() + backoff >= deadline:
+                    raise RedisUnavailable(f"Redis Cluster node {addr} cannot be reached: {exc}") from exc
+                await trio.sleep(backoff)
+                backoff = min(0.25, backoff * 2)
+                with contextlib.suppress(RedisUnavailable):
+                    await self.refresh(avoid=addr)
+                addr = self._addr(slot)
+                continue
+            except RedisUnavailable as exc:  # in flight: it may have run; not sent again
+                raise RedisUnavailable(f"Redis Cluster node {addr}: {exc}") from exc
+            asking = False
+            text = _redirection(replies)
+            if text is None:
+                if (not noscript_retried and _scripts_in(commands)
+                        and any(isinstance(r, RedisError) and str(r).startswith("NOSCRIPT") for r in replies)):
+                    noscript_retried = True  # (its cache was flushed: the bodies go again)
+                    self._loaded.pop(addr, None)
+                    continue
+                return replies
+            if text.startswith("MOVED "):
+                addr = self._moved(text)
+            elif text.startswith("ASK "):
+                addr, asking = text.split()[2], True
+            else:  # TRYAGAIN (keys mid-migration), CLUSTERDOWN (a failover, a node rejoining)
+                if trio.current_time() + backoff >= deadline:
+                    return replies
+                await trio.sleep(backoff)
+                backoff = min(0.25, backoff * 2)
+                if text.startswith("CLUSTERDOWN"):
+                    with contextlib.suppress(RedisUnavailable):
+                        await self.refresh()
+                    addr = self._addr(slot)
+        raise RedisError(f"Redis Cluster redirected {_name(commands[0])} over 64 times; its slot map keeps moving")
+
+    async def execute(self, *args: Any) -> Any:
+        route = command_slot(args)
+        if route is SPLIT:
+            return await self._split(args)
+        (reply,) = await self._run(route, (args,))  # type: ignore[arg-type]
+        return _result(args, reply)
+
+    async def _split(self, args: Sequence[Any]) -> Any:
+        """MGET / DEL / UNLINK / EXISTS over several slots: one command per slot, reassembled."""
+        keys = list(args[1:])
+        by_slot: dict[int, list[int]] = {}
+        for i, k in enumerate(keys):
+            by_slot.setdefault(key_slot(k), []).append(i)
+        parts = await self.pipeline([(args[0], *(keys[i] for i in idx)) for idx in by_slot.values()])
+        for part in parts:
+            if isinstance(part, RedisError):
+                raise RedisError(f"{args[0]}: {part}")
+        if _name(args) == "MGET":
+            values: list[Any] = [None] * len(keys)
+            for idx, part in zip(by_slot.values(), parts):
+                for i, v in zip(idx, part):
+                    values[i] = v
+            return values
+        return sum(parts)
+
+    async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Each command to its slot's master (the commands for one node in one write, in
+        order; the nodes concurrently); replies in the commands' order, error replies as
+        RedisError instances; a redirected command is sent again on its own."""
+        results: list[Any] = [None] * len(commands)
+        groups: dict[str, list[int]] = {}
+        alone: list[int] = []
+        routes: list[Any] = []
+        for i, cmd in enumerate(commands):
+            try:
+                route = command_slot(cmd)
+            except RedisError as exc:
+                route, results[i] = exc, exc
+            routes.append(route)
+            if route is SPLIT:
+                alone.append(i)
+            elif not isinstance(route, RedisError):
+                groups.setdefault(self._addr(route), []).append(i)
+        failure: list[BaseException] = []
+
+        async def one(i: int) -> None:
+            cmd = commands[i]
+            try:
+                if routes[i] is SPLIT:
+                    results[i] = await self._split(cmd)
+                else:
+                    (results[i],) = await self._run(routes[i], (cmd,))
+            except RedisUnavailable as exc:
+                failure.append(exc)
+            except RedisError as exc:
+                results[i] = exc
+
+        async def group(addr: str, idx: list[int]) -> None:
+            node = self._node(addr)
+            try:
+                await node._connection()
+                batch = self._with_scripts(addr, [commands[i] for i in idx])
+                replies = await node.pipeline(batch)
+                replies = replies[len(replies) - len(idx):]
+            except _NotRun:
+                replies = [RedisError("TRYAGAIN")] * len(idx)  # (each goes again, on its own)
+            except RedisUnavailable as exc:
+                failure.append(RedisUnavailable(f"Redis Cluster node {addr}: {exc}"))
+                return
+            again = []
+            for i, r in zip(idx, replies):
+                if _redirection([r]) is not None:
+                    again.append(i)
+                else:
+                    results[i] = r
+            async with trio.open_nursery() as n:
+                for i in again:
+                    n.start_soon(one, i)
+
+        async with trio.open_nursery() as n:
+            for addr, idx in groups.items():
+                n.start_soon(group, addr, idx)
+            for i in alone:
+                n.start_soon(one, i)
+        if failure:
+            raise failure[0]
+        return results
+
+    def submit(self, *args: Any) -> Any:
+        """As ``Redis.submit``: queued now; commands to one slot reach Redis in submission order."""
+        try:
+            route = command_slot(args)
+        except RedisError as exc:
+            error = exc
+
+            async def fail() -> Any:
+                raise error
+
+            return _Done(self._nursery, fail)
+        if route is SPLIT:
+            return _Done(self._nursery, lambda: self._split(args))
+        return self._submit(route, [args], lambda replies: _result(args, replies[0]))  # type: ignore[arg-type]
+
+    def submit_transaction(self, commands: Sequence[Sequence[Any]],
+                           then: Callable[[list[Any]], Any] | None = None) -> Any:
+        """As ``Redis.submit_transaction``, on the master of its commands' one slot."""
+        try:
+            slot = transaction_slot(commands)
+        except RedisError as exc:
+            error = exc
+
+            async def fail() -> Any:
+                raise error
+
+            return _Done(self._nursery, fail)
+        cmds = [("MULTI",), *commands, ("EXEC",)]
+        convert = _exec_result if then is None else (lambda replies: then(_exec_result(replies)))
+        return self._submit(slot, cmds, convert)
+
+    def _submit(self, slot: int | None, cmds: list[Sequence[Any]], convert: Callable[[list[Any]], Any]) -> Any:
+        addr = self._addr(slot)
+        node = self._node(addr)
+        batch = self._with_scripts(addr, cmds)
+        if len(batch) > len(cmds):  # (SCRIPT LOADs, whose replies no one awaits, before the commands)
+            for pre in batch[:len(batch) - len(cmds)]:
+                node._submit(_encode(pre), 1)
+        slot_ = node._submit(b"".join(_encode(c) for c in cmds), len(cmds))
+        return _ClusterReply(slot_, lambda: self._run(slot, cmds), convert)
+
+    async def transaction(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Run commands atomically (MULTI/EXEC) on their slot's master; RedisError if any was
+        rejected, or if their keys span slots. Sent again whole after MOVED/ASK (EXECABORT:
+        nothing of it ran)."""
+        slot = transaction_slot(commands)
+        return _exec_result(await self._run(slot, [("MULTI",), *commands, ("EXEC",)]))
+
+    async def listen(self, channel: str, on_message: Callable[[bytes | None], None]) -> None:
+        """As ``Redis.listen``. Pub/Sub is cluster-wide (a PUBLISH on any node reaches the
+        subscribers of every node), so it subscribes on one master and moves to the next
+        when that one is lost; ``on_message(None)`` at each (re)subscription."""
+        failures = 0
+
+        def subscribed() -> None:
+            nonlocal failures
+            failures = 0
+
+        while True:
+            addr = self._addr(None)
+            try:
+                await _subscription(self._node(addr), channel, on_message, subscribed)
+            except (RedisUnavailable, RedisError, OSError, trio.BrokenResourceError, hiredis.ProtocolError) as exc:
+                self._down[addr] = trio.current_time()
+                if failures == 0:
+                    log.warning("cluster messages from Redis Cluster node %s interrupted: %s; resubscribing",
+                                addr, exc)
+                failures += 1
+                if failures % len(self._masters) == 0:
+                    with contextlib.suppress(RedisUnavailable):
+                        await self.refresh(avoid=addr)
+            await trio.sleep(min(2.0, 0.05 * 2 ** min(failures, 6)))
+
+    @property
+    def connected(self) -> bool:
+        """Whether some master's connection is up now."""
+        return any(n.connected for n in self._nodes.values())
+
+    def describe(self) -> str:
+        return f"Redis Cluster of {len(self._masters)} masters via {self._seed}"
+
+    async def aclose(self) -> None:
+        for node in list(self._nodes.values()):
+            await node.aclose()
+
+
+async def _open_client(url: str, nursery: trio.Nursery) -> Redis | ClusterRedis:
+    """``Redis`` or ``ClusterRedis``, as the server at ``url`` says (INFO cluster). A Unix
+    socket is never a cluster, and is not connected to here (the first call does).
+
+    Raises:
+        RedisUnavailable: the server at a TCP ``url`` cannot be reached (naming it).
+    """
+    client = Redis(url, nursery)
+    if "path" in client._kw:
+        return client
+    try:
+        info = await client.execute("INFO", "cluster")
+    except RedisError:  # (a server that refuses INFO is not one we can route for)
+        return client
+    except RedisUnavailable:
+        await client.aclose()
+        raise
+    if b"cluster_enabled:1" not in info:
+        return client
+    cluster = ClusterRedis(url, nursery, seed=client)
+    try:
+        await cluster.refresh()
+    except RedisUnavailable:
+        await cluster.aclose()
+        raise
+    return cluster
+
+
+async def _subscription(redis: Redis, channel: str, on_message: Callable[[bytes | None], None],
+                        subscribed: Callable[[], None]) -> None:
+    """SUBSCRIBE on a new connection of ``redis``'s and deliver messages until it is lost
+    (raises) or the caller is cancelled; ``on_message(None)`` once subscribed."""
+    stream: trio.abc.Stream | None = None
+    try:
+        stream = await redis._open_stream()
+        await stream.send_all(_encode(("SUBSCRIBE", channel)))
+        reader = hiredis.Reader(notEnoughData=False)
+        done = False
+        while True:
+            data = await stream.receive_some(1 << 16)
+            if not data:
+                raise RedisUnavailable(f"Redis at {redis.describe()} closed the subscription")
+            reader.feed(data)
+            while (msg := reader.gets()) is not False:
+                if isinstance(msg, hiredis.ReplyError):
+                    raise RedisError(f"SUBSCRIBE: {msg}")
+                if not isinstance(msg, list) or len(msg) < 3:
+                    continue
+                if msg[0] == b"subscribe" and not done:
+                    done = True
+                    subscribed()
+                    on_message(None)
+                elif msg[0] == b"message" and isinstance(msg[2], bytes):
+                    on_message(msg[2])
+    finally:
+        if stream is not None:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+
+@contextlib.asynccontextmanager
+async def open_redis(url: str) -> AsyncIterator[Redis | ClusterRedis]:
+    """A Redis client whose reader tasks live (and die) inside this block: a ``ClusterRedis``
+    if the server at ``url`` is a Redis Cluster node (it connects first to ask), else ``Redis``.
+
+    Raises:
+        RedisUnavailable: a TCP ``url`` cannot be reached (the message names the address).
+    """
+    failed: RedisUnavailable | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            client = await _open_client(url, nursery)
+        except RedisUnavailable as exc:  # (raised below, outside the nursery: not in a group)
+            failed = exc
             nursery.cancel_scope.cancel()
+        else:
+            try:
+                yield client
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
 
 
 def embedded_redis_binary() -> str:

