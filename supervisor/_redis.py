@@ -31,7 +31,7 @@ from redis.connection import parse_url
 
 from ._channel import SocketReader, write_now
 
-__all__ = ["Redis", "ClusterRedis", "command_keys", "command_slot", "key_slot", "RedisError", "RedisUnavailable", "Fenced", "open_redis", "serve_embedded_redis",
+__all__ = ["Redis", "ClusterRedis", "command_keys", "command_slot", "key_slot", "SPLIT", "EVERY", "RedisError", "RedisUnavailable", "Fenced", "open_redis", "serve_embedded_redis",
            "embedded_redis_binary"]
 
 log = logging.getLogger("supervisor.redis")
@@ -561,26 +561,32 @@ class _Split:  # (the route of a multi-key command whose keys span slots, when i
     pass
 
 
+class _Every:  # (the route of a SCAN without a hash tag: every master in turn)
+    pass
+
+
 SPLIT = _Split()
+EVERY = _Every()
+_SCAN_NODES = 1024  # a cluster-wide SCAN cursor is node_cursor * _SCAN_NODES + the master's index
 
 
-def command_slot(args: Sequence[Any]) -> int | None | _Split:
+def command_slot(args: Sequence[Any]) -> int | None | _Split | _Every:
     """Where a command goes (pure): its keys' one slot; None for a keyless command (any
-    master); SPLIT for MGET/DEL/UNLINK/EXISTS over several slots.
+    master); SPLIT for MGET/DEL/UNLINK/EXISTS over several slots; EVERY for a SCAN whose
+    MATCH pattern has no hash tag (a SCAN with one goes to that tag's slot).
 
     Raises:
         RedisError: the keys span slots and the command cannot be split (CROSSSLOT, naming
-            them), or a SCAN without a hash-tagged MATCH pattern.
+            them); KEYS (one node's keys only: use SCAN).
     """
     name = _name(args)
     if name == "SCAN":
         pattern = next((args[i + 1] for i in range(1, len(args) - 1)
                         if isinstance(args[i], (str, bytes)) and _as_bytes(args[i]).upper() == b"MATCH"), None)
         tag = _hash_tag(pattern) if pattern is not None else None
-        if tag is None:
-            raise RedisError("SCAN on a Redis Cluster needs a MATCH pattern with a hash tag "
-                             f"(e.g. 'ns:{{P}}:*') to know its node; got {pattern!r}")
-        return key_slot(b"{" + tag + b"}")
+        return EVERY if tag is None else key_slot(b"{" + tag + b"}")
+    if name == "KEYS":
+        raise RedisError("KEYS on a Redis Cluster would see one node's keys only: use SCAN")
     keys = command_keys(args)
     if not keys:
         return None
@@ -650,10 +656,11 @@ class _ClusterReply:
     """A submitted command's reply on a cluster: that of its node's connection, or, when the
     node redirected it or could not be reached, that of sending it again where it belongs."""
 
-    __slots__ = ("_slot", "_retry", "_convert")
+    __slots__ = ("_slot", "_retry", "_convert", "_addr")
 
-    def __init__(self, slot: _Slot, retry: Callable[[], Any], convert: Callable[[list[Any]], Any]):
-        self._slot, self._retry, self._convert = slot, retry, convert
+    def __init__(self, slot: _Slot, retry: Callable[[str | None], Any], convert: Callable[[list[Any]], Any],
+                 addr: str):
+        self._slot, self._retry, self._convert, self._addr = slot, retry, convert, addr
 
     @property
     def ready(self) -> bool:
@@ -663,10 +670,13 @@ class _ClusterReply:
         try:
             replies = _normal(await self._slot.wait())
         except _NotRun:
-            replies = await self._retry()
+            replies = await self._retry(None)
+        except RedisUnavailable as exc:  # in flight: it may have run; not sent again
+            raise RedisUnavailable(f"Redis Cluster node {self._addr}: {exc}") from exc
         else:
-            if _redirection(replies) is not None:
-                replies = await self._retry()
+            text = _redirection(replies)
+            if text is not None:
+                replies = await self._retry(text)
         return self._convert(replies)
 
 
@@ -707,8 +717,9 @@ class ClusterRedis:
     ``submit`` keeps its order for commands to one slot (they queue on one connection); a
     command redirected is sent again after the ones queued behind it. Multi-key MGET, DEL,
     UNLINK and EXISTS over several slots are split per node; other commands whose keys span
-    slots raise RedisError (CROSSSLOT). SCAN needs a hash-tagged MATCH pattern (it goes to
-    that tag's node; its cursor is that node's).
+    slots raise RedisError (CROSSSLOT). SCAN with a hash-tagged MATCH pattern goes to that
+    tag's node (its cursor is that node's); without one it scans every master in turn (the
+    cursor says which: ``_scan``).
     """
 
     clustered = True
@@ -824,21 +835,27 @@ class ClusterRedis:
                     pre.append(("SCRIPT", "LOAD", body))
         return [*pre, *commands]
 
-    async def _run(self, slot: int | None, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        """Send ``commands`` (one command, or one MULTI … EXEC) to ``slot``'s master and return
-        their normalised replies, following redirections within the deadline."""
+    async def _run(self, slot: int | None, commands: Sequence[Sequence[Any]], node: str | None = None,
+                   redirected: str | None = None) -> list[Any]:
+        """Send ``commands`` (one command, or one MULTI … EXEC) to ``slot``'s master (or to
+        the master ``node``) and return their normalised replies, following redirections
+        within the deadline. ``redirected``: the MOVED or ASK a first attempt was answered."""
         deadline = trio.current_time() + self.deadline
-        addr = self._addr(slot)
+        addr = node or self._addr(slot)
         asking = False
+        if redirected is not None and redirected.startswith("MOVED "):
+            addr = self._moved(redirected)
+        elif redirected is not None and redirected.startswith("ASK "):
+            addr, asking = redirected.split()[2], True
         backoff = 0.01
         noscript_retried = False
         for _hop in range(64):  # redirections are few; this only bounds a map that loops
-            node = self._node(addr)
+            client = self._node(addr)
             try:
-                await node._connection()
+                await client._connection()
                 batch = self._with_scripts(addr, commands)
                 pre = [("ASKING",)] if asking else []
-                replies = await node.pipeline([*pre, *batch])
+                replies = await client.pipeline([*pre, *batch])
                 replies = replies[len(replies) - len(commands):]
             except _NotRun as exc:
                 self._down[addr] = trio.current_time()
@@ -849,7 +866,7 @@ class ClusterRedis:
                 backoff = min(0.25, backoff * 2)
                 with contextlib.suppress(RedisUnavailable):
                     await self.refresh(avoid=addr)
-                addr = self._addr(slot)
+                addr = node or self._addr(slot)
                 continue
             except RedisUnavailable as exc:  # in flight: it may have run; not sent again
                 raise RedisUnavailable(f"Redis Cluster node {addr}: {exc}") from exc
@@ -874,15 +891,38 @@ class ClusterRedis:
                 if text.startswith("CLUSTERDOWN"):
                     with contextlib.suppress(RedisUnavailable):
                         await self.refresh()
-                    addr = self._addr(slot)
+                    addr = node or self._addr(slot)
         raise RedisError(f"Redis Cluster redirected {_name(commands[0])} over 64 times; its slot map keeps moving")
 
     async def execute(self, *args: Any) -> Any:
         route = command_slot(args)
         if route is SPLIT:
             return await self._split(args)
+        if route is EVERY:
+            return await self._scan(args)
         (reply,) = await self._run(route, (args,))  # type: ignore[arg-type]
         return _result(args, reply)
+
+    async def _scan(self, args: Sequence[Any]) -> list[Any]:
+        """SCAN without a hash tag: every master in turn (in address order), one at a time.
+
+        The cursor is ``node_cursor * 1024 + index`` of the master being scanned: it starts at
+        0 and ends at b"0" as Redis's does, so callers loop as on one Redis. A master that
+        changes mid-scan (a failover, a slot migrated) may repeat keys or miss the moved ones.
+        """
+        cursor = int(args[1])
+        masters = sorted(self._masters)
+        index, node_cursor = cursor % _SCAN_NODES, cursor // _SCAN_NODES
+        if index >= len(masters):
+            return [b"0", []]
+        (reply,) = await self._run(None, [("SCAN", node_cursor, *args[2:])], node=masters[index])
+        nxt, keys = _result(args, reply)
+        nxt = int(nxt)
+        if nxt == 0:
+            index += 1
+            if index >= len(masters):
+                return [b"0", keys]
+        return [str(nxt * _SCAN_NODES + index).encode(), keys]
 
     async def _split(self, args: Sequence[Any]) -> Any:
         """MGET / DEL / UNLINK / EXISTS over several slots: one command per slot, reassembled."""
@@ -916,19 +956,19 @@ class ClusterRedis:
             except RedisError as exc:
                 route, results[i] = exc, exc
             routes.append(route)
-            if route is SPLIT:
+            if route is SPLIT or route is EVERY:
                 alone.append(i)
             elif not isinstance(route, RedisError):
                 groups.setdefault(self._addr(route), []).append(i)
         failure: list[BaseException] = []
 
-        async def one(i: int) -> None:
+        async def one(i: int, redirected: str | None = None) -> None:
             cmd = commands[i]
             try:
-                if routes[i] is SPLIT:
-                    results[i] = await self._split(cmd)
+                if routes[i] is SPLIT or routes[i] is EVERY:
+                    results[i] = await self.execute(*cmd)
                 else:
-                    (results[i],) = await self._run(routes[i], (cmd,))
+                    (results[i],) = await self._run(routes[i], (cmd,), redirected=redirected)
             except RedisUnavailable as exc:
                 failure.append(exc)
             except RedisError as exc:
@@ -942,19 +982,19 @@ class ClusterRedis:
                 replies = await node.pipeline(batch)
                 replies = replies[len(replies) - len(idx):]
             except _NotRun:
-                replies = [RedisError("TRYAGAIN")] * len(idx)  # (each goes again, on its own)
+                replies = [RedisError("TRYAGAIN (not sent)")] * len(idx)  # (each goes again, on its own)
             except RedisUnavailable as exc:
                 failure.append(RedisUnavailable(f"Redis Cluster node {addr}: {exc}"))
                 return
             again = []
             for i, r in zip(idx, replies):
-                if _redirection([r]) is not None:
-                    again.append(i)
+                text = _redirection([r])
+                if text is not None:
+                    again.append((i, text if text.startswith(("MOVED ", "ASK ")) else None))
                 else:
                     results[i] = r
-            async with trio.open_nursery() as n:
-                for i in again:
-                    n.start_soon(one, i)
+            for i, text in again:  # (one after another: a SET and a GET of one key keep their order)
+                await one(i, text)
 
         async with trio.open_nursery() as n:
             for addr, idx in groups.items():
@@ -976,8 +1016,8 @@ class ClusterRedis:
                 raise error
 
             return _Done(self._nursery, fail)
-        if route is SPLIT:
-            return _Done(self._nursery, lambda: self._split(args))
+        if route is SPLIT or route is EVERY:
+            return _Done(self._nursery, lambda: self.execute(*args))
         return self._submit(route, [args], lambda replies: _result(args, replies[0]))  # type: ignore[arg-type]
 
     def submit_transaction(self, commands: Sequence[Sequence[Any]],
@@ -1004,7 +1044,7 @@ class ClusterRedis:
             for pre in batch[:len(batch) - len(cmds)]:
                 node._submit(_encode(pre), 1)
         slot_ = node._submit(b"".join(_encode(c) for c in cmds), len(cmds))
-        return _ClusterReply(slot_, lambda: self._run(slot, cmds), convert)
+        return _ClusterReply(slot_, lambda text: self._run(slot, cmds, redirected=text), convert, addr)
 
     async def transaction(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Run commands atomically (MULTI/EXEC) on their slot's master; RedisError if any was

@@ -16,7 +16,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor._redis import (SPLIT, ClusterRedis, Redis, RedisError, RedisUnavailable, command_keys,
+from supervisor._redis import (EVERY, SPLIT, ClusterRedis, Redis, RedisError, RedisUnavailable, command_keys,
                                command_slot, key_slot, open_redis)
 
 
@@ -35,9 +35,10 @@ def _key_on(cluster, node: int, prefix: str = "k") -> str:
     raise AssertionError("no key found")
 
 
-def _calls(cluster, node: int, command: str) -> int:
+def _calls(cluster, node: int, command: str, field: str = "calls") -> int:
+    """INFO commandstats of node ``node``: ``calls`` run, or ``rejected_calls`` (MOVED, ASK, …)."""
     stats = cluster.client(node).info("commandstats")
-    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+    return int(stats.get(f"cmdstat_{command}", {}).get(field, 0))
 
 
 async def test_keys_in_every_nodes_slots_round_trip_and_multi_key_commands_split(redis_cluster):
@@ -108,8 +109,20 @@ async def test_the_client_follows_a_slot_migrated_to_another_master_moved_and_as
         src.execute_command("MIGRATE", "127.0.0.1", redis_cluster.ports[1], "", 0, 5000, "KEYS", key)
         for c in (src, dst, redis_cluster.client(2)):
             c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
-        assert await redis.execute("GET", key) == b"old"  # MOVED: from the source to the target
+        moved = _calls(redis_cluster, 0, "get", "rejected_calls")
+        assert await redis.submit("GET", key)() == b"old"  # MOVED: from the source to the target
+        assert _calls(redis_cluster, 0, "get", "rejected_calls") == moved + 1  # (asked there, redirected)
         assert await redis.execute("GET", f"{tag}:new") == b"fresh"
+        # a slot with no keys yet moves without MIGRATE: a pipeline meets MOVED for two of its commands
+        key2 = _key_on(redis_cluster, 0, "mig2")
+        for c in (src, dst, redis_cluster.client(2)):
+            c.execute_command("CLUSTER", "SETSLOT", key_slot(key2), "NODE", dst_id)
+        far = _key_on(redis_cluster, 2, "far")
+        rejected = _calls(redis_cluster, 0, "set", "rejected_calls")
+        assert await redis.pipeline([("SET", key2, "p"), ("SET", far, "f"), ("GET", key2), ("GET", far)]) == \
+            [b"OK", b"OK", b"p", b"f"]
+        assert dst.get(key2) == b"p"
+        assert _calls(redis_cluster, 0, "set", "rejected_calls") == rejected + 1  # (it did meet MOVED)
         before = _calls(redis_cluster, 0, "get")
         assert await redis.transaction([("INCR", f"{tag}:n"), ("GET", key)]) == [1, b"old"]
         assert _calls(redis_cluster, 0, "get") == before  # the map was updated: straight to the target
@@ -220,6 +233,63 @@ def test_keys_sharing_a_hash_tag_route_to_one_slot_and_split_commands_are_recogn
     assert command_slot(["PING"]) is None
 
 
-def test_an_untagged_scan_is_refused_with_a_sentence():
-    with pytest.raises(RedisError, match="hash tag"):
-        command_slot(["SCAN", 0, "MATCH", "ns:*"])
+def test_an_untagged_scan_goes_to_every_master_and_keys_is_refused():
+    assert command_slot(["SCAN", 0, "MATCH", "ns:*"]) is EVERY
+    assert command_slot(["SCAN", 0, "MATCH", "ns:{*}:lease"]) is EVERY  # (a glob in the braces: no tag)
+    with pytest.raises(RedisError, match="use SCAN"):
+        command_slot(["KEYS", "*"])
+
+
+async def test_scan_finds_every_nodes_keys_untagged_and_one_slots_keys_tagged(redis_cluster):
+    async with open_redis(redis_cluster.url) as redis:
+        keys = {f"scan:{{t{i}}}:k".encode() for i in range(60)}
+        assert {_node_of(redis_cluster, key_slot(k)) for k in keys} == {0, 1, 2}
+        await redis.pipeline([("SET", k, 1) for k in keys])
+        found, cursor = [], b"0"
+        for _ in range(1000):  # (bounded: a cursor that never ends fails the test)
+            cursor, batch = await redis.execute("SCAN", cursor, "MATCH", "scan:*", "COUNT", 7)
+            found += batch
+            if cursor == b"0":
+                break
+        assert sorted(found) == sorted(keys)  # every key once
+        cursor, batch = await redis.execute("SCAN", 0, "MATCH", "scan:{t3}:*", "COUNT", 1000)
+        assert batch == [b"scan:{t3}:k"]
+
+
+async def test_node_connections_carry_the_urls_credentials(nursery):
+    redis = ClusterRedis("redis://user:secret@127.0.0.1:7000", nursery)
+    assert redis._node("127.0.0.1:7001").url == "redis://user:secret@127.0.0.1:7001"
+
+
+async def test_listen_moves_to_another_master_when_its_node_dies(redis_cluster):
+    got: list[bytes | None] = []
+    changed = trio.Event()
+
+    def on_message(data):
+        got.append(data)
+        changed.set()
+
+    async def until(pred) -> None:
+        nonlocal changed
+        while not pred():
+            changed = trio.Event()
+            await changed.wait()
+
+    dead: set[int] = set()
+
+    def subscribed_on() -> list[int]:
+        return [i for i in range(3) if i not in dead and redis_cluster.client(i).pubsub_numsub("ch")[0][1]]
+
+    async with open_redis(redis_cluster.url) as redis, trio.open_nursery() as nursery:
+        nursery.start_soon(redis.listen, "ch", on_message)
+        with trio.fail_after(10):
+            await until(lambda: got == [None])
+            (first,) = subscribed_on()
+            redis_cluster.kill(first)
+            dead.add(first)
+            await until(lambda: got == [None, None])  # resubscribed (elsewhere): resynchronise
+            (second,) = subscribed_on()
+            other = next(i for i in range(3) if i not in dead and i != second)
+            redis_cluster.client(other).publish("ch", "after")
+            await until(lambda: got == [None, None, b"after"])
+        nursery.cancel_scope.cancel()
