@@ -28,6 +28,7 @@ from typing import Any
 import hiredis
 import trio
 from redis.connection import parse_url
+from redis.crc import key_slot as _crc_slot
 
 from ._channel import SocketReader, write_now
 
@@ -503,6 +504,8 @@ _SPLITTABLE = frozenset({"MGET", "DEL", "UNLINK", "EXISTS"})
 
 def _name(args: Sequence[Any]) -> str:
     a = args[0]
+    if a.__class__ is str and a.isupper():
+        return a
     return (a.decode() if isinstance(a, bytes) else str(a)).upper()
 
 
@@ -541,9 +544,7 @@ def command_keys(args: Sequence[Any]) -> list[Any]:
 
 def key_slot(key: Any) -> int:
     """A key's cluster slot (its hash tag's, if it has one: ``{P}:state`` and ``{P}:inbox`` share one)."""
-    from redis.crc import key_slot as crc_slot
-
-    return crc_slot(_as_bytes(key), SLOTS)
+    return _crc_slot(key if isinstance(key, bytes) else str(key).encode(), SLOTS)
 
 
 def _hash_tag(pattern: Any) -> bytes | None:
@@ -588,6 +589,8 @@ def command_slot(args: Sequence[Any]) -> int | None | _Split | _Every:
     if name == "KEYS":
         raise RedisError("KEYS on a Redis Cluster would see one node's keys only: use SCAN")
     keys = command_keys(args)
+    if len(keys) == 1:
+        return key_slot(keys[0])
     if not keys:
         return None
     slots = {key_slot(k) for k in keys}
@@ -649,7 +652,12 @@ def _result(args: Sequence[Any], reply: Any) -> Any:
 
 
 def _scripts_in(commands: Sequence[Sequence[Any]]) -> list[str]:
-    return [c[1] for c in commands if isinstance(c[0], str) and c[0] == "EVAL"]
+    """The bodies of the EVALs among commands."""
+    bodies = []
+    for c in commands:
+        if c[0] == "EVAL":
+            bodies.append(c[1])
+    return bodies
 
 
 class _ClusterReply:
@@ -826,9 +834,12 @@ class ClusterRedis:
         """SCRIPT LOAD in front of scripts this node was not given yet: ``_encode`` sends a
         script as EVALSHA once any node knows it, and a node that connected before that
         would answer NOSCRIPT (inside MULTI, after the rest of the transaction ran)."""
+        bodies = _scripts_in(commands)
+        if not bodies:
+            return commands  # type: ignore[return-value]
         loaded = self._loaded.setdefault(addr, set())
         pre = []
-        for body in _scripts_in(commands):
+        for body in bodies:
             if body not in loaded:
                 loaded.add(body)
                 if body in _SCRIPTS:
@@ -1043,7 +1054,8 @@ class ClusterRedis:
         if len(batch) > len(cmds):  # (SCRIPT LOADs, whose replies no one awaits, before the commands)
             for pre in batch[:len(batch) - len(cmds)]:
                 node._submit(_encode(pre), 1)
-        slot_ = node._submit(b"".join(_encode(c) for c in cmds), len(cmds))
+        data = _encode(cmds[0]) if len(cmds) == 1 else b"".join([_encode(c) for c in cmds])
+        slot_ = node._submit(data, len(cmds))
         return _ClusterReply(slot_, lambda text: self._run(slot, cmds, redirected=text), convert, addr)
 
     async def transaction(self, commands: Sequence[Sequence[Any]]) -> list[Any]:

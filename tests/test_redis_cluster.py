@@ -105,6 +105,8 @@ async def test_the_client_follows_a_slot_migrated_to_another_master_moved_and_as
         # the window: a key of the slot that the source no longer has is the target's (ASK)
         assert await redis.execute("SET", f"{tag}:new", "fresh") == b"OK"
         assert dst.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 1
+        assert await redis.transaction([("SET", f"{tag}:t", "1"), ("INCR", f"{tag}:t")]) == [b"OK", 2]  # (ASK too)
+        assert dst.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 2
         assert await redis.execute("GET", key) == b"old"  # (still on the source)
         src.execute_command("MIGRATE", "127.0.0.1", redis_cluster.ports[1], "", 0, 5000, "KEYS", key)
         for c in (src, dst, redis_cluster.client(2)):
