@@ -32,7 +32,8 @@ from redis.crc import key_slot as _crc_slot
 
 from ._channel import SocketReader, write_now
 
-__all__ = ["Redis", "ClusterRedis", "command_keys", "command_slot", "key_slot", "SPLIT", "EVERY", "RedisError", "RedisUnavailable", "Fenced", "open_redis", "serve_embedded_redis",
+__all__ = ["Redis", "ClusterRedis", "command_keys", "command_slot", "key_slot", "transaction_slot", "SPLIT", "EVERY",
+           "RedisError", "RedisUnavailable", "Fenced", "open_redis", "serve_embedded_redis",
            "embedded_redis_binary"]
 
 log = logging.getLogger("supervisor.redis")

@@ -331,10 +331,11 @@ def form_redis_cluster(data: Path, masters: int = 3) -> RedisCluster:
         deadline = time.monotonic() + 10
         per = 16384 // masters
         for i in range(masters):
+            slots = range(i * per, 16384 if i == masters - 1 else (i + 1) * per)
             while True:
                 try:
                     c = cluster.client(i)
-                    c.execute_command("CLUSTER", "ADDSLOTS", *range(i * per, 16384 if i == masters - 1 else (i + 1) * per))
+                    c.execute_command("CLUSTER", "ADDSLOTS", *slots)
                     break
                 except redis.ConnectionError:
                     if time.monotonic() > deadline:

@@ -295,3 +295,16 @@ async def test_listen_moves_to_another_master_when_its_node_dies(redis_cluster):
             redis_cluster.client(other).publish("ch", "after")
             await until(lambda: got == [None, None, b"after"])
         nursery.cancel_scope.cancel()
+
+
+async def test_a_host_on_the_cluster_serves_durable_sends_and_calls(make_host, redis_cluster):
+    from conftest import open_client
+    from test_durable import COUNTER
+
+    host = await make_host({"counter.actor.py": COUNTER}, env={"REFLOW_REDIS_URL": redis_cluster.url})
+    async with open_client(host.url) as c:
+        for _ in range(5):
+            await c.send("Counter", "n", 1)
+        with trio.fail_after(20):
+            reply = await c.call("Counter", {"n": 1, "sleep": 0})
+    assert reply["outputs"]["total"]["value"] == 6  # (the five sends, then the call: none lost, none twice)
