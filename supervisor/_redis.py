@@ -636,6 +636,8 @@ def _redirection(replies: Sequence[Any]) -> str | None:
 
 def _normal(replies: list[Any]) -> list[Any]:
     """Raw replies as ``Redis.pipeline`` returns them (error replies as RedisError)."""
+    if len(replies) == 1 and not isinstance(replies[0], hiredis.ReplyError):
+        return replies
     for r in replies:
         _raise_if_loading(r)
         if isinstance(r, hiredis.ReplyError):
@@ -663,30 +665,38 @@ def _scripts_in(commands: Sequence[Sequence[Any]]) -> list[str]:
 
 class _ClusterReply:
     """A submitted command's reply on a cluster: that of its node's connection, or, when the
-    node redirected it or could not be reached, that of sending it again where it belongs."""
+    node redirected it or could not be reached, that of sending it again where it belongs.
 
-    __slots__ = ("_slot", "_retry", "_convert", "_addr")
+    (No closures kept per reply: a burst of submits keeps thousands alive at once, and every
+    object more is the garbage collector's to scan — it was half the cost of a burst.)
+    """
 
-    def __init__(self, slot: _Slot, retry: Callable[[str | None], Any], convert: Callable[[list[Any]], Any],
-                 addr: str):
-        self._slot, self._retry, self._convert, self._addr = slot, retry, convert, addr
+    __slots__ = ("_slot", "_cluster", "_route", "_cmds", "_convert", "_addr")
+
+    def __init__(self, slot: _Slot, cluster: ClusterRedis, route: int | None, cmds: Any,
+                 convert: Callable[[list[Any]], Any] | None, addr: str):
+        # cmds: one command's args when ``convert`` is None (execute's result), else the commands
+        self._slot, self._cluster, self._route, self._cmds, self._convert, self._addr = \
+            slot, cluster, route, cmds, convert, addr
 
     @property
     def ready(self) -> bool:
         return self._slot.event.is_set()
 
     async def __call__(self) -> Any:
+        single = self._convert is None
         try:
             replies = _normal(await self._slot.wait())
         except _NotRun:
-            replies = await self._retry(None)
+            replies = await self._cluster._run(self._route, (self._cmds,) if single else self._cmds)
         except RedisUnavailable as exc:  # in flight: it may have run; not sent again
             raise RedisUnavailable(f"Redis Cluster node {self._addr}: {exc}") from exc
         else:
             text = _redirection(replies)
             if text is not None:
-                replies = await self._retry(text)
-        return self._convert(replies)
+                replies = await self._cluster._run(self._route, (self._cmds,) if single else self._cmds,
+                                                   redirected=text)
+        return _result(self._cmds, replies[0]) if single else self._convert(replies)  # type: ignore[misc]
 
 
 class _Done:
@@ -1030,7 +1040,7 @@ class ClusterRedis:
             return _Done(self._nursery, fail)
         if route is SPLIT or route is EVERY:
             return _Done(self._nursery, lambda: self.execute(*args))
-        return self._submit(route, [args], lambda replies: _result(args, replies[0]))  # type: ignore[arg-type]
+        return self._submit(route, args, None)  # type: ignore[arg-type]
 
     def submit_transaction(self, commands: Sequence[Sequence[Any]],
                            then: Callable[[list[Any]], Any] | None = None) -> Any:
@@ -1048,16 +1058,22 @@ class ClusterRedis:
         convert = _exec_result if then is None else (lambda replies: then(_exec_result(replies)))
         return self._submit(slot, cmds, convert)
 
-    def _submit(self, slot: int | None, cmds: list[Sequence[Any]], convert: Callable[[list[Any]], Any]) -> Any:
+    def _submit(self, slot: int | None, cmds: Any, convert: Callable[[list[Any]], Any] | None) -> Any:
+        """Queue on ``slot``'s master: one command's ``cmds`` (its args) if ``convert`` is None
+        (the reply is execute's), else several, whose replies ``convert`` makes the result."""
         addr = self._addr(slot)
         node = self._node(addr)
-        batch = self._with_scripts(addr, cmds)
-        if len(batch) > len(cmds):  # (SCRIPT LOADs, whose replies no one awaits, before the commands)
+        if convert is None:
+            if cmds[0] == "EVAL":
+                for pre in self._with_scripts(addr, [cmds])[:-1]:  # (a SCRIPT LOAD no one awaits)
+                    node._submit(_encode(pre), 1)
+            slot_ = node._submit(_encode(cmds), 1)
+        else:
+            batch = self._with_scripts(addr, cmds)
             for pre in batch[:len(batch) - len(cmds)]:
                 node._submit(_encode(pre), 1)
-        data = _encode(cmds[0]) if len(cmds) == 1 else b"".join([_encode(c) for c in cmds])
-        slot_ = node._submit(data, len(cmds))
-        return _ClusterReply(slot_, lambda text: self._run(slot, cmds, redirected=text), convert, addr)
+            slot_ = node._submit(b"".join([_encode(c) for c in cmds]), len(cmds))
+        return _ClusterReply(slot_, self, slot, cmds, convert, addr)
 
     async def transaction(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Run commands atomically (MULTI/EXEC) on their slot's master; RedisError if any was
