@@ -489,7 +489,7 @@ SLOTS = 16384
 _KEYLESS = frozenset({
     "PING", "INFO", "PUBLISH", "SCRIPT", "CLUSTER", "TIME", "ECHO", "DBSIZE", "FLUSHALL", "FLUSHDB",
     "CONFIG", "CLIENT", "COMMAND", "AUTH", "HELLO", "SELECT", "WAIT", "MULTI", "EXEC", "DISCARD", "ASKING",
-    "READONLY", "READWRITE", "LASTSAVE", "MEMORY", "SLOWLOG", "LATENCY", "ACL", "DEBUG", "PUBSUB", "RANDOMKEY",
+    "READONLY", "READWRITE", "LASTSAVE", "SLOWLOG", "LATENCY", "ACL", "DEBUG", "PUBSUB", "RANDOMKEY",
     "SWAPDB", "ROLE", "SAVE", "BGSAVE", "BGREWRITEAOF", "UNWATCH", "QUIT", "RESET", "SCAN", "KEYS",
 })
 _ALL_KEYS = frozenset({"MGET", "DEL", "UNLINK", "EXISTS", "TOUCH", "WATCH", "SUNION", "SINTER", "SDIFF",
@@ -499,6 +499,8 @@ _TWO_KEYS = frozenset({"RENAME", "RENAMENX", "RPOPLPUSH", "BRPOPLPUSH", "LMOVE",
                        "GEOSEARCHSTORE", "ZRANGESTORE"})
 _NUMKEYS_AT_2 = frozenset({"EVAL", "EVALSHA", "FCALL", "FCALL_RO", "ZUNION", "ZINTER", "ZDIFF"})
 _DEST_NUMKEYS_AT_2 = frozenset({"ZUNIONSTORE", "ZINTERSTORE", "ZDIFFSTORE"})
+# Commands with a subcommand first and the key after it (XGROUP CREATE key group …).
+_SUBCOMMAND_THEN_KEY = frozenset({"XGROUP", "XINFO", "OBJECT", "MEMORY"})
 # Multi-key commands a cluster client may split per node and reassemble (as redis-py's does).
 _SPLITTABLE = frozenset({"MGET", "DEL", "UNLINK", "EXISTS"})
 
@@ -534,8 +536,12 @@ def command_keys(args: Sequence[Any]) -> list[Any]:
         return list(args[3:3 + int(args[2])])
     if name in _DEST_NUMKEYS_AT_2:
         return [args[1], *args[3:3 + int(args[2])]]
+    if name in _SUBCOMMAND_THEN_KEY:
+        sub = _as_bytes(args[1]).upper()
+        return [] if len(args) < 3 or sub in (b"HELP", b"STATS", b"DOCTOR", b"MALLOC-STATS", b"PURGE") else [args[2]]
     if name in ("XREAD", "XREADGROUP"):
-        for i, a in enumerate(args):
+        for i in range(4 if name == "XREADGROUP" else 1, len(args)):  # (after GROUP g c: a group may be "streams")
+            a = args[i]
             if isinstance(a, (str, bytes)) and _as_bytes(a).upper() == b"STREAMS":
                 rest = args[i + 1:]
                 return list(rest[:len(rest) // 2])

@@ -218,6 +218,8 @@ def test_command_keys_names_the_keys_of_each_form(keys, args):
     assert command_keys(["MSET", *[x for k in keys for x in (k, "v")]]) == keys
     assert command_keys(["BLPOP", *keys, 0]) == keys
     assert command_keys(["SET", keys[0], *args]) == [keys[0]]
+    assert command_keys(["XGROUP", "CREATE", keys[0], "g", "0", "MKSTREAM"]) == [keys[0]]
+    assert command_keys(["XREADGROUP", "GROUP", "streams", "streams", "STREAMS", *keys, *([">"] * n)]) == keys
     assert command_keys(["PUBLISH", keys[0], "m"]) == [] and command_keys(["PING"]) == []
 
 
