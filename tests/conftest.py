@@ -261,8 +261,10 @@ class RedisCluster:
         return redis.Redis(host="127.0.0.1", port=self.ports[i], socket_timeout=5)
 
     def _spawn(self, i: int) -> None:
+        from supervisor._redis import _die_with_host  # (no server outlives a killed pytest)
+
         self.procs[i] = subprocess.Popen(self.argvs[i], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_host)  # noqa: PLW1509
 
     def kill(self, i: int) -> None:
         """SIGKILL node ``i`` (and reap it)."""
