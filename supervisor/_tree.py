@@ -88,6 +88,7 @@ class _Node:
         self.last_exit: dict | None = None        # how its last run ended: {"reason", "message", "at"}
         self.last_restart_cause: str | None = None
         self.requested = False                    # killed for actor.restart: its exit is not a failure
+        self.starts = 0                           # runs started (each _start that got as far as started)
 
 
 def error_info(exc: BaseException) -> dict:
@@ -123,6 +124,9 @@ class Supervisor:
         self._events: trio.MemorySendChannel | None = None
         self._last_exited: str | None = None
         self._runs = 0
+        # Set (and replaced) whenever a child's start ends, a child is stopped or removed, or
+        # this supervisor stops: what restart_child waits on (see _progressed).
+        self._progress = trio.Event()
 
     # -- introspection ----------------------------------------------------
     def children(self) -> list[Child]:
@@ -185,6 +189,7 @@ class Supervisor:
         node = self._nodes.pop(name, None)
         if node is not None:
             node.child.on_stopped(None)
+            self._progressed()
 
     async def replace_child(self, name: str) -> None:
         """Stop a child and start it again on purpose (new code): not a failure, so it
@@ -201,6 +206,11 @@ class Supervisor:
         hand fails as in a crash) and started again; one that is stopped, failed or backing
         off is started at once. Counted as a restart, not toward the intensity.
 
+        Returns once the new incarnation runs (or its start ended: a start that fails is
+        the policy's, as any failure), so that whatever is sent to the child after this
+        returned reaches the new incarnation, never the one being interrupted. Cancelled
+        meanwhile, the restart still happens.
+
         Raises:
             KeyError: no such child.
             NotRunning: this supervisor is not running, so it cannot start anything.
@@ -210,7 +220,18 @@ class Supervisor:
             raise NotRunning(self.name)
         interrupt = getattr(node.child, "interrupt", None)
         if node.scope is not None and interrupt is not None and interrupt():
-            node.requested = True  # its exit comes back through run's loop
+            node.requested = True  # its exit comes back through run's loop, which starts it again
+            # The old run lives on until it sees its worker die: answering now would let a
+            # message sent after the answer reach that run, and fail with the kill.
+            starts = node.starts
+            while not (node.starts != starts                  # started again (or its start ended)
+                       or self._nodes.get(name) is not node   # removed meanwhile (hot reload)
+                       or self._nursery is None               # this supervisor stopped or gave up
+                       or (node.scope is None and not node.requested and node.state == "stopped")):
+                # (the last: a stop overtook the kill, and nothing starts it again)
+                await self._progress.wait()
+            if self._nursery is None:
+                raise NotRunning(self.name)
             return
         await self._stop(name)
         self._pstate, actions = policy.decide(self._pstate, policy.RestartRequested(name, time.monotonic()))
@@ -288,6 +309,12 @@ class Supervisor:
             if self.state != "failed":
                 self.state = "stopped"
             self._nursery = None
+            self._progressed()
+
+    def _progressed(self) -> None:
+        """Wake whoever waits for a child to start, stop or leave (restart_child)."""
+        self._progress.set()
+        self._progress = trio.Event()
 
     async def _apply(self, action: Any, *, cause: str = "", trigger: str | None = None,
                      inline: bool = False) -> None:
@@ -333,6 +360,7 @@ class Supervisor:
             node.child.on_stopped(None)
             if isinstance(action, policy.Remove):
                 del self._nodes[child]
+            self._progressed()
 
     async def _restart_later(self, names: tuple[str, ...], delay: float) -> None:
         with trio.CancelScope() as timer:
@@ -361,6 +389,8 @@ class Supervisor:
             node.started_at = time.monotonic()
             self._pstate, _ = policy.decide(self._pstate, policy.ChildStarted(name, node.started_at))
             self._tell("restarted" if again else "started", node)
+        node.starts += 1
+        self._progressed()
 
     async def _child_task(self, node: _Node, scope: trio.CancelScope, signal: _StartSignal) -> None:
         error: BaseException | None = None
@@ -393,9 +423,13 @@ class Supervisor:
         if running:
             node.scope.cancel()
             await node.exited.wait()
+            # (A kill for actor.restart that this stop overtook: the exit is ours, so no
+            # event comes back to run's loop and nothing of the request is left to do.)
+            node.requested = False
         node.state = "stopped"
         if running:
             self._tell("stopped", node)
+        self._progressed()
 
     def _tell(self, event: str, node: _Node | None) -> None:
         if self.notify is not None:

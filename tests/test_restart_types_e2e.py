@@ -155,9 +155,13 @@ async def test_temporary_is_never_restarted_and_restart_says_why(host):
         # actor.restart of a running temporary actor restarts it (it is not removed).
         pid = find_actor(await c.status(), "y")["pid"]
         assert await c.request("actor.restart", {"actor": "y"}) == {}
-        await _ok(c, "y")
+        # Answered once the new incarnation runs: what is sent from now on reaches it, and the
+        # old one (its worker killed) can no longer take a call and fail it with the kill.
         node = find_actor(await c.status(), "y")
-        assert node["restarts"] == 1 and node["pid"] != pid and node["last_restart_cause"] == "actor.restart"
+        assert node["state"] == "running" and node["pid"] not in (None, pid), node
+        assert node["restarts"] == 1 and node["last_restart_cause"] == "actor.restart"
+        await _ok(c, "y")
+        assert find_actor(await c.status(), "y")["pid"] == node["pid"]
 
         with pytest.raises(RpcError):
             await c.call("x", {"how": "crash"})
