@@ -40,12 +40,13 @@ def redis_server_argv(data: Path, *extra: str) -> tuple[int, list[str]]:
 
 
 def answers(client) -> bool:
-    """Whether a redis-py client's server answers PING (it may still be starting)."""
+    """Whether a redis-py client's server answers PING (it may still be starting; a cluster
+    client's cluster may be down)."""
     import redis
 
     try:
         return bool(client.ping())
-    except redis.ConnectionError:
+    except (redis.ConnectionError, redis.exceptions.ClusterError, redis.exceptions.ClusterDownError):
         return False
 
 
@@ -221,7 +222,7 @@ async def wait_printed(host: HostProcess, word: str, times: int = 1, timeout: fl
     await wait_for(lambda: host.output().count(f" text={word}") >= times, timeout)
 
 
-__all__ = ["HostProcess", "RedisCluster", "form_redis_cluster", "start_redis_cluster", "actors", "children_of", "cmdline", "find_actor", "free_port", "open_client", "run_cli",
+__all__ = ["HostProcess", "RedisCluster", "form_redis_cluster", "start_redis_cluster", "take_redis_cluster", "actors", "children_of", "cmdline", "find_actor", "free_port", "open_client", "run_cli",
            "seed_block", "wait_for", "wait_printed", "worker_rpc", "write_workspace", "EXAMPLES", "ROOT", "SEEDS"]
 
 
@@ -384,13 +385,19 @@ def _redis_cluster_spares(tmp_path_factory):
         c.stop()
 
 
+async def take_redis_cluster(tmp_path: Path, spares) -> RedisCluster:
+    """The oldest spare cluster once ok (``spares``: the ``_redis_cluster_spares`` fixture),
+    forming more for the tests after this one (ready when they start). The caller stops it."""
+    spawn, formed = spares
+    while len(formed) < _SPARE_CLUSTERS + 1:
+        formed.append(spawn())
+    return await start_redis_cluster(tmp_path / "cluster", formed=formed.pop(0))
+
+
 @pytest.fixture
 async def redis_cluster(tmp_path, _redis_cluster_spares):
     """A 3-master Redis Cluster (``RedisCluster``), stopped at teardown."""
-    spawn, spares = _redis_cluster_spares
-    while len(spares) < _SPARE_CLUSTERS + 1:  # (for the tests after this one: ready when they start)
-        spares.append(spawn())
-    cluster = await start_redis_cluster(tmp_path / "cluster", formed=spares.pop(0))
+    cluster = await take_redis_cluster(tmp_path, _redis_cluster_spares)
     try:
         yield cluster
     finally:
