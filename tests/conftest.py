@@ -50,6 +50,26 @@ def answers(client) -> bool:
         return False
 
 
+@pytest.fixture(scope="module")
+def redis_py_server(tmp_path_factory):
+    """A redis-server of its own for a module's tests, as a (synchronous) redis-py client."""
+    import time
+
+    import redis
+
+    port, argv = redis_server_argv(tmp_path_factory.mktemp("redis"))
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while not answers(client):  # (polling the starting server, with a deadline)
+        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.02)
+    yield client
+    client.close()
+    proc.kill()
+    proc.wait()
+
+
 def write_workspace(root: Path, scripts: dict[str, str], config: str = "", *, port: int | None = None,
                     backend: str = "bubblewrap") -> Path:
     """A workspace with ``scripts`` (name -> source) and a reflow.yaml; returns the config path."""

@@ -10,16 +10,12 @@ cluster's slot routing is tests/test_redis_cluster.py's.
 
 from __future__ import annotations
 
-import subprocess
-import time
 
 import orjson
 import pytest
-import redis as redis_py
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import answers, redis_server_argv
 from supervisor._outbox import deliver_cmd, outbox_cmd, parse_outbox
 from supervisor.core.keys import Keys
 
@@ -29,18 +25,8 @@ TARGETS = ("A", "B")
 
 
 @pytest.fixture(scope="module")
-def r(tmp_path_factory):
-    port, argv = redis_server_argv(tmp_path_factory.mktemp("redis"))
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    client = redis_py.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while not answers(client):  # (polling the starting server, with a deadline)
-        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.02)
-    yield client
-    client.close()
-    proc.kill()
-    proc.wait()
+def r(redis_py_server):
+    return redis_py_server
 
 
 def _read(r, count: int):

