@@ -110,7 +110,7 @@ class Cluster:
                  wake: Callable[[str], None], resweep: Callable[[str], None] = lambda name: None,
                  alone: bool = False, keys: Keys | None = None):
         c = config.cluster
-        self.keys = keys or Keys(config.workspace.redis.namespace, getattr(redis, "clustered", False))
+        self.keys = keys or Keys(config.workspace.redis.namespace, redis.clustered)
         self.id = c.host_id or f"{socket.gethostname()}-{os.getpid()}"
         self.labels = tuple(c.labels)
         self.ttl = float(c.lease_ttl)

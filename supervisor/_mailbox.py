@@ -40,7 +40,7 @@ from ._redis import Redis, RedisError, RedisUnavailable, Reply
 
 log = logging.getLogger("supervisor.mailbox")
 
-__all__ = ["list_deadletters", "replay_deadletter", "deadletter_ref", "GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed",
+__all__ = ["list_deadletters", "replay_deadletter", "GROUP", "inbox_key", "deadletter_key", "ensure_group", "feed",
            "enqueue_cmd", "enqueue_if_room_cmd", "entry_body", "done_cmds", "retry_or_deadletter_cmds", "DurableInbox",
            "Feeding", "find_entry"]
 
@@ -401,8 +401,7 @@ def _decode(v: bytes) -> Any:
 async def list_deadletters(redis: Redis, keys: Keys, processes: Sequence[str], count: int = 100) -> list[dict]:
     """The oldest ``count`` dead letters, decoded: of every process, from one stream on one
     Redis; from each of ``processes``' own in a cluster (see core.keys)."""
-    streams = sorted({keys.deadletters(p) for p in processes}) if keys.clustered else [keys.deadletters("")]
-    replies = await redis.pipeline([("XRANGE", k, "-", "+", "COUNT", count) for k in streams])
+    replies = await redis.pipeline([("XRANGE", k, "-", "+", "COUNT", count) for k in keys.deadletter_streams(processes)])
     out = []
     for reply in replies:
         if isinstance(reply, Exception):
@@ -418,21 +417,12 @@ async def list_deadletters(redis: Redis, keys: Keys, processes: Sequence[str], c
     return out[:count]
 
 
-def deadletter_ref(keys: Keys, entry_id: str) -> tuple[str | None, str]:
-    """(process, stream id) of a dead letter's public id (see Keys.deadletter_id); the
-    process is None on one Redis, where the entry names it."""
-    if keys.clustered:
-        process, _, sid = entry_id.rpartition(":")
-        return process, sid
-    return None, entry_id
-
-
 async def replay_deadletter(redis: Redis, keys: Keys, entry_id: str, inbox_of: Any) -> str:
     """Put a dead letter back in its process's inbox (attempts reset); returns the process name.
 
     Raises KeyError when there is no such entry.
     """
-    process, sid = deadletter_ref(keys, entry_id)
+    process, sid = keys.deadletter_ref(entry_id)
     if keys.clustered and not process:
         raise KeyError(entry_id)
     key = keys.deadletters(process or "")

@@ -122,8 +122,7 @@ async def mailbox_depths(host: MetricsHost) -> tuple[dict[str, int], int | None]
         return depths, None
     keys = host.keys
     try:
-        streams = {keys.deadletters(name) for name in host.cells} if keys.clustered else {keys.deadletters("")}
-        dead_replies = [redis.submit("XLEN", k) for k in sorted(streams)]
+        dead_replies = [redis.submit("XLEN", k) for k in keys.deadletter_streams(host.cells)]
         replies = {name: redis.submit("XLEN", cell.inbox) for name, cell in host.cells.items()} if host.durable else {}
         for name, reply in replies.items():
             depths[name] = int(await reply())

@@ -1038,12 +1038,7 @@ class ClusterRedis:
         try:
             route = command_slot(args)
         except RedisError as exc:
-            error = exc
-
-            async def fail() -> Any:
-                raise error
-
-            return _Done(self._nursery, fail)
+            return self._refused(exc)
         if route is SPLIT or route is EVERY:
             return _Done(self._nursery, lambda: self.execute(*args))
         return self._submit(route, args, None)  # type: ignore[arg-type]
@@ -1054,15 +1049,17 @@ class ClusterRedis:
         try:
             slot = transaction_slot(commands)
         except RedisError as exc:
-            error = exc
-
-            async def fail() -> Any:
-                raise error
-
-            return _Done(self._nursery, fail)
+            return self._refused(exc)
         cmds = [("MULTI",), *commands, ("EXEC",)]
         convert = _exec_result if then is None else (lambda replies: then(_exec_result(replies)))
         return self._submit(slot, cmds, convert)
+
+    def _refused(self, error: RedisError) -> _Done:
+        """A submit refused before it was sent (CROSSSLOT, KEYS): its reply raises ``error``."""
+        async def fail() -> Any:
+            raise error
+
+        return _Done(self._nursery, fail)
 
     def _submit(self, slot: int | None, cmds: Any, convert: Callable[[list[Any]], Any] | None) -> Any:
         """Queue on ``slot``'s master: one command's ``cmds`` (its args) if ``convert`` is None

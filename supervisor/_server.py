@@ -32,7 +32,7 @@ import trio_websocket
 from .core import jsonrpc as rpc
 from .core import protocol as proto
 from .core.messages import Envelope
-from ._mailbox import deadletter_ref, list_deadletters, replay_deadletter
+from ._mailbox import list_deadletters, replay_deadletter
 from ._cluster import LOCAL
 from .core.errors import ActorMoved, ActorTimedOut, InvalidParams, Overloaded
 from ._fbp import FbpHost, serve_fbp
@@ -325,7 +325,7 @@ class Api:
             cell.durable_inbox.mark_unread()  # (added behind the feeder's back: no send may start ahead of it)
             return cell.inbox
 
-        if not isinstance(p["id"], str) or not _STREAM_ID.fullmatch(deadletter_ref(keys, p["id"])[1]):
+        if not isinstance(p["id"], str) or not _STREAM_ID.fullmatch(keys.deadletter_ref(p["id"])[1]):
             looks = keys.deadletter_id("PROCESS", "1700000000000-0")
             raise InvalidParams(f"no dead letter {p['id']!r}: ids look like {looks!r} (see deadletters.list)")
         try:

@@ -343,6 +343,53 @@ async def test_a_process_only_some_configs_have_is_placed_on_those_hosts(make_ho
     assert old.proc.poll() is None
 
 
+FLAKY = '''
+from reflow import actor
+
+@actor(name="Flaky", inports=["n"], outports=["n"])
+def flaky(context):
+    if not context.get_state().get("fixed"):
+        raise ValueError("not yet")
+    return {"n": context.get_input("n")}
+'''
+
+
+async def test_a_dead_letter_is_listed_and_replayed_through_any_host(make_host, shared_redis):
+    """On a cluster the dead letters are the process's own stream (ids PROCESS:STREAM_ID);
+    on one Redis the one stream: either way list and replay work through a host that does
+    not own the process, and the replayed message runs once."""
+    config = """\
+supervision:
+  actors: {Flaky: {max_deliveries: 1}}
+cluster:
+  lease_ttl: 1s
+"""
+    hosts = [await make_host({"flaky.actor.py": FLAKY}, config,
+                             env={"REFLOW_REDIS_URL": shared_redis.url, "REFLOW_HOST_ID": f"h{i}"}) for i in range(2)]
+    async with open_client(hosts[0].url) as c:
+        with trio.fail_after(20):
+            while (owner := find_actor(await c.status(), "Flaky")["host"]) is None:
+                await trio.sleep(0.05)  # (polling the status until placed)
+    other = hosts[1] if owner == "h0" else hosts[0]
+    async with open_client(other.url) as c:
+        await c.send("Flaky", "n", 7)
+        with trio.fail_after(20):
+            while not (dead := (await c.request("deadletters.list", {}))["deadletters"]):
+                await trio.sleep(0.05)  # (polling the list, the thing under test)
+        (entry,) = dead
+        assert entry["process"] == "Flaky" and entry["error"]["message"] == "not yet"
+        assert entry["id"].startswith("Flaky:") == shared_redis.keys.clustered
+        shared_redis.r.set(shared_redis.keys.state_prefix("Flaky") + "fixed", b"true")
+        assert (await c.request("deadletters.replay", {"id": entry["id"]})) == {"process": "Flaky"}
+        with trio.fail_after(20):
+            while (await c.request("deadletters.list", {}))["deadletters"] or shared_redis.r.xlen(
+                    shared_redis.keys.inbox("Flaky")):
+                await trio.sleep(0.05)
+        with pytest.raises(RpcError) as err:
+            await c.request("deadletters.replay", {"id": entry["id"]})
+        assert err.value.code == -32602
+
+
 async def test_sigkill_of_an_owner_mid_stream_loses_nothing_and_doubles_nothing(make_host, shared_redis):
     url = shared_redis.url
     hosts = await _hosts(make_host, url, 3)

@@ -20,6 +20,8 @@ tag is exactly the process's name.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import attrs
 
 __all__ = ["Keys"]
@@ -78,7 +80,19 @@ class Keys:
         ``placement`` (a lease was released, a host joined or left). Pub/Sub is cluster-wide."""
         return f"{self.ns}:cluster"
 
+    def deadletter_streams(self, processes: Iterable[str]) -> list[str]:
+        """Every stream ``processes``' dead letters may be in (one on one Redis)."""
+        return sorted({self.deadletters(p) for p in processes}) if self.clustered else [self.deadletters("")]
+
     def deadletter_id(self, process: str, stream_id: str) -> str:
         """A dead letter's public id (``deadletters.list``/``replay``): the stream id on one
         Redis, ``PROCESS:STREAM_ID`` in a cluster (the stream is the process's)."""
         return f"{process}:{stream_id}" if self.clustered else stream_id
+
+    def deadletter_ref(self, entry_id: str) -> tuple[str | None, str]:
+        """``deadletter_id`` read back: (process, stream id); the process is None on one
+        Redis (the entry names it) and "" for a cluster id that names none."""
+        if not self.clustered:
+            return None, entry_id
+        process, _, sid = entry_id.rpartition(":")
+        return process, sid
